@@ -1,0 +1,563 @@
+//! The `Campaign` custom resource: who to reach, what to send, through which Channel,
+//! and when. The CEL rules here are the admission contract: the API server rejects
+//! what would make a campaign ambiguous or rewrite history.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Desired state of a Campaign.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "disparo.io",
+    version = "v1alpha1",
+    kind = "Campaign",
+    namespaced,
+    status = "CampaignStatus",
+    shortname = "camp",
+    category = "disparo",
+    doc = "A WhatsApp messaging campaign: an audience, a message and a Channel, sent in parallel batch Jobs within the channel's rate limits.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.percentage"),
+    printcolumn(name = "Total", type_ = "integer", json_path = ".status.messages.total"),
+    printcolumn(name = "Sent", type_ = "integer", json_path = ".status.messages.sent"),
+    printcolumn(name = "Delivered", type_ = "integer", json_path = ".status.messages.delivered"),
+    printcolumn(name = "Read", type_ = "integer", json_path = ".status.messages.read"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.messages.failed"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("!(has(oldSelf.cancel) && oldSelf.cancel) || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be undone: a cancelled campaign stays cancelled (create a new campaign instead)").field_path(".cancel"))]
+#[x_kube(validation = Rule::new("(has(oldSelf.suspend) && oldSelf.suspend) || self.message == oldSelf.message").message("spec.message cannot change while the campaign is not suspended: set spec.suspend to true, edit, then resume").field_path(".message"))]
+#[x_kube(validation = Rule::new("(has(oldSelf.suspend) && oldSelf.suspend) || self.audience == oldSelf.audience").message("spec.audience cannot change while the campaign is not suspended: set spec.suspend to true, edit, then resume").field_path(".audience"))]
+#[x_kube(validation = Rule::new("(has(oldSelf.suspend) && oldSelf.suspend) || self.channelRef == oldSelf.channelRef").message("spec.channelRef cannot change while the campaign is not suspended: set spec.suspend to true, edit, then resume").field_path(".channelRef"))]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignSpec {
+    /// The Channel (same namespace) the campaign sends through.
+    pub channel_ref: ChannelRef,
+    /// What to send: a Meta template or plain text.
+    pub message: MessageSpec,
+    /// Who receives it. Frozen into Postgres when the campaign first starts; later edits
+    /// are reported in status, not applied.
+    pub audience: Audience,
+    /// When to send.
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
+    /// Pause (true) or resume (false). A campaign created suspended is a Draft.
+    #[serde(default)]
+    pub suspend: bool,
+    /// Stop for good: unsent messages are cancelled. Cannot be set back to false.
+    #[serde(default)]
+    pub cancel: bool,
+    /// How the sending Job is shaped.
+    #[serde(default)]
+    pub execution: Execution,
+    /// How failed sends are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// Pauses the campaign when failures run away instead of burning the audience.
+    #[serde(default)]
+    pub failure_threshold: FailureThreshold,
+    /// What happens to the campaign's messages in Postgres when the Campaign is deleted.
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// Reference to a Channel in the Campaign's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelRef {
+    /// Name of the Channel.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The message. Exactly one of `template` or `text`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.template) != has(self.text)").message("set exactly one of message.template or message.text"))]
+#[serde(rename_all = "camelCase")]
+pub struct MessageSpec {
+    /// An approved Meta template (the only kind Meta allows outside the 24-hour window).
+    pub template: Option<TemplateMessage>,
+    /// Plain text (Evolution, or Meta inside the customer-service window). Variables such
+    /// as `{{contact.name}}` are rendered per contact.
+    #[schemars(length(min = 1, max = 4096))]
+    pub text: Option<String>,
+}
+
+/// A Meta message template with per-contact parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMessage {
+    /// Template name as approved in WhatsApp Manager.
+    #[schemars(length(min = 1, max = 512))]
+    pub name: String,
+    /// Template language code, e.g. `pt_BR` or `en_US`.
+    #[schemars(length(min = 2, max = 16))]
+    pub language: String,
+    /// Body parameters in order (`{{1}}`, `{{2}}`, ...). Each may use `{{contact.name}}`,
+    /// `{{contact.phone}}` or `{{contact.attributes.KEY}}`.
+    #[serde(default)]
+    #[schemars(length(max = 20))]
+    pub body_parameters: Vec<TemplateParameter>,
+}
+
+/// One template parameter value (a literal or a contact variable).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct TemplateParameter(#[schemars(length(min = 1, max = 1024))] pub String);
+
+/// Who receives the campaign. Exactly one kind.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("[has(self.allContacts), has(self.tags), has(self.segment), has(self.contacts), has(self.fromCampaign)].filter(x, x).size() == 1").message("set exactly one audience kind: allContacts, tags, segment, contacts or fromCampaign"))]
+#[serde(rename_all = "camelCase")]
+pub struct Audience {
+    /// Every contact of the organization (namespace) that has not opted out.
+    pub all_contacts: Option<bool>,
+    /// Contacts selected by their tags.
+    pub tags: Option<TagSelector>,
+    /// Contacts selected by their attributes.
+    pub segment: Option<Segment>,
+    /// An explicit list of phone numbers (E.164) of existing contacts.
+    #[schemars(length(min = 1, max = 5000))]
+    pub contacts: Option<Vec<PhoneNumber>>,
+    /// Contacts of another campaign's messages, e.g. only the failed ones.
+    pub from_campaign: Option<FromCampaign>,
+}
+
+/// An E.164 phone number such as `+5511999999999`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct PhoneNumber(#[schemars(length(max = 16), pattern(r"^\+[1-9][0-9]{6,14}$"))] pub String);
+
+/// A tag (contacts carry a set of them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct Tag(#[schemars(length(min = 1, max = 63))] pub String);
+
+/// Select contacts by tags. All given clauses must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[x_kube(validation = Rule::new("size(self.anyOf) + size(self.allOf) > 0").message("tags needs at least one tag in anyOf or allOf"))]
+#[serde(rename_all = "camelCase")]
+pub struct TagSelector {
+    /// The contact has at least one of these tags.
+    #[serde(default)]
+    #[schemars(length(max = 50))]
+    pub any_of: Vec<Tag>,
+    /// The contact has every one of these tags.
+    #[serde(default)]
+    #[schemars(length(max = 50))]
+    pub all_of: Vec<Tag>,
+    /// The contact has none of these tags.
+    #[serde(default)]
+    #[schemars(length(max = 50))]
+    pub none_of: Vec<Tag>,
+}
+
+/// Select contacts by attribute filters; all filters must hold.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Segment {
+    /// Filters on `contact.attributes`.
+    #[schemars(length(min = 1, max = 20))]
+    pub attributes: Vec<AttributeFilter>,
+}
+
+/// One filter on a contact attribute.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.operator == 'Exists' || self.operator == 'DoesNotExist' || size(self.values) > 0").message("operators In, NotIn need at least one value"))]
+#[serde(rename_all = "camelCase")]
+pub struct AttributeFilter {
+    /// Attribute key, e.g. `city`.
+    #[schemars(length(min = 1, max = 128))]
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    pub operator: AttributeOperator,
+    /// Values compared as strings.
+    #[serde(default)]
+    #[schemars(length(max = 100))]
+    pub values: Vec<AttributeValue>,
+}
+
+/// A value compared with an attribute (as a string).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct AttributeValue(#[schemars(length(max = 256))] pub String);
+
+/// Operators of an attribute filter, as in Kubernetes label selectors.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum AttributeOperator {
+    /// The attribute's value is one of `values`.
+    In,
+    /// The attribute is missing or its value is none of `values`.
+    NotIn,
+    /// The attribute is present.
+    Exists,
+    /// The attribute is absent.
+    DoesNotExist,
+}
+
+/// Reach the contacts of another campaign's messages.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromCampaign {
+    /// Name of the source Campaign in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Which of its messages to take, by final status (default: `failed`).
+    #[serde(default = "default_from_statuses")]
+    #[schemars(length(min = 1, max = 8))]
+    pub statuses: Vec<SourceMessageStatus>,
+}
+
+fn default_from_statuses() -> Vec<SourceMessageStatus> {
+    vec![SourceMessageStatus::Failed]
+}
+
+/// A message status a `fromCampaign` audience selects on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMessageStatus {
+    /// Failed permanently or after the last retry.
+    Failed,
+    /// Sent but never confirmed delivered.
+    Sent,
+    /// Delivered but never read.
+    Delivered,
+    /// Read.
+    Read,
+    /// Outcome unknown (the request may or may not have reached the provider).
+    Unknown,
+    /// Never sent because the campaign was cancelled.
+    Cancelled,
+}
+
+/// When the campaign sends.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Schedule {
+    /// Do not start before this instant (RFC 3339).
+    pub start_at: Option<Time>,
+    /// Only send inside this daily window.
+    pub window: Option<SendWindow>,
+}
+
+/// A daily sending window in a time zone, e.g. 09:00–18:00 America/Sao_Paulo.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.start != self.end").message("window start and end must differ"))]
+#[serde(rename_all = "camelCase")]
+pub struct SendWindow {
+    /// Opening time, `HH:MM` (24 h).
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')").message("start must be HH:MM"))]
+    pub start: String,
+    /// Closing time, `HH:MM` (24 h). Before `start` means the window spans midnight.
+    #[x_kube(validation = Rule::new("self.matches('^([01][0-9]|2[0-3]):[0-5][0-9]$')").message("end must be HH:MM"))]
+    pub end: String,
+    /// IANA time zone, e.g. `America/Sao_Paulo`.
+    #[serde(default = "default_time_zone")]
+    #[schemars(length(min = 1, max = 64))]
+    pub time_zone: String,
+    /// Days of the week the window opens (default: every day).
+    #[serde(default)]
+    #[schemars(length(max = 7))]
+    pub days: Vec<Weekday>,
+}
+
+fn default_time_zone() -> String {
+    "UTC".to_owned()
+}
+
+/// A day of the week.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Weekday {
+    /// Monday.
+    Mon,
+    /// Tuesday.
+    Tue,
+    /// Wednesday.
+    Wed,
+    /// Thursday.
+    Thu,
+    /// Friday.
+    Fri,
+    /// Saturday.
+    Sat,
+    /// Sunday.
+    Sun,
+}
+
+/// Shape of the sending Job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Execution {
+    /// Messages per batch (one Job index each).
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: u32,
+    /// Batches sent at the same time (sender pods).
+    #[serde(default = "default_parallelism")]
+    #[schemars(range(min = 1, max = 64))]
+    pub parallelism: u32,
+    /// Pod restarts allowed per batch before that batch counts as failed.
+    #[serde(default = "default_backoff_limit_per_index")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit_per_index: u32,
+    /// Resources of each sender pod.
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for Execution {
+    fn default() -> Self {
+        Self {
+            batch_size: default_batch_size(),
+            parallelism: default_parallelism(),
+            backoff_limit_per_index: default_backoff_limit_per_index(),
+            resources: None,
+        }
+    }
+}
+
+fn default_batch_size() -> u32 {
+    100
+}
+fn default_parallelism() -> u32 {
+    2
+}
+fn default_backoff_limit_per_index() -> u32 {
+    3
+}
+
+/// Retries of retryable failures, with exponential backoff and jitter.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("self.maxDelaySeconds >= self.baseDelaySeconds").message("retry.maxDelaySeconds must be at least baseDelaySeconds"))]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Attempts per message, the first included.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 10))]
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubles each time.
+    #[serde(default = "default_base_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub base_delay_seconds: u32,
+    /// Longest delay between attempts.
+    #[serde(default = "default_max_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub max_delay_seconds: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self { max_attempts: default_max_attempts(), base_delay_seconds: default_base_delay(), max_delay_seconds: default_max_delay() }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_base_delay() -> u32 {
+    60
+}
+fn default_max_delay() -> u32 {
+    3600
+}
+
+/// Pause when the failure ratio passes `maxFailurePercent` after `minSample` finished messages.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureThreshold {
+    /// Highest tolerated percentage of failed among finished messages.
+    #[serde(default = "default_max_failure_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_failure_percent: u32,
+    /// Finished messages needed before the ratio is judged.
+    #[serde(default = "default_min_sample")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub min_sample: u32,
+}
+
+impl Default for FailureThreshold {
+    fn default() -> Self {
+        Self { max_failure_percent: default_max_failure_percent(), min_sample: default_min_sample() }
+    }
+}
+
+fn default_max_failure_percent() -> u32 {
+    50
+}
+fn default_min_sample() -> u32 {
+    50
+}
+
+/// What to do with the campaign's rows in Postgres when the Campaign is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum Retention {
+    /// Keep the message history (default): reports and `fromCampaign` audiences still work.
+    #[default]
+    Retain,
+    /// Delete the campaign's messages and counters.
+    Delete,
+}
+
+/// Observed state of a Campaign.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CampaignStatus {
+    /// Where the campaign is in its lifecycle.
+    pub phase: Option<super::Phase>,
+    /// The generation this status describes.
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Reconciling`, `Stalled` and specific conditions, per Kubernetes conventions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Message counts by status.
+    pub messages: Option<MessageCounts>,
+    /// Progress, rate and ETA.
+    pub progress: Option<Progress>,
+    /// Delivery, read and failure rates.
+    pub rates: Option<Rates>,
+    /// Retry statistics and the error breakdown.
+    pub retries: Option<RetryStats>,
+    /// Rate-limit pauses.
+    pub rate_limit: Option<RateLimitInfo>,
+    /// Batch Job counts.
+    pub batches: Option<BatchCounts>,
+    /// What the preflight found before the campaign started.
+    pub preflight: Option<Preflight>,
+    /// The audience as frozen at start.
+    pub audience: Option<AudienceStatus>,
+    /// When sending started.
+    pub started_at: Option<Time>,
+    /// When the campaign reached a final phase.
+    pub finished_at: Option<Time>,
+}
+
+/// Message counts. `sent` counts every message that reached at least `sent`, so
+/// `delivered <= sent`; `read <= delivered`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageCounts {
+    /// Messages in the frozen audience.
+    pub total: i64,
+    /// Not sent yet (including those waiting for a retry).
+    pub pending: i64,
+    /// Reached at least `sent`.
+    pub sent: i64,
+    /// Reached at least `delivered`.
+    pub delivered: i64,
+    /// Read.
+    pub read: i64,
+    /// Failed for good.
+    pub failed: i64,
+    /// Outcome unknown: the request may have reached the provider; never re-sent
+    /// silently, resolved by a later webhook.
+    pub unknown: i64,
+    /// Never sent because the campaign was cancelled.
+    pub cancelled: i64,
+}
+
+/// Progress of sending.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    /// Finished messages over total, e.g. `42%`.
+    pub percentage: String,
+    /// Messages sent per minute recently.
+    pub rate_per_minute: f64,
+    /// Estimated time of completion at the current rate.
+    pub eta: Option<Time>,
+}
+
+/// Outcome rates, as fractions of sent messages (failure: of finished messages).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Rates {
+    /// delivered / sent.
+    pub delivery: f64,
+    /// read / delivered.
+    pub read: f64,
+    /// failed / finished.
+    pub failure: f64,
+}
+
+/// Retry statistics.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryStats {
+    /// Sent on the first attempt.
+    pub succeeded_first_attempt: i64,
+    /// Sent after at least one retry.
+    pub succeeded_after_retry: i64,
+    /// Failed for good.
+    pub permanent_failures: i64,
+    /// Retries scheduled so far.
+    pub retries_scheduled: i64,
+    /// Failures by provider error code, most frequent first.
+    #[serde(default)]
+    pub errors: Vec<ErrorCount>,
+}
+
+/// How often one provider error code occurred.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorCount {
+    /// Provider error code (e.g. `131026`) or Disparo's own (`render`, `timeout`).
+    pub code: String,
+    /// Occurrences.
+    pub count: i64,
+}
+
+/// Rate-limit pauses of this campaign.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitInfo {
+    /// Times the campaign paused because the channel's day window was spent.
+    pub pauses: i64,
+    /// When the current pause ends.
+    pub resume_at: Option<Time>,
+}
+
+/// Batch Job counts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchCounts {
+    /// Batches (Job completions).
+    pub total: i32,
+    /// Sender pods running.
+    pub active: i32,
+    /// Batches finished.
+    pub succeeded: i32,
+    /// Batches that failed after their retries.
+    pub failed: i32,
+    /// Name of the sending Job.
+    pub job_name: Option<String>,
+}
+
+/// What the machine checked before sending (the reference system's pre-dispatch checklist).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Preflight {
+    /// Contacts the audience selects after opt-outs and de-duplication.
+    pub audience_size: i64,
+    /// Contacts missing a variable the message uses (they will fail with `render`).
+    pub missing_variables: i64,
+    /// Estimated sending duration given the channel's caps and window, in seconds.
+    pub estimated_duration_seconds: Option<i64>,
+    /// Other campaigns currently sharing the channel.
+    pub sharing_channel_with: i32,
+}
+
+/// The frozen audience.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AudienceStatus {
+    /// When the audience was frozen into Postgres.
+    pub frozen_at: Option<Time>,
+    /// The spec generation whose audience was frozen.
+    pub frozen_generation: Option<i64>,
+    /// Messages materialized.
+    pub size: i64,
+    /// Set when spec.audience changed after freezing: the change is not applied.
+    pub drift: Option<String>,
+}

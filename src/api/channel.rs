@@ -1,0 +1,209 @@
+//! The `Channel` custom resource: one sending identity and its limits, shared by every
+//! campaign that uses it.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A reference to one key of a Secret in the Channel's namespace. Credentials are only
+/// ever referenced, never written inline, so they stay out of the spec, `kubectl get -o
+/// yaml`, GitOps repositories and Events.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret, in the same namespace as the Channel.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Which provider API a Channel sends through.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// The Meta WhatsApp Cloud API (Graph API).
+    Meta,
+    /// An Evolution API v2 instance (WhatsApp Web through Baileys).
+    Evolution,
+}
+
+impl Provider {
+    /// The lowercase name used in URLs, labels and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Meta => "meta",
+            Provider::Evolution => "evolution",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Settings of a Meta WhatsApp Cloud API sending identity.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaSettings {
+    /// Numeric id of the business phone number (not the phone number itself, not the WABA id).
+    #[schemars(length(min = 1, max = 64))]
+    pub phone_number_id: String,
+    /// Graph API version used in the send URL, e.g. `v23.0`.
+    #[serde(default = "default_graph_api_version")]
+    #[x_kube(validation = Rule::new("self.matches('^v[0-9]+\\\\.[0-9]+$')").message("apiVersion must look like v23.0"))]
+    pub api_version: String,
+    /// Base URL of the Graph API. Point it at `disparo sandbox` to rehearse without sending.
+    #[serde(default = "default_graph_base_url")]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("baseUrl must be an http(s) URL"))]
+    pub base_url: String,
+    /// Secret key holding the access token (system-user token with `whatsapp_business_messaging`).
+    pub access_token: SecretKeyRef,
+    /// Secret key holding the Meta app secret, used to verify `X-Hub-Signature-256` on webhooks.
+    pub app_secret: SecretKeyRef,
+    /// Secret key holding the verify token typed into the App Dashboard for the webhook handshake.
+    pub verify_token: SecretKeyRef,
+}
+
+fn default_graph_api_version() -> String {
+    "v23.0".to_owned()
+}
+
+fn default_graph_base_url() -> String {
+    "https://graph.facebook.com".to_owned()
+}
+
+/// Settings of an Evolution API instance.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EvolutionSettings {
+    /// Base URL of the Evolution API server.
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("baseUrl must be an http(s) URL"))]
+    pub base_url: String,
+    /// Name of the instance (the WhatsApp number connected by QR code).
+    #[schemars(length(min = 1, max = 128))]
+    pub instance: String,
+    /// Secret key holding the `apikey` (global key or the instance token).
+    pub api_key: SecretKeyRef,
+    /// Secret key holding the shared secret Evolution sends in the webhook header
+    /// (Evolution does not sign its webhooks; configure this value in `webhook.headers`).
+    pub webhook_token: SecretKeyRef,
+    /// Name of the header carrying the webhook shared secret.
+    #[serde(default = "default_webhook_header")]
+    pub webhook_header: String,
+}
+
+fn default_webhook_header() -> String {
+    "x-disparo-token".to_owned()
+}
+
+/// How a channel keeps under its caps.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RateLimitMode {
+    /// Never exceed any cap; when the day cap is spent, campaigns pause until it resets.
+    Hard,
+    /// Space sends by a minimum interval and respect the caps.
+    Graceful,
+}
+
+/// Caps on how many messages the channel sends. Unset caps take the provider's
+/// defaults (Meta: 20/min, 100/h, 500/day, Hard; Evolution: 1000/h, Graceful, 500 ms).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitsSpec {
+    /// Most messages in one calendar minute (UTC).
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub per_minute: Option<u32>,
+    /// Most messages in one calendar hour (UTC).
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub per_hour: Option<u32>,
+    /// Most messages in one calendar day (UTC).
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub per_day: Option<u32>,
+    /// `Hard` or `Graceful`.
+    pub mode: Option<RateLimitMode>,
+    /// Smallest gap between two sends of the channel, across all senders, in milliseconds.
+    #[schemars(range(min = 0, max = 3_600_000))]
+    pub min_interval_millis: Option<u32>,
+}
+
+/// Desired state of a Channel.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "disparo.io",
+    version = "v1alpha1",
+    kind = "Channel",
+    namespaced,
+    status = "ChannelStatus",
+    shortname = "chan",
+    category = "disparo",
+    doc = "A WhatsApp sending identity (Meta Cloud API number or Evolution instance) and its rate limits, shared by the campaigns that use it.",
+    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Today", type_ = "integer", json_path = ".status.usage.day", description = "messages sent in the current day window"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = Rule::new("self.provider == 'meta' ? has(self.meta) && !has(self.evolution) : has(self.evolution) && !has(self.meta)").message("set exactly the settings block matching spec.provider (meta or evolution)").field_path(".provider"))]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelSpec {
+    /// `meta` or `evolution`.
+    pub provider: Provider,
+    /// Meta Cloud API settings; required when provider is `meta`.
+    pub meta: Option<MetaSettings>,
+    /// Evolution API settings; required when provider is `evolution`.
+    pub evolution: Option<EvolutionSettings>,
+    /// Sending caps; unset fields take the provider's defaults.
+    #[serde(default)]
+    pub rate_limits: RateLimitsSpec,
+}
+
+/// Messages counted in the channel's current windows.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowUsage {
+    /// Messages reserved in the current minute.
+    pub minute: u32,
+    /// Messages reserved in the current hour.
+    pub hour: u32,
+    /// Messages reserved in the current day.
+    pub day: u32,
+    /// The caps in force (after provider defaults).
+    pub limits: Option<EffectiveLimits>,
+}
+
+/// Caps in force after applying provider defaults.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EffectiveLimits {
+    /// Messages per minute, if capped.
+    pub per_minute: Option<u32>,
+    /// Messages per hour, if capped.
+    pub per_hour: Option<u32>,
+    /// Messages per day, if capped.
+    pub per_day: Option<u32>,
+    /// `Hard` or `Graceful`.
+    pub mode: Option<RateLimitMode>,
+    /// Minimum spacing between sends, in milliseconds.
+    pub min_interval_millis: u32,
+}
+
+/// Observed state of a Channel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelStatus {
+    /// The generation this status describes.
+    pub observed_generation: Option<i64>,
+    /// `Ready` says whether campaigns can send through this channel, and why not.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Current rate-window usage, shared by every campaign on the channel.
+    pub usage: Option<WindowUsage>,
+    /// When a spent day window resets, if it is spent.
+    pub rate_limited_until: Option<Time>,
+    /// Path on the webhook service to register with the provider.
+    pub webhook_path: Option<String>,
+}

@@ -1,0 +1,426 @@
+//! Rate-limit windows shared by every sender of a channel.
+//!
+//! Windows are fixed calendar windows in UTC (the current minute, hour and day), one row
+//! each per channel. A sender reserves a small block of tokens under the rows' locks, so
+//! any number of sender pods together never exceed a cap, and a spent day window has a
+//! well-defined reset instant (`resumeAt`). Tokens are only good until the end of the
+//! smallest capped window they were taken from; a sender drops what it could not use in
+//! time instead of spilling it into the next window.
+//!
+//! The decision is the pure function [`plan`]; [`reserve`] does the I/O around it.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Duration as ChronoDuration, DurationRound, TimeDelta, Utc};
+use sqlx::PgPool;
+
+use super::Result;
+use crate::api::{Provider, RateLimitMode, RateLimitsSpec};
+
+/// The caps in force for a channel, after provider defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Messages per calendar minute.
+    pub per_minute: Option<u32>,
+    /// Messages per calendar hour.
+    pub per_hour: Option<u32>,
+    /// Messages per calendar day (UTC).
+    pub per_day: Option<u32>,
+    /// Hard or Graceful.
+    pub mode: RateLimitMode,
+    /// Smallest gap between two sends of the channel.
+    pub min_interval: Duration,
+}
+
+impl Limits {
+    /// The reference system's defaults: Meta 20/min, 100/h, 500/day Hard; Evolution
+    /// 1000/h Graceful with 500 ms spacing.
+    pub fn provider_default(provider: Provider) -> Self {
+        match provider {
+            Provider::Meta => Limits {
+                per_minute: Some(20),
+                per_hour: Some(100),
+                per_day: Some(500),
+                mode: RateLimitMode::Hard,
+                min_interval: Duration::ZERO,
+            },
+            Provider::Evolution => Limits {
+                per_minute: None,
+                per_hour: Some(1000),
+                per_day: None,
+                mode: RateLimitMode::Graceful,
+                min_interval: Duration::from_millis(500),
+            },
+        }
+    }
+
+    /// The spec's caps over the provider's defaults.
+    pub fn effective(provider: Provider, spec: &RateLimitsSpec) -> Self {
+        let base = Self::provider_default(provider);
+        let any_cap = spec.per_minute.is_some() || spec.per_hour.is_some() || spec.per_day.is_some();
+        Limits {
+            // Caps given in the spec replace the defaults as a set, so a user who writes
+            // only perDay: 100000 is not silently held to the default 20/min.
+            per_minute: if any_cap { spec.per_minute } else { base.per_minute },
+            per_hour: if any_cap { spec.per_hour } else { base.per_hour },
+            per_day: if any_cap { spec.per_day } else { base.per_day },
+            mode: spec.mode.unwrap_or(base.mode),
+            min_interval: spec.min_interval_millis.map(|ms| Duration::from_millis(ms.into())).unwrap_or(base.min_interval),
+        }
+    }
+
+    /// No caps and no spacing (benchmarks, trusted sandboxes).
+    pub fn unlimited() -> Self {
+        Limits { per_minute: None, per_hour: None, per_day: None, mode: RateLimitMode::Graceful, min_interval: Duration::ZERO }
+    }
+}
+
+/// The three calendar windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum WindowKind {
+    /// The current UTC minute.
+    Minute,
+    /// The current UTC hour.
+    Hour,
+    /// The current UTC day.
+    Day,
+}
+
+impl WindowKind {
+    /// All windows, smallest first.
+    pub const ALL: [WindowKind; 3] = [WindowKind::Minute, WindowKind::Hour, WindowKind::Day];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            WindowKind::Minute => "minute",
+            WindowKind::Hour => "hour",
+            WindowKind::Day => "day",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "minute" => Some(WindowKind::Minute),
+            "hour" => Some(WindowKind::Hour),
+            "day" => Some(WindowKind::Day),
+            _ => None,
+        }
+    }
+
+    fn length(self) -> TimeDelta {
+        match self {
+            WindowKind::Minute => ChronoDuration::minutes(1),
+            WindowKind::Hour => ChronoDuration::hours(1),
+            WindowKind::Day => ChronoDuration::days(1),
+        }
+    }
+
+    /// Start of the window containing `now`.
+    pub fn start_of(self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now.duration_trunc(self.length()).unwrap_or(now)
+    }
+
+    fn cap(self, limits: &Limits) -> Option<u32> {
+        match self {
+            WindowKind::Minute => limits.per_minute,
+            WindowKind::Hour => limits.per_hour,
+            WindowKind::Day => limits.per_day,
+        }
+    }
+}
+
+/// A window as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowState {
+    /// Which window.
+    pub kind: WindowKind,
+    /// Its start as stored (may be an old window, which then counts as empty).
+    pub start: DateTime<Utc>,
+    /// Tokens taken in it.
+    pub used: u32,
+}
+
+/// What a reservation decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Tokens granted (0..=wanted).
+    pub granted: u32,
+    /// The windows to store back (rolled over and with the grant added).
+    pub windows: Vec<WindowState>,
+    /// Tokens must be used before this instant (end of the smallest capped window).
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When nothing was granted: when the exhausted windows all have room again.
+    pub blocked_until: Option<DateTime<Utc>>,
+    /// The day window is spent (Hard channels pause campaigns until it resets).
+    pub day_spent: bool,
+}
+
+/// Decides how many of `wanted` tokens can be taken at `now`.
+pub fn plan(stored: &[WindowState], limits: &Limits, wanted: u32, now: DateTime<Utc>) -> Plan {
+    let mut windows: Vec<WindowState> = WindowKind::ALL
+        .iter()
+        .map(|kind| {
+            let start = kind.start_of(now);
+            let used = stored.iter().find(|w| w.kind == *kind && w.start == start).map_or(0, |w| w.used);
+            WindowState { kind: *kind, start, used }
+        })
+        .collect();
+    let mut available = wanted;
+    let mut blocked_until: Option<DateTime<Utc>> = None;
+    let mut day_spent = false;
+    let mut expires_at = None;
+    for window in &windows {
+        let Some(cap) = window.kind.cap(limits) else { continue };
+        expires_at.get_or_insert(window.start + window.kind.length());
+        let room = cap.saturating_sub(window.used);
+        if room == 0 {
+            let end = window.start + window.kind.length();
+            blocked_until = Some(blocked_until.map_or(end, |b| b.max(end)));
+            if window.kind == WindowKind::Day {
+                day_spent = true;
+            }
+        }
+        available = available.min(room);
+    }
+    for window in &mut windows {
+        window.used += available;
+    }
+    Plan {
+        granted: available,
+        windows,
+        expires_at,
+        blocked_until: if available == 0 && wanted > 0 { blocked_until } else { None },
+        day_spent,
+    }
+}
+
+/// Tokens a sender may spend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Send instants, one per granted token (all `now` unless the channel spaces sends).
+    pub slots: Vec<DateTime<Utc>>,
+    /// Tokens are void after this instant.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Nothing granted: try again at this instant.
+    pub blocked_until: Option<DateTime<Utc>>,
+    /// The day window is spent.
+    pub day_spent: bool,
+}
+
+impl Reservation {
+    /// Tokens granted.
+    pub fn granted(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+/// How far ahead spaced slots may be reserved, so tokens are not hoarded by one sender.
+const SLOT_LOOKAHEAD: Duration = Duration::from_secs(2);
+
+/// Atomically takes up to `wanted` tokens from the channel's windows (and, for spaced
+/// channels, the next free send slots).
+pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &Limits, wanted: u32) -> Result<Reservation> {
+    let wanted = if limits.min_interval.is_zero() {
+        wanted
+    } else {
+        let fit = (SLOT_LOOKAHEAD.as_millis() / limits.min_interval.as_millis().max(1)) as u32;
+        wanted.min(fit.max(1))
+    };
+    let mut tx = pool.begin().await?;
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT clock_timestamp()").fetch_one(&mut *tx).await?;
+    sqlx::query(
+        r#"INSERT INTO channel_rate_windows (organization, channel, window_kind, window_start)
+           SELECT $1, $2, k, $3 FROM unnest(ARRAY['minute', 'hour', 'day']) AS k
+           ON CONFLICT DO NOTHING"#,
+    )
+    .bind(organization)
+    .bind(channel)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(String, DateTime<Utc>, i32)> = sqlx::query_as(
+        "SELECT window_kind, window_start, used FROM channel_rate_windows WHERE organization = $1 AND channel = $2 ORDER BY window_kind FOR UPDATE",
+    )
+    .bind(organization)
+    .bind(channel)
+    .fetch_all(&mut *tx)
+    .await?;
+    let stored: Vec<WindowState> = rows
+        .iter()
+        .filter_map(|(kind, start, used)| Some(WindowState { kind: WindowKind::parse(kind)?, start: *start, used: (*used).max(0) as u32 }))
+        .collect();
+    let decided = plan(&stored, limits, wanted, now);
+    if decided.granted > 0 {
+        let kinds: Vec<&str> = decided.windows.iter().map(|w| w.kind.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = decided.windows.iter().map(|w| w.start).collect();
+        let used: Vec<i32> = decided.windows.iter().map(|w| w.used as i32).collect();
+        sqlx::query(
+            r#"UPDATE channel_rate_windows w SET window_start = v.start, used = v.used
+               FROM unnest($3::text[], $4::timestamptz[], $5::int[]) AS v(kind, start, used)
+               WHERE w.organization = $1 AND w.channel = $2 AND w.window_kind = v.kind"#,
+        )
+        .bind(organization)
+        .bind(channel)
+        .bind(&kinds)
+        .bind(&starts)
+        .bind(&used)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let mut slots = vec![now; decided.granted as usize];
+    if decided.granted > 0 && !limits.min_interval.is_zero() {
+        let interval = ChronoDuration::from_std(limits.min_interval).unwrap_or(ChronoDuration::zero());
+        sqlx::query("INSERT INTO channel_state (organization, channel) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(organization)
+            .bind(channel)
+            .execute(&mut *tx)
+            .await?;
+        let (next_slot,): (DateTime<Utc>,) =
+            sqlx::query_as("SELECT greatest(next_slot_at, $3) FROM channel_state WHERE organization = $1 AND channel = $2 FOR UPDATE")
+                .bind(organization)
+                .bind(channel)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+        for (i, slot) in slots.iter_mut().enumerate() {
+            *slot = next_slot + interval * i as i32;
+        }
+        sqlx::query("UPDATE channel_state SET next_slot_at = $3, updated_at = now() WHERE organization = $1 AND channel = $2")
+            .bind(organization)
+            .bind(channel)
+            .bind(next_slot + interval * decided.granted as i32)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Reservation { slots, expires_at: decided.expires_at, blocked_until: decided.blocked_until, day_spent: decided.day_spent })
+}
+
+/// Current usage of a channel's windows (zero for windows that rolled over).
+pub async fn usage(pool: &PgPool, organization: &str, channel: &str) -> Result<Vec<WindowState>> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT clock_timestamp()").fetch_one(pool).await?;
+    let rows: Vec<(String, DateTime<Utc>, i32)> =
+        sqlx::query_as("SELECT window_kind, window_start, used FROM channel_rate_windows WHERE organization = $1 AND channel = $2")
+            .bind(organization)
+            .bind(channel)
+            .fetch_all(pool)
+            .await?;
+    Ok(WindowKind::ALL
+        .iter()
+        .map(|kind| {
+            let start = kind.start_of(now);
+            let used = rows
+                .iter()
+                .find(|(k, s, _)| WindowKind::parse(k) == Some(*kind) && *s == start)
+                .map_or(0, |(_, _, used)| (*used).max(0) as u32);
+            WindowState { kind: *kind, start, used }
+        })
+        .collect())
+}
+
+/// Records that the channel must not send until `until` (a spent day window, or an error
+/// that needs a person), with a reason for status and Events.
+pub async fn pause_channel(pool: &PgPool, organization: &str, channel: &str, until: DateTime<Utc>, reason: &str) -> Result<()> {
+    sqlx::query(
+        r#"INSERT INTO channel_state (organization, channel, paused_until, pause_reason) VALUES ($1, $2, $3, $4)
+           ON CONFLICT (organization, channel) DO UPDATE SET
+               paused_until = greatest(channel_state.paused_until, EXCLUDED.paused_until),
+               pause_reason = EXCLUDED.pause_reason, updated_at = now()"#,
+    )
+    .bind(organization)
+    .bind(channel)
+    .bind(until)
+    .bind(reason)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The channel's pause, if one is in force now.
+pub async fn channel_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<Option<(DateTime<Utc>, String)>> {
+    let row: Option<(DateTime<Utc>, Option<String>)> = sqlx::query_as(
+        "SELECT paused_until, pause_reason FROM channel_state WHERE organization = $1 AND channel = $2 AND paused_until > clock_timestamp()",
+    )
+    .bind(organization)
+    .bind(channel)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(until, reason)| (until, reason.unwrap_or_default())))
+}
+
+/// Lifts a pause (a person fixed the credentials).
+pub async fn clear_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<()> {
+    sqlx::query("UPDATE channel_state SET paused_until = NULL, pause_reason = NULL, updated_at = now() WHERE organization = $1 AND channel = $2")
+        .bind(organization)
+        .bind(channel)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: u32, m: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 25, h, m, s).unwrap()
+    }
+
+    fn meta() -> Limits {
+        Limits::provider_default(Provider::Meta)
+    }
+
+    #[test]
+    fn grants_up_to_the_smallest_room() {
+        let now = at(10, 0, 30);
+        let stored = [WindowState { kind: WindowKind::Minute, start: at(10, 0, 0), used: 18 }];
+        let p = plan(&stored, &meta(), 5, now);
+        assert_eq!(p.granted, 2);
+        assert_eq!(p.expires_at, Some(at(10, 1, 0)));
+        assert_eq!(p.windows.iter().find(|w| w.kind == WindowKind::Minute).unwrap().used, 20);
+        assert_eq!(p.windows.iter().find(|w| w.kind == WindowKind::Day).unwrap().used, 2);
+    }
+
+    #[test]
+    fn an_old_window_counts_as_empty() {
+        let stored = [WindowState { kind: WindowKind::Minute, start: at(9, 59, 0), used: 20 }];
+        let p = plan(&stored, &meta(), 5, at(10, 0, 1));
+        assert_eq!(p.granted, 5);
+    }
+
+    #[test]
+    fn a_full_minute_blocks_until_the_next_minute() {
+        let stored = [WindowState { kind: WindowKind::Minute, start: at(10, 0, 0), used: 20 }];
+        let p = plan(&stored, &meta(), 5, at(10, 0, 42));
+        assert_eq!(p.granted, 0);
+        assert_eq!(p.blocked_until, Some(at(10, 1, 0)));
+        assert!(!p.day_spent);
+    }
+
+    #[test]
+    fn a_spent_day_is_reported_with_its_reset() {
+        let stored = [WindowState { kind: WindowKind::Day, start: at(0, 0, 0), used: 500 }];
+        let p = plan(&stored, &meta(), 1, at(13, 5, 0));
+        assert_eq!(p.granted, 0);
+        assert!(p.day_spent);
+        assert_eq!(p.blocked_until, Some(Utc.with_ymd_and_hms(2026, 11, 26, 0, 0, 0).unwrap()));
+    }
+
+    #[test]
+    fn uncapped_channels_grant_everything() {
+        let p = plan(&[], &Limits::unlimited(), 1000, at(1, 2, 3));
+        assert_eq!(p.granted, 1000);
+        assert_eq!(p.expires_at, None);
+    }
+
+    #[test]
+    fn spec_caps_replace_defaults_as_a_set() {
+        let spec = RateLimitsSpec { per_day: Some(5), ..Default::default() };
+        let limits = Limits::effective(Provider::Meta, &spec);
+        assert_eq!((limits.per_minute, limits.per_hour, limits.per_day), (None, None, Some(5)));
+        assert_eq!(limits.mode, RateLimitMode::Hard);
+        let defaults = Limits::effective(Provider::Evolution, &RateLimitsSpec::default());
+        assert_eq!(defaults, Limits::provider_default(Provider::Evolution));
+    }
+}

@@ -1,0 +1,82 @@
+//! Test harness shared by the integration suites: a real Postgres (a throwaway cluster
+//! started by `scripts/pg`, or `DATABASE_URL` when given) with one fresh, migrated
+//! database per test.
+#![allow(dead_code)]
+
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+/// The server URL (database `disparo`), starting the throwaway cluster if needed.
+pub fn server_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            return url;
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg");
+        let out = Command::new(script).arg("up").output().expect("running scripts/pg up");
+        assert!(out.status.success(), "scripts/pg up failed (is Postgres installed?):\n{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("export DATABASE_URL="))
+            .expect("scripts/pg printed no DATABASE_URL")
+            .trim()
+            .to_owned()
+    })
+    .clone()
+}
+
+/// A URL for database `name` on the same server.
+pub fn url_for(name: &str) -> String {
+    let server = server_url();
+    match server.rfind('/') {
+        Some(slash) => format!("{}/{name}", &server[..slash]),
+        None => panic!("DATABASE_URL {server:?} has no database part"),
+    }
+}
+
+/// A fresh database with the migrations applied; returns its pool and URL.
+pub async fn fresh_db() -> (PgPool, String) {
+    disparo::telemetry::install_crypto_provider();
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = PgPoolOptions::new().max_connections(1).connect(&server_url()).await.expect("connecting to the test Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("creating a test database");
+    admin.close().await;
+    let url = url_for(&name);
+    let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connecting to the test database");
+    disparo::store::migrate(&pool).await.expect("migrating the test database");
+    (pool, url)
+}
+
+/// Inserts contacts `+5511900000000 + i` for i in 0..n into an organization, with the
+/// given tags and attributes chosen by `f(i)`.
+pub async fn seed_contacts(
+    pool: &PgPool,
+    organization: &str,
+    n: usize,
+    f: impl Fn(usize) -> (Vec<String>, serde_json::Value),
+) -> Vec<String> {
+    let mut phones = Vec::with_capacity(n);
+    let mut batch = Vec::new();
+    for i in 0..n {
+        let phone = phone(i);
+        let (tags, attributes) = f(i);
+        phones.push(phone.clone());
+        batch.push(disparo::store::contacts::NewContact { phone, name: Some(format!("Contact {i}")), tags, attributes, whatsapp_id: None });
+        if batch.len() == 5000 {
+            disparo::store::contacts::upsert(pool, organization, &batch).await.expect("seeding contacts");
+            batch.clear();
+        }
+    }
+    disparo::store::contacts::upsert(pool, organization, &batch).await.expect("seeding contacts");
+    phones
+}
+
+/// The i-th test phone number (valid Brazilian mobile numbers).
+pub fn phone(i: usize) -> String {
+    format!("+55119{:08}", i)
+}

@@ -1,0 +1,312 @@
+//! The store against a real Postgres: forward-only statuses, counters that equal a
+//! recount, audience materialization per kind, tenant isolation, rate windows.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use disparo::api::{AttributeOperator, RateLimitMode};
+use disparo::store::audience::{self, AttributeFilter, AudienceQuery, CampaignKey};
+use disparo::store::campaigns;
+use disparo::store::messages::{self, Outcome};
+use disparo::store::rate::{self, Limits};
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+async fn freeze(pool: &PgPool, org: &str, audience: &AudienceQuery, batch_size: u32) -> (Uuid, audience::Frozen) {
+    let uid = Uuid::new_v4();
+    let key = CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel: "ch", batch_size };
+    let frozen = audience::materialize(pool, &key, audience).await.unwrap();
+    (uid, frozen)
+}
+
+async fn phones_of(pool: &PgPool, campaign: Uuid) -> Vec<String> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.phone FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1 ORDER BY c.phone",
+    )
+    .bind(campaign)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(p,)| p).collect()
+}
+
+async fn status_of(pool: &PgPool, id: i64) -> String {
+    let (s,): (String,) = sqlx::query_as("SELECT status::text FROM campaign_messages WHERE id = $1").bind(id).fetch_one(pool).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
+    let (pool, _) = common::fresh_db().await;
+    // 0..20: tags by residue, city by parity; contact 19 opts out
+    let phones = common::seed_contacts(&pool, "acme", 20, |i| {
+        let mut tags = vec![];
+        if i % 2 == 0 {
+            tags.push("even".to_owned());
+        }
+        if i % 3 == 0 {
+            tags.push("three".to_owned());
+        }
+        if i % 5 == 0 {
+            tags.push("five".to_owned());
+        }
+        let attrs = if i % 4 == 0 { json!({"city": "SP", "tier": i}) } else { json!({"city": "RJ"}) };
+        (tags, attrs)
+    })
+    .await;
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[19]).await.unwrap();
+    let expect = |pred: &dyn Fn(usize) -> bool| -> Vec<String> {
+        let mut v: Vec<String> = (0..19).filter(|i| pred(*i)).map(common::phone).collect();
+        v.sort();
+        v
+    };
+
+    let (all, frozen) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 7).await;
+    assert_eq!(phones_of(&pool, all).await, expect(&|_| true));
+    assert_eq!((frozen.messages, frozen.batches), (19, 3));
+
+    let tags = AudienceQuery::Tags { any_of: vec!["three".into(), "five".into()], all_of: vec!["even".into()], none_of: vec!["five".into()] };
+    let (t, _) = freeze(&pool, "acme", &tags, 100).await;
+    assert_eq!(phones_of(&pool, t).await, expect(&|i| (i % 3 == 0 || i % 5 == 0) && i % 2 == 0 && i % 5 != 0));
+
+    let segment = AudienceQuery::Segment(vec![
+        AttributeFilter { key: "city".into(), operator: AttributeOperator::In, values: vec!["SP".into()] },
+        AttributeFilter { key: "tier".into(), operator: AttributeOperator::Exists, values: vec![] },
+        AttributeFilter { key: "tier".into(), operator: AttributeOperator::NotIn, values: vec!["8".into()] },
+    ]);
+    let (s, _) = freeze(&pool, "acme", &segment, 100).await;
+    assert_eq!(phones_of(&pool, s).await, expect(&|i| i % 4 == 0 && i != 8));
+
+    let no_tier = AudienceQuery::Segment(vec![AttributeFilter { key: "tier".into(), operator: AttributeOperator::DoesNotExist, values: vec![] }]);
+    let (nt, _) = freeze(&pool, "acme", &no_tier, 100).await;
+    assert_eq!(phones_of(&pool, nt).await, expect(&|i| i % 4 != 0));
+
+    let explicit = AudienceQuery::Contacts(vec![phones[1].clone(), phones[2].clone(), phones[19].clone(), "+5511988887777".into()]);
+    let (e, frozen) = freeze(&pool, "acme", &explicit, 100).await;
+    assert_eq!(phones_of(&pool, e).await, vec![phones[1].clone(), phones[2].clone()], "opted-out and unknown numbers are excluded");
+    assert_eq!(frozen.messages, 2);
+
+    // fromCampaign: fail two messages of the explicit campaign, then target its failures
+    let claimed = messages::claim_due(&pool, e, 0, 10, "run").await.unwrap();
+    let outcomes: Vec<(i64, Outcome)> = claimed
+        .iter()
+        .map(|m| (m.id, if m.phone == phones[1] { Outcome::Failed { code: "131026".into(), message: "undeliverable".into() } } else { Outcome::Sent { provider_message_id: "wamid.x".into() } }))
+        .collect();
+    messages::record_outcomes(&pool, &outcomes).await.unwrap();
+    let name: (String,) = sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(e).fetch_one(&pool).await.unwrap();
+    let from = AudienceQuery::FromCampaign { name: name.0, statuses: vec!["failed"] };
+    let (f, _) = freeze(&pool, "acme", &from, 100).await;
+    assert_eq!(phones_of(&pool, f).await, vec![phones[1].clone()]);
+
+    let missing = AudienceQuery::FromCampaign { name: "never-ran".into(), statuses: vec!["failed"] };
+    let err = audience::materialize(&pool, &CampaignKey { uid: Uuid::new_v4(), organization: "acme", name: "x", channel: "ch", batch_size: 10 }, &missing)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("never-ran"), "{err}");
+}
+
+#[tokio::test]
+async fn materializing_twice_changes_nothing() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 30, |_| (vec![], json!({}))).await;
+    let uid = Uuid::new_v4();
+    let key = CampaignKey { uid, organization: "acme", name: "again", channel: "ch", batch_size: 10 };
+    let first = audience::materialize(&pool, &key, &AudienceQuery::AllContacts).await.unwrap();
+    common::seed_contacts(&pool, "acme", 40, |_| (vec![], json!({}))).await; // 10 new contacts appear
+    let second = audience::materialize(&pool, &key, &AudienceQuery::AllContacts).await.unwrap();
+    assert!(first.newly_frozen && !second.newly_frozen);
+    assert_eq!((second.messages, second.batches), (30, 3));
+    assert_eq!(campaigns::recount(&pool, uid).await.unwrap().total, 30);
+    let batches: Vec<(i32, i64)> = sqlx::query_as("SELECT batch_index, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1 ORDER BY 1")
+        .bind(uid)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(batches, vec![(0, 10), (1, 10), (2, 10)]);
+}
+
+#[tokio::test]
+async fn a_campaign_never_reaches_another_namespace() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "team-a", 5, |_| (vec!["vip".into()], json!({"city": "SP"}))).await;
+    // the same phone numbers exist in team-b too
+    common::seed_contacts(&pool, "team-b", 8, |_| (vec!["vip".into()], json!({"city": "SP"}))).await;
+    for query in [
+        AudienceQuery::AllContacts,
+        AudienceQuery::Tags { any_of: vec!["vip".into()], all_of: vec![], none_of: vec![] },
+        AudienceQuery::Segment(vec![AttributeFilter { key: "city".into(), operator: AttributeOperator::In, values: vec!["SP".into()] }]),
+        AudienceQuery::Contacts((0..8).map(common::phone).collect()),
+    ] {
+        let (uid, frozen) = freeze(&pool, "team-a", &query, 100).await;
+        assert_eq!(frozen.messages, 5, "{query:?}");
+        let (foreign,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1 AND c.organization <> 'team-a'",
+        )
+        .bind(uid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(foreign, 0);
+    }
+}
+
+#[tokio::test]
+async fn statuses_only_move_forward() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 1, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let claimed = messages::claim_due(&pool, uid, 0, 10, "run").await.unwrap();
+    let id = claimed[0].id;
+    messages::record_outcomes(&pool, &[(id, Outcome::Sent { provider_message_id: "wamid.1".into() })]).await.unwrap();
+    sqlx::query("UPDATE campaign_messages SET status = 'read' WHERE id = $1").bind(id).execute(&pool).await.unwrap();
+    // a late 'delivered' after 'read' is refused by the database itself
+    let err = sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1").bind(id).execute(&pool).await.unwrap_err();
+    assert!(err.to_string().contains("cannot move from read to delivered"), "{err}");
+    // and a second outcome for a message no longer 'sending' changes nothing
+    let changed = messages::record_outcomes(&pool, &[(id, Outcome::Failed { code: "x".into(), message: "late".into() })]).await.unwrap();
+    assert_eq!(changed, 0);
+    assert_eq!(status_of(&pool, id).await, "read");
+    let recount = campaigns::recount(&pool, uid).await.unwrap();
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.read, counters.sent), (1, 0));
+    assert_eq!((recount.read, recount.sent), (1, 0));
+}
+
+#[tokio::test]
+async fn counters_equal_a_recount_after_random_changes() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 300, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 50).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for round in 0..40 {
+        let batch = rng.random_range(0..6);
+        let claimed = messages::claim_due(&pool, uid, batch, rng.random_range(1..20), "r").await.unwrap();
+        let outcomes: Vec<(i64, Outcome)> = claimed
+            .iter()
+            .map(|m| {
+                let outcome = match rng.random_range(0..5) {
+                    0 => Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() },
+                    1 => Outcome::Failed { code: "131026".into(), message: "undeliverable".into() },
+                    2 => Outcome::Unknown { reason: "timeout".into() },
+                    3 => Outcome::Requeue { at: Utc::now() },
+                    _ => Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) },
+                };
+                (m.id, outcome)
+            })
+            .collect();
+        messages::record_outcomes(&pool, &outcomes).await.unwrap();
+        // webhook-like moves on random sent messages, some stale
+        let target = ["delivered", "read", "failed"][round % 3];
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE campaign_messages SET status = '{target}' WHERE id IN (SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND message_transition_allowed(status, '{target}') AND status IN ('sent','delivered','unknown') ORDER BY random() LIMIT 5)"
+        )))
+        .bind(uid)
+        .execute(&pool)
+        .await
+        .unwrap();
+        if round == 30 {
+            messages::cancel_pending(&pool, uid).await.unwrap();
+        }
+    }
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    let recount = campaigns::recount(&pool, uid).await.unwrap();
+    assert_eq!(
+        (counters.total, counters.pending, counters.sending, counters.unknown, counters.sent, counters.delivered, counters.read, counters.failed, counters.cancelled),
+        (recount.total, recount.pending, recount.sending, recount.unknown, recount.sent, recount.delivered, recount.read, recount.failed, recount.cancelled)
+    );
+    assert!(counters.cancelled > 0 && counters.failed > 0 && counters.read > 0);
+    let errors = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
+    assert!(errors.iter().any(|(code, n)| code == "131026" && *n > 0), "{errors:?}");
+}
+
+#[tokio::test]
+async fn parallel_claims_never_overlap() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 500, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 500).await;
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = messages::claim_due(&pool, uid, 0, 7, &format!("w{worker}")).await.unwrap();
+                if claimed.is_empty() {
+                    break;
+                }
+                mine.extend(claimed.into_iter().map(|m| m.id));
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: std::collections::HashSet<_> = all.iter().collect();
+    assert_eq!(all.len(), 500);
+    assert_eq!(unique.len(), 500);
+}
+
+#[tokio::test]
+async fn concurrent_reservations_never_exceed_the_caps() {
+    let (pool, _) = common::fresh_db().await;
+    let limits = Limits { per_minute: Some(37), per_hour: Some(1000), per_day: Some(5000), mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let pool = Arc::new(pool);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let pool = pool.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                let r = rate::reserve(&pool, "acme", "meta-main", &limits, 3).await.unwrap();
+                got.extend(r.slots);
+            }
+            got
+        }));
+    }
+    let mut slots = Vec::new();
+    for t in tasks {
+        slots.extend(t.await.unwrap());
+    }
+    // group grants by calendar minute: no minute ever holds more than the cap
+    let mut per_minute = std::collections::BTreeMap::<i64, usize>::new();
+    for s in &slots {
+        *per_minute.entry(s.timestamp() / 60).or_default() += 1;
+    }
+    assert!(per_minute.values().all(|n| *n <= 37), "{per_minute:?}");
+    assert!(slots.len() >= 37.min(480) || per_minute.len() > 1);
+    let usage = rate::usage(&pool, "acme", "meta-main").await.unwrap();
+    assert!(usage[0].used <= 37);
+}
+
+#[tokio::test]
+async fn a_spent_day_window_reports_its_reset() {
+    let (pool, _) = common::fresh_db().await;
+    let limits = Limits { per_minute: None, per_hour: None, per_day: Some(3), mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let first = rate::reserve(&pool, "acme", "tiny", &limits, 5).await.unwrap();
+    assert_eq!(first.granted(), 3);
+    let second = rate::reserve(&pool, "acme", "tiny", &limits, 1).await.unwrap();
+    assert_eq!(second.granted(), 0);
+    assert!(second.day_spent);
+    let reset = second.blocked_until.unwrap();
+    assert_eq!(reset, rate::WindowKind::Day.start_of(Utc::now()) + chrono::Duration::days(1));
+}
+
+#[tokio::test]
+async fn spaced_channels_get_spaced_slots_across_senders() {
+    let (pool, _) = common::fresh_db().await;
+    let limits = Limits { per_minute: None, per_hour: Some(1000), per_day: None, mode: RateLimitMode::Graceful, min_interval: std::time::Duration::from_millis(500) };
+    let a = rate::reserve(&pool, "acme", "evo", &limits, 10).await.unwrap();
+    let b = rate::reserve(&pool, "acme", "evo", &limits, 10).await.unwrap();
+    assert_eq!(a.granted(), 4, "2 s of lookahead at 500 ms");
+    let mut all: Vec<_> = a.slots.iter().chain(b.slots.iter()).copied().collect();
+    all.sort();
+    for pair in all.windows(2) {
+        assert!(pair[1] - pair[0] >= chrono::Duration::milliseconds(500), "{all:?}");
+    }
+}
