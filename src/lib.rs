@@ -18,6 +18,7 @@
 //! - [`telemetry`]: logging setup shared by every mode.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod controller;
 pub mod nodeagent;

@@ -20,6 +20,29 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Reconcile Campaigns and Channels (leader-elected).
+    Controller(disparo::controller::ControllerArgs),
+    /// Send one batch of one campaign (run by the campaign's Indexed Job).
+    Send(disparo::sender::SendArgs),
+    /// Receive provider webhooks and apply delivery and read receipts.
+    Webhook(disparo::webhook::WebhookArgs),
+    /// Simulate the Meta Cloud API and the Evolution API for rehearsals and tests.
+    Sandbox(disparo::sandbox::SandboxArgs),
+    /// Show a campaign: progress, counts, rates, ETA, retries, errors, recent events.
+    Status(disparo::cli::plugin::StatusArgs),
+    /// Pause a campaign (suspends its sending Job).
+    Pause(disparo::cli::plugin::Target),
+    /// Resume a paused campaign.
+    Resume(disparo::cli::plugin::Target),
+    /// Cancel a campaign for good.
+    Cancel(disparo::cli::plugin::CancelArgs),
+    /// Create a campaign aimed at the failed messages of another.
+    RetryFailed(disparo::cli::plugin::RetryFailedArgs),
+    /// Measure the store, the sender or the webhook and print the figures.
+    Bench(disparo::bench::BenchArgs),
+    /// Development tools.
+    #[command(subcommand, hide = true)]
+    Dev(DevCommand),
     /// Apply the database migrations (safe to run concurrently).
     Migrate(MigrateArgs),
     /// Manage contacts.
@@ -42,6 +65,13 @@ enum ContactsCommand {
     Import(disparo::cli::import::ImportArgs),
 }
 
+#[derive(Debug, Subcommand)]
+enum DevCommand {
+    /// Stand in for the kubelet and scheduler of a local control plane: run Pods as
+    /// local processes of this binary.
+    NodeAgent(disparo::nodeagent::NodeAgentArgs),
+}
+
 #[derive(Debug, clap::Args)]
 struct CrdArgs {
     /// Write one file per CRD into this directory instead of printing.
@@ -50,7 +80,12 @@ struct CrdArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as `kubectl-disparo`, kubectl runs it as `kubectl disparo ...`.
+    let invoked_as_plugin = std::env::args_os()
+        .next()
+        .and_then(|a| PathBuf::from(a).file_name().map(|n| n.to_string_lossy().starts_with("kubectl-")))
+        .unwrap_or(false);
+    let cli = if invoked_as_plugin { Cli::parse_from(std::iter::once("kubectl disparo".into()).chain(std::env::args_os().skip(1))) } else { Cli::parse() };
     telemetry::init(cli.log_format);
     telemetry::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -71,6 +106,20 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Controller(args) => disparo::controller::run(args, telemetry::shutdown_on_signals()).await?,
+        Command::Send(args) => {
+            let code = disparo::sender::run(args, telemetry::shutdown_on_signals()).await?;
+            return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
+        }
+        Command::Webhook(args) => disparo::webhook::run(args, telemetry::shutdown_on_signals()).await?,
+        Command::Sandbox(args) => disparo::sandbox::run(args).await?,
+        Command::Status(args) => disparo::cli::plugin::status(args).await?,
+        Command::Pause(target) => disparo::cli::plugin::pause(target).await?,
+        Command::Resume(target) => disparo::cli::plugin::resume(target).await?,
+        Command::Cancel(args) => disparo::cli::plugin::cancel(args).await?,
+        Command::RetryFailed(args) => disparo::cli::plugin::retry_failed(args).await?,
+        Command::Bench(args) => disparo::bench::run(args).await?,
+        Command::Dev(DevCommand::NodeAgent(args)) => disparo::nodeagent::run(args, telemetry::shutdown_on_signals()).await?,
         Command::Migrate(args) => {
             let pool = disparo::store::connect(&args.database_url, 2).await.context("connecting to Postgres")?;
             disparo::store::migrate(&pool).await.context("applying migrations")?;

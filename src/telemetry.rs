@@ -31,3 +31,52 @@ pub fn init(format: LogFormat) {
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+
+/// Serves `/metrics` from a Prometheus registry until `shutdown` (used by modes that
+/// have no other HTTP server, such as `send`).
+pub async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+    async fn metrics(State(registry): State<std::sync::Arc<prometheus_client::registry::Registry>>) -> impl IntoResponse {
+        let mut body = String::new();
+        match prometheus_client::encoding::text::encode(&mut body, &registry) {
+            Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
+            Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        }
+    }
+    let app = Router::new().route("/metrics", get(metrics)).with_state(registry);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C: every mode's loops select on it.
+pub fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        trigger.cancel();
+    });
+    token
+}

@@ -427,6 +427,9 @@ pub struct CampaignStatus {
     pub preflight: Option<Preflight>,
     /// The audience as frozen at start.
     pub audience: Option<AudienceStatus>,
+    /// Failed and finished counts when the campaign last paused for failures: the
+    /// failure threshold judges only what happened after a person resumed it.
+    pub failure_baseline: Option<FailureBaseline>,
     /// When sending started.
     pub started_at: Option<Time>,
     /// When the campaign reached a final phase.
@@ -560,4 +563,14 @@ pub struct AudienceStatus {
     pub size: i64,
     /// Set when spec.audience changed after freezing: the change is not applied.
     pub drift: Option<String>,
+}
+
+/// Counts at the moment the failure threshold paused a campaign.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureBaseline {
+    /// Failed messages then.
+    pub failed: i64,
+    /// Finished messages (cancelled excluded) then.
+    pub finished: i64,
 }

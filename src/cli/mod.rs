@@ -2,3 +2,4 @@
 //! kubectl plugin views.
 
 pub mod import;
+pub mod plugin;

@@ -121,3 +121,12 @@ pub async fn active_on_channel(pool: &PgPool, organization: &str, channel: &str,
     .await?;
     Ok(n)
 }
+
+/// The frozen campaign's batch count, if its audience was frozen.
+pub async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Option<i32>> {
+    let row: Option<(i32,)> = sqlx::query_as("SELECT batches FROM campaigns WHERE uid = $1 AND audience_frozen_at IS NOT NULL")
+        .bind(campaign)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|(b,)| b))
+}

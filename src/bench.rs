@@ -1,0 +1,156 @@
+//! `disparo bench store|sender|webhook`: measurements printed as figures, each beside a
+//! raw baseline measured in the same run on the same Postgres (and sandbox), so the
+//! numbers mean something on whatever machine runs them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::store::{self, audience, contacts, messages};
+
+/// Arguments of `disparo bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub what: BenchTarget,
+    /// Postgres URL of a database the benchmark may fill (a fresh one is best).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Messages (store, sender) or status events (webhook).
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+}
+
+/// Benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchTarget {
+    /// Materialization and status-update throughput.
+    Store,
+    /// One sender against the sandbox.
+    Sender,
+    /// Webhook status events applied per second.
+    Webhook,
+}
+
+fn per_second(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// Seeds `n` contacts into a fresh organization; returns the organization.
+pub async fn seed(pool: &PgPool, n: usize) -> anyhow::Result<String> {
+    let organization = format!("bench-{}", Uuid::new_v4().simple());
+    let mut batch = Vec::with_capacity(5000);
+    for i in 0..n {
+        batch.push(contacts::NewContact {
+            phone: format!("+55119{:08}", i),
+            name: Some(format!("Contact {i}")),
+            tags: vec![if i % 2 == 0 { "even".into() } else { "odd".into() }],
+            attributes: serde_json::json!({"city": "São Paulo"}),
+            whatsapp_id: None,
+        });
+        if batch.len() == 5000 {
+            contacts::upsert(pool, &organization, &batch).await?;
+            batch.clear();
+        }
+    }
+    contacts::upsert(pool, &organization, &batch).await?;
+    Ok(organization)
+}
+
+/// Raw Postgres baseline: batched `UPDATE ... FROM unnest` of `n` rows of a plain table
+/// without triggers, in blocks of `block`.
+pub async fn raw_batched_update_rate(pool: &PgPool, n: usize, block: usize) -> anyhow::Result<f64> {
+    let table = format!("bench_raw_{}", Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, status TEXT, note TEXT)"))).execute(pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} SELECT g, 'pending', NULL FROM generate_series(1, $1) g")))
+        .bind(n as i64)
+        .execute(pool)
+        .await?;
+    let started = Instant::now();
+    let ids: Vec<i64> = (1..=n as i64).collect();
+    for chunk in ids.chunks(block) {
+        let notes: Vec<String> = chunk.iter().map(|i| format!("wamid.{i}")).collect();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE {table} t SET status = 'sent', note = v.note FROM unnest($1::bigint[], $2::text[]) AS v(id, note) WHERE t.id = v.id"
+        )))
+        .bind(chunk)
+        .bind(&notes)
+        .execute(pool)
+        .await?;
+    }
+    let rate = per_second(n, started.elapsed());
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {table}"))).execute(pool).await?;
+    Ok(rate)
+}
+
+async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
+    println!("seeding {n} contacts ...");
+    let organization = seed(pool, n).await?;
+    let uid = Uuid::new_v4();
+    let key = audience::CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: 1000 };
+    let started = Instant::now();
+    let frozen = audience::materialize(pool, &key, &audience::AudienceQuery::AllContacts).await?;
+    let materialize = started.elapsed();
+    println!("materialization: {} messages in {} batches in {:.2?} ({:.0} rows/s)", frozen.messages, frozen.batches, materialize, per_second(frozen.messages as usize, materialize));
+
+    // batched: claim + record in blocks of 500 (what a sender does)
+    let started = Instant::now();
+    let mut done = 0usize;
+    for batch in 0..frozen.batches {
+        loop {
+            let claimed = messages::claim_due(pool, uid, batch, 500, "bench").await?;
+            if claimed.is_empty() {
+                break;
+            }
+            let outcomes: Vec<(i64, messages::Outcome)> =
+                claimed.iter().map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
+            messages::record_outcomes(pool, &outcomes).await?;
+            done += outcomes.len();
+            if done >= n / 2 {
+                break;
+            }
+        }
+        if done >= n / 2 {
+            break;
+        }
+    }
+    let batched = per_second(done, started.elapsed());
+    // row by row: one claim and one record per message
+    let started = Instant::now();
+    let row_target = (n / 20).clamp(100, 5000);
+    let mut rows = 0usize;
+    'outer: for batch in 0..frozen.batches {
+        loop {
+            let claimed = messages::claim_due(pool, uid, batch, 1, "bench").await?;
+            let Some(m) = claimed.first() else { break };
+            messages::record_outcomes(pool, &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })]).await?;
+            rows += 1;
+            if rows >= row_target {
+                break 'outer;
+            }
+        }
+    }
+    let row_by_row = per_second(rows, started.elapsed());
+    let raw = raw_batched_update_rate(pool, n, 500).await?;
+    println!("status updates, batched (claim + record, blocks of 500, counters in the same transaction): {batched:.0} msg/s");
+    println!("status updates, row by row ({rows} messages):                                          {row_by_row:.0} msg/s");
+    println!("raw Postgres baseline, batched UPDATE ... FROM unnest of a plain table:               {raw:.0} rows/s");
+    let counters = store::campaigns::counters(pool, uid).await?.unwrap_or_default();
+    let recount = store::campaigns::recount(pool, uid).await?;
+    anyhow::ensure!(counters.sent == recount.sent, "counters drifted from the recount");
+    Ok(())
+}
+
+/// Runs a benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let pool = store::connect(&args.database_url, 20).await.context("connecting to Postgres")?;
+    store::migrate(&pool).await?;
+    match args.what {
+        BenchTarget::Store => bench_store(&pool, args.messages).await,
+        BenchTarget::Sender => crate::sender::bench::run(&pool, args.messages).await,
+        BenchTarget::Webhook => crate::webhook::bench::run(&pool, args.messages).await,
+    }
+}

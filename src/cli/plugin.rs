@@ -1,0 +1,335 @@
+//! The kubectl plugin (`kubectl disparo ...`, the same binary named `kubectl-disparo`):
+//! a person's view of a campaign and the verbs they use on it.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use k8s_openapi::api::core::v1::Event;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+use crate::api::{AudienceStatus, Campaign, CampaignSpec, FromCampaign, Phase, SourceMessageStatus};
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Output {
+    /// A view for people.
+    #[default]
+    Text,
+    /// The Campaign as JSON.
+    Json,
+    /// The Campaign as YAML.
+    Yaml,
+}
+
+/// Which campaign.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Campaign name.
+    pub name: String,
+    /// Namespace (default: the kubeconfig's).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+/// `kubectl disparo status NAME`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Keep watching until the campaign reaches a final phase.
+    #[arg(long, short = 'w')]
+    watch: bool,
+}
+
+/// `kubectl disparo cancel NAME`.
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+/// `kubectl disparo retry-failed NAME`.
+#[derive(Debug, clap::Args)]
+pub struct RetryFailedArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Name of the new campaign (default: NAME-retry).
+    #[arg(long)]
+    new_name: Option<String>,
+    /// Create it suspended (a Draft) to review first.
+    #[arg(long)]
+    suspended: bool,
+}
+
+async fn api(namespace: Option<&str>) -> anyhow::Result<Api<Campaign>> {
+    let client = Client::try_default().await.context("connecting to the Kubernetes API (is KUBECONFIG set?)")?;
+    Ok(match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::default_namespaced(client),
+    })
+}
+
+async fn get(api: &Api<Campaign>, name: &str) -> anyhow::Result<Campaign> {
+    match api.get_opt(name).await? {
+        Some(c) => Ok(c),
+        None => bail!("campaign {name:?} not found (kubectl get campaigns lists them)"),
+    }
+}
+
+/// Renders the human view of a campaign.
+pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
+    let mut out = String::new();
+    let status = campaign.status.clone().unwrap_or_default();
+    let phase = status.phase.map_or("Pending".to_owned(), |p| p.to_string());
+    let counts = status.messages.clone().unwrap_or_default();
+    out.push_str(&format!("Campaign  {}/{}\n", campaign.namespace().unwrap_or_default(), campaign.name_any()));
+    out.push_str(&format!("Channel   {}\n", campaign.spec.channel_ref.name));
+    out.push_str(&format!("Phase     {phase}\n"));
+    if let Some(p) = &status.progress {
+        out.push_str(&format!("Progress  {}  {:.1} msg/min", p.percentage, p.rate_per_minute));
+        if let Some(eta) = &p.eta {
+            out.push_str(&format!("  ETA {}", eta.0.format("%Y-%m-%d %H:%M:%S UTC")));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "Messages  total {}  pending {}  sent {}  delivered {}  read {}  failed {}  unknown {}  cancelled {}\n",
+        counts.total, counts.pending, counts.sent, counts.delivered, counts.read, counts.failed, counts.unknown, counts.cancelled
+    ));
+    if let Some(r) = &status.rates {
+        out.push_str(&format!("Rates     delivery {:.1}%  read {:.1}%  failure {:.1}%\n", r.delivery * 100.0, r.read * 100.0, r.failure * 100.0));
+    }
+    if let Some(r) = &status.retries {
+        out.push_str(&format!(
+            "Retries   first attempt {}  after retry {}  permanent failures {}  retries scheduled {}\n",
+            r.succeeded_first_attempt, r.succeeded_after_retry, r.permanent_failures, r.retries_scheduled
+        ));
+        if !r.errors.is_empty() {
+            out.push_str("Errors\n");
+            for e in &r.errors {
+                out.push_str(&format!("  {:<12} {}\n", e.code, e.count));
+            }
+        }
+    }
+    if let Some(rl) = &status.rate_limit {
+        out.push_str(&format!("Rate limit pauses {}", rl.pauses));
+        if let Some(at) = &rl.resume_at {
+            out.push_str(&format!("  resumes at {}", at.0.format("%Y-%m-%d %H:%M:%S UTC")));
+        }
+        out.push('\n');
+    }
+    if let Some(AudienceStatus { drift: Some(drift), .. }) = &status.audience {
+        out.push_str(&format!("Note      {drift}\n"));
+    }
+    for c in status.conditions.iter().filter(|c| c.type_ == "Stalled" && c.status == "True") {
+        out.push_str(&format!("Stalled   {}: {}\n", c.reason, c.message));
+    }
+    if !events.is_empty() {
+        out.push_str("Recent events\n");
+        for e in events.iter().rev().take(8) {
+            out.push_str(&format!(
+                "  {:<8} {:<24} {}\n",
+                e.type_.clone().unwrap_or_default(),
+                e.reason.clone().unwrap_or_default(),
+                e.message.clone().unwrap_or_default()
+            ));
+        }
+    }
+    out
+}
+
+fn bar(total: u64) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total.max(1)), ProgressDrawTarget::stdout());
+    if let Ok(style) = ProgressStyle::with_template("[{bar:40}] {pos}/{len} finished ({msg})") {
+        bar.set_style(style.progress_chars("#>-"));
+    }
+    bar
+}
+
+fn finished(campaign: &Campaign) -> u64 {
+    let m = campaign.status.as_ref().and_then(|s| s.messages.clone()).unwrap_or_default();
+    (m.sent + m.failed + m.unknown + m.cancelled).max(0) as u64
+}
+
+async fn recent_events(client: Client, campaign: &Campaign) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(client, &campaign.namespace().unwrap_or_default());
+    let selector = format!("involvedObject.kind=Campaign,involvedObject.name={}", campaign.name_any());
+    match api.list(&ListParams::default().fields(&selector)).await {
+        Ok(list) => {
+            let mut items = list.items;
+            items.sort_by_key(|e| e.last_timestamp.as_ref().map(|t| t.0).or(e.event_time.as_ref().map(|t| t.0)));
+            items
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `status`.
+pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let api = api(args.target.namespace.as_deref()).await?;
+    let campaign = get(&api, &args.target.name).await?;
+    match args.output {
+        Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&campaign)?);
+            return Ok(());
+        }
+        Output::Yaml => {
+            print!("{}", serde_yaml::to_string(&campaign)?);
+            return Ok(());
+        }
+        Output::Text => {}
+    }
+    let client = Client::try_default().await?;
+    if args.watch && std::io::stdout().is_terminal() {
+        let total = campaign.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
+        let progress = bar(total);
+        loop {
+            let current = get(&api, &args.target.name).await?;
+            let phase = current.status.as_ref().and_then(|s| s.phase);
+            let total = current.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
+            progress.set_length(total.max(1));
+            progress.set_position(finished(&current));
+            progress.set_message(phase.map_or("Pending".into(), |p| p.to_string()));
+            if phase.is_some_and(Phase::is_terminal) {
+                progress.finish();
+                let events = recent_events(client.clone(), &current).await;
+                print!("{}", render_status(&current, &events));
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    let events = recent_events(client, &campaign).await;
+    if std::io::stdout().is_terminal() {
+        let total = campaign.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
+        let progress = bar(total);
+        progress.set_position(finished(&campaign));
+        progress.set_message(campaign.status.as_ref().and_then(|s| s.phase).map_or("Pending".into(), |p| p.to_string()));
+        progress.abandon();
+    }
+    print!("{}", render_status(&campaign, &events));
+    Ok(())
+}
+
+async fn set_spec(target: &Target, patch: serde_json::Value, done: &str) -> anyhow::Result<()> {
+    let api = api(target.namespace.as_deref()).await?;
+    get(&api, &target.name).await?;
+    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(json!({ "spec": patch })))
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
+            other => other.into(),
+        })?;
+    println!("campaign {} {done}", target.name);
+    Ok(())
+}
+
+/// `pause`.
+pub async fn pause(target: Target) -> anyhow::Result<()> {
+    set_spec(&target, json!({"suspend": true}), "paused (the sending Job is suspended; `kubectl disparo resume` continues it)").await
+}
+
+/// `resume`: also lifts a channel pause caused by a provider refusal, since a person
+/// resuming has fixed the cause.
+pub async fn resume(target: Target) -> anyhow::Result<()> {
+    set_spec(&target, json!({"suspend": false}), "resumed").await
+}
+
+/// `cancel`.
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!("cancel is irreversible: pass --yes to confirm when not on a terminal");
+        }
+        print!("Cancel campaign {}? Unsent messages will never be sent. This cannot be undone. [y/N] ", args.target.name);
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("not cancelled");
+            return Ok(());
+        }
+    }
+    set_spec(&args.target, json!({"cancel": true}), "cancelled").await
+}
+
+/// The campaign that retries `source`'s failed messages.
+pub fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> Campaign {
+    let spec = CampaignSpec {
+        audience: crate::api::Audience {
+            all_contacts: None,
+            tags: None,
+            segment: None,
+            contacts: None,
+            from_campaign: Some(FromCampaign { name: source.name_any(), statuses: vec![SourceMessageStatus::Failed] }),
+        },
+        suspend: suspended,
+        cancel: false,
+        schedule: None,
+        ..source.spec.clone()
+    };
+    let mut campaign = Campaign::new(name, spec);
+    campaign.metadata.namespace = source.namespace();
+    campaign.metadata.labels = Some([("disparo.io/retry-of".to_owned(), source.name_any())].into_iter().collect());
+    campaign
+}
+
+/// `retry-failed`.
+pub async fn retry_failed(args: RetryFailedArgs) -> anyhow::Result<()> {
+    let api = api(args.target.namespace.as_deref()).await?;
+    let source = get(&api, &args.target.name).await?;
+    let name = args.new_name.unwrap_or_else(|| format!("{}-retry", args.target.name));
+    let campaign = retry_campaign(&source, &name, args.suspended);
+    api.create(&PostParams::default(), &campaign).await.map_err(|e| match e {
+        kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
+        other => other.into(),
+    })?;
+    println!("campaign {name} created: it sends to the failed messages of {}", args.target.name);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign() -> Campaign {
+        serde_json::from_value(json!({
+            "apiVersion": "disparo.io/v1alpha1", "kind": "Campaign",
+            "metadata": {"name": "spring", "namespace": "acme"},
+            "spec": {"channelRef": {"name": "main"}, "message": {"text": "hi"}, "audience": {"tags": {"anyOf": ["vip"]}}, "cancel": true},
+            "status": {"phase": "Running", "messages": {"total": 10, "pending": 4, "sent": 6, "delivered": 3, "read": 1, "failed": 0, "unknown": 0, "cancelled": 0},
+                       "progress": {"percentage": "60%", "ratePerMinute": 12.0},
+                       "retries": {"succeededFirstAttempt": 5, "succeededAfterRetry": 1, "permanentFailures": 0, "retriesScheduled": 2, "errors": [{"code": "131000", "count": 2}]}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_status_view_shows_counts_and_errors() {
+        let view = render_status(&campaign(), &[]);
+        assert!(view.contains("Phase     Running"));
+        assert!(view.contains("total 10  pending 4  sent 6"));
+        assert!(view.contains("131000       2"));
+    }
+
+    #[test]
+    fn retry_failed_targets_the_failed_messages_and_starts_clean() {
+        let retry = retry_campaign(&campaign(), "spring-retry", false);
+        let from = retry.spec.audience.from_campaign.unwrap();
+        assert_eq!(from.name, "spring");
+        assert_eq!(from.statuses, vec![SourceMessageStatus::Failed]);
+        assert!(retry.spec.audience.tags.is_none());
+        assert!(!retry.spec.cancel);
+        assert_eq!(retry.metadata.namespace.as_deref(), Some("acme"));
+    }
+}

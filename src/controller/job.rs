@@ -1,0 +1,272 @@
+//! The campaign's sending Job: one Indexed Job whose completions are the batches, each
+//! index running `disparo send` for one batch. Built by a pure function so its shape is
+//! tested without a cluster.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+use super::{Error, Result};
+use crate::api::{Campaign, Channel, Provider, SecretKeyRef};
+use crate::sender::{IGNORED_EXIT_CODES, MessageTemplate, ProviderTarget, SendConfig};
+
+/// Label on everything Disparo creates for a campaign.
+pub const CAMPAIGN_LABEL: &str = "disparo.io/campaign";
+/// Name of the sender container (the pod failure policy refers to it).
+pub const SENDER_CONTAINER: &str = "sender";
+
+/// Operator-wide settings for sender pods.
+#[derive(Debug, Clone)]
+pub struct SenderSettings {
+    /// Image of the sender (the operator's own image).
+    pub image: String,
+    /// Secret (in the campaign's namespace) holding the Postgres URL.
+    pub database_secret: String,
+    /// Key of the Postgres URL in that Secret.
+    pub database_secret_key: String,
+    /// Messages in flight per sender.
+    pub block_size: u32,
+    /// Provider request timeout.
+    pub request_timeout_millis: u64,
+    /// Seconds a finished Job is kept.
+    pub ttl_seconds_after_finished: i32,
+}
+
+/// The Job's name for a campaign: stable, so a restarted controller finds it.
+pub fn job_name(campaign: &str) -> String {
+    let mut name: String = campaign.chars().take(52).collect();
+    name = name.trim_end_matches(['-', '.']).to_owned();
+    format!("{name}-send")
+}
+
+fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector { name: secret.name.clone(), key: secret.key.clone(), optional: Some(false) }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The send configuration for a campaign on a channel.
+pub fn send_config(campaign: &Campaign, channel: &Channel, settings: &SenderSettings) -> Result<SendConfig> {
+    let uid = campaign.meta().uid.as_deref().ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let campaign_uid = uid.parse().map_err(|_| Error::MissingObjectKey("metadata.uid (not a UUID)"))?;
+    let organization = campaign.meta().namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let target = match channel.spec.provider {
+        Provider::Meta => {
+            let meta = channel.spec.meta.as_ref().ok_or(Error::InvalidChannel("provider meta without spec.meta".into()))?;
+            ProviderTarget::Meta { base_url: meta.base_url.clone(), api_version: meta.api_version.clone(), phone_number_id: meta.phone_number_id.clone() }
+        }
+        Provider::Evolution => {
+            let evo = channel.spec.evolution.as_ref().ok_or(Error::InvalidChannel("provider evolution without spec.evolution".into()))?;
+            ProviderTarget::Evolution { base_url: evo.base_url.clone(), instance: evo.instance.clone() }
+        }
+    };
+    let message = match (&campaign.spec.message.template, &campaign.spec.message.text) {
+        (Some(t), _) => MessageTemplate::Template {
+            name: t.name.clone(),
+            language: t.language.clone(),
+            body_parameters: t.body_parameters.iter().map(|p| p.0.clone()).collect(),
+        },
+        (None, Some(text)) => MessageTemplate::Text(text.clone()),
+        (None, None) => return Err(Error::InvalidCampaign("spec.message has neither template nor text".into())),
+    };
+    Ok(SendConfig {
+        campaign_uid,
+        organization,
+        channel: channel.meta().name.clone().ok_or(Error::MissingObjectKey("channel metadata.name"))?,
+        target,
+        message,
+        retry: campaign.spec.retry.clone(),
+        rate_limits: channel.spec.rate_limits.clone(),
+        block_size: settings.block_size,
+        request_timeout_millis: settings.request_timeout_millis,
+    })
+}
+
+/// The credential a sender needs: the Meta access token or the Evolution api key.
+pub fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
+    match channel.spec.provider {
+        Provider::Meta => channel.spec.meta.as_ref().map(|m| &m.access_token),
+        Provider::Evolution => channel.spec.evolution.as_ref().map(|e| &e.api_key),
+    }
+    .ok_or_else(|| Error::InvalidChannel("the channel has no settings for its provider".into()))
+}
+
+/// Builds the sending Job.
+pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: bool, settings: &SenderSettings) -> Result<Job> {
+    let name = campaign.meta().name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
+    let namespace = campaign.meta().namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let owner: OwnerReference = campaign.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let config = send_config(campaign, channel, settings)?;
+    let config_json = serde_json::to_string(&config).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "disparo".to_owned()),
+        ("app.kubernetes.io/component".to_owned(), "sender".to_owned()),
+        ("app.kubernetes.io/managed-by".to_owned(), "disparo".to_owned()),
+        (CAMPAIGN_LABEL.to_owned(), name.clone()),
+    ]);
+    let execution = &campaign.spec.execution;
+    let container = Container {
+        name: SENDER_CONTAINER.to_owned(),
+        image: Some(settings.image.clone()),
+        command: Some(vec!["disparo".to_owned(), "send".to_owned()]),
+        env: Some(vec![
+            secret_env("DATABASE_URL", &SecretKeyRef { name: settings.database_secret.clone(), key: settings.database_secret_key.clone() }),
+            secret_env("DISPARO_PROVIDER_TOKEN", provider_credential(channel)?),
+            EnvVar { name: "DISPARO_SEND_CONFIG".to_owned(), value: Some(config_json), ..Default::default() },
+            EnvVar { name: "DISPARO_LOG_FORMAT".to_owned(), value: Some("json".to_owned()), ..Default::default() },
+        ]),
+        resources: execution.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), ..Default::default() }),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".to_owned(), ..Default::default() }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let batches = batches.max(1);
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(&name)),
+            namespace: Some(namespace),
+            labels: Some(labels.clone()),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(JobSpec {
+            completion_mode: Some("Indexed".to_owned()),
+            completions: Some(batches),
+            parallelism: Some((execution.parallelism as i32).min(batches)),
+            backoff_limit_per_index: Some(execution.backoff_limit_per_index as i32),
+            // One pod per index at a time: a replacement starts only once the old pod is
+            // gone, so two senders never work the same batch.
+            pod_replacement_policy: Some("Failed".to_owned()),
+            pod_failure_policy: Some(PodFailurePolicy {
+                rules: vec![
+                    PodFailurePolicyRule {
+                        action: "Ignore".to_owned(),
+                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                            container_name: Some(SENDER_CONTAINER.to_owned()),
+                            operator: "In".to_owned(),
+                            values: IGNORED_EXIT_CODES.to_vec(),
+                        }),
+                        on_pod_conditions: None,
+                    },
+                    PodFailurePolicyRule {
+                        action: "Ignore".to_owned(),
+                        on_exit_codes: None,
+                        on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                            type_: "DisruptionTarget".to_owned(),
+                            status: Some("True".to_owned()),
+                        }]),
+                    },
+                ],
+            }),
+            suspend: Some(suspend),
+            ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(30),
+                    containers: vec![container],
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign() -> Campaign {
+        let mut c: Campaign = serde_json::from_value(serde_json::json!({
+            "apiVersion": "disparo.io/v1alpha1", "kind": "Campaign",
+            "metadata": {"name": "spring-sale", "namespace": "acme", "uid": "6b1f7c1e-9a4e-4c2b-8f55-0c8b5d8f2a11"},
+            "spec": {
+                "channelRef": {"name": "main"},
+                "message": {"template": {"name": "promo", "language": "pt_BR", "bodyParameters": ["{{contact.name}}"]}},
+                "audience": {"allContacts": true},
+                "execution": {"batchSize": 100, "parallelism": 8, "backoffLimitPerIndex": 2}
+            }
+        }))
+        .unwrap();
+        c.metadata.uid = Some("6b1f7c1e-9a4e-4c2b-8f55-0c8b5d8f2a11".into());
+        c
+    }
+
+    fn channel() -> Channel {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "disparo.io/v1alpha1", "kind": "Channel",
+            "metadata": {"name": "main", "namespace": "acme"},
+            "spec": {"provider": "meta", "meta": {
+                "phoneNumberId": "106540352242922", "accessToken": {"name": "meta", "key": "token"},
+                "appSecret": {"name": "meta", "key": "app-secret"}, "verifyToken": {"name": "meta", "key": "verify"}}}
+        }))
+        .unwrap()
+    }
+
+    fn settings() -> SenderSettings {
+        SenderSettings {
+            image: "disparo:test".into(),
+            database_secret: "disparo-postgres".into(),
+            database_secret_key: "url".into(),
+            block_size: 16,
+            request_timeout_millis: 10_000,
+            ttl_seconds_after_finished: 3600,
+        }
+    }
+
+    #[test]
+    fn an_indexed_job_with_one_completion_per_batch() {
+        let job = build_job(&campaign(), &channel(), 20, false, &settings()).unwrap();
+        let spec = job.spec.unwrap();
+        assert_eq!(job.metadata.name.as_deref(), Some("spring-sale-send"));
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!((spec.completions, spec.parallelism, spec.backoff_limit_per_index), (Some(20), Some(8), Some(2)));
+        assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
+        let rules = spec.pod_failure_policy.unwrap().rules;
+        assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![75, 76, 77]);
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+        let owner = &job.metadata.owner_references.unwrap()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("Campaign", Some(true)));
+    }
+
+    #[test]
+    fn credentials_travel_as_secret_references_only() {
+        let job = build_job(&campaign(), &channel(), 2, true, &settings()).unwrap();
+        let env = job.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        let token = env.iter().find(|e| e.name == "DISPARO_PROVIDER_TOKEN").unwrap();
+        assert!(token.value.is_none());
+        assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "meta");
+        let config: SendConfig = serde_json::from_str(env.iter().find(|e| e.name == "DISPARO_SEND_CONFIG").unwrap().value.as_ref().unwrap()).unwrap();
+        assert_eq!(config.organization, "acme");
+        assert!(matches!(config.message, MessageTemplate::Template { ref body_parameters, .. } if body_parameters == &["{{contact.name}}"]));
+    }
+
+    #[test]
+    fn parallelism_never_exceeds_the_batches() {
+        let job = build_job(&campaign(), &channel(), 3, false, &settings()).unwrap();
+        assert_eq!(job.spec.unwrap().parallelism, Some(3));
+        assert_eq!(job_name(&"x".repeat(80)).len(), 57);
+    }
+}

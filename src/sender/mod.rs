@@ -1,0 +1,210 @@
+//! `disparo send`: one batch of one campaign, run as one index of the campaign's Indexed
+//! Job. It claims its batch's due messages, reserves rate-limit tokens from the
+//! channel's shared windows, renders, sends, records every outcome, retries what is
+//! worth retrying, and exits when every message of the batch is final.
+//!
+//! Exit codes tell the Job's pod failure policy what happened (see [`ExitReason`]).
+//! The pod needs no Kubernetes API access: the controller passes the configuration as
+//! one JSON environment variable and the credential through a `secretKeyRef`.
+
+pub mod backoff;
+mod batch;
+pub mod decide;
+pub mod metrics;
+pub mod render;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span};
+use uuid::Uuid;
+
+pub use batch::{BatchEnd, BatchJob, MessageTemplate, run_batch};
+
+use crate::api::{Provider, RateLimitsSpec, RetryPolicy};
+use crate::providers::ProviderClient;
+
+/// Errors of the sender.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Postgres failed.
+    #[error("store: {0}")]
+    Store(crate::store::Error),
+}
+
+/// Result alias of the sender.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Exit code: the channel's day window is spent; the controller suspends the Job and
+/// resumes it when the window resets. The pod failure policy ignores it.
+pub const EXIT_RATE_LIMITED: i32 = 75;
+/// Exit code: the provider refused the channel (credentials, permissions, account,
+/// billing); a person must act. The pod failure policy ignores it.
+pub const EXIT_CHANNEL_STOPPED: i32 = 76;
+/// Exit code: stopped by SIGTERM with messages left; a later run resumes them.
+pub const EXIT_INTERRUPTED: i32 = 77;
+
+/// Exit codes the Job's pod failure policy must not count as failures.
+pub const IGNORED_EXIT_CODES: [i32; 3] = [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED];
+
+/// Where the provider lives (no secrets here).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "provider", rename_all = "camelCase")]
+pub enum ProviderTarget {
+    /// Meta Cloud API.
+    #[serde(rename_all = "camelCase")]
+    Meta {
+        /// Graph API base URL.
+        base_url: String,
+        /// Graph API version.
+        api_version: String,
+        /// Business phone number id.
+        phone_number_id: String,
+    },
+    /// Evolution API.
+    #[serde(rename_all = "camelCase")]
+    Evolution {
+        /// Server base URL.
+        base_url: String,
+        /// Instance name.
+        instance: String,
+    },
+}
+
+impl ProviderTarget {
+    /// Which provider.
+    pub fn provider(&self) -> Provider {
+        match self {
+            ProviderTarget::Meta { .. } => Provider::Meta,
+            ProviderTarget::Evolution { .. } => Provider::Evolution,
+        }
+    }
+}
+
+/// What the controller hands a sender pod (as JSON in `DISPARO_SEND_CONFIG`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendConfig {
+    /// The Campaign's UID.
+    pub campaign_uid: Uuid,
+    /// Its namespace.
+    pub organization: String,
+    /// Its Channel's name.
+    pub channel: String,
+    /// The provider endpoint.
+    pub target: ProviderTarget,
+    /// What to send.
+    pub message: MessageTemplate,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// The channel's caps (provider defaults fill the gaps).
+    pub rate_limits: RateLimitsSpec,
+    /// Messages in flight at once.
+    pub block_size: u32,
+    /// Provider request timeout in milliseconds.
+    pub request_timeout_millis: u64,
+}
+
+/// Arguments of `disparo send`.
+#[derive(Debug, clap::Args)]
+pub struct SendArgs {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The batch configuration, as JSON.
+    #[arg(long, env = "DISPARO_SEND_CONFIG")]
+    pub config: String,
+    /// The batch index (the Job's completion index).
+    #[arg(long, env = "JOB_COMPLETION_INDEX")]
+    pub batch: i32,
+    /// Provider credential: Meta access token or Evolution api key.
+    #[arg(long, env = "DISPARO_PROVIDER_TOKEN", hide_env_values = true)]
+    pub provider_token: String,
+    /// Serve Prometheus metrics on this address while the batch runs.
+    #[arg(long, env = "DISPARO_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Builds the provider client for a target.
+pub fn build_client(target: &ProviderTarget, token: &str, timeout: Duration) -> anyhow::Result<Arc<dyn ProviderClient>> {
+    let http = crate::providers::http_client(timeout).context("building the HTTP client")?;
+    Ok(match target {
+        ProviderTarget::Meta { base_url, api_version, phone_number_id } => Arc::new(crate::providers::meta::MetaClient::new(
+            http,
+            base_url.clone(),
+            api_version.clone(),
+            phone_number_id.clone(),
+            crate::providers::Secret::new(token.to_owned()),
+        )),
+        ProviderTarget::Evolution { base_url, instance } => Arc::new(crate::providers::evolution::EvolutionClient::new(
+            http,
+            base_url.clone(),
+            instance.clone(),
+            crate::providers::Secret::new(token.to_owned()),
+        )),
+    })
+}
+
+impl SendConfig {
+    /// The batch job this configuration describes for one batch index.
+    pub fn batch_job(&self, batch: i32) -> BatchJob {
+        BatchJob {
+            campaign: self.campaign_uid,
+            organization: self.organization.clone(),
+            channel: self.channel.clone(),
+            batch,
+            message: self.message.clone(),
+            backoff: backoff::Backoff::from(&self.retry),
+            limits: crate::store::rate::Limits::effective(self.target.provider(), &self.rate_limits),
+            block_size: self.block_size.max(1),
+        }
+    }
+}
+
+/// Runs `disparo send` and returns the process exit code.
+pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<i32> {
+    let config: SendConfig = serde_json::from_str(&args.config).context("DISPARO_SEND_CONFIG is not a valid send configuration")?;
+    let job = config.batch_job(args.batch);
+    let span = info_span!("send", namespace = %config.organization, campaign = %config.campaign_uid, batch = args.batch);
+    async move {
+        let pool = crate::store::connect(&args.database_url, 4).await.context("connecting to Postgres")?;
+        let client = build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
+        let mut registry = Registry::default();
+        let metrics = metrics::SenderMetrics::new(&mut registry);
+        if let Some(addr) = args.metrics_addr {
+            let registry = Arc::new(registry);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(error) = crate::telemetry::serve_metrics(addr, registry, stop).await {
+                    error!(%error, "metrics server failed");
+                }
+            });
+        }
+        info!("batch starting");
+        let end = run_batch(&pool, &job, client, &metrics, &shutdown).await?;
+        let code = match &end {
+            BatchEnd::Done => 0,
+            BatchEnd::RateLimited(until) => {
+                info!(%until, "day window spent; exiting for the controller to pause the campaign");
+                EXIT_RATE_LIMITED
+            }
+            BatchEnd::ChannelStopped(reason) => {
+                error!(%reason, "the provider refused the channel; a person must act");
+                EXIT_CHANNEL_STOPPED
+            }
+            BatchEnd::Interrupted => {
+                info!("interrupted; unfinished messages stay pending for a later run");
+                EXIT_INTERRUPTED
+            }
+        };
+        info!(?end, "batch finished");
+        Ok(code)
+    }
+    .instrument(span)
+    .await
+}

@@ -1,0 +1,574 @@
+//! Delivery receipts and opt-outs reported by provider webhooks.
+//!
+//! Webhooks arrive at least once, in any order, and sometimes several for one message in
+//! the same payload. This module turns a batch of reported statuses into one locked
+//! read and one set-based `UPDATE`, so a batch costs the same few round trips however
+//! many events it holds, and the statement-level counter triggers fire once per batch,
+//! in the same transaction as the status changes.
+//!
+//! What to do with each event is decided by a pure function ([`plan`]) over the
+//! message's current status (read under a row lock), so the rules — statuses only move
+//! forward, duplicates change nothing, a `failed` after `delivered` is only noted — are
+//! tested without a database. The schema enforces the same forward-only rule
+//! (`message_transition_allowed`), and the `UPDATE` repeats it in its `WHERE` clause, so
+//! no writer can ever attempt an illegal move.
+//!
+//! Parsing provider payloads and deciding who may post them belong to `webhook`; this
+//! module trusts what it is given.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use sqlx::PgPool;
+
+use super::Result;
+
+/// A message's status as stored (the `message_status` enum of the schema).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageStatus {
+    /// Waiting to be sent.
+    Pending,
+    /// Claimed and marked just before the provider call.
+    Sending,
+    /// The request may have reached the provider.
+    Unknown,
+    /// Accepted by the provider.
+    Sent,
+    /// On the recipient's device.
+    Delivered,
+    /// Read by the recipient.
+    Read,
+    /// Failed for good (terminal).
+    Failed,
+    /// Never sent: the campaign was cancelled (terminal).
+    Cancelled,
+}
+
+impl MessageStatus {
+    /// The schema's enum label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Pending => "pending",
+            MessageStatus::Sending => "sending",
+            MessageStatus::Unknown => "unknown",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Delivered => "delivered",
+            MessageStatus::Read => "read",
+            MessageStatus::Failed => "failed",
+            MessageStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the schema's enum label.
+    pub fn parse(label: &str) -> Option<Self> {
+        Some(match label {
+            "pending" => MessageStatus::Pending,
+            "sending" => MessageStatus::Sending,
+            "unknown" => MessageStatus::Unknown,
+            "sent" => MessageStatus::Sent,
+            "delivered" => MessageStatus::Delivered,
+            "read" => MessageStatus::Read,
+            "failed" => MessageStatus::Failed,
+            "cancelled" => MessageStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Whether the status may move from `self` to `new`: the Rust mirror of the
+    /// schema's `message_transition_allowed`, used to plan; the database re-checks.
+    pub fn can_move_to(self, new: MessageStatus) -> bool {
+        use MessageStatus::*;
+        match self {
+            Pending => matches!(new, Sending | Failed | Cancelled),
+            Sending => matches!(new, Pending | Unknown | Sent | Delivered | Read | Failed),
+            Unknown => matches!(new, Sent | Delivered | Read | Failed),
+            Sent => matches!(new, Delivered | Read | Failed),
+            Delivered => matches!(new, Read),
+            Read | Failed | Cancelled => false,
+        }
+    }
+}
+
+/// A status a provider reports for one of our outbound messages (after mapping the
+/// provider's vocabulary: Meta `played` and Evolution `PLAYED` are `Read`, Evolution
+/// `SERVER_ACK` is `Sent`, and so on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReceiptStatus {
+    /// Accepted by WhatsApp's servers.
+    Sent,
+    /// On the recipient's device.
+    Delivered,
+    /// Read (implies delivered: providers may skip `delivered`).
+    Read,
+    /// Could not be sent or delivered.
+    Failed,
+}
+
+impl ReceiptStatus {
+    /// The status a message takes when this receipt is applied.
+    pub fn message_status(self) -> MessageStatus {
+        match self {
+            ReceiptStatus::Sent => MessageStatus::Sent,
+            ReceiptStatus::Delivered => MessageStatus::Delivered,
+            ReceiptStatus::Read => MessageStatus::Read,
+            ReceiptStatus::Failed => MessageStatus::Failed,
+        }
+    }
+
+    /// The lowercase name used in history entries and metric labels.
+    pub fn as_str(self) -> &'static str {
+        self.message_status().as_str()
+    }
+
+    /// Order in which receipts for one message are considered within a batch. `failed`
+    /// comes last so that, when a `failed` and a `delivered`/`read` for the same message
+    /// arrive together, the message ends delivered/read with the failure noted — the
+    /// same result as if they had arrived in separate requests in that order.
+    fn batch_order(self) -> u8 {
+        match self {
+            ReceiptStatus::Sent => 0,
+            ReceiptStatus::Delivered => 1,
+            ReceiptStatus::Read => 2,
+            ReceiptStatus::Failed => 3,
+        }
+    }
+}
+
+/// The error a provider attached to a `failed` status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderError {
+    /// Provider error code, e.g. `131026` (kept as text: Evolution has no numbers).
+    pub code: String,
+    /// Short human-readable title.
+    pub title: String,
+}
+
+/// One status reported by a provider webhook, ready to apply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusEvent {
+    /// The organization (Kubernetes namespace) the webhook was posted for: a message is
+    /// only ever looked up inside it.
+    pub organization: String,
+    /// WAMID (Meta) or key id (Evolution).
+    pub provider_message_id: String,
+    /// Our message id, when the provider echoed it back (Meta `biz_opaque_callback_data`).
+    /// Used only when no message has the provider id yet: the sender may have died
+    /// between the provider call and recording the id, leaving the message `sending` or
+    /// `unknown` without one.
+    pub message_id: Option<i64>,
+    /// The reported status.
+    pub status: ReceiptStatus,
+    /// When the provider says it happened (recorded in the history; orders receipts of
+    /// the same status).
+    pub at: DateTime<Utc>,
+    /// The provider's error, for `failed`.
+    pub error: Option<ProviderError>,
+}
+
+/// What applying one [`StatusEvent`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ApplyOutcome {
+    /// Accepted: the status moved (or, in a batch that moved further, was passed
+    /// through) and the event is in the history.
+    Applied,
+    /// The message already had this status.
+    Duplicate,
+    /// Lower than the current status, or the message can no longer move (terminal,
+    /// never sent). A `failed` after `delivered`/`read` is noted in the history.
+    Stale,
+    /// No message of the organization has this provider id (nor, as a fallback, our id).
+    UnknownId,
+}
+
+impl ApplyOutcome {
+    /// Snake-case name for metric labels and responses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApplyOutcome::Applied => "applied",
+            ApplyOutcome::Duplicate => "duplicate",
+            ApplyOutcome::Stale => "stale",
+            ApplyOutcome::UnknownId => "unknown_id",
+        }
+    }
+}
+
+/// A recipient who asked to stop receiving messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptOut {
+    /// The organization the webhook was posted for.
+    pub organization: String,
+    /// The sender's WhatsApp id (digits, as providers send it).
+    pub wa_id: String,
+}
+
+/// What one call to [`apply`] did, in the order of its inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiptsReport {
+    /// One outcome per status event.
+    pub outcomes: Vec<ApplyOutcome>,
+    /// Per opt-out: whether a contact of the organization matched.
+    pub opted_out: Vec<bool>,
+}
+
+/// The change planned for one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedChange {
+    /// New status, or None when only the history grows (a noted late failure).
+    pub status: Option<MessageStatus>,
+    /// History entries to append, in provider-timestamp order.
+    pub entries: Vec<Value>,
+    /// The error to record (when the message becomes `failed`).
+    pub error: Option<ProviderError>,
+}
+
+/// Code recorded when a provider reports `failed` without saying why, so the failure
+/// still shows in the per-code breakdown.
+pub const UNSPECIFIED_ERROR_CODE: &str = "unspecified";
+
+/// Decides what a set of receipts does to one message whose current status is
+/// `current`. Receipts are considered in rank order (then timestamp), each against the
+/// status the previous ones left, so the result does not depend on their order in the
+/// payload. Returns the change (None when nothing changes) and one outcome per receipt,
+/// in input order.
+pub fn plan(current: MessageStatus, events: &[&StatusEvent]) -> (Option<PlannedChange>, Vec<ApplyOutcome>) {
+    let mut order: Vec<usize> = (0..events.len()).collect();
+    order.sort_by_key(|&i| (events[i].status.batch_order(), events[i].at));
+    let mut outcomes = vec![ApplyOutcome::Stale; events.len()];
+    let mut running = current;
+    let mut accepted: Vec<(DateTime<Utc>, Value)> = Vec::new();
+    let mut error = None;
+    for i in order {
+        let event = events[i];
+        let target = event.status.message_status();
+        if running == target {
+            outcomes[i] = ApplyOutcome::Duplicate;
+        } else if running.can_move_to(target) {
+            outcomes[i] = ApplyOutcome::Applied;
+            running = target;
+            if target == MessageStatus::Failed {
+                error = Some(failure_of(event));
+            }
+            accepted.push((event.at, history_entry(event, None)));
+        } else if target == MessageStatus::Failed && matches!(running, MessageStatus::Delivered | MessageStatus::Read) {
+            // Meta documents no such sequence; keep the better status and the evidence.
+            accepted.push((event.at, history_entry(event, Some("failed after delivered; status kept"))));
+        }
+    }
+    if accepted.is_empty() {
+        return (None, outcomes);
+    }
+    accepted.sort_by_key(|(at, _)| *at);
+    let change = PlannedChange {
+        status: (running != current).then_some(running),
+        entries: accepted.into_iter().map(|(_, entry)| entry).collect(),
+        error,
+    };
+    (Some(change), outcomes)
+}
+
+fn failure_of(event: &StatusEvent) -> ProviderError {
+    event.error.clone().unwrap_or_else(|| ProviderError { code: UNSPECIFIED_ERROR_CODE.to_owned(), title: String::new() })
+}
+
+/// `{"status", "at", "source": "webhook", "code"?, "title"?, "note"?}`.
+fn history_entry(event: &StatusEvent, note: Option<&str>) -> Value {
+    let mut entry = Map::new();
+    entry.insert("status".into(), Value::from(event.status.as_str()));
+    entry.insert("at".into(), Value::from(event.at.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+    entry.insert("source".into(), Value::from("webhook"));
+    if event.status == ReceiptStatus::Failed {
+        let failure = failure_of(event);
+        entry.insert("code".into(), Value::from(failure.code));
+        if !failure.title.is_empty() {
+            entry.insert("title".into(), Value::from(failure.title));
+        }
+    }
+    if let Some(note) = note {
+        entry.insert("note".into(), Value::from(note));
+    }
+    Value::Object(entry)
+}
+
+/// Applies status events alone (see [`apply`]).
+pub async fn apply_status_events(pool: &PgPool, events: &[StatusEvent]) -> Result<Vec<ApplyOutcome>> {
+    Ok(apply(pool, events, &[]).await?.outcomes)
+}
+
+/// Applies status events and opt-outs in one transaction: when it returns `Ok`, every
+/// change is committed (so a webhook may be acknowledged); on `Err` nothing is.
+pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -> Result<ReceiptsReport> {
+    let mut tx = pool.begin().await?;
+    let outcomes = apply_events(&mut tx, events).await?;
+    let opted_out = apply_opt_outs(&mut tx, opt_outs).await?;
+    tx.commit().await?;
+    Ok(ReceiptsReport { outcomes, opted_out })
+}
+
+async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Result<Vec<ApplyOutcome>> {
+    let mut outcomes = vec![ApplyOutcome::UnknownId; events.len()];
+    if events.is_empty() {
+        return Ok(outcomes);
+    }
+    let orgs: Vec<&str> = events.iter().map(|e| e.organization.as_str()).collect();
+    let pids: Vec<&str> = events.iter().map(|e| e.provider_message_id.as_str()).collect();
+    let our_ids: Vec<Option<i64>> = events.iter().map(|e| e.message_id).collect();
+    // Resolve every event to its message and lock the messages in id order (the lock
+    // is taken above the sort), so concurrent writers — other replicas, the sender —
+    // queue instead of deadlocking. The fallback to our own id only reaches a message
+    // that has no provider id yet and is waiting for its outcome.
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        r#"
+        SELECT v.idx, m.id, m.status::text
+        FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS v(org, pid, our_id, idx)
+        CROSS JOIN LATERAL (
+            SELECT coalesce(
+                (SELECT x.id FROM campaign_messages x
+                 WHERE x.organization = v.org AND x.provider_message_id = v.pid
+                 ORDER BY x.id LIMIT 1),
+                (SELECT x.id FROM campaign_messages x
+                 WHERE x.id = v.our_id AND x.organization = v.org
+                   AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown'))
+            ) AS id
+        ) r
+        JOIN campaign_messages m ON m.id = r.id
+        ORDER BY m.id
+        FOR UPDATE OF m
+        "#,
+    )
+    .bind(&orgs)
+    .bind(&pids)
+    .bind(&our_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+
+    // Group the events by message, keeping the locked current status.
+    let mut by_message: HashMap<i64, (MessageStatus, Vec<usize>)> = HashMap::new();
+    for (idx, id, status) in rows {
+        let Some(status) = MessageStatus::parse(&status) else { continue };
+        let Some(i) = usize::try_from(idx - 1).ok().filter(|i| *i < events.len()) else { continue };
+        by_message.entry(id).or_insert_with(|| (status, Vec::new())).1.push(i);
+    }
+
+    let mut ids = Vec::new();
+    let mut statuses: Vec<Option<&'static str>> = Vec::new();
+    let mut set_pids: Vec<&str> = Vec::new();
+    let mut codes: Vec<Option<String>> = Vec::new();
+    let mut titles: Vec<Option<String>> = Vec::new();
+    let mut entries: Vec<Value> = Vec::new();
+    let mut message_ids: Vec<i64> = by_message.keys().copied().collect();
+    message_ids.sort_unstable();
+    for id in message_ids {
+        let Some((current, indices)) = by_message.get(&id) else { continue };
+        let group: Vec<&StatusEvent> = indices.iter().map(|&i| &events[i]).collect();
+        let (change, group_outcomes) = plan(*current, &group);
+        for (&i, outcome) in indices.iter().zip(group_outcomes) {
+            outcomes[i] = outcome;
+        }
+        if let Some(change) = change {
+            ids.push(id);
+            statuses.push(change.status.map(MessageStatus::as_str));
+            set_pids.push(group[0].provider_message_id.as_str());
+            codes.push(change.error.as_ref().map(|e| e.code.clone()));
+            titles.push(change.error.map(|e| e.title));
+            entries.push(Value::Array(change.entries));
+        }
+    }
+    if ids.is_empty() {
+        return Ok(outcomes);
+    }
+    // One statement for the whole batch: the counter triggers fire once. History
+    // entries already present (a retried late failure) are not appended twice.
+    sqlx::query(
+        r#"
+        UPDATE campaign_messages m SET
+            status = coalesce(v.status::message_status, m.status),
+            provider_message_id = coalesce(m.provider_message_id, v.pid),
+            last_error_code = CASE WHEN v.status = 'failed' THEN v.code ELSE m.last_error_code END,
+            last_error_message = CASE WHEN v.status = 'failed' THEN nullif(v.title, '') ELSE m.last_error_message END,
+            updated_at = now(),
+            status_history = m.status_history || coalesce(
+                (SELECT jsonb_agg(x.entry ORDER BY x.ord)
+                 FROM jsonb_array_elements(v.entries) WITH ORDINALITY AS x(entry, ord)
+                 WHERE NOT m.status_history @> jsonb_build_array(x.entry)),
+                '[]'::jsonb)
+        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
+             AS v(id, status, pid, code, title, entries)
+        WHERE m.id = v.id
+          AND CASE WHEN v.status IS NULL THEN NOT m.status_history @> v.entries
+                   ELSE message_transition_allowed(m.status, v.status::message_status) END
+        "#,
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&set_pids)
+    .bind(&codes)
+    .bind(&titles)
+    .bind(&entries)
+    .execute(&mut *tx)
+    .await?;
+    Ok(outcomes)
+}
+
+/// The E.164 forms a WhatsApp id may stand for. Brazilian mobile numbers registered
+/// before the ninth digit was added keep an 8-digit WhatsApp id (`55 DD 8xxxxxxx`)
+/// while the contact list holds the 9-digit number (`+55 DD 98xxxxxxx`).
+pub fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
+    let digits: String = wa_id.chars().filter(char::is_ascii_digit).collect();
+    let primary = format!("+{digits}");
+    let alternative = match digits.strip_prefix("55") {
+        Some(rest) if rest.len() == 10 && rest[2..].starts_with(['6', '7', '8', '9']) => {
+            Some(format!("+55{}9{}", &rest[..2], &rest[2..]))
+        }
+        _ => None,
+    };
+    (primary, alternative)
+}
+
+async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut]) -> Result<Vec<bool>> {
+    let mut matched = vec![false; opt_outs.len()];
+    if opt_outs.is_empty() {
+        return Ok(matched);
+    }
+    let orgs: Vec<&str> = opt_outs.iter().map(|o| o.organization.as_str()).collect();
+    let mut phones = Vec::with_capacity(opt_outs.len());
+    let mut alternatives = Vec::with_capacity(opt_outs.len());
+    let mut wa_ids = Vec::with_capacity(opt_outs.len());
+    for opt_out in opt_outs {
+        let (phone, alternative) = phone_candidates(&opt_out.wa_id);
+        phones.push(phone);
+        alternatives.push(alternative);
+        wa_ids.push(opt_out.wa_id.chars().filter(char::is_ascii_digit).collect::<String>());
+    }
+    let rows: Vec<(i64,)> = sqlx::query_as(
+        r#"
+        WITH v AS (
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
+                AS v(org, phone, alt_phone, wa_id, idx)
+        ), matched AS (
+            SELECT v.idx, c.id
+            FROM v JOIN contacts c ON c.organization = v.org
+             AND (c.phone = v.phone OR c.phone = v.alt_phone OR c.whatsapp_id = v.wa_id)
+        ), marked AS (
+            UPDATE contacts c SET opted_out = TRUE, opted_out_at = coalesce(c.opted_out_at, now()), updated_at = now()
+            WHERE c.id IN (SELECT id FROM matched) AND NOT c.opted_out
+        )
+        SELECT DISTINCT idx FROM matched
+        "#,
+    )
+    .bind(&orgs)
+    .bind(&phones)
+    .bind(&alternatives)
+    .bind(&wa_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    for (idx,) in rows {
+        if let Some(slot) = usize::try_from(idx - 1).ok().and_then(|i| matched.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    Ok(matched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn event(status: ReceiptStatus, at: i64) -> StatusEvent {
+        StatusEvent {
+            organization: "acme".into(),
+            provider_message_id: "wamid.1".into(),
+            message_id: None,
+            status,
+            at: Utc.timestamp_opt(at, 0).single().unwrap_or_default(),
+            error: (status == ReceiptStatus::Failed).then(|| ProviderError { code: "131026".into(), title: "Message undeliverable".into() }),
+        }
+    }
+
+    use ApplyOutcome::*;
+    use MessageStatus as M;
+    use ReceiptStatus as R;
+
+    #[test]
+    fn receipts_move_forward_only() {
+        // (current, receipts in arrival order, final status, outcomes, history statuses)
+        let cases: Vec<(M, Vec<(R, i64)>, M, Vec<ApplyOutcome>, Vec<&str>)> = vec![
+            (M::Sent, vec![(R::Delivered, 2)], M::Delivered, vec![Applied], vec!["delivered"]),
+            (M::Sent, vec![(R::Sent, 1)], M::Sent, vec![Duplicate], vec![]),
+            (M::Read, vec![(R::Delivered, 2)], M::Read, vec![Stale], vec![]),
+            (M::Sending, vec![(R::Read, 3)], M::Read, vec![Applied], vec!["read"]),
+            (M::Unknown, vec![(R::Failed, 3)], M::Failed, vec![Applied], vec!["failed"]),
+            // A5.5: read, delivered, sent for one WAMID, currently sent
+            (M::Sent, vec![(R::Read, 10), (R::Delivered, 2), (R::Sent, 1)], M::Read, vec![Applied, Applied, Duplicate], vec!["delivered", "read"]),
+            (M::Sending, vec![(R::Read, 10), (R::Delivered, 2), (R::Sent, 1)], M::Read, vec![Applied, Applied, Applied], vec!["sent", "delivered", "read"]),
+            // duplicates within one batch
+            (M::Sent, vec![(R::Delivered, 2), (R::Delivered, 2)], M::Delivered, vec![Applied, Duplicate], vec!["delivered"]),
+            // failed after delivered: noted, not moved
+            (M::Delivered, vec![(R::Failed, 5)], M::Delivered, vec![Stale], vec!["failed"]),
+            (M::Sent, vec![(R::Failed, 5), (R::Delivered, 4)], M::Delivered, vec![Stale, Applied], vec!["delivered", "failed"]),
+            (M::Sent, vec![(R::Failed, 5), (R::Sent, 4)], M::Failed, vec![Applied, Duplicate], vec!["failed"]),
+            // terminal and never-sent messages do not move
+            (M::Failed, vec![(R::Delivered, 5)], M::Failed, vec![Stale], vec![]),
+            (M::Failed, vec![(R::Failed, 5)], M::Failed, vec![Duplicate], vec![]),
+            (M::Pending, vec![(R::Sent, 5)], M::Pending, vec![Stale], vec![]),
+            (M::Cancelled, vec![(R::Read, 5)], M::Cancelled, vec![Stale], vec![]),
+        ];
+        for (current, receipts, expected, expected_outcomes, history) in cases {
+            let events: Vec<StatusEvent> = receipts.iter().map(|(s, at)| event(*s, *at)).collect();
+            let refs: Vec<&StatusEvent> = events.iter().collect();
+            let (change, outcomes) = plan(current, &refs);
+            assert_eq!(outcomes, expected_outcomes, "{current:?} {receipts:?}");
+            let final_status = change.as_ref().and_then(|c| c.status).unwrap_or(current);
+            assert_eq!(final_status, expected, "{current:?} {receipts:?}");
+            let recorded: Vec<&str> = change.as_ref().map(|c| c.entries.iter().filter_map(|e| e["status"].as_str()).collect()).unwrap_or_default();
+            assert_eq!(recorded, history, "{current:?} {receipts:?}");
+            if let Some(change) = &change {
+                assert_eq!(change.status.is_none(), final_status == current);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failure_records_code_title_and_provider_time() {
+        let events = [event(R::Failed, 1_750_263_785)];
+        let (change, _) = plan(M::Sent, &[&events[0]]);
+        let change = change.unwrap();
+        assert_eq!(change.error, Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() }));
+        assert_eq!(
+            change.entries,
+            vec![serde_json::json!({"status": "failed", "at": "2025-06-18T16:23:05Z", "source": "webhook", "code": "131026", "title": "Message undeliverable"})]
+        );
+        let mut bare = event(R::Failed, 1);
+        bare.error = None;
+        let (change, _) = plan(M::Sent, &[&bare]);
+        assert_eq!(change.unwrap().error.unwrap().code, UNSPECIFIED_ERROR_CODE);
+    }
+
+    #[test]
+    fn the_rust_transition_rule_matches_the_schema() {
+        // The schema's function, transcribed: keep both in step.
+        let allowed = [
+            ("pending", "sending failed cancelled"),
+            ("sending", "pending unknown sent delivered read failed"),
+            ("unknown", "sent delivered read failed"),
+            ("sent", "delivered read failed"),
+            ("delivered", "read"),
+        ];
+        let all = ["pending", "sending", "unknown", "sent", "delivered", "read", "failed", "cancelled"];
+        for old in all {
+            for new in all {
+                let expected = allowed.iter().any(|(o, ns)| *o == old && ns.split(' ').any(|n| n == new));
+                assert_eq!(M::parse(old).unwrap().can_move_to(M::parse(new).unwrap()), expected, "{old} -> {new}");
+            }
+        }
+    }
+
+    #[test]
+    fn brazilian_whatsapp_ids_without_the_ninth_digit_match_the_contact() {
+        assert_eq!(phone_candidates("551188887777"), ("+551188887777".into(), Some("+5511988887777".into())));
+        assert_eq!(phone_candidates("5511988887777"), ("+5511988887777".into(), None));
+        assert_eq!(phone_candidates("551133334444"), ("+551133334444".into(), None), "landlines keep 8 digits");
+        assert_eq!(phone_candidates("15550123456"), ("+15550123456".into(), None));
+    }
+}
