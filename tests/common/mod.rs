@@ -3,6 +3,8 @@
 //! database per test.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::process::Command;
 use std::sync::OnceLock;
 
