@@ -42,7 +42,7 @@ pub struct CampaignSpec {
     /// are reported in status, not applied.
     pub audience: Audience,
     /// When to send.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
     /// Pause (true) or resume (false). A campaign created suspended is a Draft.
     #[serde(default)]
@@ -79,10 +79,12 @@ pub struct ChannelRef {
 #[serde(rename_all = "camelCase")]
 pub struct MessageSpec {
     /// An approved Meta template (the only kind Meta allows outside the 24-hour window).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub template: Option<TemplateMessage>,
     /// Plain text (Evolution, or Meta inside the customer-service window). Variables such
     /// as `{{contact.name}}` are rendered per contact.
     #[schemars(length(min = 1, max = 4096))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
 }
 
@@ -114,15 +116,20 @@ pub struct TemplateParameter(#[schemars(length(min = 1, max = 1024))] pub String
 #[serde(rename_all = "camelCase")]
 pub struct Audience {
     /// Every contact of the organization (namespace) that has not opted out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub all_contacts: Option<bool>,
     /// Contacts selected by their tags.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tags: Option<TagSelector>,
     /// Contacts selected by their attributes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub segment: Option<Segment>,
     /// An explicit list of phone numbers (E.164) of existing contacts.
     #[schemars(length(min = 1, max = 5000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub contacts: Option<Vec<PhoneNumber>>,
     /// Contacts of another campaign's messages, e.g. only the failed ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub from_campaign: Option<FromCampaign>,
 }
 
@@ -238,8 +245,10 @@ pub enum SourceMessageStatus {
 #[serde(rename_all = "camelCase")]
 pub struct Schedule {
     /// Do not start before this instant (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub start_at: Option<Time>,
     /// Only send inside this daily window.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<SendWindow>,
 }
 
@@ -304,6 +313,7 @@ pub struct Execution {
     #[schemars(range(min = 0, max = 10))]
     pub backoff_limit_per_index: u32,
     /// Resources of each sender pod.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 }
 
@@ -405,34 +415,47 @@ pub enum Retention {
 #[serde(rename_all = "camelCase")]
 pub struct CampaignStatus {
     /// Where the campaign is in its lifecycle.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<super::Phase>,
     /// The generation this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `Reconciling`, `Stalled` and specific conditions, per Kubernetes conventions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Message counts by status.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub messages: Option<MessageCounts>,
     /// Progress, rate and ETA.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     /// Delivery, read and failure rates.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rates: Option<Rates>,
     /// Retry statistics and the error breakdown.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryStats>,
     /// Rate-limit pauses.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitInfo>,
     /// Batch Job counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub batches: Option<BatchCounts>,
     /// What the preflight found before the campaign started.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub preflight: Option<Preflight>,
     /// The audience as frozen at start.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audience: Option<AudienceStatus>,
     /// Failed and finished counts when the campaign last paused for failures: the
     /// failure threshold judges only what happened after a person resumed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_baseline: Option<FailureBaseline>,
     /// When sending started.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
     /// When the campaign reached a final phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
 }
 
@@ -469,6 +492,7 @@ pub struct Progress {
     /// Messages sent per minute recently.
     pub rate_per_minute: f64,
     /// Estimated time of completion at the current rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eta: Option<Time>,
 }
 
@@ -518,6 +542,7 @@ pub struct RateLimitInfo {
     /// Times the campaign paused because the channel's day window was spent.
     pub pauses: i64,
     /// When the current pause ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub resume_at: Option<Time>,
 }
 
@@ -534,6 +559,7 @@ pub struct BatchCounts {
     /// Batches that failed after their retries.
     pub failed: i32,
     /// Name of the sending Job.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub job_name: Option<String>,
 }
 
@@ -546,6 +572,7 @@ pub struct Preflight {
     /// Contacts missing a variable the message uses (they will fail with `render`).
     pub missing_variables: i64,
     /// Estimated sending duration given the channel's caps and window, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_duration_seconds: Option<i64>,
     /// Other campaigns currently sharing the channel.
     pub sharing_channel_with: i32,
@@ -556,12 +583,15 @@ pub struct Preflight {
 #[serde(rename_all = "camelCase")]
 pub struct AudienceStatus {
     /// When the audience was frozen into Postgres.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_at: Option<Time>,
     /// The spec generation whose audience was frozen.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub frozen_generation: Option<i64>,
     /// Messages materialized.
     pub size: i64,
     /// Set when spec.audience changed after freezing: the change is not applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub drift: Option<String>,
 }
 

@@ -117,17 +117,22 @@ pub enum RateLimitMode {
 pub struct RateLimitsSpec {
     /// Most messages in one calendar minute (UTC).
     #[schemars(range(min = 1, max = 1_000_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_minute: Option<u32>,
     /// Most messages in one calendar hour (UTC).
     #[schemars(range(min = 1, max = 10_000_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_hour: Option<u32>,
     /// Most messages in one calendar day (UTC).
     #[schemars(range(min = 1, max = 100_000_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_day: Option<u32>,
     /// `Hard` or `Graceful`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<RateLimitMode>,
     /// Smallest gap between two sends of the channel, across all senders, in milliseconds.
     #[schemars(range(min = 0, max = 3_600_000))]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_interval_millis: Option<u32>,
 }
 
@@ -153,8 +158,10 @@ pub struct ChannelSpec {
     /// `meta` or `evolution`.
     pub provider: Provider,
     /// Meta Cloud API settings; required when provider is `meta`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub meta: Option<MetaSettings>,
     /// Evolution API settings; required when provider is `evolution`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub evolution: Option<EvolutionSettings>,
     /// Sending caps; unset fields take the provider's defaults.
     #[serde(default)]
@@ -172,6 +179,7 @@ pub struct WindowUsage {
     /// Messages reserved in the current day.
     pub day: u32,
     /// The caps in force (after provider defaults).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub limits: Option<EffectiveLimits>,
 }
 
@@ -180,12 +188,16 @@ pub struct WindowUsage {
 #[serde(rename_all = "camelCase")]
 pub struct EffectiveLimits {
     /// Messages per minute, if capped.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_minute: Option<u32>,
     /// Messages per hour, if capped.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_hour: Option<u32>,
     /// Messages per day, if capped.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_day: Option<u32>,
     /// `Hard` or `Graceful`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<RateLimitMode>,
     /// Minimum spacing between sends, in milliseconds.
     pub min_interval_millis: u32,
@@ -196,14 +208,18 @@ pub struct EffectiveLimits {
 #[serde(rename_all = "camelCase")]
 pub struct ChannelStatus {
     /// The generation this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready` says whether campaigns can send through this channel, and why not.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Current rate-window usage, shared by every campaign on the channel.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<WindowUsage>,
     /// When a spent day window resets, if it is spent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limited_until: Option<Time>,
     /// Path on the webhook service to register with the provider.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_path: Option<String>,
 }

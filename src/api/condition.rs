@@ -94,7 +94,7 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     fn at(secs: i64) -> Time {
-        Time(Utc.timestamp_opt(secs, 0).single().unwrap())
+        crate::api::time::k8s(Utc.timestamp_opt(secs, 0).single().unwrap())
     }
 
     #[test]

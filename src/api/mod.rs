@@ -5,6 +5,7 @@
 mod campaign;
 mod channel;
 pub mod condition;
+pub mod time;
 mod phase;
 
 pub use campaign::*;

@@ -98,7 +98,7 @@ pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
     if let Some(p) = &status.progress {
         out.push_str(&format!("Progress  {}  {:.1} msg/min", p.percentage, p.rate_per_minute));
         if let Some(eta) = &p.eta {
-            out.push_str(&format!("  ETA {}", eta.0.format("%Y-%m-%d %H:%M:%S UTC")));
+            out.push_str(&format!("  ETA {}", crate::api::time::instant(&eta.0).format("%Y-%m-%d %H:%M:%S UTC")));
         }
         out.push('\n');
     }
@@ -124,7 +124,7 @@ pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
     if let Some(rl) = &status.rate_limit {
         out.push_str(&format!("Rate limit pauses {}", rl.pauses));
         if let Some(at) = &rl.resume_at {
-            out.push_str(&format!("  resumes at {}", at.0.format("%Y-%m-%d %H:%M:%S UTC")));
+            out.push_str(&format!("  resumes at {}", crate::api::time::instant(&at.0).format("%Y-%m-%d %H:%M:%S UTC")));
         }
         out.push('\n');
     }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType};
@@ -22,7 +21,7 @@ use super::status as view;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
 use crate::api::{
-    AudienceStatus, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight, RateLimitInfo, Retention, transition,
+    AudienceStatus, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight, Retention, time, transition,
 };
 use crate::sender::render;
 use crate::store::{self, audience::AudienceQuery, campaigns::Counters};
@@ -158,7 +157,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             }
             let cancelled = store::messages::cancel_pending(&ctx.pool, uid).await?;
             info!(cancelled, "campaign cancelled");
-            status.finished_at = Some(Time(now));
+            status.finished_at = Some(time::k8s(now));
             Action::await_change()
         }
         Step::Draft => Action::await_change(),
@@ -180,7 +179,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             if old.phase != Some(Phase::RateLimited) {
                 info.pauses += 1;
             }
-            info.resume_at = Some(Time(*until));
+            info.resume_at = Some(time::k8s(*until));
             status.rate_limit = Some(info);
             conditions.push(DesiredCondition::truthy(ConditionType::RateLimited, "DayWindowSpent", format!("the channel's day window is spent; resumes at {until}")));
             Action::requeue((*until - now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500))
@@ -223,12 +222,12 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
-            status.started_at.get_or_insert(Time(now));
+            status.started_at.get_or_insert(time::k8s(now));
             Action::requeue(REFRESH)
         }
         Step::ResumeJob => {
             set_job_suspended(&jobs, &jname, false).await?;
-            status.started_at.get_or_insert(Time(now));
+            status.started_at.get_or_insert(time::k8s(now));
             if let Some(info) = status.rate_limit.as_mut() {
                 info.resume_at = None;
             }
@@ -236,7 +235,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         }
         Step::Track => Action::requeue(REFRESH),
         Step::Complete | Step::Fail(_) => {
-            status.finished_at.get_or_insert(Time(now));
+            status.finished_at.get_or_insert(time::k8s(now));
             Action::await_change()
         }
     };
@@ -290,17 +289,20 @@ async fn preflight(
     let mut needs_name = false;
     let mut keys = Vec::new();
     for text in &texts {
-        match render::variables(text) {
-            Ok(vars) => {
-                for var in vars {
-                    match var {
-                        render::Variable::Name => needs_name = true,
-                        render::Variable::Phone => {}
-                        render::Variable::Attribute(key) => keys.push(key),
-                    }
-                }
+        for var in render::variables(text) {
+            match var {
+                render::Variable::Name => needs_name = true,
+                render::Variable::Phone => {}
+                render::Variable::Attribute(key) => keys.push(key),
             }
-            Err(e) => return Ok(Err(format!("the message cannot render: {e}"))),
+        }
+    }
+    // A contact that has every variable must render; if not, the message itself is broken.
+    let sample_attributes = serde_json::Value::Object(keys.iter().map(|k| (k.clone(), serde_json::Value::from("x"))).collect());
+    let sample = render::ContactView { name: Some("x"), phone: "+5511999999999", attributes: &sample_attributes };
+    for text in &texts {
+        if let Err(e) = render::render(text, &sample) {
+            return Ok(Err(format!("the message cannot render: {e}")));
         }
     }
     let missing = store::audience::count_missing_variables(&ctx.pool, namespace, &query, needs_name, &keys).await?;
@@ -321,7 +323,7 @@ async fn preflight(
     };
     let frozen = store::audience::materialize(&ctx.pool, &key, &query).await?;
     status.audience = Some(AudienceStatus {
-        frozen_at: Some(Time(Utc::now())),
+        frozen_at: Some(time::k8s(Utc::now())),
         frozen_generation: campaign.metadata.generation,
         size: frozen.messages,
         drift: None,
@@ -406,7 +408,7 @@ async fn finish(
         dedup.retain(|d| d.type_ != c.type_);
         dedup.push(c);
     }
-    status.conditions = merge_conditions(&old.conditions, &dedup, campaign.metadata.generation, &Time(now));
+    status.conditions = merge_conditions(&old.conditions, &dedup, campaign.metadata.generation, &time::k8s(now));
 
     if &status != old {
         let api: Api<Campaign> = Api::namespaced(ctx.client.clone(), &namespace);

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
@@ -17,7 +16,7 @@ use tracing::instrument;
 use super::campaign::FIELD_MANAGER;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
-use crate::api::{Channel, ChannelStatus, EffectiveLimits, Provider, SecretKeyRef, WindowUsage};
+use crate::api::{Channel, ChannelStatus, EffectiveLimits, Provider, SecretKeyRef, WindowUsage, time};
 use crate::store::rate::{Limits, WindowKind};
 
 /// How often a Channel is re-checked (window usage, connection state).
@@ -59,11 +58,11 @@ async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<
             crate::providers::Secret::new(api_key),
         );
         match client.connection_state().await {
-            Ok(state) if state == "open" => {}
+            Ok(crate::providers::evolution::ConnectionState::Open) => {}
             Ok(state) => {
                 return Ok(Some((
                     "InstanceNotConnected",
-                    format!("Evolution instance {:?} is {state:?}, not open: scan the QR code in Evolution to connect the WhatsApp number", evo.instance),
+                    format!("Evolution instance {:?} is {state:?}, not Open: scan the QR code in Evolution to connect the WhatsApp number", evo.instance),
                 )));
             }
             Err(error) => return Ok(Some(("InstanceUnreachable", format!("cannot ask Evolution for the instance's state: {error}")))),
@@ -90,7 +89,7 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     };
     let mut status = ChannelStatus {
         observed_generation: channel.meta().generation,
-        conditions: merge_conditions(&old.conditions, &[condition], channel.meta().generation, &Time(Utc::now())),
+        conditions: merge_conditions(&old.conditions, &[condition], channel.meta().generation, &time::k8s(Utc::now())),
         usage: Some(WindowUsage {
             minute: used(WindowKind::Minute),
             hour: used(WindowKind::Hour),
@@ -103,7 +102,7 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
                 min_interval_millis: limits.min_interval.as_millis() as u32,
             }),
         }),
-        rate_limited_until: pause.as_ref().map(|(until, _)| Time(*until)),
+        rate_limited_until: pause.as_ref().map(|(until, _)| time::k8s(*until)),
         webhook_path: Some(format!("/webhooks/{}/{namespace}/{name}", channel.spec.provider)),
     };
     if let Some((_, reason)) = &pause
@@ -113,7 +112,7 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
             &status.conditions,
             &[DesiredCondition::falsy(ConditionType::Ready, "ProviderRefused", format!("sending stopped: {reason}; fix the credentials or account, then clear with `kubectl disparo resume`"))],
             channel.meta().generation,
-            &Time(Utc::now()),
+            &time::k8s(Utc::now()),
         );
     }
     if status != old {

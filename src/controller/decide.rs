@@ -220,7 +220,7 @@ mod tests {
     fn waits_for_start_at_and_the_window() {
         let mut s = spec();
         let start = now() + chrono::Duration::minutes(30);
-        s.schedule = Some(Schedule { start_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(start)), window: None });
+        s.schedule = Some(Schedule { start_at: Some(crate::api::time::k8s(start)), window: None });
         assert_eq!(next_step(&s, &Memory::default(), &ChannelView::Ready, None, None, now()), Step::WaitForSchedule(start));
         s.schedule = Some(Schedule { start_at: None, window: Some(SendWindow { start: "13:00".into(), end: "14:00".into(), time_zone: "UTC".into(), days: vec![] }) });
         assert_eq!(

@@ -169,7 +169,7 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: 
                         on_exit_codes: None,
                         on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
                             type_: "DisruptionTarget".to_owned(),
-                            status: Some("True".to_owned()),
+                            status: "True".to_owned(),
                         }]),
                     },
                 ],

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::api::time;
 use kube::api::{Api, PostParams};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -36,7 +38,7 @@ pub fn may_acquire(spec: Option<&LeaseSpec>, identity: &str, now: chrono::DateTi
         Some(_) => {
             let duration = chrono::Duration::seconds(spec.lease_duration_seconds.unwrap_or(15).into());
             match spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) {
-                Some(renewed) => now - renewed.0 > duration,
+                Some(renewed) => now - time::instant(&renewed.0) > duration,
                 None => true,
             }
         }
@@ -52,8 +54,8 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> kube::Resu
             spec: Some(LeaseSpec {
                 holder_identity: Some(cfg.identity.clone()),
                 lease_duration_seconds: Some(cfg.duration.as_secs() as i32),
-                acquire_time: Some(MicroTime(now)),
-                renew_time: Some(MicroTime(now)),
+                acquire_time: Some(time::k8s_micro(now)),
+                renew_time: Some(time::k8s_micro(now)),
                 lease_transitions: Some(0),
                 ..Default::default()
             }),
@@ -70,10 +72,10 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> kube::Resu
     let mut spec = lease.spec.take().unwrap_or_default();
     if spec.holder_identity.as_deref() != Some(cfg.identity.as_str()) {
         spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
-        spec.acquire_time = Some(MicroTime(now));
+        spec.acquire_time = Some(time::k8s_micro(now));
         spec.holder_identity = Some(cfg.identity.clone());
     }
-    spec.renew_time = Some(MicroTime(now));
+    spec.renew_time = Some(time::k8s_micro(now));
     spec.lease_duration_seconds = Some(cfg.duration.as_secs() as i32);
     lease.spec = Some(spec);
     // replace carries the resourceVersion: a concurrent writer makes this fail with 409.
@@ -151,7 +153,7 @@ mod tests {
         LeaseSpec {
             holder_identity: Some(holder.into()),
             lease_duration_seconds: Some(15),
-            renew_time: Some(MicroTime(now - chrono::Duration::seconds(renewed_secs_ago))),
+            renew_time: Some(time::k8s_micro(now - chrono::Duration::seconds(renewed_secs_ago))),
             ..Default::default()
         }
     }

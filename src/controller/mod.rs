@@ -219,7 +219,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
             request_timeout_millis: args.sender_timeout_ms,
             ttl_seconds_after_finished: 3600,
         },
-        http: crate::providers::http_client(Duration::from_secs(5)).context("building the HTTP client")?,
+        http: crate::providers::http_client(crate::providers::Timeouts { connect: Duration::from_secs(2), request: Duration::from_secs(5) }).context("building the HTTP client")?,
     });
     let stop = {
         let shutdown = shutdown.clone();

@@ -85,7 +85,7 @@ pub fn window_gate(window: &SendWindow, now: DateTime<Utc>) -> Result<Gate, Sche
 pub fn gate(schedule: Option<&Schedule>, now: DateTime<Utc>) -> Result<Gate, ScheduleError> {
     let Some(schedule) = schedule else { return Ok(Gate::Open { closes_at: None }) };
     let from = match &schedule.start_at {
-        Some(start) if start.0 > now => start.0,
+        Some(start) if crate::api::time::instant(&start.0) > now => crate::api::time::instant(&start.0),
         _ => now,
     };
     let gate = match &schedule.window {
@@ -101,8 +101,7 @@ pub fn gate(schedule: Option<&Schedule>, now: DateTime<Utc>) -> Result<Gate, Sch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
+    
     fn window(start: &str, end: &str, tz: &str, days: Vec<Weekday>) -> SendWindow {
         SendWindow { start: start.into(), end: end.into(), time_zone: tz.into(), days }
     }
@@ -141,9 +140,9 @@ mod tests {
 
     #[test]
     fn start_at_in_the_future_waits_then_the_window_applies() {
-        let schedule = Schedule { start_at: Some(Time(utc(2026, 12, 1, 3, 0))), window: Some(window("09:00", "18:00", "UTC", vec![])) };
+        let schedule = Schedule { start_at: Some(crate::api::time::k8s(utc(2026, 12, 1, 3, 0))), window: Some(window("09:00", "18:00", "UTC", vec![])) };
         assert_eq!(gate(Some(&schedule), utc(2026, 11, 25, 10, 0)).unwrap(), Gate::OpensAt(utc(2026, 12, 1, 9, 0)));
-        let no_window = Schedule { start_at: Some(Time(utc(2026, 12, 1, 3, 0))), window: None };
+        let no_window = Schedule { start_at: Some(crate::api::time::k8s(utc(2026, 12, 1, 3, 0))), window: None };
         assert_eq!(gate(Some(&no_window), utc(2026, 11, 25, 10, 0)).unwrap(), Gate::OpensAt(utc(2026, 12, 1, 3, 0)));
         assert!(matches!(gate(Some(&no_window), utc(2026, 12, 2, 0, 0)).unwrap(), Gate::Open { .. }));
     }

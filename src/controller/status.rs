@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::JobStatus;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{BatchCounts, ErrorCount, MessageCounts, Progress, Rates, RetryStats};
 use crate::store::campaigns::Counters;
@@ -41,7 +40,7 @@ pub fn progress(c: &Counters, now: DateTime<Utc>) -> Progress {
     let remaining = c.pending + c.sending;
     let eta = (rate_per_minute > 0.0 && remaining > 0)
         .then(|| now + chrono::Duration::milliseconds((remaining as f64 / rate_per_minute * 60_000.0) as i64))
-        .map(Time);
+        .map(crate::api::time::k8s);
     Progress { percentage: format!("{percent}%"), rate_per_minute, eta }
 }
 
@@ -111,7 +110,7 @@ mod tests {
         let p = progress(&c, t0 + chrono::Duration::minutes(10));
         assert_eq!(p.percentage, "50%");
         assert_eq!(p.rate_per_minute, 10.0);
-        assert_eq!(p.eta.unwrap().0, t0 + chrono::Duration::minutes(20));
+        assert_eq!(crate::api::time::instant(&p.eta.unwrap().0), t0 + chrono::Duration::minutes(20));
     }
 
     #[test]

@@ -132,7 +132,8 @@ pub struct SendArgs {
 
 /// Builds the provider client for a target.
 pub fn build_client(target: &ProviderTarget, token: &str, timeout: Duration) -> anyhow::Result<Arc<dyn ProviderClient>> {
-    let http = crate::providers::http_client(timeout).context("building the HTTP client")?;
+    let http = crate::providers::http_client(crate::providers::Timeouts { connect: (timeout / 3).min(Duration::from_secs(3)), request: timeout })
+        .context("building the HTTP client")?;
     Ok(match target {
         ProviderTarget::Meta { base_url, api_version, phone_number_id } => Arc::new(crate::providers::meta::MetaClient::new(
             http,

@@ -8,6 +8,7 @@ pub mod campaigns;
 pub mod contacts;
 pub mod messages;
 pub mod rate;
+pub mod receipts;
 
 use std::time::Duration;
 

@@ -1,0 +1,111 @@
+//! `disparo dev node-agent`: a stand-in for kube-scheduler and kubelet on this machine.
+//!
+//! The project tests against a real kube-apiserver and kube-controller-manager, but
+//! there is no scheduler, no kubelet and no container runtime. Without them the Pods
+//! the Job controller creates stay `Pending` forever. This agent closes that gap just
+//! far enough for the operator's lifecycle (Indexed Jobs, suspend, delete, pod failure
+//! policy) to be exercised for real:
+//!
+//! - [`node`] registers a `Node`, keeps its `Ready` heartbeat and node `Lease` fresh
+//!   so the node lifecycle controller never taints or evicts, and marks it `NotReady`
+//!   on the way out.
+//! - [`scheduling`] binds pending, unassigned pods to that node (`pods/binding`),
+//!   oldest first, up to `--max-pods`.
+//! - [`pod`] supervises one bound pod: resolves its environment ([`env`]), builds its
+//!   command line ([`command`]), runs it as a local process group ([`process`]),
+//!   reports its status like kubelet would ([`status`]), restarts it per
+//!   `restartPolicy`, and honours graceful deletion.
+//! - [`agent`] owns the pod watch and dispatches pods to binding and supervision.
+//!
+//! What it deliberately leaves out: images (every container runs `--binary`, or an
+//! absolute host path named in `command`), init containers and sidecars (only the
+//! first regular container runs), volumes, probes (a running process counts as
+//! ready), networking (every pod's IP is 127.0.0.1), resource limits, node affinity
+//! and taints (only `nodeSelector` is honoured), and in-cluster API access
+//! (`KUBERNETES_SERVICE_*` is never set).
+
+mod agent;
+mod args;
+pub mod command;
+pub mod env;
+mod node;
+mod pod;
+mod process;
+mod scheduling;
+pub mod status;
+
+use std::path::PathBuf;
+
+use tokio_util::sync::CancellationToken;
+
+pub use args::NodeAgentArgs;
+
+/// The field manager for every write the agent makes, so `managedFields` shows who
+/// owns the node, its lease and the pod statuses.
+const FIELD_MANAGER: &str = "disparo-node-agent";
+
+/// The address every pod and the node itself report: processes share the host's
+/// network namespace, so loopback is the honest answer.
+const LOCAL_IP: &str = "127.0.0.1";
+
+/// Why the node agent could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API request failed.
+    #[error("kubernetes API request failed")]
+    Kube(#[from] kube::Error),
+    /// Building a kube client from the environment failed.
+    #[error("could not build a kubernetes client from the environment")]
+    Client(#[source] kube::Error),
+    /// `--binary` was not given and the agent's own executable could not be found.
+    #[error("could not locate the current executable (pass --binary)")]
+    CurrentExe(#[source] std::io::Error),
+    /// The directory for per-pod logs could not be created.
+    #[error("could not create work directory {path}")]
+    WorkDir {
+        /// The directory that could not be created.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An object came back from the API without a field the API always sets.
+    #[error("{kind} is missing {field}")]
+    MissingObjectKey {
+        /// The kind of object.
+        kind: &'static str,
+        /// The missing field.
+        field: &'static str,
+    },
+    /// The pod watch stream ended, which a healthy watcher never does.
+    #[error("the pod watch ended unexpectedly")]
+    WatchEnded,
+    /// `--max-pods` was zero, so the agent could never run anything.
+    #[error("--max-pods must be at least 1")]
+    NoCapacity,
+}
+
+/// Result alias for the node agent.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs the node agent against the cluster the environment points at (`KUBECONFIG`
+/// or the in-cluster config) until `shutdown` is cancelled.
+///
+/// On return every process the agent started has been terminated and the node is
+/// marked `NotReady`.
+pub async fn run(args: NodeAgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await.map_err(Error::Client)?;
+    run_with_client(client, args, shutdown).await?;
+    Ok(())
+}
+
+/// Like [`run`], with a client the caller built (tests point it at a throwaway
+/// control plane without touching the process environment).
+pub async fn run_with_client(
+    client: kube::Client,
+    args: NodeAgentArgs,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let settings = args::Settings::resolve(args)?;
+    agent::run(client, settings, shutdown).await
+}

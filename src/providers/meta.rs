@@ -1,0 +1,313 @@
+//! The Meta WhatsApp Cloud API client: `POST {base}/{version}/{phone_number_id}/messages`
+//! (providers.md A1, A2).
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::classify::{classify_meta, meta_retry_after, truncate};
+use super::transport::{self, Wire};
+use super::{Content, ErrorClass, OutboundMessage, Provider, ProviderClient, ProviderError, Secret, SendOutcome};
+
+/// Meta echoes at most this many bytes of `biz_opaque_callback_data`.
+const MAX_CALLBACK_DATA: usize = 512;
+
+/// Sends through one business phone number of the Cloud API.
+///
+/// `Debug` is safe to log: the access token is a [`Secret`].
+#[derive(Debug, Clone)]
+pub struct MetaClient {
+    http: reqwest::Client,
+    /// `{base}/{version}/{phone_number_id}/messages`, built once.
+    endpoint: String,
+    token: Secret,
+}
+
+impl MetaClient {
+    /// A client for one phone number. `base_url` is `https://graph.facebook.com` in
+    /// production or a `disparo sandbox` address; `api_version` looks like `v23.0`.
+    /// A malformed URL is not an error here: every send then ends `StopChannel`
+    /// (`invalid_request`), which pauses the channel for a person to fix.
+    pub fn new(http: reqwest::Client, base_url: String, api_version: String, phone_number_id: String, token: Secret) -> Self {
+        let endpoint = transport::endpoint(&base_url, &[&api_version, &phone_number_id, "messages"]);
+        MetaClient { http, endpoint, token }
+    }
+
+    /// The URL messages are posted to (no credentials in it).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+#[async_trait]
+impl ProviderClient for MetaClient {
+    async fn send(&self, msg: &OutboundMessage) -> SendOutcome {
+        let body = match request_body(msg) {
+            Ok(body) => body,
+            Err(error) => return SendOutcome::Rejected(error),
+        };
+        let request = self.http.post(&self.endpoint).bearer_auth(self.token.expose()).json(&body);
+        transport::send(request, &MetaWire).await
+    }
+
+    fn provider(&self) -> Provider {
+        Provider::Meta
+    }
+}
+
+/// The JSON body of a send (providers.md A1).
+#[derive(Debug, Serialize, PartialEq)]
+pub struct SendBody<'a> {
+    messaging_product: &'static str,
+    recipient_type: &'static str,
+    /// Digits only: Meta tolerates a `+`, but its `contacts[].input` echo is then
+    /// inconsistent with `wa_id`.
+    to: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<TextBody<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    template: Option<TemplateBody<'a>>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    biz_opaque_callback_data: &'a str,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct TextBody<'a> {
+    preview_url: bool,
+    body: &'a str,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct TemplateBody<'a> {
+    name: &'a str,
+    language: Language<'a>,
+    /// Omitted for templates without variables: an empty parameter list is a 132000.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    components: Vec<Component<'a>>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct Language<'a> {
+    code: &'a str,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct Component<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    parameters: Vec<Parameter<'a>>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct Parameter<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+/// Builds the body for a message, or the permanent refusal of a message that cannot
+/// be sent at all (a recipient that is not a number, oversized callback data).
+pub fn request_body(msg: &OutboundMessage) -> Result<SendBody<'_>, ProviderError> {
+    let to = super::recipient_digits(&msg.to).ok_or_else(|| super::invalid_recipient(&msg.to))?;
+    if msg.callback_data.len() > MAX_CALLBACK_DATA {
+        return Err(ProviderError {
+            class: ErrorClass::Permanent,
+            code: "invalid_callback_data".to_owned(),
+            message: format!("callback data is {} bytes; Meta accepts at most {MAX_CALLBACK_DATA}", msg.callback_data.len()),
+            retry_after: None,
+        });
+    }
+    let mut body = SendBody {
+        messaging_product: "whatsapp",
+        recipient_type: "individual",
+        to,
+        kind: "text",
+        text: None,
+        template: None,
+        biz_opaque_callback_data: &msg.callback_data,
+    };
+    match &msg.content {
+        Content::Text(text) => body.text = Some(TextBody { preview_url: false, body: text }),
+        Content::Template { name, language, body_parameters } => {
+            body.kind = "template";
+            let components = if body_parameters.is_empty() {
+                Vec::new()
+            } else {
+                let parameters = body_parameters.iter().map(|text| Parameter { kind: "text", text }).collect();
+                vec![Component { kind: "body", parameters }]
+            };
+            body.template = Some(TemplateBody { name, language: Language { code: language }, components });
+        }
+    }
+    Ok(body)
+}
+
+/// How Meta answers.
+struct MetaWire;
+
+#[derive(Deserialize)]
+struct SuccessBody {
+    messages: Vec<MessageRef>,
+}
+
+#[derive(Deserialize)]
+struct MessageRef {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorEnvelope {
+    error: GraphError,
+}
+
+#[derive(Deserialize)]
+struct GraphError {
+    code: i64,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    error_data: Option<ErrorData>,
+}
+
+#[derive(Deserialize)]
+struct ErrorData {
+    #[serde(default)]
+    details: Option<String>,
+}
+
+impl Wire for MetaWire {
+    fn accepted_id(&self, body: &[u8]) -> Option<String> {
+        let success: SuccessBody = serde_json::from_slice(body).ok()?;
+        success.messages.into_iter().next().map(|m| m.id).filter(|id| !id.is_empty())
+    }
+
+    fn rejection(&self, status: u16, body: &[u8]) -> ProviderError {
+        match serde_json::from_slice::<ErrorEnvelope>(body) {
+            Ok(ErrorEnvelope { error }) => {
+                let details = error.error_data.and_then(|d| d.details).filter(|d| !d.is_empty());
+                let message = match details {
+                    Some(details) if details != error.message => format!("{}: {details}", error.message),
+                    _ => error.message,
+                };
+                ProviderError {
+                    class: classify_meta(error.code, status),
+                    code: error.code.to_string(),
+                    message: truncate(message),
+                    retry_after: meta_retry_after(error.code),
+                }
+            }
+            Err(_) => ProviderError {
+                class: super::classify::classify_http_status(status),
+                code: format!("http_{status}"),
+                message: truncate(format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim())),
+                retry_after: None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn message(content: Content) -> OutboundMessage {
+        OutboundMessage { to: "+15551234567".into(), content, callback_data: String::new() }
+    }
+
+    fn body_json(msg: &OutboundMessage) -> Value {
+        request_body(msg).ok().and_then(|b| serde_json::to_value(b).ok()).unwrap_or(Value::Null)
+    }
+
+    #[test]
+    fn text_body_matches_providers_md() {
+        let msg = message(Content::Text("Hello! Your order #12345 has shipped.".into()));
+        let expected = json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": "15551234567",
+            "type": "text",
+            "text": { "preview_url": false, "body": "Hello! Your order #12345 has shipped." }
+        });
+        assert_eq!(body_json(&msg), expected);
+    }
+
+    #[test]
+    fn template_body_matches_providers_md_and_carries_our_id() {
+        let mut msg = message(Content::Template {
+            name: "order_update_v1".into(),
+            language: "en_US".into(),
+            body_parameters: vec!["Alex".into(), "A12345".into()],
+        });
+        msg.callback_data = "msg-42".into();
+        let expected = json!({
+            "messaging_product": "whatsapp",
+            "recipient_type": "individual",
+            "to": "15551234567",
+            "type": "template",
+            "template": {
+                "name": "order_update_v1",
+                "language": { "code": "en_US" },
+                "components": [
+                    { "type": "body", "parameters": [ { "type": "text", "text": "Alex" }, { "type": "text", "text": "A12345" } ] }
+                ]
+            },
+            "biz_opaque_callback_data": "msg-42"
+        });
+        assert_eq!(body_json(&msg), expected);
+    }
+
+    #[test]
+    fn templates_without_variables_have_no_components() {
+        let msg = message(Content::Template { name: "hello_world".into(), language: "en_US".into(), body_parameters: vec![] });
+        assert_eq!(body_json(&msg)["template"], json!({ "name": "hello_world", "language": { "code": "en_US" } }));
+    }
+
+    #[test]
+    fn unsendable_messages_are_refused_before_any_request() {
+        let mut msg = message(Content::Text("hi".into()));
+        msg.to = "+55 11 9999-9999".into();
+        assert!(matches!(request_body(&msg), Err(ProviderError { class: ErrorClass::Permanent, ref code, .. }) if code == "invalid_recipient"));
+        let mut msg = message(Content::Text("hi".into()));
+        msg.callback_data = "x".repeat(513);
+        assert!(matches!(request_body(&msg), Err(ProviderError { ref code, .. }) if code == "invalid_callback_data"));
+    }
+
+    #[test]
+    fn success_answers_give_the_wamid() {
+        let body = br#"{"messaging_product":"whatsapp","contacts":[{"input":"15551234567","wa_id":"15551234567"}],"messages":[{"id":"wamid.HBgLMTU1NTEyMzQ1NjcVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA","message_status":"accepted"}]}"#;
+        assert_eq!(MetaWire.accepted_id(body).as_deref(), Some("wamid.HBgLMTU1NTEyMzQ1NjcVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"));
+        assert_eq!(MetaWire.accepted_id(br#"{"messages":[]}"#), None);
+        assert_eq!(MetaWire.accepted_id(b"<html>"), None);
+    }
+
+    #[test]
+    fn error_answers_are_classified_by_code() {
+        let body = br#"{"error":{"message":"(#130429) Rate limit hit","type":"OAuthException","code":130429,"error_data":{"messaging_product":"whatsapp","details":"Message failed to send because there were too many messages sent from this phone number in a short period of time"},"error_subcode":2494055,"fbtrace_id":"Az8or2yhqkZfEZ-_4Qn_Bam"}}"#;
+        let error = MetaWire.rejection(400, body);
+        assert_eq!(error.class, ErrorClass::RateLimitedChannel);
+        assert_eq!(error.code, "130429");
+        assert!(error.message.starts_with("(#130429) Rate limit hit: Message failed to send"));
+
+        let error = MetaWire.rejection(500, br#"{"error":{"message":"(#131057) Account in maintenance mode","code":131057}}"#);
+        assert_eq!((error.class, error.retry_after), (ErrorClass::Retryable, Some(std::time::Duration::from_secs(60))));
+
+        let error = MetaWire.rejection(401, br#"{"error":{"message":"Invalid OAuth access token - Cannot parse access token","type":"OAuthException","code":190,"fbtrace_id":"x"}}"#);
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::StopChannel, "190"));
+    }
+
+    #[test]
+    fn bodyless_errors_keep_the_http_status() {
+        let error = MetaWire.rejection(502, b"<html>Bad Gateway</html>");
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_502"));
+    }
+
+    #[test]
+    fn debug_output_hides_the_token() {
+        let Ok(http) = super::super::http_client(super::super::Timeouts::default()) else { panic!("http client") };
+        let client = MetaClient::new(http, "https://graph.facebook.com/".into(), "v23.0".into(), "106540352242922".into(), Secret::new("EAAG-secret"));
+        assert_eq!(client.endpoint(), "https://graph.facebook.com/v23.0/106540352242922/messages");
+        assert!(!format!("{client:?}").contains("EAAG-secret"));
+    }
+}

@@ -1,0 +1,227 @@
+//! The shared state of a running sandbox, its router, and the control endpoints a
+//! rehearsal uses (`/_sandbox/...`, `/healthz`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use chrono::Utc;
+use rand::Rng;
+use reqwest::header::{HeaderName, HeaderValue};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use super::behaviour::{self, Fault};
+use super::config::{Faults, SandboxConfig};
+use super::ledger::{Ledger, LedgerSummary};
+use super::webhooks::{Auth, Target, WebhookCounts, Webhooks};
+use super::{Error, Result, evolution, meta};
+use crate::providers::evolution::ConnectionState;
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration the sandbox started with.
+    pub config: SandboxConfig,
+    /// Injected faults; replaceable at run time (`PUT /_sandbox/faults`).
+    faults: RwLock<Faults>,
+    /// Connection state per Evolution instance; replaceable at run time.
+    instance_states: Mutex<HashMap<String, ConnectionState>>,
+    /// A stable `instanceId` per instance, as Evolution reports it.
+    pub instance_ids: HashMap<String, String>,
+    /// Digits of the numbers that are not on WhatsApp.
+    not_on_whatsapp: HashSet<String>,
+    /// What was accepted.
+    pub ledger: Ledger,
+    /// The webhook poster.
+    pub webhooks: Webhooks,
+    /// Meta webhook receiver, if configured.
+    pub meta_target: Option<Arc<Target>>,
+    /// Evolution webhook receiver, if configured.
+    pub evolution_target: Option<Arc<Target>>,
+    /// Cancelled on shutdown: held answers and webhook tasks stop.
+    pub shutdown: CancellationToken,
+    /// The sandbox's own URL (Evolution's `server_url`).
+    pub server_url: String,
+}
+
+/// Evolution stops retrying a webhook on these answers (`WEBHOOK_RETRY_NON_RETRYABLE_STATUS_CODES`).
+const EVOLUTION_FINAL_STATUSES: &[u16] = &[400, 401, 403, 404, 422];
+
+/// What a send request meets before it may be accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Dice {
+    /// Answer delay.
+    pub latency: Duration,
+    /// Injected error, if any.
+    pub fault: Option<Fault>,
+    /// Hold the answer of an accepted message this long (lost response).
+    pub hold: Option<Duration>,
+}
+
+impl Shared {
+    /// Builds the state; `server_url` is where the sandbox listens.
+    pub fn new(config: SandboxConfig, server_url: String, shutdown: CancellationToken) -> Result<Self> {
+        let webhooks = Webhooks::new(config.webhooks.clone(), shutdown.clone())?;
+        let meta_target = config.meta.webhook_url.clone().map(|url| {
+            Arc::new(Target { url, auth: Auth::MetaSignature(config.meta.app_secret.clone()), give_up_on: &[] })
+        });
+        let evolution_target = match &config.evolution.webhook_url {
+            Some(url) => {
+                let name = HeaderName::from_bytes(config.evolution.webhook_header.as_bytes())
+                    .map_err(|_| Error::Config(format!("evolution.webhook_header {:?} is not a header name", config.evolution.webhook_header)))?;
+                let mut value = HeaderValue::from_str(config.evolution.webhook_secret.expose())
+                    .map_err(|_| Error::Config("evolution.webhook_secret cannot be sent in a header".to_owned()))?;
+                value.set_sensitive(true);
+                Some(Arc::new(Target { url: url.clone(), auth: Auth::Header(name, value), give_up_on: EVOLUTION_FINAL_STATUSES }))
+            }
+            None => None,
+        };
+        let instance_states = config.evolution.instances.iter().map(|i| (i.name.clone(), i.state)).collect();
+        let instance_ids = config.evolution.instances.iter().map(|i| (i.name.clone(), uuid::Uuid::new_v4().to_string())).collect();
+        let not_on_whatsapp = config.not_on_whatsapp.iter().map(|n| behaviour::digits(n)).collect();
+        Ok(Shared {
+            faults: RwLock::new(config.faults.clone()),
+            instance_states: Mutex::new(instance_states),
+            instance_ids,
+            not_on_whatsapp,
+            ledger: Ledger::default(),
+            webhooks,
+            meta_target,
+            evolution_target,
+            shutdown,
+            server_url,
+            config,
+        })
+    }
+
+    /// The faults in force.
+    pub fn faults(&self) -> Faults {
+        self.faults.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the faults (validated).
+    pub fn set_faults(&self, faults: Faults) -> Result<()> {
+        faults.validate()?;
+        *self.faults.write().unwrap_or_else(std::sync::PoisonError::into_inner) = faults;
+        Ok(())
+    }
+
+    /// An instance's state, or `None` if it does not exist.
+    pub fn instance_state(&self, instance: &str) -> Option<ConnectionState> {
+        self.instance_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(instance).copied()
+    }
+
+    /// Changes an existing instance's state.
+    pub fn set_instance_state(&self, instance: &str, state: ConnectionState) -> Result<()> {
+        let mut states = self.instance_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match states.get_mut(instance) {
+            Some(current) => {
+                *current = state;
+                Ok(())
+            }
+            None => Err(Error::UnknownInstance(instance.to_owned())),
+        }
+    }
+
+    /// Whether a number (digits) is configured as not on WhatsApp.
+    pub fn is_undeliverable(&self, digits: &str) -> bool {
+        self.not_on_whatsapp.contains(digits)
+    }
+
+    /// Rolls the dice for one send. A spent per-minute cap is a rate limit.
+    pub fn roll(&self) -> Dice {
+        let faults = self.faults();
+        let over_cap = faults
+            .per_minute_cap
+            .is_some_and(|cap| self.ledger.accepted_since(Utc::now() - chrono::Duration::seconds(60)) >= cap as usize);
+        let mut rng = rand::rng();
+        let latency = behaviour::latency(&mut rng, &self.config.latency);
+        let draw: f64 = rng.random();
+        let fault = if over_cap { Some(Fault::RateLimit) } else { behaviour::choose_fault(&faults, draw) };
+        let hold = behaviour::chance(&mut rng, faults.timeout).then(|| Duration::from_millis(faults.timeout_delay_ms));
+        Dice { latency, fault, hold }
+    }
+
+    /// Sleeps unless shutting down; false when interrupted.
+    pub async fn pause(&self, duration: Duration) -> bool {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => false,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+}
+
+/// The sandbox's routes: both provider APIs and the control endpoints.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/{version}/{phone_number_id}/messages", post(meta::send))
+        .route("/message/sendText/{instance}", post(evolution::send_text))
+        .route("/instance/connectionState/{instance}", get(evolution::connection_state))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/_sandbox/ledger", get(ledger))
+        .route("/_sandbox/reset", post(reset))
+        .route("/_sandbox/faults", get(get_faults).put(put_faults))
+        .route("/_sandbox/evolution/{instance}/state", put(put_instance_state))
+        .with_state(shared)
+}
+
+/// `GET /_sandbox/ledger`.
+#[derive(Debug, Serialize)]
+struct LedgerView {
+    #[serde(flatten)]
+    ledger: LedgerSummary,
+    webhooks: WebhookCounts,
+}
+
+async fn ledger(State(shared): State<Arc<Shared>>) -> Json<LedgerView> {
+    Json(LedgerView { ledger: shared.ledger.summary(), webhooks: shared.webhooks.counts() })
+}
+
+async fn reset(State(shared): State<Arc<Shared>>) -> StatusCode {
+    shared.ledger.reset();
+    StatusCode::NO_CONTENT
+}
+
+async fn get_faults(State(shared): State<Arc<Shared>>) -> Json<Faults> {
+    Json(shared.faults())
+}
+
+async fn put_faults(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let faults = match serde_json::from_slice::<Faults>(&body) {
+        Ok(faults) => faults,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    match shared.set_faults(faults) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct StateChange {
+    state: ConnectionState,
+}
+
+async fn put_instance_state(State(shared): State<Arc<Shared>>, Path(instance): Path<String>, body: axum::body::Bytes) -> Response {
+    let change = match serde_json::from_slice::<StateChange>(&body) {
+        Ok(change) => change,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    match shared.set_instance_state(&instance, change.state) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
+    }
+}
+
+/// Compares a presented credential with the expected one in constant time.
+pub fn credential_matches(presented: &str, expected: &str) -> bool {
+    presented.len() == expected.len() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
+}

@@ -1,0 +1,238 @@
+//! Meta Cloud API webhook bodies (providers.md A4/A5) → [`Notification`].
+//!
+//! Pure: bytes in, a notification out. Every level (`entry[]`, `changes[]`,
+//! `statuses[]`, `messages[]`) is iterated; unknown fields are ignored; an item that
+//! cannot be understood is counted as ignored instead of failing the whole payload,
+//! because Meta would retry a rejected payload for a week and never succeed.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use super::notification::{
+    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object, unix_seconds, wa_digits,
+};
+use crate::store::receipts::{ProviderError, ReceiptStatus};
+
+/// Prefix of `biz_opaque_callback_data` set by the sender: `disparo:<message id>`.
+pub const CALLBACK_PREFIX: &str = "disparo:";
+
+/// Parses a notification. `received_at` stands in for missing timestamps.
+pub fn parse(body: &[u8], received_at: DateTime<Utc>) -> Result<Notification, ParseError> {
+    let root = parse_object(body)?;
+    let mut out = Notification::default();
+    for entry in items(root.get("entry")) {
+        for change in items(entry.get("changes")) {
+            if change.get("field").and_then(Value::as_str) != Some("messages") {
+                out.ignored.push(Ignored::OtherField);
+                continue;
+            }
+            let value = change.get("value");
+            for status in items(value.and_then(|v| v.get("statuses"))) {
+                match parse_status(status, received_at) {
+                    Ok(status) => out.statuses.push(status),
+                    Err(ignored) => out.ignored.push(ignored),
+                }
+            }
+            for message in items(value.and_then(|v| v.get("messages"))) {
+                match parse_inbound(message) {
+                    Some(message) => out.inbound.push(message),
+                    None => out.ignored.push(Ignored::InvalidItem),
+                }
+            }
+            for _ in items(value.and_then(|v| v.get("errors"))) {
+                out.ignored.push(Ignored::ErrorsNotice);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The elements of a JSON array, or none when the value is missing or not an array.
+fn items(value: Option<&Value>) -> &[Value] {
+    value.and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn text_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(value, |v, key| v.get(key))?.as_str()
+}
+
+/// Meta's status vocabulary. `played` (first play of a voice message) counts as read;
+/// `deleted` and `warning` (On-Premises only) have no delivery meaning.
+pub fn map_status(status: &str) -> Option<ReceiptStatus> {
+    Some(match status {
+        "sent" => ReceiptStatus::Sent,
+        "delivered" => ReceiptStatus::Delivered,
+        "read" | "played" => ReceiptStatus::Read,
+        "failed" => ReceiptStatus::Failed,
+        _ => return None,
+    })
+}
+
+/// Our message id from `biz_opaque_callback_data`, when it is in the sender's format.
+pub fn callback_message_id(data: &str) -> Option<i64> {
+    data.strip_prefix(CALLBACK_PREFIX)?.parse::<i64>().ok().filter(|id| *id > 0)
+}
+
+fn parse_status(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStatus, Ignored> {
+    let status = item.get("status").and_then(Value::as_str).map(map_status).ok_or(Ignored::InvalidItem)?;
+    let status = status.ok_or(Ignored::NonDeliveryStatus)?;
+    let id = item.get("id").and_then(Value::as_str).and_then(clean_id).ok_or(Ignored::InvalidItem)?;
+    let message_id = item.get("biz_opaque_callback_data").and_then(Value::as_str).and_then(callback_message_id);
+    let error = (status == ReceiptStatus::Failed).then(|| first_error(item)).flatten();
+    Ok(ReportedStatus { provider_message_id: id, message_id, status, at: unix_seconds(item.get("timestamp"), received_at), error })
+}
+
+fn first_error(item: &Value) -> Option<ProviderError> {
+    let error = items(item.get("errors")).first()?;
+    let code = match error.get("code")? {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => clean_id(s)?,
+        _ => return None,
+    };
+    let title = error.get("title").or_else(|| error.get("message")).and_then(Value::as_str).map(clean_text).unwrap_or_default();
+    Some(ProviderError { code, title })
+}
+
+fn parse_inbound(item: &Value) -> Option<InboundMessage> {
+    let from = item.get("from").and_then(Value::as_str).and_then(wa_digits)?;
+    // Text bodies, and the quick-reply buttons of marketing templates ("Stop promotions").
+    let text = text_at(item, &["text", "body"])
+        .or_else(|| text_at(item, &["button", "text"]))
+        .or_else(|| text_at(item, &["interactive", "button_reply", "title"]))
+        .or_else(|| text_at(item, &["interactive", "list_reply", "title"]))
+        .map(clean_text);
+    Some(InboundMessage { from, text })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn fixture(name: &str) -> &'static str {
+        match name {
+            "sent" => include_str!("../../tests/fixtures/webhook/meta_a5_1_sent.json"),
+            "delivered" => include_str!("../../tests/fixtures/webhook/meta_a5_2_delivered.json"),
+            "read" => include_str!("../../tests/fixtures/webhook/meta_a5_3_read.json"),
+            "failed" => include_str!("../../tests/fixtures/webhook/meta_a5_4_failed.json"),
+            "batch" => include_str!("../../tests/fixtures/webhook/meta_a5_5_batch.json"),
+            "inbound" => include_str!("../../tests/fixtures/webhook/meta_a5_6_inbound_stop.json"),
+            _ => unreachable!(),
+        }
+    }
+
+    const RTCA: &str = "wamid.HBgLMTU1NTAxMjM0NTYVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA";
+
+    fn at(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(s, 0).unwrap()
+    }
+
+    #[test]
+    fn single_status_examples() {
+        let now = Utc::now();
+        for (name, status, ts) in [
+            ("sent", ReceiptStatus::Sent, 1_750_263_773),
+            ("delivered", ReceiptStatus::Delivered, 1_750_263_779),
+            ("read", ReceiptStatus::Read, 1_750_263_901),
+        ] {
+            let n = parse(fixture(name).as_bytes(), now).unwrap();
+            assert_eq!(
+                n.statuses,
+                vec![ReportedStatus { provider_message_id: RTCA.into(), message_id: None, status, at: at(ts), error: None }],
+                "{name}"
+            );
+            assert!(n.inbound.is_empty() && n.ignored.is_empty());
+        }
+        let failed = parse(fixture("failed").as_bytes(), now).unwrap();
+        assert_eq!(failed.statuses.len(), 1);
+        assert_eq!(failed.statuses[0].status, ReceiptStatus::Failed);
+        assert_eq!(failed.statuses[0].error, Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() }));
+    }
+
+    #[test]
+    fn batch_example_keeps_every_status_in_order() {
+        let n = parse(fixture("batch").as_bytes(), Utc::now()).unwrap();
+        let got: Vec<(&str, ReceiptStatus)> = n.statuses.iter().map(|s| (&s.provider_message_id[s.provider_message_id.len() - 4..], s.status)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("RTcA", ReceiptStatus::Read),
+                ("RTcA", ReceiptStatus::Delivered),
+                ("RTcA", ReceiptStatus::Sent),
+                ("MjAA", ReceiptStatus::Delivered),
+                ("NzEA", ReceiptStatus::Failed),
+            ]
+        );
+        assert_eq!(n.statuses[4].error.as_ref().map(|e| e.code.as_str()), Some("131049"));
+    }
+
+    #[test]
+    fn inbound_example_is_a_message_not_a_status() {
+        let n = parse(fixture("inbound").as_bytes(), Utc::now()).unwrap();
+        assert!(n.statuses.is_empty());
+        assert_eq!(n.inbound, vec![InboundMessage { from: "15550123456".into(), text: Some("STOP".into()) }]);
+    }
+
+    #[test]
+    fn callback_data_only_in_the_senders_format() {
+        assert_eq!(callback_message_id("disparo:42"), Some(42));
+        assert_eq!(callback_message_id("disparo:campaign=spring-sale:msg=42"), None, "providers.md A5.1 is not ours");
+        assert_eq!(callback_message_id("disparo:-1"), None);
+        assert_eq!(callback_message_id("42"), None);
+    }
+
+    #[test]
+    fn odd_items_are_ignored_not_fatal() {
+        let body = serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [
+                {"changes": [
+                    {"field": "account_update", "value": {}},
+                    {"field": "messages", "value": {
+                        "statuses": [
+                            {"id": "wamid.A", "status": "deleted", "timestamp": "1750263773"},
+                            {"status": "read"},
+                            {"id": 5, "status": "read"},
+                            {"id": "wamid.B", "status": "played", "biz_opaque_callback_data": "disparo:7"},
+                            "not an object"
+                        ],
+                        "errors": [{"code": 130429, "title": "Rate limit hit"}],
+                        "messages": [{"from": "not-a-number", "type": "text", "text": {"body": "hi"}}]
+                    }},
+                    {"field": "messages"}
+                ]},
+                {"id": "no changes"},
+                7
+            ]
+        });
+        let now = Utc::now();
+        let n = parse(body.to_string().as_bytes(), now).unwrap();
+        assert_eq!(
+            n.statuses,
+            vec![ReportedStatus { provider_message_id: "wamid.B".into(), message_id: Some(7), status: ReceiptStatus::Read, at: now, error: None }]
+        );
+        assert_eq!(
+            n.ignored,
+            vec![
+                Ignored::OtherField,
+                Ignored::NonDeliveryStatus,
+                Ignored::InvalidItem,
+                Ignored::InvalidItem,
+                Ignored::InvalidItem,
+                Ignored::InvalidItem,
+                Ignored::ErrorsNotice
+            ]
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_payload() {
+        for body in [&b""[..], b"{", b"[]", b"\"x\"", b"null", b"{\"a\":1}}"] {
+            let result = parse(body, Utc::now());
+            assert!(result.is_err(), "{}", String::from_utf8_lossy(body));
+        }
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(parse(format!("{{\"entry\":{deep}}}").as_bytes(), Utc::now()).is_err(), "deep nesting is refused, not a stack overflow");
+        assert_eq!(parse(b"{}", Utc::now()).unwrap(), Notification::default());
+    }
+}

@@ -1,0 +1,91 @@
+//! Webhook metrics: events by provider, status and outcome; requests by answer;
+//! batch sizes and commit latency; request latency. Every label value comes from a
+//! fixed set (no ids, namespaces or numbers), so cardinality stays bounded whatever
+//! is posted.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the events counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// `meta` or `evolution`.
+    pub provider: &'static str,
+    /// `sent`, `delivered`, `read`, `failed`, `inbound`, or `none` (not parsed, ignored items).
+    pub status: &'static str,
+    /// `applied`, `duplicate`, `stale`, `unknown_id`, `rejected_signature`, `opted_out`,
+    /// `unknown_contact`, `not_opt_out`, or why an item was ignored.
+    pub outcome: &'static str,
+}
+
+/// Labels of the requests counter and latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `meta` or `evolution`.
+    pub provider: &'static str,
+    /// HTTP status code answered.
+    pub code: u16,
+}
+
+/// Labels by provider only.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    /// `meta` or `evolution`.
+    pub provider: &'static str,
+}
+
+/// The webhook service's metrics.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    /// Events by provider, status and outcome.
+    pub events: Family<EventLabels, Counter>,
+    /// Requests by provider and answer.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from request to answer, by provider.
+    pub request_seconds: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+    /// Events (statuses and opt-outs) per committed transaction.
+    pub batch_events: Histogram,
+    /// Requests grouped into one transaction.
+    pub batch_requests: Histogram,
+    /// Seconds per batch transaction (begin to commit).
+    pub batch_seconds: Histogram,
+    /// Batch transactions that failed (each failed request was answered 503 or 500).
+    pub batch_failures: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl WebhookMetrics {
+    /// Creates the metrics and registers them.
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = WebhookMetrics {
+            events: Family::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            batch_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            batch_seconds: latency_histogram(),
+            batch_failures: Counter::default(),
+        };
+        registry.register("disparo_webhook_events", "Webhook events by provider, status and outcome", metrics.events.clone());
+        registry.register("disparo_webhook_requests", "Webhook requests by provider and HTTP status", metrics.requests.clone());
+        registry.register("disparo_webhook_request_seconds", "Webhook request latency", metrics.request_seconds.clone());
+        registry.register("disparo_webhook_batch_events", "Events applied per database transaction", metrics.batch_events.clone());
+        registry.register("disparo_webhook_batch_requests", "Requests grouped per database transaction", metrics.batch_requests.clone());
+        registry.register("disparo_webhook_batch_seconds", "Seconds per batch transaction", metrics.batch_seconds.clone());
+        registry.register("disparo_webhook_batch_failures", "Batch transactions that failed", metrics.batch_failures.clone());
+        metrics
+    }
+
+    /// Counts `n` events.
+    pub fn count(&self, provider: &'static str, status: &'static str, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.events.get_or_create(&EventLabels { provider, status, outcome }).inc_by(n);
+        }
+    }
+}

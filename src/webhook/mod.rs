@@ -1,0 +1,160 @@
+//! `disparo webhook`: provider callbacks (Meta Cloud API, Evolution API) into Postgres.
+//!
+//! The service verifies each callback against its channel's secrets, turns it into
+//! status events and opt-outs, and applies them through one writer task that groups
+//! concurrent requests into single transactions; a provider gets its 200 only after the
+//! commit. What it owns and where:
+//!
+//! - [`signature`]: Meta's `X-Hub-Signature-256`, Evolution's shared header and JWT.
+//! - [`meta`], [`evolution`]: payload parsing, pure, into a [`notification::Notification`].
+//! - [`optout`]: opt-out keywords.
+//! - [`credentials`]: channel secrets from the Kubernetes API (watch-backed) or fixed ones.
+//! - [`writer`]: the batching writer; the SQL itself is in [`crate::store::receipts`].
+//! - `server`: routes and answers; [`metrics`]: what is counted; [`bench`]: throughput.
+//!
+//! It leaves to others: sending (the sender), counters (schema triggers), channel
+//! status and webhook paths (the controller).
+
+pub mod bench;
+pub mod credentials;
+pub mod evolution;
+pub mod meta;
+pub mod metrics;
+pub mod notification;
+pub mod optout;
+mod server;
+pub mod signature;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use credentials::{ChannelCredentials, EvolutionSecrets, KubeCredentials, LookupError, MetaSecrets, SecretValue, StaticCredentials};
+pub use optout::OptOutKeywords;
+pub use server::SIGNATURE_HEADER;
+pub use writer::BatchConfig;
+
+/// Errors of the webhook service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Serving HTTP failed (the listener broke).
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+    /// The writer task panicked or was cancelled.
+    #[error("writer task: {0}")]
+    Writer(#[source] tokio::task::JoinError),
+}
+
+/// Result alias of the webhook module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Arguments of `disparo webhook`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookArgs {
+    /// Address to listen on (webhooks, /healthz, /readyz, /metrics).
+    #[arg(long, env = "DISPARO_WEBHOOK_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Largest request body accepted (413 above). Meta payloads reach about 3 MB.
+    #[arg(long, env = "DISPARO_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Inbound texts that opt the sender out, comma-separated (replaces the English and
+    /// Portuguese defaults; an empty value turns opt-out detection off).
+    #[arg(long, env = "DISPARO_OPT_OUT_KEYWORDS", value_delimiter = ',')]
+    pub opt_out_keywords: Option<Vec<String>>,
+    /// Most events grouped into one transaction.
+    #[arg(long, env = "DISPARO_WEBHOOK_BATCH_MAX_EVENTS", default_value_t = 1000)]
+    pub batch_max_events: usize,
+    /// How long the writer waits for more requests before applying a batch (0: apply
+    /// at once; requests that arrive during a transaction still form the next batch).
+    #[arg(long, env = "DISPARO_WEBHOOK_BATCH_MAX_DELAY_MS", default_value_t = 0)]
+    pub batch_max_delay_ms: u64,
+    /// Postgres connections this process may open.
+    #[arg(long, env = "DISPARO_WEBHOOK_DB_CONNECTIONS", default_value_t = 4)]
+    pub db_max_connections: u32,
+}
+
+/// How one service instance behaves (what [`WebhookArgs`] become).
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Request body cap in bytes.
+    pub max_body_bytes: usize,
+    /// Opt-out keywords.
+    pub keywords: OptOutKeywords,
+    /// Writer batching.
+    pub batch: BatchConfig,
+    /// How long a request waits for its commit before answering 503. Providers time
+    /// out somewhere between 3 and 20 seconds; a late answer is a wasted one.
+    pub apply_timeout: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 3 * 1024 * 1024, keywords: OptOutKeywords::default(), batch: BatchConfig::default(), apply_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Serves webhooks on `listener` until `shutdown`, then lets in-flight requests finish
+/// and the writer commit what they handed it. This is the whole service minus where
+/// its inputs come from: tests and benchmarks call it with a port-0 listener, fixed
+/// credentials and a pool of their own.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    pool: PgPool,
+    credentials: Arc<dyn ChannelCredentials>,
+    config: ServiceConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::WebhookMetrics::new(&mut registry));
+    let (writer, writer_task) = writer::Writer::spawn(pool.clone(), config.batch, metrics.clone());
+    let state = Arc::new(server::AppState {
+        pool,
+        credentials,
+        writer,
+        metrics,
+        registry: Arc::new(registry),
+        keywords: config.keywords,
+        apply_timeout: config.apply_timeout,
+    });
+    let app = server::router(state, config.max_body_bytes);
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    // The router (and with it the last writer handle) is gone: the writer drains and ends.
+    writer_task.await.map_err(Error::Writer)?;
+    served.map_err(Error::Serve)
+}
+
+/// Runs `disparo webhook`: Postgres (connected lazily, so the service starts and answers
+/// 503 while Postgres is down), channel secrets from the Kubernetes API, HTTP until
+/// `shutdown`.
+pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let WebhookArgs { listen, database_url, max_body_bytes, opt_out_keywords, batch_max_events, batch_max_delay_ms, db_max_connections } = args;
+    let pool = crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
+    let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
+    let (credentials, watch_task) = KubeCredentials::start(client, shutdown.clone());
+    let keywords = match &opt_out_keywords {
+        Some(list) => OptOutKeywords::new(list.iter().map(String::as_str)),
+        None => OptOutKeywords::default(),
+    };
+    let config = ServiceConfig {
+        max_body_bytes,
+        keywords,
+        batch: BatchConfig { max_events: batch_max_events.max(1), max_delay: Duration::from_millis(batch_max_delay_ms), ..BatchConfig::default() },
+        ..ServiceConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;
+    info!(%listen, opt_out_keywords = config.keywords.len(), "webhook service listening");
+    let served = serve(listener, pool, Arc::new(credentials), config, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = watch_task.await;
+    served.context("webhook service")
+}
