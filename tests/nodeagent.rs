@@ -51,7 +51,8 @@ async fn client() -> Result<Client> {
     disparo::telemetry::install_crypto_provider();
     disparo::telemetry::init(disparo::telemetry::LogFormat::Text);
     let path = kubeconfig();
-    let kubeconfig = kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
     Ok(Client::try_from(config)?)
 }
@@ -90,14 +91,19 @@ impl Harness {
         let shutdown = CancellationToken::new();
         let agent = tokio::spawn(run_with_client(client.clone(), args, shutdown.clone()));
         let nodes: Api<Node> = Api::all(client.clone());
-        wait_until("node registered Ready", || async { Ok(nodes.get_opt(&node).await?.is_some_and(|n| node_ready(&n) == Some(true))) })
-            .await?;
+        wait_until("node registered Ready", || async {
+            Ok(nodes.get_opt(&node).await?.is_some_and(|n| node_ready(&n) == Some(true)))
+        })
+        .await?;
         Ok(Self { client, namespace, node, work_dir, shutdown, agent: Some(agent) })
     }
 
     fn api<K>(&self) -> Api<K>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         Api::namespaced(self.client.clone(), &self.namespace)
@@ -438,6 +444,39 @@ async fn stopping_the_agent_leaves_no_process_and_a_not_ready_node() -> Result<(
             .and_then(|s| s.conditions)
             .is_some_and(|cs| cs.iter().any(|c| c.type_ == "DisruptionTarget" && c.status == "True"));
         assert!(disrupted, "no DisruptionTarget condition");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_restarts_the_container_in_place() -> Result<()> {
+    Harness::run("restart", async |h| {
+        // Fails on its first run only: the marker survives in the agent's work dir.
+        let script = "m=./ran-once-$HOSTNAME; if [ -e $m ]; then echo second run; exit 0; fi; touch $m; exit 1";
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "flaky"},
+            "spec": {
+                "restartPolicy": "OnFailure",
+                "containers": [{"name": "main", "image": "ghcr.io/disparo/disparo:test", "command": ["/bin/sh", "-c", script]}],
+            },
+        }))?;
+        let pods: Api<Pod> = h.api();
+        pods.create(&PostParams::default(), &pod).await?;
+        wait_until("the pod to succeed after one restart", || async {
+            let pod = pods.get("flaky").await?;
+            ensure!(phase(&pod) != Some("Failed"), "the pod failed: {:?}", pod.status);
+            Ok(phase(&pod) == Some("Succeeded"))
+        })
+        .await?;
+        let pod = pods.get("flaky").await?;
+        let status = pod.status.and_then(|s| s.container_statuses).and_then(|cs| cs.into_iter().next());
+        let status = status.context("no container status")?;
+        assert_eq!(status.restart_count, 1);
+        let last = status.last_state.and_then(|s| s.terminated).context("no lastState")?;
+        assert_eq!((last.exit_code, last.reason.as_deref()), (1, Some("Error")));
+        let end = status.state.and_then(|s| s.terminated).context("not terminated")?;
+        assert_eq!(end.exit_code, 0);
         Ok(())
     })
     .await

@@ -308,10 +308,7 @@ impl Agent {
     /// dropped process handles still kill their groups.
     async fn drain(&mut self) {
         let workers = &mut self.workers;
-        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while workers.join_next().await.is_some() {}
-        })
-        .await;
+        let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while workers.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             warn!("pod supervisors did not stop in time; aborting them");
             self.workers.abort_all();

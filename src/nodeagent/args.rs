@@ -62,8 +62,7 @@ impl Settings {
             Some(path) => path,
             None => std::env::current_exe().map_err(Error::CurrentExe)?,
         };
-        let work_dir =
-            work_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("disparo-node-agent-{node_name}")));
+        let work_dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("disparo-node-agent-{node_name}")));
         std::fs::create_dir_all(&work_dir).map_err(|source| Error::WorkDir { path: work_dir.clone(), source })?;
         Ok(Self {
             node_name,

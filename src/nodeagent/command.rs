@@ -134,12 +134,7 @@ mod tests {
 
     fn container(command: Option<&[&str]>, args: Option<&[&str]>) -> Container {
         let owned = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        Container {
-            name: "sender".into(),
-            command: command.map(owned),
-            args: args.map(owned),
-            ..Default::default()
-        }
+        Container { name: "sender".into(), command: command.map(owned), args: args.map(owned), ..Default::default() }
     }
 
     #[test]
@@ -151,7 +146,10 @@ mod tests {
         };
         let cases = [
             // No command: the image entrypoint (our binary) runs with args.
-            (container(None, Some(&["send", "--index", "$(INDEX)"])), line("/opt/bin/disparo-dev", &["send", "--index", "2"])),
+            (
+                container(None, Some(&["send", "--index", "$(INDEX)"])),
+                line("/opt/bin/disparo-dev", &["send", "--index", "2"]),
+            ),
             (container(None, None), line("/opt/bin/disparo-dev", &[])),
             (container(Some(&[]), Some(&["send"])), line("/opt/bin/disparo-dev", &["send"])),
             // `disparo` named by bare name or path is replaced by the binary.

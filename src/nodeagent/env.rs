@@ -197,7 +197,11 @@ impl Environment {
 ///
 /// The result keeps declaration order, each name once. Secret bytes that are not
 /// UTF-8 are converted lossily: environment values here are text.
-pub fn resolve(container: &Container, fields: &PodFields, sources: &Sources) -> Result<Vec<(String, String)>, ConfigError> {
+pub fn resolve(
+    container: &Container,
+    fields: &PodFields,
+    sources: &Sources,
+) -> Result<Vec<(String, String)>, ConfigError> {
     let mut env = Environment::default();
     let optional = |flag: Option<bool>| flag.unwrap_or(false);
 
@@ -469,7 +473,11 @@ mod tests {
             (from("A", config_key("absent", "RATE", None)), ConfigError::ConfigMapNotFound("absent".into())),
             (
                 from("A", config_key("settings", "nope", None)),
-                ConfigError::ConfigMapKeyNotFound { namespace: "acme".into(), name: "settings".into(), key: "nope".into() },
+                ConfigError::ConfigMapKeyNotFound {
+                    namespace: "acme".into(),
+                    name: "settings".into(),
+                    key: "nope".into(),
+                },
             ),
             (from("A", field("status.phase")), ConfigError::UnsupportedFieldPath("status.phase".into())),
             (from("A", resource), ConfigError::UnsupportedResourceField("A".into())),

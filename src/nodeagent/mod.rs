@@ -101,11 +101,7 @@ pub async fn run(args: NodeAgentArgs, shutdown: CancellationToken) -> anyhow::Re
 
 /// Like [`run`], with a client the caller built (tests point it at a throwaway
 /// control plane without touching the process environment).
-pub async fn run_with_client(
-    client: kube::Client,
-    args: NodeAgentArgs,
-    shutdown: CancellationToken,
-) -> Result<()> {
+pub async fn run_with_client(client: kube::Client, args: NodeAgentArgs, shutdown: CancellationToken) -> Result<()> {
     let settings = args::Settings::resolve(args)?;
     agent::run(client, settings, shutdown).await
 }

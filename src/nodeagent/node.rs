@@ -197,10 +197,7 @@ fn node_status(name: &str, readiness: Readiness, since: Timestamp, now: Timestam
     ];
     let mut capacity = BTreeMap::from([
         ("pods".to_string(), Quantity(max_pods.to_string())),
-        (
-            "cpu".to_string(),
-            Quantity(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string()),
-        ),
+        ("cpu".to_string(), Quantity(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).to_string())),
     ]);
     if let Some(kib) = memory_kib() {
         capacity.insert("memory".to_string(), Quantity(format!("{kib}Ki")));

@@ -153,12 +153,8 @@ impl Supervisor {
         let spec = pod.spec.as_ref()?;
         let container = spec.containers.first()?.clone();
         let log_path = ctx.settings.work_dir.join(format!("{namespace}_{name}_{}.log", container.name));
-        let start_time = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.start_time.as_ref())
-            .map(|t| t.0)
-            .unwrap_or_else(Timestamp::now);
+        let start_time =
+            pod.status.as_ref().and_then(|s| s.start_time.as_ref()).map(|t| t.0).unwrap_or_else(Timestamp::now);
         let image_id = format!("{ID_SCHEME}{}", ctx.settings.binary.display());
         Some(Self {
             api: Api::namespaced(ctx.client.clone(), &namespace),
@@ -210,13 +206,8 @@ impl Supervisor {
     /// as lost, as kubelet counts a container it cannot find.
     fn adopt_previous_status(&mut self) -> Option<Termination> {
         let pod = self.pods.borrow().clone();
-        let previous = pod
-            .status
-            .as_ref()?
-            .container_statuses
-            .as_ref()?
-            .iter()
-            .find(|cs| cs.name == self.container.name)?;
+        let previous =
+            pod.status.as_ref()?.container_statuses.as_ref()?.iter().find(|cs| cs.name == self.container.name)?;
         self.restart_count = previous.restart_count;
         previous.state.as_ref()?.running.as_ref()?;
         Some(Termination::without_process(
@@ -567,15 +558,9 @@ impl Supervisor {
 /// The grace period a deletion grants: the deletion's own, else the spec's, never
 /// below kubelet's two-second minimum.
 fn grace_period(pod: &Pod) -> Duration {
-    let seconds = pod
-        .metadata
-        .deletion_grace_period_seconds
-        .or_else(|| pod.spec.as_ref()?.termination_grace_period_seconds);
-    seconds
-        .and_then(|s| u64::try_from(s).ok())
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_GRACE)
-        .max(MIN_GRACE)
+    let seconds =
+        pod.metadata.deletion_grace_period_seconds.or_else(|| pod.spec.as_ref()?.termination_grace_period_seconds);
+    seconds.and_then(|s| u64::try_from(s).ok()).map(Duration::from_secs).unwrap_or(DEFAULT_GRACE).max(MIN_GRACE)
 }
 
 /// Whether a failed request is worth repeating.

@@ -178,9 +178,7 @@ mod tests {
 
     fn is_alive(pid: &str) -> bool {
         std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|stat| !stat.contains(") Z "))
-                .unwrap_or(false)
+            && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|stat| !stat.contains(") Z ")).unwrap_or(false)
     }
 
     /// Waits for the script to write its background child's pid.

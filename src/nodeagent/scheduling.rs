@@ -30,11 +30,7 @@ pub fn is_bindable(pod: &Pod, node_labels: &BTreeMap<String, String>) -> bool {
         .as_ref()
         .and_then(|status| Phase::parse(status.phase.as_deref()))
         .is_none_or(|phase| phase == Phase::Pending);
-    let fits = spec
-        .node_selector
-        .iter()
-        .flatten()
-        .all(|(key, value)| node_labels.get(key) == Some(value));
+    let fits = spec.node_selector.iter().flatten().all(|(key, value)| node_labels.get(key) == Some(value));
     unassigned && ours && ungated && alive && pending && fits
 }
 
@@ -107,9 +103,8 @@ mod tests {
     fn binds_only_what_a_scheduler_would_hand_this_node() {
         let deleting = {
             let mut pod = pending();
-            pod.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ));
+            pod.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
             pod
         };
         let failed = {

@@ -202,7 +202,15 @@ impl Termination {
 
     /// A run that ended without a process to speak of.
     pub fn without_process(reason: TerminationReason, exit_code: i32, message: String, at: Timestamp) -> Self {
-        Self { exit_code, signal: None, reason, message: Some(message), started_at: None, finished_at: at, container_id: None }
+        Self {
+            exit_code,
+            signal: None,
+            reason,
+            message: Some(message),
+            started_at: None,
+            finished_at: at,
+            container_id: None,
+        }
     }
 
     /// The wire form.
@@ -316,7 +324,9 @@ pub fn pod_status(report: &PodReport, previous: &[PodCondition], now: Timestamp)
     let (ready_reason, ready_message) = match (running, report.phase) {
         (true, _) => (None, None),
         (false, Phase::Succeeded) => (Some("PodCompleted"), None),
-        (false, _) => (Some("ContainersNotReady"), Some(format!("containers with unready status: [{}]", report.container_name))),
+        (false, _) => {
+            (Some("ContainersNotReady"), Some(format!("containers with unready status: [{}]", report.container_name)))
+        }
     };
     let mut conditions = vec![
         make_condition(condition::SCHEDULED, true, None, None, previous, now),
@@ -338,7 +348,10 @@ pub fn pod_status(report: &PodReport, previous: &[PodCondition], now: Timestamp)
     let (state, started, container_id) = match &report.state {
         Lifecycle::Waiting { reason, message } => (
             ContainerState {
-                waiting: Some(ContainerStateWaiting { reason: Some(reason.as_str().to_string()), message: message.clone() }),
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some(reason.as_str().to_string()),
+                    message: message.clone(),
+                }),
                 ..Default::default()
             },
             false,
@@ -482,12 +495,7 @@ mod tests {
     }
 
     fn condition<'a>(status: &'a PodStatus, type_: &str) -> &'a PodCondition {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| c.type_ == type_)
-            .unwrap_or_else(|| panic!("no {type_} condition"))
+        status.conditions.iter().flatten().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition"))
     }
 
     #[test]
@@ -578,11 +586,8 @@ mod tests {
         let status = pod_status(&r, &[], at(2));
         assert_eq!(condition(&status, "DisruptionTarget").status, "True");
         assert_eq!(status.reason.as_deref(), Some("Terminated"));
-        let terminated = status
-            .container_statuses
-            .iter()
-            .flatten()
-            .find_map(|cs| cs.state.as_ref()?.terminated.clone());
+        let terminated =
+            status.container_statuses.iter().flatten().find_map(|cs| cs.state.as_ref()?.terminated.clone());
         assert_eq!(terminated.map(|t| (t.exit_code, t.signal)), Some((143, Some(15))));
     }
 
@@ -594,11 +599,7 @@ mod tests {
         };
         let status = pod_status(&report(waiting, Phase::Pending), &[], at(1));
         assert_eq!(status.phase.as_deref(), Some("Pending"));
-        let waiting = status
-            .container_statuses
-            .iter()
-            .flatten()
-            .find_map(|cs| cs.state.as_ref()?.waiting.clone());
+        let waiting = status.container_statuses.iter().flatten().find_map(|cs| cs.state.as_ref()?.waiting.clone());
         let waiting = waiting.unwrap_or_else(|| panic!("not waiting"));
         assert_eq!(waiting.reason.as_deref(), Some("CreateContainerConfigError"));
         assert_eq!(waiting.message.as_deref(), Some("secret \"meta\" not found"));

@@ -1,7 +1,7 @@
 //! The provider clients: Meta WhatsApp Cloud API and Evolution API v2 behind one trait.
 //!
 //! This module owns what a provider *says*: the wire formats of a send
-//! ([`meta`], [`evolution`]), the one HTTP path both share ([`transport`]), and the
+//! ([`meta`], [`evolution`]), the one HTTP path both share (`transport`), and the
 //! table that turns a provider's error into what the sender should do about it
 //! ([`classify`]). It leaves rate limiting, retry scheduling and recording outcomes to
 //! the sender, and webhooks to the webhook service (which reuses [`signature`] and

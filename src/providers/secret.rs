@@ -5,7 +5,7 @@ use serde::Deserialize;
 /// A token, api key or shared secret. Its `Debug` prints `Secret(***)` so a client,
 /// config or error derived with `Debug` never shows it; the value is only reachable
 /// through [`Secret::expose`], which makes every use visible in review.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
 

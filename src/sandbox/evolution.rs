@@ -86,7 +86,10 @@ pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<S
         (behaviour::evolution_key_id(&mut rng), behaviour::evolution_row_id(&mut rng))
     };
     let recipient = format!("+{digits}");
-    shared.ledger.record(Accepted { at: Utc::now(), provider: Provider::Evolution, recipient: recipient.clone(), message_id: key_id.clone(), callback_data: None });
+    let entry = Accepted { at: Utc::now(), provider: Provider::Evolution, recipient: recipient.clone(), message_id: key_id.clone(), callback_data: None };
+    if !shared.accept(entry) {
+        return error(StatusCode::BAD_REQUEST, json!(["Error: rate-overlimit"]));
+    }
     debug!(recipient = %mask_phone(&recipient), instance = %instance, "evolution message accepted");
     let instance_id = shared.instance_ids.get(&instance).cloned().unwrap_or_default();
     let remote_jid = format!("{digits}@s.whatsapp.net");

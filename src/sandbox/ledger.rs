@@ -62,6 +62,22 @@ impl Ledger {
         self.lock().push(entry);
     }
 
+    /// Records an accepted message unless `cap` messages were already accepted in the
+    /// 60 s before it; false when over the cap. Check and record happen under one lock,
+    /// so concurrent sends cannot slip past the cap together.
+    pub fn record_within(&self, entry: Accepted, cap: Option<u32>) -> bool {
+        let mut entries = self.lock();
+        if let Some(cap) = cap {
+            let since = entry.at - chrono::Duration::seconds(60);
+            let recent = entries.iter().rev().take_while(|e| e.at > since).count();
+            if recent >= cap as usize {
+                return false;
+            }
+        }
+        entries.push(entry);
+        true
+    }
+
     /// Forgets everything (between rehearsals).
     pub fn reset(&self) {
         self.lock().clear();
@@ -96,11 +112,6 @@ impl Ledger {
     /// When each message was accepted, and for whom.
     pub fn timestamps(&self) -> Vec<(DateTime<Utc>, String)> {
         self.lock().iter().map(|e| (e.at, e.recipient.clone())).collect()
-    }
-
-    /// Messages accepted at or after `since` (the per-minute cap).
-    pub fn accepted_since(&self, since: DateTime<Utc>) -> usize {
-        self.lock().iter().rev().take_while(|e| e.at >= since).count()
     }
 
     /// The most messages accepted within any 60-second window: the number a
@@ -159,9 +170,20 @@ mod tests {
         assert_eq!(ledger.per_recipient().get("+551"), Some(&2));
         assert_eq!(ledger.duplicates(), vec!["+551".to_owned(), "+553".to_owned()]);
         assert_eq!(ledger.timestamps()[1], (at(1), "+552".to_owned()));
-        assert_eq!(ledger.accepted_since(at(3)), 2);
         ledger.reset();
         assert_eq!(ledger.accepted_count(), 0);
+    }
+
+    #[test]
+    fn the_cap_counts_the_trailing_minute() {
+        let ledger = Ledger::default();
+        for secs in 0..5 {
+            assert!(ledger.record_within(entry(secs, "+551"), None));
+        }
+        assert!(!ledger.record_within(entry(5, "+552"), Some(5)), "five in the last minute already");
+        assert_eq!(ledger.accepted_count(), 5, "a refused message is not recorded");
+        assert!(ledger.record_within(entry(5, "+552"), Some(6)));
+        assert!(ledger.record_within(entry(70, "+553"), Some(1)), "the earlier ones are more than a minute old");
     }
 
     #[test]

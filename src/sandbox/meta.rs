@@ -65,13 +65,10 @@ pub async fn send(State(shared): State<Arc<Shared>>, Path((_version, phone_numbe
 
     let wamid = behaviour::wamid(&mut rand::rng());
     let recipient = format!("+{}", request.digits);
-    shared.ledger.record(Accepted {
-        at: Utc::now(),
-        provider: Provider::Meta,
-        recipient: recipient.clone(),
-        message_id: wamid.clone(),
-        callback_data: request.callback_data.clone(),
-    });
+    let entry = Accepted { at: Utc::now(), provider: Provider::Meta, recipient: recipient.clone(), message_id: wamid.clone(), callback_data: request.callback_data.clone() };
+    if !shared.accept(entry) {
+        return error(130429, "Message failed to send because there were too many messages sent from this phone number in a short period of time").into_response();
+    }
     debug!(recipient = %mask_phone(&recipient), "meta message accepted");
     if let Some(target) = &shared.meta_target {
         let undeliverable = shared.is_undeliverable(&request.digits);

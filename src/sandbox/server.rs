@@ -11,7 +11,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use chrono::Utc;
 use rand::Rng;
 use reqwest::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
@@ -20,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::behaviour::{self, Fault};
 use super::config::{Faults, SandboxConfig};
-use super::ledger::{Ledger, LedgerSummary};
+use super::ledger::{Accepted, Ledger, LedgerSummary};
 use super::webhooks::{Auth, Target, WebhookCounts, Webhooks};
 use super::{Error, Result, evolution, meta};
 use crate::providers::evolution::ConnectionState;
@@ -136,18 +135,23 @@ impl Shared {
         self.not_on_whatsapp.contains(digits)
     }
 
-    /// Rolls the dice for one send. A spent per-minute cap is a rate limit.
+    /// Rolls the dice for one send. (The per-minute cap is checked when the message is
+    /// recorded: [`Shared::accept`].)
     pub fn roll(&self) -> Dice {
         let faults = self.faults();
-        let over_cap = faults
-            .per_minute_cap
-            .is_some_and(|cap| self.ledger.accepted_since(Utc::now() - chrono::Duration::seconds(60)) >= cap as usize);
         let mut rng = rand::rng();
         let latency = behaviour::latency(&mut rng, &self.config.latency);
         let draw: f64 = rng.random();
-        let fault = if over_cap { Some(Fault::RateLimit) } else { behaviour::choose_fault(&faults, draw) };
+        let fault = behaviour::choose_fault(&faults, draw);
         let hold = behaviour::chance(&mut rng, faults.timeout).then(|| Duration::from_millis(faults.timeout_delay_ms));
         Dice { latency, fault, hold }
+    }
+
+    /// Records an accepted message in the ledger; false when the per-minute cap is
+    /// spent (the caller answers with its provider's rate-limit error).
+    pub fn accept(&self, entry: Accepted) -> bool {
+        let cap = self.faults().per_minute_cap;
+        self.ledger.record_within(entry, cap)
     }
 
     /// Sleeps unless shutting down; false when interrupted.

@@ -52,7 +52,7 @@ pub struct Stats {
     dropped: AtomicU64,
 }
 
-/// A snapshot of [`Stats`].
+/// Webhook counters at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct WebhookCounts {
     /// POSTs the receiver answered with 2xx.

@@ -75,6 +75,10 @@ pub enum BatchEnd {
 /// person clears it earlier.
 const STOPPED_CHANNEL_PAUSE: chrono::Duration = chrono::Duration::days(3650);
 
+/// Tokens are not spent this close to the end of their window, so a request in flight
+/// cannot land in the next window.
+const TOKEN_MARGIN: chrono::Duration = chrono::Duration::milliseconds(300);
+
 /// Sleeps until `until` or until shutdown; returns false on shutdown.
 async fn sleep_until(until: DateTime<Utc>, shutdown: &CancellationToken) -> bool {
     let wait = (until - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -160,7 +164,7 @@ pub async fn run_batch(
                     }
                     // A token from a window that has ended is void: spending it would put
                     // this send into the next window, over its cap.
-                    if expires_at.is_some_and(|end| Utc::now() >= end) {
+                    if expires_at.is_some_and(|end| Utc::now() + TOKEN_MARGIN >= end) {
                         return (message.id, messages::Outcome::Requeue { at: Utc::now() }, Effect::Continue);
                     }
                     let contact = ContactView { name: message.name.as_deref(), phone: &message.phone, attributes: &message.attributes };

@@ -1,0 +1,233 @@
+//! `disparo send` against a real Postgres and the sandbox over real HTTP: counts match
+//! the sandbox's ledger, retries follow the policy, concurrent senders respect the
+//! channel's cap, a SIGKILL mid-batch neither duplicates nor loses, and a spent day
+//! window exits with the distinct code.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use disparo::api::{RateLimitMode, RateLimitsSpec, RetryPolicy};
+use disparo::sandbox::{self, Faults, Latency, SandboxConfig, SandboxHandle};
+use disparo::sender::{self, MessageTemplate, ProviderTarget, SendConfig};
+use disparo::store::audience::{self, AudienceQuery, CampaignKey};
+use disparo::store::campaigns;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+async fn sandbox(latency_ms: u64, faults: Faults) -> SandboxHandle {
+    disparo::telemetry::install_crypto_provider();
+    let config = SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Latency { min_ms: latency_ms, max_ms: latency_ms },
+        faults,
+        ..Default::default()
+    };
+    sandbox::start(config).await.unwrap()
+}
+
+fn config(campaign: Uuid, channel: &str, sandbox: &SandboxHandle, retry: RetryPolicy, limits: RateLimitsSpec, block: u32) -> SendConfig {
+    SendConfig {
+        campaign_uid: campaign,
+        organization: "acme".into(),
+        channel: channel.into(),
+        target: ProviderTarget::Meta { base_url: sandbox.base_url(), api_version: "v23.0".into(), phone_number_id: "106540352242922".into() },
+        message: MessageTemplate::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["{{contact.name}}".into()] },
+        retry,
+        rate_limits: limits,
+        block_size: block,
+        request_timeout_millis: 2_000,
+    }
+}
+
+fn unlimited() -> RateLimitsSpec {
+    RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(100_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) }
+}
+
+async fn campaign(pool: &PgPool, n: usize, batch_size: u32) -> (Uuid, i32) {
+    common::seed_contacts(pool, "acme", n, |i| (vec![], json!({"i": i}))).await;
+    let uid = Uuid::new_v4();
+    let key = CampaignKey { uid, organization: "acme", name: &format!("c-{uid}"), channel: "main", batch_size };
+    let frozen = audience::materialize(pool, &key, &AudienceQuery::AllContacts).await.unwrap();
+    (uid, frozen.batches)
+}
+
+async fn run_in_process(pool: &PgPool, cfg: &SendConfig, batch: i32) -> sender::BatchEnd {
+    let client = sender::build_client(&cfg.target, "sandbox-meta-token", Duration::from_millis(cfg.request_timeout_millis)).unwrap();
+    let metrics = sender::metrics::SenderMetrics::new(&mut Registry::default());
+    sender::run_batch(pool, &cfg.batch_job(batch), client, &metrics, &CancellationToken::new()).await.unwrap()
+}
+
+async fn statuses(pool: &PgPool, campaign: Uuid) -> BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status::text, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1")
+        .bind(campaign)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    rows.into_iter().collect()
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_match_the_ledger() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults::default()).await;
+    let (uid, batches) = campaign(&pool, 10_000, 10_000).await;
+    assert_eq!(batches, 1);
+    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 64);
+    assert_eq!(run_in_process(&pool, &cfg, 0).await, sender::BatchEnd::Done);
+    let ledger = sandbox.ledger();
+    assert_eq!(ledger.accepted_count(), 10_000);
+    assert!(ledger.duplicates().is_empty());
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.sent, counters.pending, counters.failed), (10_000, 0, 0));
+    // every recorded provider id is one the sandbox handed out
+    let (distinct,): (i64,) = sqlx::query_as("SELECT count(DISTINCT provider_message_id) FROM campaign_messages WHERE campaign_uid = $1")
+        .bind(uid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(distinct, 10_000);
+}
+
+#[tokio::test]
+async fn retryable_errors_retry_with_the_delays_and_permanent_ones_fail_at_once() {
+    let (pool, _) = common::fresh_db().await;
+    // every send fails: half retryable (131000), half permanent (131026)
+    let faults = Faults { retryable: 0.5, permanent: 0.5, ..Default::default() };
+    let sandbox = sandbox(0, faults).await;
+    let (uid, _) = campaign(&pool, 40, 100).await;
+    let retry = RetryPolicy { max_attempts: 3, base_delay_seconds: 1, max_delay_seconds: 2 };
+    let cfg = config(uid, "main", &sandbox, retry, unlimited(), 8);
+    let started = std::time::Instant::now();
+    assert_eq!(run_in_process(&pool, &cfg, 0).await, sender::BatchEnd::Done);
+    let elapsed = started.elapsed();
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!(counters.failed, 40, "every message ends failed");
+    // permanent failures: one attempt and code 131026; retried ones: up to three attempts
+    let rows: Vec<(i32, String, serde_json::Value)> =
+        sqlx::query_as("SELECT attempts, last_error_code, status_history FROM campaign_messages WHERE campaign_uid = $1")
+            .bind(uid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (attempts, code, history) in &rows {
+        assert!(*attempts >= 1 && *attempts <= 3, "attempts {attempts}");
+        if *attempts == 3 && code == "131000" {
+            // the delays between attempts follow the policy: ≥ half of 1 s, then ≥ half of 2 s
+            let at: Vec<chrono::DateTime<chrono::Utc>> = history
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|h| h["status"] == "sending")
+                .map(|h| h["at"].as_str().unwrap().parse().unwrap())
+                .collect();
+            assert_eq!(at.len(), 3);
+            assert!(at[1] - at[0] >= chrono::Duration::milliseconds(500), "{at:?}");
+            assert!(at[2] - at[1] >= chrono::Duration::milliseconds(1000), "{at:?}");
+        }
+        if code == "131026" {
+            // a permanent error is never retried after it happens
+            let last_sending = history.as_array().unwrap().iter().filter(|h| h["status"] == "sending").count();
+            assert_eq!(last_sending as i32, *attempts);
+        }
+    }
+    assert!(rows.iter().any(|(a, c, _)| *a == 1 && c == "131026"));
+    assert!(rows.iter().any(|(a, c, _)| *a == 3 && c == "131000"));
+    assert!(elapsed >= Duration::from_millis(1500), "retries waited for their delays");
+    let errors = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
+    assert!(errors.iter().any(|(c, _)| c == "131026") && errors.iter().any(|(c, _)| c == "131000"), "{errors:?}");
+}
+
+#[tokio::test]
+async fn four_senders_on_a_hard_channel_respect_its_minute_cap() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = Arc::new(sandbox(5, Faults::default()).await);
+    let (uid, batches) = campaign(&pool, 48, 12).await;
+    assert_eq!(batches, 4);
+    let limits = RateLimitsSpec { per_minute: Some(20), per_hour: Some(1000), per_day: Some(5000), mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let cfg = config(uid, "hard", &sandbox, RetryPolicy::default(), limits, 4);
+    let mut tasks = Vec::new();
+    for batch in 0..4 {
+        let pool = pool.clone();
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move { run_in_process(&pool, &cfg, batch).await }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), sender::BatchEnd::Done);
+    }
+    let timestamps = sandbox.ledger().timestamps();
+    assert_eq!(timestamps.len(), 48);
+    let mut per_minute = BTreeMap::<i64, usize>::new();
+    for (at, _) in &timestamps {
+        *per_minute.entry(at.timestamp() / 60).or_default() += 1;
+    }
+    assert!(per_minute.values().all(|n| *n <= 20), "calendar minutes over the cap: {per_minute:?}");
+    assert!(per_minute.len() >= 3, "48 messages at 20/min need at least three minutes: {per_minute:?}");
+}
+
+fn sender_process(url: &str, cfg: &SendConfig, batch: i32) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+        .arg("send")
+        .env("DATABASE_URL", url)
+        .env("DISPARO_SEND_CONFIG", serde_json::to_string(cfg).unwrap())
+        .env("JOB_COMPLETION_INDEX", batch.to_string())
+        .env("DISPARO_PROVIDER_TOKEN", "sandbox-meta-token")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn sigkill_mid_batch_neither_duplicates_nor_loses() {
+    let (pool, url) = common::fresh_db().await;
+    let sandbox = sandbox(20, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 600, 1000).await;
+    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 8);
+    let mut child = sender_process(&url, &cfg, 0);
+    let ledger = sandbox.ledger();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while ledger.accepted_count() < 150 {
+        assert!(std::time::Instant::now() < deadline, "the sender made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.start_kill().unwrap(); // SIGKILL
+    child.wait().await.unwrap();
+    let before = statuses(&pool, uid).await;
+    assert!(before.get("pending").copied().unwrap_or(0) > 0, "killed before the end: {before:?}");
+
+    let status = sender_process(&url, &cfg, 0).wait().await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(ledger.duplicates().is_empty(), "a recipient got the message twice: {:?}", ledger.duplicates());
+    let after = statuses(&pool, uid).await;
+    let sent = after.get("sent").copied().unwrap_or(0);
+    let unknown = after.get("unknown").copied().unwrap_or(0);
+    assert_eq!(after.get("pending"), None, "{after:?}");
+    assert_eq!(sent + unknown, 600, "every message is accounted for: {after:?}");
+    assert!(unknown <= 8, "at most one block was in flight when killed: {after:?}");
+    // every accepted message is either recorded as sent or is one of the unknown ones
+    assert!(ledger.accepted_count() as i64 >= sent && ledger.accepted_count() as i64 <= sent + unknown);
+}
+
+#[tokio::test]
+async fn a_spent_day_window_exits_with_the_rate_limit_code() {
+    let (pool, url) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 10, 100).await;
+    let limits = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(4), mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let cfg = config(uid, "tiny", &sandbox, RetryPolicy::default(), limits, 8);
+    let status = sender_process(&url, &cfg, 0).wait().await.unwrap();
+    assert_eq!(status.code(), Some(sender::EXIT_RATE_LIMITED));
+    assert_eq!(sandbox.ledger().accepted_count(), 4);
+    let (until, reason) = disparo::store::rate::channel_pause(&pool, "acme", "tiny").await.unwrap().expect("the channel is paused");
+    assert_eq!(until, disparo::store::rate::WindowKind::Day.start_of(chrono::Utc::now()) + chrono::Duration::days(1));
+    assert!(reason.contains("day window"));
+    assert_eq!(statuses(&pool, uid).await.get("pending"), Some(&6));
+}
