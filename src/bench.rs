@@ -150,7 +150,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     match args.what {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
-        BenchTarget::Sender => anyhow::bail!("the sender benchmark is being integrated"),
+        BenchTarget::Sender => crate::sender::bench::run(&pool, args.messages).await,
         BenchTarget::Webhook => anyhow::bail!("the webhook benchmark is being integrated"),
     }
 }

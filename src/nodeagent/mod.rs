@@ -6,16 +6,16 @@
 //! far enough for the operator's lifecycle (Indexed Jobs, suspend, delete, pod failure
 //! policy) to be exercised for real:
 //!
-//! - [`node`] registers a `Node`, keeps its `Ready` heartbeat and node `Lease` fresh
+//! - `node` registers a `Node`, keeps its `Ready` heartbeat and node `Lease` fresh
 //!   so the node lifecycle controller never taints or evicts, and marks it `NotReady`
 //!   on the way out.
-//! - [`scheduling`] binds pending, unassigned pods to that node (`pods/binding`),
+//! - `scheduling` binds pending, unassigned pods to that node (`pods/binding`),
 //!   oldest first, up to `--max-pods`.
-//! - [`pod`] supervises one bound pod: resolves its environment ([`env`]), builds its
-//!   command line ([`command`]), runs it as a local process group ([`process`]),
+//! - `pod` supervises one bound pod: resolves its environment ([`env`](mod@env)), builds its
+//!   command line ([`command`]), runs it as a local process group (`process`),
 //!   reports its status like kubelet would ([`status`]), restarts it per
 //!   `restartPolicy`, and honours graceful deletion.
-//! - [`agent`] owns the pod watch and dispatches pods to binding and supervision.
+//! - `agent` owns the pod watch and dispatches pods to binding and supervision.
 //!
 //! What it deliberately leaves out: images (every container runs `--binary`, or an
 //! absolute host path named in `command`), init containers and sidecars (only the
