@@ -182,7 +182,9 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             info.resume_at = Some(time::k8s(*until));
             status.rate_limit = Some(info);
             conditions.push(DesiredCondition::truthy(ConditionType::RateLimited, "DayWindowSpent", format!("the channel's day window is spent; resumes at {until}")));
-            Action::requeue((*until - now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500))
+            // Look again at the reset instant, and meanwhile every few seconds in case a
+            // person lifted the pause or the windows were reset.
+            Action::requeue(((*until - now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10)))
         }
         Step::ChannelStopped(why) => {
             set_job_suspended(&jobs, &jname, true).await?;

@@ -1,0 +1,837 @@
+//! `disparo webhook` over real HTTP against a real Postgres: the providers.md examples,
+//! signatures, the handshake, out-of-order and duplicated receipts, Evolution, opt-outs,
+//! Postgres going away and coming back, body limits, and random input.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use disparo::store::{audience, campaigns, messages};
+use disparo::webhook::signature::{sign_evolution_jwt, sign_meta};
+use disparo::webhook::{BatchConfig, ServiceConfig, StaticCredentials, serve};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const APP_SECRET: &str = "test_app_secret";
+const VERIFY_TOKEN: &str = "meatyhamhock";
+const EVOLUTION_TOKEN: &str = "evolution-shared-secret";
+
+const RTCA: &str = "wamid.HBgLMTU1NTAxMjM0NTYVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA";
+const NDGA: &str = "wamid.HBgLMTU1NTAxOTk5OTkVAgARGBJCMUY0QzE3RTk5QkFEMjc4NDgA";
+const MJAA: &str = "wamid.HBgLMTU1NTAxMjM0NTcVAgARGBI3RDE0RkYyQzA5QjExQTc0MjAA";
+const NZEA: &str = "wamid.HBgLMTU1NTAxMjM0NTgVAgARGBJFNkE5MzMwQjE4RDI0QzVBNzEA";
+const EVO_SENT_ID: &str = "3EB0A1B2C3D4E5F60718";
+const EVO_FAILED_ID: &str = "3EB0F9E8D7C6B5A40312";
+
+fn fixture(name: &str) -> &'static str {
+    match name {
+        "meta_sent" => include_str!("fixtures/webhook/meta_a5_1_sent.json"),
+        "meta_delivered" => include_str!("fixtures/webhook/meta_a5_2_delivered.json"),
+        "meta_read" => include_str!("fixtures/webhook/meta_a5_3_read.json"),
+        "meta_failed" => include_str!("fixtures/webhook/meta_a5_4_failed.json"),
+        "meta_batch" => include_str!("fixtures/webhook/meta_a5_5_batch.json"),
+        "meta_inbound_stop" => include_str!("fixtures/webhook/meta_a5_6_inbound_stop.json"),
+        "evo_sent" => include_str!("fixtures/webhook/evolution_b2_sent.json"),
+        "evo_delivered" => include_str!("fixtures/webhook/evolution_delivered.json"),
+        "evo_read" => include_str!("fixtures/webhook/evolution_b2_read.json"),
+        "evo_failed" => include_str!("fixtures/webhook/evolution_b2_failed.json"),
+        "evo_upsert_sair" => include_str!("fixtures/webhook/evolution_upsert_sair.json"),
+        other => panic!("no fixture {other}"),
+    }
+}
+
+/// A running service on a port-0 listener; stopped (and awaited) by `stop`, or
+/// cancelled on drop.
+struct Service {
+    addr: SocketAddr,
+    http: reqwest::Client,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<disparo::webhook::Result<()>>>,
+}
+
+impl Service {
+    async fn start(pool: PgPool, config: ServiceConfig) -> Service {
+        disparo::telemetry::install_crypto_provider();
+        let credentials = Arc::new(StaticCredentials::new());
+        for org in ["acme", "beta"] {
+            credentials.set_meta(org, "wa", APP_SECRET, VERIFY_TOKEN);
+            credentials.set_evolution(org, "evo", "x-disparo-token".parse().unwrap(), EVOLUTION_TOKEN);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, pool, credentials, config, shutdown.clone()));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        Service { addr, http, shutdown, task: Some(task) }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs a Meta body signed with `secret` (None: unsigned) to org/channel.
+    async fn meta_post(&self, org: &str, body: &str, secret: Option<&str>) -> (StatusCode, String) {
+        let mut request = self.http.post(self.url(&format!("/webhooks/meta/{org}/wa"))).header("content-type", "application/json").body(body.to_owned());
+        if let Some(secret) = secret {
+            request = request.header("x-hub-signature-256", sign_meta(secret.as_bytes(), body.as_bytes()));
+        }
+        let response = request.send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    async fn meta(&self, org: &str, body: &str) -> Value {
+        let (status, text) = self.meta_post(org, body, Some(APP_SECRET)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    async fn evolution_post(&self, path: &str, body: &str, headers: &[(&str, String)]) -> (StatusCode, String) {
+        let mut request = self.http.post(self.url(path)).header("content-type", "application/json").body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    async fn evolution(&self, org: &str, body: &str) -> Value {
+        let (status, text) = self.evolution_post(&format!("/webhooks/evolution/{org}/evo"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let response = self.http.get(self.url(path)).send().await.unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One campaign in `org` with `n` messages, all claimed (`sending`); returns the uid and
+/// the message ids with their contacts' phones, in phone order.
+async fn campaign(pool: &PgPool, org: &str, phones: &[&str]) -> (Uuid, Vec<i64>) {
+    let contacts: Vec<disparo::store::contacts::NewContact> = phones
+        .iter()
+        .map(|p| disparo::store::contacts::NewContact { phone: (*p).to_owned(), name: None, tags: vec![], attributes: json!({}), whatsapp_id: None })
+        .collect();
+    disparo::store::contacts::upsert(pool, org, &contacts).await.unwrap();
+    let uid = Uuid::new_v4();
+    let key = audience::CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel: "wa", batch_size: 100_000 };
+    audience::materialize(pool, &key, &audience::AudienceQuery::Contacts(phones.iter().map(|p| (*p).to_owned()).collect())).await.unwrap();
+    let claimed = messages::claim_due(pool, uid, 0, 100_000, "test").await.unwrap();
+    let by_phone: HashMap<String, i64> = claimed.iter().map(|m| (m.phone.clone(), m.id)).collect();
+    (uid, phones.iter().map(|p| by_phone[*p]).collect())
+}
+
+async fn mark_sent(pool: &PgPool, pairs: &[(i64, &str)]) {
+    let outcomes: Vec<(i64, messages::Outcome)> =
+        pairs.iter().map(|(id, pid)| (*id, messages::Outcome::Sent { provider_message_id: (*pid).to_owned() })).collect();
+    assert_eq!(messages::record_outcomes(pool, &outcomes).await.unwrap(), pairs.len() as u64);
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Row {
+    status: String,
+    provider_message_id: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+    history: Vec<Value>,
+}
+
+impl Row {
+    fn webhook_history(&self) -> Vec<Value> {
+        self.history.iter().filter(|e| e["source"] == "webhook").cloned().collect()
+    }
+}
+
+async fn row(pool: &PgPool, id: i64) -> Row {
+    let (status, provider_message_id, code, error, history): (String, Option<String>, Option<String>, Option<String>, Value) = sqlx::query_as(
+        "SELECT status::text, provider_message_id, last_error_code, last_error_message, status_history FROM campaign_messages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    Row { status, provider_message_id, code, error, history: history.as_array().cloned().unwrap_or_default() }
+}
+
+/// Everything the webhook could change, to prove it changed nothing.
+async fn snapshot(pool: &PgPool) -> Value {
+    let (v,): (Value,) = sqlx::query_as(
+        r#"SELECT jsonb_build_object(
+             'messages', (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'updated_at' ORDER BY id), '[]') FROM campaign_messages m),
+             'updated', (SELECT coalesce(jsonb_agg(updated_at ORDER BY id), '[]') FROM campaign_messages),
+             'counters', (SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY campaign_uid), '[]') FROM campaign_counters c),
+             'errors', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY campaign_uid, code), '[]') FROM campaign_error_counts e),
+             'contacts', (SELECT coalesce(jsonb_agg(to_jsonb(c) ORDER BY id), '[]') FROM contacts c))"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    v
+}
+
+async fn assert_counters_match(pool: &PgPool, uid: Uuid) {
+    let counters = campaigns::counters(pool, uid).await.unwrap().unwrap();
+    let recount = campaigns::recount(pool, uid).await.unwrap();
+    let pick = |c: &campaigns::Counters| (c.total, c.pending, c.sending, c.unknown, c.sent, c.delivered, c.read, c.failed, c.cancelled);
+    assert_eq!(pick(&counters), pick(&recount), "counters equal a recount");
+}
+
+fn entry(status: &str, at: &str) -> Value {
+    json!({"status": status, "at": at, "source": "webhook"})
+}
+
+async fn opted_out(pool: &PgPool, org: &str, phone: &str) -> bool {
+    let (o,): (bool,) = sqlx::query_as("SELECT opted_out FROM contacts WHERE organization = $1 AND phone = $2").bind(org).bind(phone).fetch_one(pool).await.unwrap();
+    o
+}
+
+#[tokio::test]
+async fn each_meta_example_of_providers_md_applies_as_expected() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = ["+15550123456", "+15550199999", "+15550123457", "+15550123458"];
+    let (uid, ids) = campaign(&pool, "acme", &phones).await;
+    mark_sent(&pool, &[(ids[0], RTCA), (ids[1], NDGA), (ids[2], MJAA), (ids[3], NZEA)]).await;
+    // the same WAMIDs in another organization must never be touched by acme's webhooks
+    let (beta_uid, beta_ids) = campaign(&pool, "beta", &phones).await;
+    mark_sent(&pool, &[(beta_ids[0], RTCA), (beta_ids[2], MJAA), (beta_ids[3], NZEA)]).await;
+    let beta_before = snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+
+    // A5.1 sent: the message is already sent
+    let summary = service.meta("acme", fixture("meta_sent")).await;
+    assert_eq!((summary["duplicate"].as_u64(), summary["applied"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(row(&pool, ids[0]).await.status, "sent");
+    assert!(row(&pool, ids[0]).await.webhook_history().is_empty());
+
+    // A5.2 delivered, A5.3 read
+    assert_eq!(service.meta("acme", fixture("meta_delivered")).await["applied"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "delivered");
+    assert_eq!(service.meta("acme", fixture("meta_read")).await["applied"], 1);
+    let m0 = row(&pool, ids[0]).await;
+    assert_eq!(m0.status, "read");
+    assert_eq!(m0.webhook_history(), vec![entry("delivered", "2025-06-18T16:22:59Z"), entry("read", "2025-06-18T16:25:01Z")]);
+
+    // A5.4 failed with its error code and title
+    assert_eq!(service.meta("acme", fixture("meta_failed")).await["applied"], 1);
+    let m1 = row(&pool, ids[1]).await;
+    assert_eq!((m1.status.as_str(), m1.code.as_deref(), m1.error.as_deref()), ("failed", Some("131026"), Some("Message undeliverable")));
+    assert_eq!(
+        m1.webhook_history(),
+        vec![json!({"status": "failed", "at": "2025-06-18T16:23:05Z", "source": "webhook", "code": "131026", "title": "Message undeliverable"})]
+    );
+
+    // A5.5 batch: RTcA stays read (read duplicate, delivered and sent stale), MjAA delivered, NzEA failed 131049
+    let summary = service.meta("acme", fixture("meta_batch")).await;
+    assert_eq!(summary, json!({"applied": 2, "duplicate": 1, "stale": 2, "unknown_id": 0, "opted_out": 0, "ignored": 0}));
+    assert_eq!(row(&pool, ids[0]).await, m0, "nothing about RTcA changed");
+    assert_eq!(row(&pool, ids[2]).await.status, "delivered");
+    let m3 = row(&pool, ids[3]).await;
+    assert_eq!((m3.status.as_str(), m3.code.as_deref()), ("failed", Some("131049")));
+    assert!(m3.error.unwrap().starts_with("This message was not delivered"));
+    assert_counters_match(&pool, uid).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.sent, counters.delivered, counters.read, counters.failed), (0, 1, 1, 2));
+    let breakdown = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
+    assert_eq!(breakdown.iter().map(|(c, n)| (c.as_str(), *n)).collect::<BTreeMap<_, _>>(), BTreeMap::from([("131026", 1), ("131049", 1)]));
+
+    // replaying everything changes nothing
+    let before = snapshot(&pool).await;
+    for name in ["meta_sent", "meta_delivered", "meta_read", "meta_failed", "meta_batch"] {
+        let summary = service.meta("acme", fixture(name)).await;
+        assert_eq!(summary["applied"], 0, "{name}");
+    }
+    assert_eq!(snapshot(&pool).await, before, "duplicates change nothing");
+
+    // beta was untouched; A5.5 alone on beta's fresh `sent` messages ends in the same state
+    let after = snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
+    assert_eq!(after, beta_before);
+    let summary = service.meta("beta", fixture("meta_batch")).await;
+    assert_eq!(summary, json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0}));
+    let b0 = row(&pool, beta_ids[0]).await;
+    assert_eq!(b0.status, "read");
+    assert_eq!(b0.webhook_history(), vec![entry("delivered", "2025-06-18T16:26:42Z"), entry("read", "2025-06-18T16:26:50Z")], "accepted events in timestamp order");
+    assert_eq!(row(&pool, beta_ids[2]).await.status, "delivered");
+    assert_eq!(row(&pool, beta_ids[3]).await.status, "failed");
+    assert_counters_match(&pool, beta_uid).await;
+
+    // A5.4 on beta: no such WAMID there
+    assert_eq!(service.meta("beta", fixture("meta_failed")).await["unknown_id"], 1);
+
+    let (status, metrics) = service.get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        r#"disparo_webhook_events_total{provider="meta",status="delivered",outcome="applied"}"#,
+        r#"disparo_webhook_events_total{provider="meta",status="sent",outcome="duplicate"}"#,
+        r#"disparo_webhook_events_total{provider="meta",status="sent",outcome="stale"}"#,
+        r#"disparo_webhook_events_total{provider="meta",status="failed",outcome="unknown_id"}"#,
+        "disparo_webhook_batch_events_count",
+        r#"disparo_webhook_request_seconds_count{provider="meta"}"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+5511900000001", "+5511900000002"]).await;
+    // the sender died after the provider call: `unknown`, no provider id
+    messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })]).await.unwrap();
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    let body = fixture("meta_sent")
+        .replace(RTCA, "wamid.recovered")
+        .replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
+    // posted for another organization, our id does not reach across
+    assert_eq!(service.meta("beta", &body).await["unknown_id"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "unknown");
+    assert_eq!(service.meta("acme", &body).await["applied"], 1);
+    let m = row(&pool, ids[0]).await;
+    assert_eq!((m.status.as_str(), m.provider_message_id.as_deref()), ("sent", Some("wamid.recovered")));
+    // later statuses find it by the provider id it now has
+    let delivered = fixture("meta_delivered").replace(RTCA, "wamid.recovered");
+    assert_eq!(service.meta("acme", &delivered).await["applied"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "delivered");
+    // a message that already has a provider id is never taken over through our id
+    mark_sent(&pool, &[(ids[1], "wamid.original")]).await;
+    let hijack = fixture("meta_delivered").replace(RTCA, "wamid.other").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[1]));
+    assert_eq!(service.meta("acme", &hijack).await["unknown_id"], 1);
+    assert_eq!(row(&pool, ids[1]).await.status, "sent");
+    assert_counters_match(&pool, uid).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.unknown, counters.succeeded_first_attempt), (0, 2));
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_or_missing_signature_gets_401_and_changes_nothing() {
+    let (pool, _) = common::fresh_db().await;
+    let (_, ids) = campaign(&pool, "acme", &["+15550123456"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    let before = snapshot(&pool).await;
+    let body = fixture("meta_delivered");
+    assert_eq!(service.meta_post("acme", body, None).await.0, StatusCode::UNAUTHORIZED, "missing");
+    assert_eq!(service.meta_post("acme", body, Some("wrong_secret")).await.0, StatusCode::UNAUTHORIZED, "forged");
+    // a valid signature of another body
+    let other_signature = sign_meta(APP_SECRET.as_bytes(), fixture("meta_read").as_bytes());
+    for signature in [other_signature.as_str(), "sha256=", "sha256=00", "garbage", &other_signature.replace("sha256=", "sha1=")] {
+        let response = service
+            .http
+            .post(service.url("/webhooks/meta/acme/wa"))
+            .header("x-hub-signature-256", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{signature}");
+    }
+    // re-serialized JSON (whitespace changed) no longer matches the signature of the original
+    let reserialized = serde_json::to_string(&serde_json::from_str::<Value>(body).unwrap()).unwrap();
+    let response = service
+        .http
+        .post(service.url("/webhooks/meta/acme/wa"))
+        .header("x-hub-signature-256", sign_meta(APP_SECRET.as_bytes(), body.as_bytes()))
+        .body(reserialized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // unknown channel: 404, whatever the signature
+    let response = service.http.post(service.url("/webhooks/meta/acme/nope")).body(body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = service.http.post(service.url("/webhooks/meta/acme/evo")).body(body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND, "an Evolution channel is not a Meta channel");
+    assert_eq!(snapshot(&pool).await, before);
+    let (_, metrics) = service.get("/metrics").await;
+    assert!(metrics.contains(r#"disparo_webhook_events_total{provider="meta",status="none",outcome="rejected_signature"} 8"#), "{metrics}");
+    // the right signature still works
+    assert_eq!(service.meta("acme", body).await["applied"], 1);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn the_verification_handshake_echoes_the_challenge_only_for_the_right_token() {
+    let (pool, _) = common::fresh_db().await;
+    let service = Service::start(pool, ServiceConfig::default()).await;
+    let path = |org: &str, channel: &str, mode: &str, token: &str| {
+        format!("/webhooks/meta/{org}/{channel}?hub.mode={mode}&hub.challenge=1158201444&hub.verify_token={token}")
+    };
+    assert_eq!(service.get(&path("acme", "wa", "subscribe", VERIFY_TOKEN)).await, (StatusCode::OK, "1158201444".to_owned()));
+    assert_eq!(service.get(&path("acme", "wa", "subscribe", "wrong")).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(service.get(&path("acme", "wa", "subscribe", "")).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(service.get(&path("acme", "wa", "unsubscribe", VERIFY_TOKEN)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(service.get("/webhooks/meta/acme/wa").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(service.get(&path("acme", "missing", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(service.get(&path("other", "wa", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(service.get("/healthz").await.0, StatusCode::OK);
+    assert_eq!(service.get("/readyz").await.0, StatusCode::OK);
+    service.stop().await;
+}
+
+/// Each message gets a random set of receipts, shuffled, duplicated, split into payloads
+/// of 1 to 12 statuses, posted by concurrent clients. Half the messages start `sending`
+/// without a provider id (found through our id), half `sent`.
+#[tokio::test]
+async fn out_of_order_and_duplicated_receipts_end_in_the_right_state() {
+    let (pool, _) = common::fresh_db().await;
+    let n = 300;
+    let phones: Vec<String> = (0..n).map(common::phone).collect();
+    let phone_refs: Vec<&str> = phones.iter().map(String::as_str).collect();
+    let (uid, ids) = campaign(&pool, "acme", &phone_refs).await;
+    let pid = |id: i64| format!("wamid.r.{id}");
+    let sent: Vec<(i64, String)> = ids.iter().step_by(2).map(|id| (*id, pid(*id))).collect();
+    mark_sent(&pool, &sent.iter().map(|(id, p)| (*id, p.as_str())).collect::<Vec<_>>()).await;
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut statuses = Vec::new();
+    let mut expected = HashMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        let base = 1_750_000_000 + i as i64 * 10;
+        let (events, last): (Vec<(&str, i64)>, &str) = match rng.random_range(0..6) {
+            0 => (vec![("sent", base), ("failed", base + 1)], "failed"),
+            1 => (vec![("failed", base + 1)], "failed"),
+            2 => (vec![("sent", base), ("delivered", base + 1), ("read", base + 2)], "read"),
+            3 => (vec![("read", base + 2)], "read"),
+            4 => (vec![("delivered", base + 1), ("sent", base)], "delivered"),
+            _ => (vec![("sent", base)], "sent"),
+        };
+        expected.insert(*id, last);
+        for (status, ts) in events {
+            for _ in 0..rng.random_range(1..=3) {
+                let mut item = json!({"id": pid(*id), "status": status, "timestamp": ts.to_string(), "recipient_id": "15550123456",
+                                      "biz_opaque_callback_data": format!("disparo:{id}")});
+                if status == "failed" {
+                    item["errors"] = json!([{"code": 131026, "title": "Message undeliverable"}]);
+                }
+                statuses.push(item);
+            }
+        }
+    }
+    statuses.shuffle(&mut rng);
+    let mut bodies = Vec::new();
+    let mut rest = statuses.as_slice();
+    while !rest.is_empty() {
+        let take = rng.random_range(1..=12).min(rest.len());
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        bodies.push(json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"statuses": chunk}}]}]}).to_string());
+    }
+    let requests = bodies.len();
+    let service = Arc::new(Service::start(pool.clone(), ServiceConfig::default()).await);
+    let clients = 16;
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let service = service.clone();
+        let mine: Vec<String> = bodies.iter().skip(c).step_by(clients).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            for body in mine {
+                service.meta("acme", &body).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for id in &ids {
+        let m = row(&pool, *id).await;
+        assert_eq!(m.status, expected[id], "message {id}");
+        assert_eq!(m.provider_message_id, Some(pid(*id)));
+        let history = m.webhook_history();
+        let mut seen: Vec<&str> = history.iter().map(|e| e["status"].as_str().unwrap()).collect();
+        let total = seen.len();
+        seen.dedup();
+        assert_eq!(seen.len(), total, "no status recorded twice for {id}: {history:?}");
+    }
+    assert_counters_match(&pool, uid).await;
+    let (_, metrics) = service.get("/metrics").await;
+    let value = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let (batches, grouped) = (value("disparo_webhook_batch_requests_count"), value("disparo_webhook_batch_requests_sum"));
+    assert_eq!(grouped as usize, requests);
+    assert!(batches < grouped, "concurrent requests share transactions ({batches} batches for {grouped} requests)");
+    Arc::try_unwrap(service).ok().unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+5511999999999", "+5511977776666"]).await;
+    // The provider id is known while the message is still `sending` (the webhook beat the sender's record).
+    sqlx::query("UPDATE campaign_messages SET provider_message_id = $1 WHERE id = $2").bind(EVO_SENT_ID).bind(ids[0]).execute(&pool).await.unwrap();
+    mark_sent(&pool, &[(ids[1], EVO_FAILED_ID)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+
+    for (name, status) in [("evo_sent", "sent"), ("evo_delivered", "delivered"), ("evo_read", "read")] {
+        assert_eq!(service.evolution("acme", fixture(name)).await["applied"], 1, "{name}");
+        assert_eq!(row(&pool, ids[0]).await.status, status);
+    }
+    let statuses: Vec<String> = row(&pool, ids[0]).await.webhook_history().iter().map(|e| e["status"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(statuses, ["sent", "delivered", "read"]);
+    // a late SERVER_ACK, and the same READ again
+    assert_eq!(service.evolution("acme", fixture("evo_sent")).await["stale"], 1);
+    assert_eq!(service.evolution("acme", fixture("evo_read")).await["duplicate"], 1);
+    // ERROR → failed, with the only code Evolution gives
+    assert_eq!(service.evolution("acme", fixture("evo_failed")).await["applied"], 1);
+    let failed = row(&pool, ids[1]).await;
+    assert_eq!((failed.status.as_str(), failed.code.as_deref()), ("failed", Some("evolution_error")));
+    // PENDING / DELETED and other events are acknowledged and counted
+    let pending = fixture("evo_sent").replace("SERVER_ACK", "PENDING");
+    assert_eq!(service.evolution("acme", &pending).await["ignored"], 1);
+    let connection = r#"{"event":"connection.update","instance":"my-instance","data":{"state":"open"}}"#;
+    assert_eq!(service.evolution("acme", connection).await["ignored"], 1);
+    assert_counters_match(&pool, uid).await;
+
+    // authentication: header token, HS256 JWT, byEvents path; wrong or missing → 401
+    let before = snapshot(&pool).await;
+    let path = "/webhooks/evolution/acme/evo";
+    let body = fixture("evo_delivered");
+    let bearer = format!("Bearer {}", sign_evolution_jwt(EVOLUTION_TOKEN.as_bytes(), Utc::now()));
+    let forged = format!("Bearer {}", sign_evolution_jwt(b"not-the-token", Utc::now()));
+    let expired = format!("Bearer {}", sign_evolution_jwt(EVOLUTION_TOKEN.as_bytes(), Utc::now() - chrono::Duration::hours(1)));
+    for (headers, expected) in [
+        (vec![], StatusCode::UNAUTHORIZED),
+        (vec![("x-disparo-token", "wrong".to_owned())], StatusCode::UNAUTHORIZED),
+        (vec![("x-disparo-token", format!("{EVOLUTION_TOKEN}x"))], StatusCode::UNAUTHORIZED),
+        (vec![("authorization", forged)], StatusCode::UNAUTHORIZED),
+        (vec![("authorization", expired)], StatusCode::UNAUTHORIZED),
+        (vec![("x-other", EVOLUTION_TOKEN.to_owned())], StatusCode::UNAUTHORIZED),
+    ] {
+        assert_eq!(service.evolution_post(path, body, &headers).await.0, expected, "{headers:?}");
+    }
+    assert_eq!(service.evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(service.evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(snapshot(&pool).await, before);
+    assert_eq!(service.evolution_post(path, body, &[("authorization", bearer.clone())]).await.0, StatusCode::OK);
+    assert_eq!(service.evolution_post(&format!("{path}/messages-update"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::OK);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn an_opt_out_message_marks_the_contact() {
+    let (pool, _) = common::fresh_db().await;
+    campaign(&pool, "acme", &["+15550123456", "+5511999999999", "+5511988886666", "+5511900000009"]).await;
+    campaign(&pool, "beta", &["+15550123456"]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    // A5.6: "STOP" from 15550123456
+    assert_eq!(service.meta("acme", fixture("meta_inbound_stop")).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+15550123456").await);
+    assert!(!opted_out(&pool, "beta", "+15550123456").await, "only the organization the webhook belongs to");
+    // Evolution messages.upsert "Sair"
+    assert_eq!(service.evolution("acme", fixture("evo_upsert_sair")).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+5511999999999").await);
+    // an old Brazilian WhatsApp id without the ninth digit
+    let parar = fixture("meta_inbound_stop").replace("15550123456", "551188886666").replace("\"STOP\"", "\"parar.\"");
+    assert_eq!(service.meta("acme", &parar).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+5511988886666").await);
+    // a conversation is not an opt-out; a stranger's STOP is acknowledged
+    let chat = fixture("meta_inbound_stop").replace("15550123456", "5511900000009").replace("\"STOP\"", "\"can you stop by tomorrow?\"");
+    assert_eq!(service.meta("acme", &chat).await["opted_out"], 0);
+    assert!(!opted_out(&pool, "acme", "+5511900000009").await);
+    let stranger = fixture("meta_inbound_stop").replace("15550123456", "4915112345678");
+    assert_eq!(service.meta("acme", &stranger).await["opted_out"], 0);
+    // opting out twice is harmless
+    assert_eq!(service.meta("acme", fixture("meta_inbound_stop")).await["opted_out"], 1);
+    service.stop().await;
+
+    // configured keywords replace the defaults
+    let config = ServiceConfig { keywords: disparo::webhook::OptOutKeywords::new(["BASTA"]), ..ServiceConfig::default() };
+    let service = Service::start(pool.clone(), config).await;
+    let stop = fixture("meta_inbound_stop").replace("15550123456", "5511900000009");
+    assert_eq!(service.meta("acme", &stop).await["opted_out"], 0);
+    assert_eq!(service.meta("acme", &stop.replace("\"STOP\"", "\"Basta!\"")).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+5511900000009").await);
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_are_capped_and_malformed_json_gets_a_reason() {
+    let (pool, _) = common::fresh_db().await;
+    let service = Service::start(pool.clone(), ServiceConfig { max_body_bytes: 4096, ..ServiceConfig::default() }).await;
+    let big = format!("{{\"object\":\"whatsapp_business_account\",\"entry\":[],\"pad\":\"{}\"}}", "x".repeat(8192));
+    assert_eq!(service.meta_post("acme", &big, Some(APP_SECRET)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(service.evolution_post("/webhooks/evolution/acme/evo", &big, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, reason) = service.meta_post("acme", "{\"object\": ", Some(APP_SECRET)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reason.contains("invalid JSON"), "{reason}");
+    let (status, reason) = service.meta_post("acme", "[1,2]", Some(APP_SECRET)).await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "the body must be a JSON object"));
+    let (status, reason) = service.evolution_post("/webhooks/evolution/acme/evo", "{}", &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+    assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "missing \"event\""));
+    // unsigned malformed JSON is a 401: nothing is parsed before authentication
+    assert_eq!(service.meta_post("acme", "{", None).await.0, StatusCode::UNAUTHORIZED);
+    // a signed payload with nothing in it is acknowledged
+    assert_eq!(service.meta("acme", r#"{"object":"whatsapp_business_account","entry":[]}"#).await["applied"], 0);
+    service.stop().await;
+}
+
+fn random_text(rng: &mut impl Rng, max: usize) -> String {
+    const PIECES: &[&str] = &[
+        "{", "}", "[", "]", ",", ":", "\"", "entry", "changes", "statuses", "messages", "field", "value", "id", "status", "read",
+        "failed", "errors", "code", "timestamp", "\"wamid.x\"", "null", "true", "1e999", "-0", "\\u0000", "\\ud800", "é", "🛑", " ",
+        "disparo:1", "event", "messages.update", "data", "keyId", "SERVER_ACK",
+    ];
+    let n = rng.random_range(0..max);
+    (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect()
+}
+
+fn random_bytes(rng: &mut impl Rng, max: usize) -> Vec<u8> {
+    let n = rng.random_range(0..max);
+    (0..n).map(|_| rng.random()).collect()
+}
+
+fn random_header_value(rng: &mut impl Rng) -> String {
+    let n = rng.random_range(0..80);
+    (0..n).map(|_| rng.random_range(0x20u8..0x7f) as char).collect()
+}
+
+/// Random bodies (bytes, JSON-ish text, mutated fixtures, deep nesting), random headers,
+/// random paths: never a panic (every request is answered), never a 5xx, and without a
+/// valid signature or token nothing changes. Then the same bodies properly signed:
+/// still no 5xx.
+#[tokio::test]
+async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned() {
+    let (pool, _) = common::fresh_db().await;
+    let (_, ids) = campaign(&pool, "acme", &["+15550123456", "+5511999999999"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA), (ids[1], EVO_SENT_ID)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig { max_body_bytes: 64 * 1024, ..ServiceConfig::default() }).await;
+    let before = snapshot(&pool).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xd15ba60);
+    let fixtures = ["meta_batch", "meta_inbound_stop", "meta_failed", "evo_read", "evo_upsert_sair"];
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
+    for i in 0..600 {
+        let body = match i % 5 {
+            0 => random_bytes(&mut rng, 512),
+            1 => random_text(&mut rng, 200).into_bytes(),
+            2 => {
+                let mut b = fixture(fixtures[rng.random_range(0..fixtures.len())]).as_bytes().to_vec();
+                for _ in 0..rng.random_range(1..8) {
+                    let at = rng.random_range(0..b.len());
+                    b[at] = rng.random();
+                }
+                b
+            }
+            3 => {
+                let depth = rng.random_range(1..5000);
+                format!("{{\"entry\":{}{}}}", "[".repeat(depth), "]".repeat(depth)).into_bytes()
+            }
+            _ => {
+                // structurally plausible, with odd leaves
+                let leaf = [json!(null), json!(1.5), json!(-1), json!("x"), json!([]), json!({}), json!("\u{0}"), json!(u64::MAX), json!("1".repeat(300))];
+                let mut pick = || leaf[rng.random_range(0..leaf.len())].clone();
+                json!({"object": pick(), "event": ["messages.update", "messages.upsert", "x"][i % 3], "entry": [{"changes": [{"field": "messages", "value": {
+                    "statuses": [{"id": pick(), "status": ["sent", "read", "failed", "played", "x"][i % 5], "timestamp": pick(), "errors": [{"code": pick(), "title": pick()}], "biz_opaque_callback_data": pick()}],
+                    "messages": [{"from": pick(), "text": {"body": pick()}}]}}]}],
+                    "data": {"keyId": pick(), "status": pick(), "fromMe": pick(), "key": {"remoteJid": pick(), "fromMe": false}, "message": {"conversation": pick()}}})
+                .to_string()
+                .into_bytes()
+            }
+        };
+        bodies.push(body);
+    }
+    let paths = ["/webhooks/meta/acme/wa", "/webhooks/evolution/acme/evo", "/webhooks/evolution/acme/evo/messages-upsert"];
+    let mut answered = HashMap::<u16, usize>::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let path = if i % 17 == 0 { format!("/webhooks/meta/%FF%00/{}", random_header_value(&mut rng).replace(['/', '?', '#', ' ', '%'], "")) } else { paths[i % paths.len()].to_owned() };
+        let mut request = service.http.post(service.url(&path)).body(body.clone());
+        for _ in 0..rng.random_range(0..4) {
+            let name = ["x-hub-signature-256", "x-disparo-token", "authorization", "content-type", "x-random"][rng.random_range(0..5)];
+            let value = match rng.random_range(0..3) {
+                0 => format!("sha256={}", hex::encode(random_bytes(&mut rng, 40))),
+                1 => format!("Bearer {}.{}.{}", random_header_value(&mut rng), random_header_value(&mut rng), random_header_value(&mut rng)),
+                _ => random_header_value(&mut rng),
+            };
+            request = request.header(name, value);
+        }
+        let response = request.send().await.expect("every request is answered (a panic would drop the connection)");
+        let status = response.status();
+        assert!(
+            [StatusCode::UNAUTHORIZED, StatusCode::NOT_FOUND, StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE].contains(&status),
+            "unsigned request answered {status}"
+        );
+        *answered.entry(status.as_u16()).or_default() += 1;
+    }
+    for query in ["hub.mode=subscribe&hub.verify_token=x&hub.challenge=1", "hub.mode=%FF&hub.challenge=%00", "a=b=c&&&", "hub.challenge=" , "%"] {
+        let (status, _) = service.get(&format!("/webhooks/meta/acme/wa?{query}")).await;
+        assert!(status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST, "{query}: {status}");
+    }
+    assert_eq!(snapshot(&pool).await, before, "nothing changes without a valid signature or token");
+    assert!(answered[&401] > 400, "{answered:?}");
+
+    // signed: the service parses everything; never a 5xx
+    for (i, body) in bodies.iter().enumerate() {
+        let (path, header, value) = if i % 2 == 0 {
+            ("/webhooks/meta/acme/wa", "x-hub-signature-256", sign_meta(APP_SECRET.as_bytes(), body))
+        } else {
+            ("/webhooks/evolution/acme/evo", "x-disparo-token", EVOLUTION_TOKEN.to_owned())
+        };
+        let response = service.http.post(service.url(path)).header(header, value).body(body.clone()).send().await.expect("answered");
+        let status = response.status();
+        assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE, "signed request {i} answered {status}");
+    }
+    assert_eq!(service.get("/healthz").await.0, StatusCode::OK);
+    service.stop().await;
+}
+
+/// A Postgres of this test's own (the shared one must stay up for the other tests):
+/// initdb into a temporary directory, started and stopped with pg_ctl, as the
+/// `postgres` user when running as root. Stopped on drop, whatever happens.
+struct OwnPostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn pg_bin(name: &str) -> String {
+    for version in ["17", "16", "15", "14"] {
+        let path = format!("/usr/lib/postgresql/{version}/bin/{name}");
+        if std::path::Path::new(&path).exists() {
+            return path;
+        }
+    }
+    name.to_owned()
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+fn as_owner(args: &[&str]) -> std::process::Output {
+    let output = if is_root() { Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output() } else { Command::new(args[0]).args(&args[1..]).output() };
+    output.expect("running a Postgres command")
+}
+
+impl OwnPostgres {
+    fn init() -> OwnPostgres {
+        if is_root() && !Command::new("id").arg("postgres").output().map(|o| o.status.success()).unwrap_or(false) {
+            Command::new("useradd").args(["--system", "--home-dir", "/var/lib/postgresql", "--shell", "/bin/bash", "postgres"]).status().unwrap();
+        }
+        let dir = tempfile::Builder::new().prefix("disparo-webhook-pg").tempdir_in("/tmp").unwrap();
+        if is_root() {
+            Command::new("chown").args(["postgres", dir.path().to_str().unwrap()]).status().unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let data = dir.path().join("data");
+        let out = as_owner(&[&pg_bin("initdb"), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let pg = OwnPostgres { dir, port };
+        pg.start();
+        pg
+    }
+
+    fn start(&self) {
+        let data = self.dir.path().join("data");
+        let log = self.dir.path().join("postgres.log");
+        let options = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
+        let out = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "-o", &options, "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn stop(&self) {
+        let data = self.dir.path().join("data");
+        let _ = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"]);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
+    }
+}
+
+#[tokio::test]
+async fn with_postgres_down_the_service_answers_503_and_applies_the_retry_once_it_is_back() {
+    disparo::telemetry::install_crypto_provider();
+    let pg = Arc::new(tokio::task::spawn_blocking(OwnPostgres::init).await.unwrap());
+    let setup = disparo::store::connect(&pg.url(), 2).await.unwrap();
+    disparo::store::migrate(&setup).await.unwrap();
+    let (uid, ids) = campaign(&setup, "acme", &["+15550123456"]).await;
+    mark_sent(&setup, &[(ids[0], RTCA)]).await;
+    setup.close().await;
+
+    // the service's own pool, lazy, as `disparo webhook` opens it
+    let pool = disparo::store::connect_lazy(&pg.url(), 4).unwrap();
+    let service = Service::start(pool, ServiceConfig::default()).await;
+    assert_eq!(service.get("/readyz").await.0, StatusCode::OK);
+    assert_eq!(service.meta("acme", fixture("meta_sent")).await["duplicate"], 1, "connections are open and in use");
+
+    tokio::task::spawn_blocking({
+        let pg = pg.clone();
+        move || pg.stop()
+    })
+    .await
+    .unwrap();
+    for attempt in 0..2 {
+        let (status, text) = service.meta_post("acme", fixture("meta_delivered"), Some(APP_SECRET)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "attempt {attempt}: {text}");
+    }
+    assert_eq!(service.get("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(service.get("/healthz").await.0, StatusCode::OK, "alive, only not ready");
+
+    tokio::task::spawn_blocking({
+        let pg = pg.clone();
+        move || pg.start()
+    })
+    .await
+    .unwrap();
+    // the provider retries; the service recovers by itself
+    let mut applied = None;
+    for _ in 0..40 {
+        let (status, text) = service.meta_post("acme", fixture("meta_delivered"), Some(APP_SECRET)).await;
+        if status == StatusCode::OK {
+            applied = Some(serde_json::from_str::<Value>(&text).unwrap());
+            break;
+        }
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(applied.expect("recovered")["applied"], 1);
+    assert_eq!(service.get("/readyz").await.0, StatusCode::OK);
+    service.stop().await;
+
+    let check = disparo::store::connect(&pg.url(), 1).await.unwrap();
+    assert_eq!(row(&check, ids[0]).await.status, "delivered");
+    assert_counters_match(&check, uid).await;
+    check.close().await;
+}
+
+#[tokio::test]
+async fn the_benchmark_runs() {
+    let (pool, _) = common::fresh_db().await;
+    let options = disparo::webhook::bench::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
+    let report = disparo::webhook::bench::bench(pool.clone(), options).await.unwrap();
+    assert_eq!(report.scenarios.len(), 2);
+    assert!(report.scenarios.iter().all(|s| s.events == 200 && s.events_per_second() > 0.0));
+    println!("{report}");
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM campaign_messages").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0, "the benchmark deletes its campaign");
+}
