@@ -644,8 +644,10 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
                 // structurally plausible, with odd leaves
                 let leaf = [json!(null), json!(1.5), json!(-1), json!("x"), json!([]), json!({}), json!("\u{0}"), json!(u64::MAX), json!("1".repeat(300))];
                 let mut pick = || leaf[rng.random_range(0..leaf.len())].clone();
-                json!({"object": pick(), "event": ["messages.update", "messages.upsert", "x"][i % 3], "entry": [{"changes": [{"field": "messages", "value": {
-                    "statuses": [{"id": pick(), "status": ["sent", "read", "failed", "played", "x"][i % 5], "timestamp": pick(), "errors": [{"code": pick(), "title": pick()}], "biz_opaque_callback_data": pick()}],
+                let event = ["messages.update", "messages.upsert", "x"][i % 3];
+                let status = ["sent", "read", "failed", "played", "x"][i % 5];
+                json!({"object": pick(), "event": event, "entry": [{"changes": [{"field": "messages", "value": {
+                    "statuses": [{"id": pick(), "status": status, "timestamp": pick(), "errors": [{"code": pick(), "title": pick()}], "biz_opaque_callback_data": pick()}],
                     "messages": [{"from": pick(), "text": {"body": pick()}}]}}]}],
                     "data": {"keyId": pick(), "status": pick(), "fromMe": pick(), "key": {"remoteJid": pick(), "fromMe": false}, "message": {"conversation": pick()}}})
                 .to_string()
