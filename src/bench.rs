@@ -141,6 +141,39 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let counters = store::campaigns::counters(pool, uid).await?.unwrap_or_default();
     let recount = store::campaigns::recount(pool, uid).await?;
     anyhow::ensure!(counters.sent == recount.sent, "counters drifted from the recount");
+    status_refresh_cost(pool).await
+}
+
+/// What one controller status refresh reads (counters and error breakdown), for a
+/// campaign of 1,000 and one of 1,000,000 messages (counters seeded directly).
+async fn status_refresh_cost(pool: &PgPool) -> anyhow::Result<()> {
+    const ROUNDS: usize = 300;
+    for total in [1_000i64, 1_000_000] {
+        let uid = Uuid::new_v4();
+        sqlx::query("INSERT INTO campaigns (uid, organization, name, channel, batch_size, batches, audience_frozen_at) VALUES ($1, 'bench', $2, 'bench', 1000, $3, now())")
+            .bind(uid)
+            .bind(format!("refresh-{total}"))
+            .bind((total / 1000) as i32)
+            .execute(pool)
+            .await?;
+        sqlx::query("INSERT INTO campaign_counters (campaign_uid, total, pending, sent, delivered, read, failed) VALUES ($1, $2, $2 / 2, $2 / 4, $2 / 8, $2 / 16, $2 / 16)")
+            .bind(uid)
+            .bind(total)
+            .execute(pool)
+            .await?;
+        sqlx::query("INSERT INTO campaign_error_counts (campaign_uid, code, count) SELECT $1, c::text, $2 / 100 FROM generate_series(131000, 131020) c")
+            .bind(uid)
+            .bind(total)
+            .execute(pool)
+            .await?;
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            store::campaigns::counters(pool, uid).await?;
+            store::campaigns::error_breakdown(pool, uid, 10).await?;
+        }
+        let each = started.elapsed() / ROUNDS as u32;
+        println!("status refresh reads for a {total:>9}-message campaign: {each:.2?} per refresh");
+    }
     Ok(())
 }
 

@@ -54,8 +54,10 @@ pub struct BatchJob {
     pub backoff: Backoff,
     /// The channel's caps.
     pub limits: rate::Limits,
-    /// Messages sent concurrently (and claimed per block).
+    /// Messages sent concurrently per lane (and claimed per block).
     pub block_size: u32,
+    /// Blocks in flight at once.
+    pub lanes: u32,
 }
 
 /// How a batch ended.
@@ -112,17 +114,69 @@ pub async fn run_batch(
     if interrupted > 0 {
         warn!(interrupted, "messages left mid-send by a previous run are now unknown (never re-sent)");
     }
+    // Lanes overlap one block's database round trips with another block's provider
+    // calls. Each lane claims its own messages (SKIP LOCKED) and reserves its own
+    // tokens, so the caps hold whatever the number of lanes.
+    let stop_lanes = shutdown.child_token();
+    let lanes = (0..job.lanes.max(1)).map(|_| {
+        let client = client.clone();
+        let stop_lanes = stop_lanes.clone();
+        let run_id = run_id.clone();
+        async move {
+            let end = lane(pool, job, client, metrics, &stop_lanes, &run_id).await;
+            // One lane hitting the channel's limits (or an error) ends the batch.
+            if !matches!(end, Ok(BatchEnd::Done)) {
+                stop_lanes.cancel();
+            }
+            end
+        }
+    });
+    let ends = futures::future::join_all(lanes).await;
+    let mut outcome = BatchEnd::Done;
+    for end in ends {
+        match end? {
+            BatchEnd::Done => {}
+            BatchEnd::Interrupted if !shutdown.is_cancelled() => {}
+            other if outcome == BatchEnd::Done || outcome == BatchEnd::Interrupted => outcome = other,
+            _ => {}
+        }
+    }
+    if shutdown.is_cancelled() && outcome == BatchEnd::Done {
+        let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
+        if remaining.pending > 0 {
+            return Ok(BatchEnd::Interrupted);
+        }
+    }
+    Ok(outcome)
+}
+
+/// How often a lane looks at the channel's pause (a person or another sender may set it).
+const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+async fn lane(
+    pool: &PgPool,
+    job: &BatchJob,
+    client: Arc<dyn ProviderClient>,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    run_id: &str,
+) -> Result<BatchEnd> {
+    let mut pause_checked: Option<std::time::Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             return Ok(BatchEnd::Interrupted);
         }
-        if let Some((until, reason)) = rate::channel_pause(pool, &job.organization, &job.channel).await? {
-            // The controller suspends the Job; until then, wait instead of burning restarts.
-            info!(%until, %reason, "channel paused; waiting");
-            if !sleep_until(until.min(Utc::now() + chrono::Duration::seconds(30)), shutdown).await {
-                return Ok(BatchEnd::Interrupted);
+        if pause_checked.is_none_or(|at| at.elapsed() >= PAUSE_CHECK_EVERY) {
+            pause_checked = Some(std::time::Instant::now());
+            if let Some((until, reason)) = rate::channel_pause(pool, &job.organization, &job.channel).await? {
+                // The controller suspends the Job; until then, wait instead of burning restarts.
+                info!(%until, %reason, "channel paused; waiting");
+                if !sleep_until(until.min(Utc::now() + chrono::Duration::seconds(30)), shutdown).await {
+                    return Ok(BatchEnd::Interrupted);
+                }
+                pause_checked = None;
+                continue;
             }
-            continue;
         }
         let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
         if remaining.pending == 0 {
@@ -148,8 +202,10 @@ pub async fn run_batch(
             }
             continue;
         }
-        let claimed = messages::claim_due(pool, job.campaign, job.batch, reservation.granted() as i64, &run_id).await?;
+        let claimed = messages::claim_due(pool, job.campaign, job.batch, reservation.granted() as i64, run_id).await?;
         if claimed.is_empty() {
+            // Another lane holds the due messages for a moment.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         let slots = reservation.slots.clone();

@@ -50,6 +50,24 @@ pub const EXIT_CHANNEL_STOPPED: i32 = 76;
 /// Exit code: stopped by SIGTERM with messages left; a later run resumes them.
 pub const EXIT_INTERRUPTED: i32 = 77;
 
+/// Blocks a sender keeps in flight (see `batch::run_batch`).
+pub const SENDER_LANES: u32 = 4;
+
+/// Lanes for a channel: only a channel fast enough for the database round trips to be
+/// the bottleneck gets several. On a capped channel the caps are the bottleneck, and
+/// lanes would reserve tokens for messages another lane already claimed.
+pub fn lanes_for(limits: &crate::store::rate::Limits) -> u32 {
+    let per_second = [
+        limits.per_minute.map(|c| f64::from(c) / 60.0),
+        limits.per_hour.map(|c| f64::from(c) / 3600.0),
+        limits.per_day.map(|c| f64::from(c) / 86_400.0),
+    ]
+    .into_iter()
+    .flatten()
+    .fold(f64::INFINITY, f64::min);
+    if !limits.min_interval.is_zero() || per_second < 200.0 { 1 } else { SENDER_LANES }
+}
+
 /// Exit codes the Job's pod failure policy must not count as failures.
 pub const IGNORED_EXIT_CODES: [i32; 3] = [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED];
 
@@ -164,6 +182,7 @@ impl SendConfig {
             backoff: backoff::Backoff::from(&self.retry),
             limits: crate::store::rate::Limits::effective(self.target.provider(), &self.rate_limits),
             block_size: self.block_size.max(1),
+            lanes: lanes_for(&crate::store::rate::Limits::effective(self.target.provider(), &self.rate_limits)),
         }
     }
 }
