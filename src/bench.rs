@@ -184,6 +184,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
         BenchTarget::Sender => crate::sender::bench::run(&pool, args.messages).await,
-        BenchTarget::Webhook => anyhow::bail!("the webhook benchmark is being integrated"),
+        BenchTarget::Webhook => crate::webhook::bench::run(&pool, args.messages).await,
     }
 }

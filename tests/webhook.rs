@@ -13,7 +13,7 @@ use std::time::Duration;
 use chrono::Utc;
 use disparo::store::{audience, campaigns, messages};
 use disparo::webhook::signature::{sign_evolution_jwt, sign_meta};
-use disparo::webhook::{BatchConfig, ServiceConfig, StaticCredentials, serve};
+use disparo::webhook::{ServiceConfig, StaticCredentials, serve};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
@@ -35,16 +35,16 @@ const EVO_FAILED_ID: &str = "3EB0F9E8D7C6B5A40312";
 
 fn fixture(name: &str) -> &'static str {
     match name {
-        "meta_sent" => include_str!("fixtures/webhook/meta_a5_1_sent.json"),
-        "meta_delivered" => include_str!("fixtures/webhook/meta_a5_2_delivered.json"),
-        "meta_read" => include_str!("fixtures/webhook/meta_a5_3_read.json"),
-        "meta_failed" => include_str!("fixtures/webhook/meta_a5_4_failed.json"),
-        "meta_batch" => include_str!("fixtures/webhook/meta_a5_5_batch.json"),
-        "meta_inbound_stop" => include_str!("fixtures/webhook/meta_a5_6_inbound_stop.json"),
-        "evo_sent" => include_str!("fixtures/webhook/evolution_b2_sent.json"),
-        "evo_delivered" => include_str!("fixtures/webhook/evolution_delivered.json"),
-        "evo_read" => include_str!("fixtures/webhook/evolution_b2_read.json"),
-        "evo_failed" => include_str!("fixtures/webhook/evolution_b2_failed.json"),
+        "meta_sent" => include_str!("fixtures/meta/sent.json"),
+        "meta_delivered" => include_str!("fixtures/meta/delivered.json"),
+        "meta_read" => include_str!("fixtures/meta/read.json"),
+        "meta_failed" => include_str!("fixtures/meta/failed_131026.json"),
+        "meta_batch" => include_str!("fixtures/meta/batch_out_of_order.json"),
+        "meta_inbound_stop" => include_str!("fixtures/meta/inbound_stop.json"),
+        "evo_sent" => include_str!("fixtures/evolution/update_sent.json"),
+        "evo_delivered" => include_str!("fixtures/evolution/update_delivered.json"),
+        "evo_read" => include_str!("fixtures/evolution/update_read.json"),
+        "evo_failed" => include_str!("fixtures/evolution/update_error.json"),
         "evo_upsert_sair" => include_str!("fixtures/webhook/evolution_upsert_sair.json"),
         other => panic!("no fixture {other}"),
     }
@@ -81,7 +81,8 @@ impl Service {
 
     /// POSTs a Meta body signed with `secret` (None: unsigned) to org/channel.
     async fn meta_post(&self, org: &str, body: &str, secret: Option<&str>) -> (StatusCode, String) {
-        let mut request = self.http.post(self.url(&format!("/webhooks/meta/{org}/wa"))).header("content-type", "application/json").body(body.to_owned());
+        let mut request =
+            self.http.post(self.url(&format!("/webhooks/meta/{org}/wa"))).header("content-type", "application/json").body(body.to_owned());
         if let Some(secret) = secret {
             request = request.header("x-hub-signature-256", sign_meta(secret.as_bytes(), body.as_bytes()));
         }
@@ -105,7 +106,8 @@ impl Service {
     }
 
     async fn evolution(&self, org: &str, body: &str) -> Value {
-        let (status, text) = self.evolution_post(&format!("/webhooks/evolution/{org}/evo"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+        let (status, text) =
+            self.evolution_post(&format!("/webhooks/evolution/{org}/evo"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         serde_json::from_str(&text).unwrap()
     }
@@ -205,7 +207,8 @@ fn entry(status: &str, at: &str) -> Value {
 }
 
 async fn opted_out(pool: &PgPool, org: &str, phone: &str) -> bool {
-    let (o,): (bool,) = sqlx::query_as("SELECT opted_out FROM contacts WHERE organization = $1 AND phone = $2").bind(org).bind(phone).fetch_one(pool).await.unwrap();
+    let (o,): (bool,) =
+        sqlx::query_as("SELECT opted_out FROM contacts WHERE organization = $1 AND phone = $2").bind(org).bind(phone).fetch_one(pool).await.unwrap();
     o
 }
 
@@ -218,7 +221,8 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     // the same WAMIDs in another organization must never be touched by acme's webhooks
     let (beta_uid, beta_ids) = campaign(&pool, "beta", &phones).await;
     mark_sent(&pool, &[(beta_ids[0], RTCA), (beta_ids[2], MJAA), (beta_ids[3], NZEA)]).await;
-    let beta_before = snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
+    let beta_before =
+        snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
 
     // A5.1 sent: the message is already sent
@@ -273,7 +277,11 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     assert_eq!(summary, json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0}));
     let b0 = row(&pool, beta_ids[0]).await;
     assert_eq!(b0.status, "read");
-    assert_eq!(b0.webhook_history(), vec![entry("delivered", "2025-06-18T16:26:42Z"), entry("read", "2025-06-18T16:26:50Z")], "accepted events in timestamp order");
+    assert_eq!(
+        b0.webhook_history(),
+        vec![entry("delivered", "2025-06-18T16:26:42Z"), entry("read", "2025-06-18T16:26:50Z")],
+        "accepted events in timestamp order"
+    );
     assert_eq!(row(&pool, beta_ids[2]).await.status, "delivered");
     assert_eq!(row(&pool, beta_ids[3]).await.status, "failed");
     assert_counters_match(&pool, beta_uid).await;
@@ -303,9 +311,7 @@ async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
     // the sender died after the provider call: `unknown`, no provider id
     messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })]).await.unwrap();
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
-    let body = fixture("meta_sent")
-        .replace(RTCA, "wamid.recovered")
-        .replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
+    let body = fixture("meta_sent").replace(RTCA, "wamid.recovered").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
     // posted for another organization, our id does not reach across
     assert_eq!(service.meta("beta", &body).await["unknown_id"], 1);
     assert_eq!(row(&pool, ids[0]).await.status, "unknown");
@@ -318,7 +324,8 @@ async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
     assert_eq!(row(&pool, ids[0]).await.status, "delivered");
     // a message that already has a provider id is never taken over through our id
     mark_sent(&pool, &[(ids[1], "wamid.original")]).await;
-    let hijack = fixture("meta_delivered").replace(RTCA, "wamid.other").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[1]));
+    let hijack =
+        fixture("meta_delivered").replace(RTCA, "wamid.other").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[1]));
     assert_eq!(service.meta("acme", &hijack).await["unknown_id"], 1);
     assert_eq!(row(&pool, ids[1]).await.status, "sent");
     assert_counters_match(&pool, uid).await;
@@ -340,14 +347,8 @@ async fn a_forged_or_missing_signature_gets_401_and_changes_nothing() {
     // a valid signature of another body
     let other_signature = sign_meta(APP_SECRET.as_bytes(), fixture("meta_read").as_bytes());
     for signature in [other_signature.as_str(), "sha256=", "sha256=00", "garbage", &other_signature.replace("sha256=", "sha1=")] {
-        let response = service
-            .http
-            .post(service.url("/webhooks/meta/acme/wa"))
-            .header("x-hub-signature-256", signature)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let response =
+            service.http.post(service.url("/webhooks/meta/acme/wa")).header("x-hub-signature-256", signature).body(body).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{signature}");
     }
     // re-serialized JSON (whitespace changed) no longer matches the signature of the original
@@ -439,7 +440,10 @@ async fn out_of_order_and_duplicated_receipts_end_in_the_right_state() {
         let take = rng.random_range(1..=12).min(rest.len());
         let (chunk, tail) = rest.split_at(take);
         rest = tail;
-        bodies.push(json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"statuses": chunk}}]}]}).to_string());
+        bodies.push(
+            json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {"statuses": chunk}}]}]})
+                .to_string(),
+        );
     }
     let requests = bodies.len();
     let service = Arc::new(Service::start(pool.clone(), ServiceConfig::default()).await);
@@ -524,11 +528,20 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
     ] {
         assert_eq!(service.evolution_post(path, body, &headers).await.0, expected, "{headers:?}");
     }
-    assert_eq!(service.evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(service.evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        service.evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        service.evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        StatusCode::NOT_FOUND
+    );
     assert_eq!(snapshot(&pool).await, before);
     assert_eq!(service.evolution_post(path, body, &[("authorization", bearer.clone())]).await.0, StatusCode::OK);
-    assert_eq!(service.evolution_post(&format!("{path}/messages-update"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::OK);
+    assert_eq!(
+        service.evolution_post(&format!("{path}/messages-update"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        StatusCode::OK
+    );
     service.stop().await;
 }
 
@@ -575,7 +588,10 @@ async fn bodies_are_capped_and_malformed_json_gets_a_reason() {
     let service = Service::start(pool.clone(), ServiceConfig { max_body_bytes: 4096, ..ServiceConfig::default() }).await;
     let big = format!("{{\"object\":\"whatsapp_business_account\",\"entry\":[],\"pad\":\"{}\"}}", "x".repeat(8192));
     assert_eq!(service.meta_post("acme", &big, Some(APP_SECRET)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(service.evolution_post("/webhooks/evolution/acme/evo", &big, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        service.evolution_post("/webhooks/evolution/acme/evo", &big, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
     let (status, reason) = service.meta_post("acme", "{\"object\": ", Some(APP_SECRET)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(reason.contains("invalid JSON"), "{reason}");
@@ -592,9 +608,42 @@ async fn bodies_are_capped_and_malformed_json_gets_a_reason() {
 
 fn random_text(rng: &mut impl Rng, max: usize) -> String {
     const PIECES: &[&str] = &[
-        "{", "}", "[", "]", ",", ":", "\"", "entry", "changes", "statuses", "messages", "field", "value", "id", "status", "read",
-        "failed", "errors", "code", "timestamp", "\"wamid.x\"", "null", "true", "1e999", "-0", "\\u0000", "\\ud800", "é", "🛑", " ",
-        "disparo:1", "event", "messages.update", "data", "keyId", "SERVER_ACK",
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"",
+        "entry",
+        "changes",
+        "statuses",
+        "messages",
+        "field",
+        "value",
+        "id",
+        "status",
+        "read",
+        "failed",
+        "errors",
+        "code",
+        "timestamp",
+        "\"wamid.x\"",
+        "null",
+        "true",
+        "1e999",
+        "-0",
+        "\\u0000",
+        "\\ud800",
+        "é",
+        "🛑",
+        " ",
+        "disparo:1",
+        "event",
+        "messages.update",
+        "data",
+        "keyId",
+        "SERVER_ACK",
     ];
     let n = rng.random_range(0..max);
     (0..n).map(|_| PIECES[rng.random_range(0..PIECES.len())]).collect()
@@ -642,7 +691,8 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
             }
             _ => {
                 // structurally plausible, with odd leaves
-                let leaf = [json!(null), json!(1.5), json!(-1), json!("x"), json!([]), json!({}), json!("\u{0}"), json!(u64::MAX), json!("1".repeat(300))];
+                let leaf =
+                    [json!(null), json!(1.5), json!(-1), json!("x"), json!([]), json!({}), json!("\u{0}"), json!(u64::MAX), json!("1".repeat(300))];
                 let mut pick = || leaf[rng.random_range(0..leaf.len())].clone();
                 let event = ["messages.update", "messages.upsert", "x"][i % 3];
                 let status = ["sent", "read", "failed", "played", "x"][i % 5];
@@ -659,7 +709,11 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
     let paths = ["/webhooks/meta/acme/wa", "/webhooks/evolution/acme/evo", "/webhooks/evolution/acme/evo/messages-upsert"];
     let mut answered = HashMap::<u16, usize>::new();
     for (i, body) in bodies.iter().enumerate() {
-        let path = if i % 17 == 0 { format!("/webhooks/meta/%FF%00/{}", random_header_value(&mut rng).replace(['/', '?', '#', ' ', '%'], "")) } else { paths[i % paths.len()].to_owned() };
+        let path = if i % 17 == 0 {
+            format!("/webhooks/meta/%FF%00/{}", random_header_value(&mut rng).replace(['/', '?', '#', ' ', '%'], ""))
+        } else {
+            paths[i % paths.len()].to_owned()
+        };
         let mut request = service.http.post(service.url(&path)).body(body.clone());
         for _ in 0..rng.random_range(0..4) {
             let name = ["x-hub-signature-256", "x-disparo-token", "authorization", "content-type", "x-random"][rng.random_range(0..5)];
@@ -678,7 +732,7 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         );
         *answered.entry(status.as_u16()).or_default() += 1;
     }
-    for query in ["hub.mode=subscribe&hub.verify_token=x&hub.challenge=1", "hub.mode=%FF&hub.challenge=%00", "a=b=c&&&", "hub.challenge=" , "%"] {
+    for query in ["hub.mode=subscribe&hub.verify_token=x&hub.challenge=1", "hub.mode=%FF&hub.challenge=%00", "a=b=c&&&", "hub.challenge=", "%"] {
         let (status, _) = service.get(&format!("/webhooks/meta/acme/wa?{query}")).await;
         assert!(status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST, "{query}: {status}");
     }
@@ -694,7 +748,10 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         };
         let response = service.http.post(service.url(path)).header(header, value).body(body.clone()).send().await.expect("answered");
         let status = response.status();
-        assert!(status == StatusCode::OK || status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE, "signed request {i} answered {status}");
+        assert!(
+            status == StatusCode::OK || status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,
+            "signed request {i} answered {status}"
+        );
     }
     assert_eq!(service.get("/healthz").await.0, StatusCode::OK);
     service.stop().await;
@@ -723,7 +780,11 @@ fn is_root() -> bool {
 }
 
 fn as_owner(args: &[&str]) -> std::process::Output {
-    let output = if is_root() { Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output() } else { Command::new(args[0]).args(&args[1..]).output() };
+    let output = if is_root() {
+        Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output()
+    } else {
+        Command::new(args[0]).args(&args[1..]).output()
+    };
     output.expect("running a Postgres command")
 }
 
@@ -749,7 +810,8 @@ impl OwnPostgres {
         let data = self.dir.path().join("data");
         let log = self.dir.path().join("postgres.log");
         let options = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
-        let out = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "-o", &options, "start"]);
+        let out =
+            as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "-o", &options, "start"]);
         assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
     }
 

@@ -198,10 +198,7 @@ impl KubeCredentials {
         if !self.is_ready() {
             return Err(LookupError::Unavailable("caches not synced yet".into()));
         }
-        self.channels
-            .get(&ObjectRef::new(name).within(namespace))
-            .filter(|channel| channel.spec.provider == provider)
-            .ok_or(LookupError::NotFound)
+        self.channels.get(&ObjectRef::new(name).within(namespace)).filter(|channel| channel.spec.provider == provider).ok_or(LookupError::NotFound)
     }
 
     fn secret(&self, namespace: &str, key_ref: &SecretKeyRef) -> Result<SecretValue, LookupError> {
@@ -227,10 +224,7 @@ impl ChannelCredentials for KubeCredentials {
     async fn meta(&self, namespace: &str, channel: &str) -> Result<MetaSecrets, LookupError> {
         let found = self.channel(namespace, channel, Provider::Meta)?;
         let settings = found.spec.meta.as_ref().ok_or(LookupError::NotFound)?;
-        Ok(MetaSecrets {
-            app_secret: self.secret(namespace, &settings.app_secret)?,
-            verify_token: self.secret(namespace, &settings.verify_token)?,
-        })
+        Ok(MetaSecrets { app_secret: self.secret(namespace, &settings.app_secret)?, verify_token: self.secret(namespace, &settings.verify_token)? })
     }
 
     async fn evolution(&self, namespace: &str, channel: &str) -> Result<EvolutionSecrets, LookupError> {

@@ -113,9 +113,9 @@ fn parse_upsert(item: &Value) -> Result<InboundMessage, Ignored> {
 mod tests {
     use super::*;
 
-    const SENT: &str = include_str!("../../tests/fixtures/webhook/evolution_b2_sent.json");
-    const READ: &str = include_str!("../../tests/fixtures/webhook/evolution_b2_read.json");
-    const FAILED: &str = include_str!("../../tests/fixtures/webhook/evolution_b2_failed.json");
+    const SENT: &str = include_str!("../../tests/fixtures/evolution/update_sent.json");
+    const READ: &str = include_str!("../../tests/fixtures/evolution/update_read.json");
+    const FAILED: &str = include_str!("../../tests/fixtures/evolution/update_error.json");
 
     #[test]
     fn examples_of_providers_md() {

@@ -111,12 +111,12 @@ mod tests {
 
     fn fixture(name: &str) -> &'static str {
         match name {
-            "sent" => include_str!("../../tests/fixtures/webhook/meta_a5_1_sent.json"),
-            "delivered" => include_str!("../../tests/fixtures/webhook/meta_a5_2_delivered.json"),
-            "read" => include_str!("../../tests/fixtures/webhook/meta_a5_3_read.json"),
-            "failed" => include_str!("../../tests/fixtures/webhook/meta_a5_4_failed.json"),
-            "batch" => include_str!("../../tests/fixtures/webhook/meta_a5_5_batch.json"),
-            "inbound" => include_str!("../../tests/fixtures/webhook/meta_a5_6_inbound_stop.json"),
+            "sent" => include_str!("../../tests/fixtures/meta/sent.json"),
+            "delivered" => include_str!("../../tests/fixtures/meta/delivered.json"),
+            "read" => include_str!("../../tests/fixtures/meta/read.json"),
+            "failed" => include_str!("../../tests/fixtures/meta/failed_131026.json"),
+            "batch" => include_str!("../../tests/fixtures/meta/batch_out_of_order.json"),
+            "inbound" => include_str!("../../tests/fixtures/meta/inbound_stop.json"),
             _ => unreachable!(),
         }
     }
@@ -152,7 +152,8 @@ mod tests {
     #[test]
     fn batch_example_keeps_every_status_in_order() {
         let n = parse(fixture("batch").as_bytes(), Utc::now()).unwrap();
-        let got: Vec<(&str, ReceiptStatus)> = n.statuses.iter().map(|s| (&s.provider_message_id[s.provider_message_id.len() - 4..], s.status)).collect();
+        let got: Vec<(&str, ReceiptStatus)> =
+            n.statuses.iter().map(|s| (&s.provider_message_id[s.provider_message_id.len() - 4..], s.status)).collect();
         assert_eq!(
             got,
             vec![

@@ -99,7 +99,12 @@ pub struct ServiceConfig {
 
 impl Default for ServiceConfig {
     fn default() -> Self {
-        Self { max_body_bytes: 3 * 1024 * 1024, keywords: OptOutKeywords::default(), batch: BatchConfig::default(), apply_timeout: Duration::from_secs(10) }
+        Self {
+            max_body_bytes: 3 * 1024 * 1024,
+            keywords: OptOutKeywords::default(),
+            batch: BatchConfig::default(),
+            apply_timeout: Duration::from_secs(10),
+        }
     }
 }
 

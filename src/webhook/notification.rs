@@ -115,10 +115,7 @@ pub(crate) fn unix_seconds(value: Option<&serde_json::Value>, received_at: DateT
         Some(serde_json::Value::Number(n)) => n.as_i64(),
         _ => None,
     };
-    seconds
-        .filter(|s| (MIN..MAX).contains(s))
-        .and_then(|s| Utc.timestamp_opt(s, 0).single())
-        .unwrap_or(received_at)
+    seconds.filter(|s| (MIN..MAX).contains(s)).and_then(|s| Utc.timestamp_opt(s, 0).single()).unwrap_or(received_at)
 }
 
 /// Digits of a WhatsApp id or JID (`5511999999999@s.whatsapp.net` → `5511999999999`),

@@ -7,8 +7,20 @@ use std::collections::HashSet;
 
 /// The defaults: the usual English carrier keywords and their Portuguese counterparts.
 pub const DEFAULT_KEYWORDS: &[&str] = &[
-    "STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "OPT OUT", "OPTOUT", // English
-    "SAIR", "PARAR", "PARE", "CANCELAR", "DESCADASTRAR", "REMOVER", // Portuguese
+    "STOP",
+    "STOPALL",
+    "UNSUBSCRIBE",
+    "CANCEL",
+    "END",
+    "QUIT",
+    "OPT OUT",
+    "OPTOUT", // English
+    "SAIR",
+    "PARAR",
+    "PARE",
+    "CANCELAR",
+    "DESCADASTRAR",
+    "REMOVER", // Portuguese
 ];
 
 /// A set of normalized opt-out keywords.

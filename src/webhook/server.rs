@@ -77,7 +77,11 @@ fn lookup_failure(error: LookupError) -> Response {
 
 /// The subscription handshake: echo `hub.challenge` when `hub.verify_token` is the
 /// channel's verify token, 403 otherwise.
-async fn meta_verify(State(state): Shared, Path((namespace, channel)): Path<(String, String)>, Query(query): Query<HashMap<String, String>>) -> Response {
+async fn meta_verify(
+    State(state): Shared,
+    Path((namespace, channel)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
     let secrets = match state.credentials.meta(&namespace, &channel).await {
         Ok(secrets) => secrets,
         Err(error) => return lookup_failure(error),
@@ -237,8 +241,9 @@ impl AppState {
                 self.metrics.count(provider, "inbound", "opted_out", opted_out);
                 self.metrics.count(provider, "inbound", "unknown_contact", report.opted_out.len() as u64 - opted_out);
                 summary["opted_out"] = json!(opted_out);
-                if report.outcomes.iter().any(|o| *o == ApplyOutcome::UnknownId) {
-                    debug!(unknown = report.outcomes.iter().filter(|o| **o == ApplyOutcome::UnknownId).count(), "statuses for unknown message ids");
+                let unknown = report.outcomes.iter().filter(|o| **o == ApplyOutcome::UnknownId).count();
+                if unknown > 0 {
+                    debug!(unknown, "statuses for unknown message ids");
                 }
                 (StatusCode::OK, axum::Json(summary)).into_response()
             }

@@ -67,10 +67,7 @@ const JWT_LEEWAY_SECS: i64 = 60;
 /// webhook's headers hold a `jwt_key`: HS256, payload `{iat, exp, app, action}`, valid
 /// for ten minutes. The key is the Channel's webhook token.
 pub fn verify_evolution_jwt(key: &[u8], authorization: &[u8], now: DateTime<Utc>) -> Result<(), Rejection> {
-    let token = authorization
-        .strip_prefix(b"Bearer ")
-        .or_else(|| authorization.strip_prefix(b"bearer "))
-        .ok_or(Rejection::Malformed)?;
+    let token = authorization.strip_prefix(b"Bearer ").or_else(|| authorization.strip_prefix(b"bearer ")).ok_or(Rejection::Malformed)?;
     let mut parts = token.split(|b| *b == b'.');
     let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(Rejection::Malformed);
@@ -186,14 +183,17 @@ mod tests {
         assert_eq!(verify_meta(b"test_app_secret", BODY, Some(upper_hex)), Ok(()));
         // one space before the final brace: the raw bytes matter
         let spaced = br#"{"object":"whatsapp_business_account","entry":[] }"#;
-        assert_eq!(
-            sign_meta(b"test_app_secret", spaced),
-            "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b"
-        );
+        assert_eq!(sign_meta(b"test_app_secret", spaced), "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b");
         assert_eq!(verify_meta(b"test_app_secret", spaced, Some(good)), Err(Rejection::Mismatch));
         assert_eq!(verify_meta(b"other_secret", BODY, Some(good)), Err(Rejection::Mismatch));
         assert_eq!(verify_meta(b"test_app_secret", BODY, None), Err(Rejection::Missing));
-        for bad in [&b"dec6a680"[..], b"sha256=", b"sha256=zz", b"sha1=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756", b"sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c63375"] {
+        for bad in [
+            &b"dec6a680"[..],
+            b"sha256=",
+            b"sha256=zz",
+            b"sha1=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756",
+            b"sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c63375",
+        ] {
             assert_eq!(verify_meta(b"test_app_secret", BODY, Some(bad)), Err(Rejection::Malformed), "{}", String::from_utf8_lossy(bad));
         }
     }

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::metrics::WebhookMetrics;
-use crate::store::{self, receipts};
 use crate::store::receipts::{OptOut, ReceiptsReport, StatusEvent};
+use crate::store::{self, receipts};
 
 /// How the writer groups work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +54,13 @@ pub enum WriteError {
     Stopped,
 }
 
+/// Where a request waits for its part of a batch's result.
+type Reply = oneshot::Sender<Result<ReceiptsReport, WriteError>>;
+
 struct Job {
     statuses: Vec<StatusEvent>,
     opt_outs: Vec<OptOut>,
-    reply: oneshot::Sender<Result<ReceiptsReport, WriteError>>,
+    reply: Reply,
 }
 
 impl Job {
@@ -124,7 +127,7 @@ async fn run(pool: PgPool, config: BatchConfig, metrics: Arc<WebhookMetrics>, mu
 async fn apply_jobs(pool: &PgPool, jobs: Vec<Job>, metrics: &WebhookMetrics) {
     let mut statuses = Vec::new();
     let mut opt_outs = Vec::new();
-    let mut parts: Vec<(Range<usize>, Range<usize>, oneshot::Sender<Result<ReceiptsReport, WriteError>>)> = Vec::with_capacity(jobs.len());
+    let mut parts: Vec<(Range<usize>, Range<usize>, Reply)> = Vec::with_capacity(jobs.len());
     for job in jobs {
         let s = statuses.len()..statuses.len() + job.statuses.len();
         let o = opt_outs.len()..opt_outs.len() + job.opt_outs.len();
@@ -159,7 +162,12 @@ async fn apply_jobs(pool: &PgPool, jobs: Vec<Job>, metrics: &WebhookMetrics) {
 /// a sender touching the same rows) before giving up.
 const CONFLICT_ATTEMPTS: usize = 3;
 
-async fn apply_with_retry(pool: &PgPool, statuses: &[StatusEvent], opt_outs: &[OptOut], metrics: &WebhookMetrics) -> Result<ReceiptsReport, WriteError> {
+async fn apply_with_retry(
+    pool: &PgPool,
+    statuses: &[StatusEvent],
+    opt_outs: &[OptOut],
+    metrics: &WebhookMetrics,
+) -> Result<ReceiptsReport, WriteError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
