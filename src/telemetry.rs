@@ -32,6 +32,18 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The `/metrics` answer for a registry, in the OpenMetrics text format. Every mode's
+/// HTTP server uses it.
+pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 /// Serves `/metrics` from a Prometheus registry until `shutdown` (used by modes that
 /// have no other HTTP server, such as `send`).
 pub async fn serve_metrics(
@@ -39,13 +51,9 @@ pub async fn serve_metrics(
     registry: std::sync::Arc<prometheus_client::registry::Registry>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
-    async fn metrics(State(registry): State<std::sync::Arc<prometheus_client::registry::Registry>>) -> impl IntoResponse {
-        let mut body = String::new();
-        match prometheus_client::encoding::text::encode(&mut body, &registry) {
-            Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
-            Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-        }
+    use axum::{Router, extract::State, routing::get};
+    async fn metrics(State(registry): State<std::sync::Arc<prometheus_client::registry::Registry>>) -> axum::response::Response {
+        metrics_response(&registry)
     }
     let app = Router::new().route("/metrics", get(metrics)).with_state(registry);
     let listener = tokio::net::TcpListener::bind(addr).await?;

@@ -159,12 +159,8 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
-async fn metrics_handler(State(health): State<Health>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &health.registry) {
-        Ok(()) => (StatusCode::OK, [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
+async fn metrics_handler(State(health): State<Health>) -> axum::response::Response {
+    crate::telemetry::metrics_response(&health.registry)
 }
 
 /// Runs the controller until shutdown (or until the lease is lost, which returns an
