@@ -309,7 +309,16 @@ async fn preflight(
     }
     let missing = store::audience::count_missing_variables(&ctx.pool, namespace, &query, needs_name, &keys).await?;
     let sharing = store::campaigns::active_on_channel(&ctx.pool, namespace, &campaign.spec.channel_ref.name, uid).await?;
-    status.preflight = Some(Preflight { audience_size: size, missing_variables: missing, estimated_duration_seconds: None, sharing_channel_with: sharing as i32 });
+    let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
+    let estimate = match api.get_opt(&campaign.spec.channel_ref.name).await? {
+        Some(channel) => {
+            let limits = store::rate::Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
+            let window = view::window_fraction(campaign.spec.schedule.as_ref().and_then(|s| s.window.as_ref()));
+            view::estimated_duration_seconds(size, &limits, sharing, window)
+        }
+        None => None,
+    };
+    status.preflight = Some(Preflight { audience_size: size, missing_variables: missing, estimated_duration_seconds: estimate, sharing_channel_with: sharing as i32 });
     if size == 0 {
         return Ok(Err("the audience is empty after opt-outs and de-duplication: nothing to send".into()));
     }

@@ -76,6 +76,40 @@ pub fn batch_counts(job_name: &str, completions: i32, status: Option<&JobStatus>
     }
 }
 
+/// Estimated sending time of `messages` on a channel with `limits`, shared equally with
+/// `sharing` other campaigns, sending only `window_fraction` of the day (1.0: no window).
+/// None when nothing caps the rate (the estimate would be meaningless).
+pub fn estimated_duration_seconds(messages: i64, limits: &crate::store::rate::Limits, sharing: i64, window_fraction: f64) -> Option<i64> {
+    let interval_rate = (!limits.min_interval.is_zero()).then(|| 1.0 / limits.min_interval.as_secs_f64());
+    let per_second = [
+        limits.per_minute.map(|c| f64::from(c) / 60.0),
+        limits.per_hour.map(|c| f64::from(c) / 3600.0),
+        limits.per_day.map(|c| f64::from(c) / 86_400.0),
+        interval_rate,
+    ]
+    .into_iter()
+    .flatten()
+    .fold(f64::INFINITY, f64::min);
+    if !per_second.is_finite() || per_second <= 0.0 || window_fraction <= 0.0 {
+        return None;
+    }
+    let share = per_second / (sharing.max(0) as f64 + 1.0) * window_fraction.min(1.0);
+    Some((messages.max(0) as f64 / share).ceil() as i64)
+}
+
+/// The share of a day a send window is open (1.0 without a window).
+pub fn window_fraction(window: Option<&crate::api::SendWindow>) -> f64 {
+    let Some(w) = window else { return 1.0 };
+    let minutes = |t: &str| -> Option<i64> {
+        let (h, m) = t.split_once(':')?;
+        Some(h.parse::<i64>().ok()? * 60 + m.parse::<i64>().ok()?)
+    };
+    let (Some(start), Some(end)) = (minutes(&w.start), minutes(&w.end)) else { return 1.0 };
+    let open = if end > start { end - start } else { 1440 - start + end };
+    let days = if w.days.is_empty() { 7.0 } else { w.days.len() as f64 };
+    open as f64 / 1440.0 * days / 7.0
+}
+
 /// Counts the indexes in a Job's interval notation, e.g. `1,3-5` → 4.
 pub fn count_indexes(indexes: &str) -> i32 {
     indexes
@@ -118,6 +152,17 @@ mod tests {
         let c = Counters { total: 10, sent: 2, delivered: 2, read: 2, failed: 2, cancelled: 2, ..Default::default() };
         let r = rates(&c);
         assert_eq!((r.delivery, r.read, r.failure), (0.667, 0.5, 0.25));
+    }
+
+    #[test]
+    fn estimates_follow_the_tightest_cap_the_sharing_and_the_window() {
+        let meta = crate::store::rate::Limits::provider_default(crate::api::Provider::Meta);
+        // 500/day is the tightest: 1,000 messages take two days
+        assert_eq!(estimated_duration_seconds(1000, &meta, 0, 1.0), Some(172_800));
+        assert_eq!(estimated_duration_seconds(1000, &meta, 1, 1.0), Some(345_600), "shared with one other campaign");
+        let w = crate::api::SendWindow { start: "09:00".into(), end: "21:00".into(), time_zone: "UTC".into(), days: vec![] };
+        assert_eq!(window_fraction(Some(&w)), 0.5);
+        assert_eq!(estimated_duration_seconds(10, &crate::store::rate::Limits::unlimited(), 0, 1.0), None);
     }
 
     #[test]
