@@ -201,7 +201,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             conditions.push(DesiredCondition::truthy(ConditionType::Stalled, "FailureThresholdExceeded", why.clone()));
             Action::await_change()
         }
-        Step::Preflight => match preflight(campaign, ctx, &namespace, &name, uid, &mut status).await? {
+        Step::Preflight => match preflight(campaign, channel.as_ref(), ctx, &namespace, &name, uid, &mut status).await? {
             Ok(()) => {
                 counters = store::campaigns::counters(&ctx.pool, uid).await?;
                 Action::requeue(Duration::ZERO)
@@ -212,7 +212,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
                     conditions: vec![DesiredCondition::truthy(ConditionType::Stalled, "PreflightFailed", why.clone())],
                     requeue: Action::await_change(),
                 };
-                return finish(campaign, ctx, &old, status, outcome, counters.as_ref(), Some(("PreflightFailed", why))).await;
+                return finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref() }, Some(("PreflightFailed", why))).await;
             }
         },
         Step::CreateJob => {
@@ -259,13 +259,14 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         Step::Stall(why) => Some(("InvalidChannel", why.clone())),
         _ => None,
     };
-    finish(campaign, ctx, &old, status, outcome, counters.as_ref(), reason).await
+    finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref() }, reason).await
 }
 
 /// Checks the audience and message, then freezes the audience. `Ok(Err(why))` is a
 /// preflight failure a person must fix.
 async fn preflight(
     campaign: &Campaign,
+    channel: Option<&Channel>,
     ctx: &Context,
     namespace: &str,
     name: &str,
@@ -309,8 +310,7 @@ async fn preflight(
     }
     let missing = store::audience::count_missing_variables(&ctx.pool, namespace, &query, needs_name, &keys).await?;
     let sharing = store::campaigns::active_on_channel(&ctx.pool, namespace, &campaign.spec.channel_ref.name, uid).await?;
-    let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
-    let estimate = match api.get_opt(&campaign.spec.channel_ref.name).await? {
+    let estimate = match channel {
         Some(channel) => {
             let limits = store::rate::Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
             let window = view::window_fraction(campaign.spec.schedule.as_ref().and_then(|s| s.window.as_ref()));
@@ -368,6 +368,12 @@ fn phase_conditions(phase: Option<Phase>, frozen: bool) -> Vec<DesiredCondition>
     out
 }
 
+/// What the reconcile observed that status is computed from.
+struct Observed<'a> {
+    counters: Option<&'a Counters>,
+    job: Option<&'a Job>,
+}
+
 /// Writes status (when it changed) and emits the Event of a phase change.
 async fn finish(
     campaign: &Campaign,
@@ -375,9 +381,10 @@ async fn finish(
     old: &CampaignStatus,
     mut status: CampaignStatus,
     outcome: Outcome,
-    counters: Option<&Counters>,
+    observed: Observed<'_>,
     reason: Option<(&'static str, String)>,
 ) -> Result<Action> {
+    let Observed { counters, job } = observed;
     let namespace = campaign.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = campaign.name_any();
     let now = Utc::now();
@@ -402,11 +409,11 @@ async fn finish(
         // The CRD only lets the audience change while suspended; any change after freezing is reported, not applied.
         audience.drift = Some("spec changed after the audience was frozen: audience edits are not applied to a started campaign".into());
     }
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let jname = job_name(&name);
-    if let Some(job) = jobs.get_opt(&jname).await? {
+    // The Job as observed at the start of this reconcile: one read per reconcile; a Job
+    // created or patched just now shows up at the next refresh.
+    if let Some(job) = job {
         let completions = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(0);
-        status.batches = Some(view::batch_counts(&jname, completions, job.status.as_ref()));
+        status.batches = Some(view::batch_counts(&job_name(&name), completions, job.status.as_ref()));
     }
     let mut desired = phase_conditions(status.phase, counters.is_some());
     desired.extend(outcome.conditions.iter().cloned());
