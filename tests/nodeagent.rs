@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use disparo::nodeagent::{NodeAgentArgs, run_with_client};
+use disparo::nodeagent::{NodeAgentArgs, run_with_config};
 use futures::FutureExt;
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -47,14 +47,13 @@ fn kubeconfig() -> PathBuf {
         })
 }
 
-async fn client() -> Result<Client> {
+async fn config() -> Result<kube::Config> {
     disparo::telemetry::install_crypto_provider();
     disparo::telemetry::init(disparo::telemetry::LogFormat::Text);
     let path = kubeconfig();
     let kubeconfig =
         kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?)
 }
 
 /// One agent on its own node, serving one fresh namespace.
@@ -69,7 +68,8 @@ struct Harness {
 
 impl Harness {
     async fn start(prefix: &str) -> Result<Self> {
-        let client = client().await?;
+        let config = config().await?;
+        let client = Client::try_from(config.clone())?;
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let namespace = format!("nodeagent-{prefix}-{suffix}");
         let node = format!("nodeagent-test-{suffix}");
@@ -89,7 +89,7 @@ impl Harness {
             max_pods: 8,
         };
         let shutdown = CancellationToken::new();
-        let agent = tokio::spawn(run_with_client(client.clone(), args, shutdown.clone()));
+        let agent = tokio::spawn(run_with_config(config, args, shutdown.clone()));
         let nodes: Api<Node> = Api::all(client.clone());
         wait_until("node registered Ready", || async {
             Ok(nodes.get_opt(&node).await?.is_some_and(|n| node_ready(&n) == Some(true)))
@@ -477,6 +477,88 @@ async fn on_failure_restarts_the_container_in_place() -> Result<()> {
         assert_eq!((last.exit_code, last.reason.as_deref()), (1, Some("Error")));
         let end = status.state.and_then(|s| s.terminated).context("not terminated")?;
         assert_eq!(end.exit_code, 0);
+        Ok(())
+    })
+    .await
+}
+
+/// What `report_api_identity` printed: the `KUBECONFIG` the container saw, then (when
+/// it had one) who the API server says it is and whether it may read Secrets.
+fn api_identity(log: &str) -> Result<(String, Option<serde_json::Value>, Option<String>)> {
+    let mut lines = log.lines();
+    let kubeconfig = lines.next().and_then(|l| l.strip_prefix("KUBECONFIG=")).context("no KUBECONFIG line")?;
+    let rest: Vec<&str> = lines.collect();
+    let whoami = rest.iter().position(|l| l.trim() == "---").map(|end| rest[..end].join("\n"));
+    let whoami = whoami.map(|json| serde_json::from_str(&json)).transpose().with_context(|| format!("log: {log}"))?;
+    let secrets = rest.iter().rev().find_map(|l| l.strip_prefix("secrets: ")).map(str::to_string);
+    Ok((kubeconfig.to_string(), whoami, secrets))
+}
+
+/// A pod that reports whether it got API credentials and, if so, whom they identify.
+fn report_api_identity(name: &str, account: &str, automount: Option<bool>) -> Result<Pod> {
+    let script = r#"echo "KUBECONFIG=${KUBECONFIG-unset}"
+if [ -n "${KUBECONFIG-}" ]; then
+  kubectl auth whoami -o json; echo ---
+  if kubectl get secrets -o name >/dev/null 2>err; then echo "secrets: allowed"; else echo "secrets: $(grep -o forbidden err | head -n 1)"; fi
+fi"#;
+    let mut spec = json!({
+        "serviceAccountName": account,
+        "restartPolicy": "Never",
+        "containers": [{"name": "main", "image": "ghcr.io/disparo/disparo:test", "command": ["/bin/sh", "-c", script]}],
+    });
+    if let Some(automount) = automount {
+        spec["automountServiceAccountToken"] = json!(automount);
+    }
+    Ok(serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_reach_the_api_as_their_service_account_only_when_a_token_is_mounted() -> Result<()> {
+    Harness::run("token", async |h| {
+        let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = h.api();
+        for (name, automount) in [("app", None), ("quiet", Some(false))] {
+            let mut account = json!({"metadata": {"name": name}});
+            if let Some(automount) = automount {
+                account["automountServiceAccountToken"] = json!(automount);
+            }
+            accounts.create(&PostParams::default(), &serde_json::from_value(account)?).await?;
+        }
+        let pods: Api<Pod> = h.api();
+        let cases = [
+            // (pod, account, pod's automount, expected identity)
+            ("default-mounts", "app", None, Some("app")),
+            ("pod-opts-out", "app", Some(false), None),
+            ("account-opts-out", "quiet", None, None),
+            ("pod-wins", "quiet", Some(true), Some("quiet")),
+        ];
+        for (name, account, automount, _) in cases {
+            pods.create(&PostParams::default(), &report_api_identity(name, account, automount)?).await?;
+        }
+        for (name, _, _, expected) in cases {
+            wait_until(&format!("pod {name} to finish"), || async {
+                Ok(matches!(phase(&pods.get(name).await?), Some("Succeeded" | "Failed")))
+            })
+            .await?;
+            let log = std::fs::read_to_string(h.log_of(name, "main"))?;
+            let (kubeconfig, whoami, secrets) = api_identity(&log)?;
+            let pod = pods.get(name).await?;
+            assert_eq!(phase(&pod), Some("Succeeded"), "{name}: {log}");
+            let Some(account) = expected else {
+                assert_eq!(kubeconfig, "unset", "{name} must get no API credentials: {log}");
+                continue;
+            };
+            let whoami = whoami.with_context(|| format!("{name}: no identity in {log}"))?;
+            let user = &whoami["status"]["userInfo"];
+            assert_eq!(user["username"], format!("system:serviceaccount:{}:{account}", h.namespace), "{name}");
+            let uid = pod.metadata.uid.as_deref().context("pod without uid")?;
+            assert_eq!(user["extra"]["authentication.kubernetes.io/pod-name"], json!([name]), "bound to the pod");
+            assert_eq!(user["extra"]["authentication.kubernetes.io/pod-uid"], json!([uid]), "bound to the pod");
+            assert_eq!(secrets.as_deref(), Some("forbidden"), "{name} has only its account's rights: {log}");
+            // The credentials live in the pod's private state and go with it.
+            let state = h.work_dir.path().join("pods").join(uid);
+            assert!(kubeconfig.starts_with(&*state.to_string_lossy()), "{kubeconfig}");
+            wait_until(&format!("{name}'s credentials to be removed"), || async { Ok(!state.exists()) }).await?;
+        }
         Ok(())
     })
     .await

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use super::{Error, Result};
+use super::{Error, Result, credentials::ApiEndpoint};
 
 /// Arguments of `disparo dev node-agent`.
 #[derive(Debug, Clone, clap::Args)]
@@ -22,8 +22,9 @@ pub struct NodeAgentArgs {
     #[arg(long, env = "DISPARO_NODE_AGENT_NAMESPACE")]
     pub namespace: Option<String>,
 
-    /// Directory for per-container logs, `<namespace>_<pod>_<container>.log`
-    /// (default: a directory under the system temp dir named after the node).
+    /// Directory for per-container logs, `<namespace>_<pod>_<container>.log`, and
+    /// per-pod private state under `pods/<uid>` (default: a directory under the system
+    /// temp dir named after the node).
     #[arg(long, env = "DISPARO_NODE_AGENT_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
 
@@ -45,6 +46,8 @@ pub(super) struct Settings {
     /// Nothing else leaks through (no `KUBECONFIG`, no `KUBERNETES_SERVICE_*`), so
     /// containers get no API access unless their spec grants it.
     pub base_env: Vec<(String, String)>,
+    /// The API server pods with a ServiceAccount token are pointed at.
+    pub api_endpoint: ApiEndpoint,
 }
 
 /// `PATH` for containers when the agent itself has none (the usual image default).
@@ -53,7 +56,7 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 impl Settings {
     /// Fills in defaults that need the environment and creates the work directory, so
     /// a bad path fails at start rather than at the first pod.
-    pub fn resolve(args: NodeAgentArgs) -> Result<Self> {
+    pub fn resolve(args: NodeAgentArgs, api_endpoint: ApiEndpoint) -> Result<Self> {
         let NodeAgentArgs { node_name, binary, namespace, work_dir, max_pods } = args;
         if max_pods == 0 {
             return Err(Error::NoCapacity);
@@ -71,6 +74,7 @@ impl Settings {
             work_dir,
             max_pods: usize::try_from(max_pods).unwrap_or(usize::MAX),
             base_env: inherited_env(),
+            api_endpoint,
         })
     }
 }

@@ -21,12 +21,14 @@
 //! absolute host path named in `command`), init containers and sidecars (only the
 //! first regular container runs), volumes, probes (a running process counts as
 //! ready), networking (every pod's IP is 127.0.0.1), resource limits, node affinity
-//! and taints (only `nodeSelector` is honoured), and in-cluster API access
-//! (`KUBERNETES_SERVICE_*` is never set).
+//! and taints (only `nodeSelector` is honoured), and the in-cluster service
+//! environment (`KUBERNETES_SERVICE_*` is never set). Pods that mount a ServiceAccount
+//! token get API access through a per-pod kubeconfig instead ([`credentials`]).
 
 mod agent;
 mod args;
 pub mod command;
+pub mod credentials;
 pub mod env;
 mod node;
 mod pod;
@@ -54,8 +56,11 @@ pub enum Error {
     /// A Kubernetes API request failed.
     #[error("kubernetes API request failed")]
     Kube(#[from] kube::Error),
-    /// Building a kube client from the environment failed.
-    #[error("could not build a kubernetes client from the environment")]
+    /// No kubeconfig or in-cluster configuration was found.
+    #[error("could not find a kubernetes configuration (KUBECONFIG or in-cluster)")]
+    Config(#[source] kube::config::InferConfigError),
+    /// Building a kube client from the configuration failed.
+    #[error("could not build a kubernetes client from the configuration")]
     Client(#[source] kube::Error),
     /// `--binary` was not given and the agent's own executable could not be found.
     #[error("could not locate the current executable (pass --binary)")]
@@ -94,14 +99,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// On return every process the agent started has been terminated and the node is
 /// marked `NotReady`.
 pub async fn run(args: NodeAgentArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let client = kube::Client::try_default().await.map_err(Error::Client)?;
-    run_with_client(client, args, shutdown).await?;
+    let config = kube::Config::infer().await.map_err(Error::Config)?;
+    run_with_config(config, args, shutdown).await?;
     Ok(())
 }
 
-/// Like [`run`], with a client the caller built (tests point it at a throwaway
-/// control plane without touching the process environment).
-pub async fn run_with_client(client: kube::Client, args: NodeAgentArgs, shutdown: CancellationToken) -> Result<()> {
-    let settings = args::Settings::resolve(args)?;
+/// Like [`run`], with a configuration the caller built (tests point it at a throwaway
+/// control plane without touching the process environment). The configuration's
+/// server and trust settings, never its credentials, are also what pods with a
+/// ServiceAccount token use to reach the API server.
+pub async fn run_with_config(config: kube::Config, args: NodeAgentArgs, shutdown: CancellationToken) -> Result<()> {
+    let endpoint = credentials::ApiEndpoint::from_config(&config);
+    let client = kube::Client::try_from(config).map_err(Error::Client)?;
+    let settings = args::Settings::resolve(args, endpoint)?;
     agent::run(client, settings, shutdown).await
 }

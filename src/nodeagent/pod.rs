@@ -29,6 +29,7 @@ use super::{
     FIELD_MANAGER,
     agent::Context,
     command,
+    credentials::{self, BoundPod, CredentialError, PodCredentials},
     env::{self, ConfigError, PodFields, Sources},
     process::{self, Launch},
     status::{
@@ -85,6 +86,8 @@ impl Interrupt {
 enum PrepareError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
     #[error("could not read {kind} {name:?}: {source}")]
     Fetch {
         kind: &'static str,
@@ -143,6 +146,10 @@ struct Supervisor {
     image_id: String,
     /// `<work-dir>/<namespace>_<pod>_<container>.log`, appended across restarts.
     log_path: std::path::PathBuf,
+    /// The pod's ServiceAccount token and kubeconfig, if it mounts a token: issued at
+    /// the first start, kept across restarts (as kubelet keeps the volume), removed
+    /// when supervision ends.
+    credentials: Option<PodCredentials>,
 }
 
 impl Supervisor {
@@ -170,6 +177,7 @@ impl Supervisor {
             start_time,
             image_id,
             log_path,
+            credentials: None,
         })
     }
 
@@ -342,6 +350,9 @@ impl Supervisor {
         // kubelet sets HOSTNAME to the pod name; the container's own variables win.
         let mut env: Vec<(String, String)> = self.ctx.settings.base_env.clone();
         env.push(("HOSTNAME".to_string(), self.name.clone()));
+        if let Some(kubeconfig) = self.api_credentials(&pod).await? {
+            env.push(("KUBECONFIG".to_string(), kubeconfig.display().to_string()));
+        }
         env.retain(|(name, _)| !vars.contains_key(name));
         env.extend(resolved);
         Ok(Launch {
@@ -351,6 +362,27 @@ impl Supervisor {
             cwd: self.ctx.settings.work_dir.clone(),
             log_path: self.log_path.clone(),
         })
+    }
+
+    /// The kubeconfig granting the pod its ServiceAccount's API access, issuing the
+    /// token on first use; `None` when the container mounts no token.
+    async fn api_credentials(&mut self, pod: &Pod) -> Result<Option<std::path::PathBuf>, PrepareError> {
+        let Some(grant) = credentials::token_projection(pod, &self.container) else {
+            return Ok(None);
+        };
+        if self.credentials.is_none() {
+            let bound = BoundPod {
+                namespace: self.api.namespace().unwrap_or_default().to_string(),
+                name: self.name.clone(),
+                uid: self.uid.clone(),
+            };
+            let dir = self.ctx.settings.work_dir.join("pods").join(&self.uid);
+            let issued =
+                PodCredentials::issue(self.ctx.client.clone(), &self.ctx.settings.api_endpoint, bound, grant, dir)
+                    .await?;
+            self.credentials = Some(issued);
+        }
+        Ok(self.credentials.as_ref().map(|c| c.kubeconfig_path().to_path_buf()))
     }
 
     async fn fetch_sources(&self, refs: &env::References) -> Result<Sources, PrepareError> {
