@@ -352,7 +352,8 @@ async fn request_token(
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), CredentialError> {
     let staging = path.with_extension("tmp");
     let error = |source| CredentialError::Write { path: path.to_path_buf(), source };
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&staging).map_err(error)?;
+    let mut file =
+        OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&staging).map_err(error)?;
     file.write_all(contents).map_err(error)?;
     file.sync_all().map_err(error)?;
     std::fs::rename(&staging, path).map_err(error)
@@ -361,10 +362,15 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), CredentialError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use anyhow::{Context as _, Result};
     use serde_json::json;
 
     /// A pod as the ServiceAccount admission plugin leaves it.
-    fn admitted_pod(volumes: serde_json::Value, mounts: serde_json::Value, account: Option<&str>) -> (Pod, Container) {
+    fn admitted_pod(
+        volumes: serde_json::Value,
+        mounts: serde_json::Value,
+        account: Option<&str>,
+    ) -> Result<(Pod, Container)> {
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "p", "namespace": "ns"},
             "spec": {
@@ -372,10 +378,9 @@ mod tests {
                 "containers": [{"name": "main", "volumeMounts": mounts}],
                 "volumes": volumes,
             },
-        }))
-        .unwrap();
-        let container = pod.spec.as_ref().unwrap().containers[0].clone();
-        (pod, container)
+        }))?;
+        let container = pod.spec.as_ref().and_then(|s| s.containers.first()).context("no container")?.clone();
+        Ok((pod, container))
     }
 
     fn api_access_volume(name: &str, token: serde_json::Value) -> serde_json::Value {
@@ -386,40 +391,42 @@ mod tests {
     }
 
     #[test]
-    fn the_admission_volume_grants_a_token_for_the_pods_account() {
+    fn the_admission_volume_grants_a_token_for_the_pods_account() -> Result<()> {
         let (pod, container) = admitted_pod(
             json!([api_access_volume("kube-api-access-x", json!({"expirationSeconds": 3607, "path": "token"}))]),
             json!([{"name": "kube-api-access-x", "mountPath": SERVICE_ACCOUNT_MOUNT_PATH, "readOnly": true}]),
             Some("controller"),
-        );
+        )?;
         let grant = token_projection(&pod, &container);
         let expected = TokenGrant { account: "controller".into(), audiences: vec![], expiration_seconds: 3607 };
         assert_eq!(grant, Some(expected));
+        Ok(())
     }
 
     #[test]
-    fn no_mounted_token_means_no_credentials() {
+    fn no_mounted_token_means_no_credentials() -> Result<()> {
         // automountServiceAccountToken: false (pod or account): admission adds nothing.
-        let (pod, container) = admitted_pod(json!([]), json!([]), Some("default"));
+        let (pod, container) = admitted_pod(json!([]), json!([]), Some("default"))?;
         assert_eq!(token_projection(&pod, &container), None);
         // A token volume the container does not mount is not its business.
         let (pod, container) = admitted_pod(
             json!([api_access_volume("kube-api-access-x", json!({"path": "token"}))]),
             json!([]),
             Some("default"),
-        );
+        )?;
         assert_eq!(token_projection(&pod, &container), None);
         // Nor is a projected volume without a token.
         let (pod, container) = admitted_pod(
             json!([{"name": "cfg", "projected": {"sources": [{"configMap": {"name": "c"}}]}}]),
             json!([{"name": "cfg", "mountPath": "/etc/cfg"}]),
             None,
-        );
+        )?;
         assert_eq!(token_projection(&pod, &container), None);
+        Ok(())
     }
 
     #[test]
-    fn the_standard_mount_wins_and_audience_and_defaults_carry_over() {
+    fn the_standard_mount_wins_and_audience_and_defaults_carry_over() -> Result<()> {
         let (pod, container) = admitted_pod(
             json!([
                 api_access_volume("vault", json!({"audience": "vault", "expirationSeconds": 600, "path": "t"})),
@@ -430,7 +437,7 @@ mod tests {
                 {"name": "kube-api-access-y", "mountPath": format!("{SERVICE_ACCOUNT_MOUNT_PATH}/")},
             ]),
             None,
-        );
+        )?;
         let expected = TokenGrant { account: "default".into(), audiences: vec![], expiration_seconds: 3600 };
         assert_eq!(token_projection(&pod, &container), Some(expected));
 
@@ -438,13 +445,14 @@ mod tests {
             json!([api_access_volume("vault", json!({"audience": "vault", "expirationSeconds": 600, "path": "t"}))]),
             json!([{"name": "vault", "mountPath": "/var/run/vault"}]),
             Some("app"),
-        );
+        )?;
         let expected = TokenGrant { account: "app".into(), audiences: vec!["vault".into()], expiration_seconds: 600 };
         assert_eq!(token_projection(&pod, &container), Some(expected));
+        Ok(())
     }
 
     #[test]
-    fn the_kubeconfig_points_at_the_agents_server_and_reads_the_token_file() {
+    fn the_kubeconfig_points_at_the_agents_server_and_reads_the_token_file() -> Result<()> {
         let endpoint = ApiEndpoint {
             server: "https://127.0.0.1:6443".into(),
             certificate_authority_data: Some("Q0E=".into()),
@@ -453,7 +461,7 @@ mod tests {
             tls_server_name: None,
         };
         let config = pod_kubeconfig(&endpoint, "team-a", Path::new("/state/pod/token"));
-        let value = serde_json::to_value(&config).unwrap();
+        let value = serde_json::to_value(&config)?;
         assert_eq!(value["current-context"], "in-cluster");
         assert_eq!(value["clusters"][0]["cluster"]["server"], "https://127.0.0.1:6443");
         assert_eq!(value["clusters"][0]["cluster"]["certificate-authority-data"], "Q0E=");
@@ -462,26 +470,31 @@ mod tests {
         assert_eq!(value["users"][0]["user"], json!({"tokenFile": "/state/pod/token"}));
         assert_eq!(value["contexts"][0]["context"]["namespace"], "team-a");
         // What kube reads back is the same configuration.
-        let read: Kubeconfig = serde_yaml::from_slice(&serde_json::to_vec(&config).unwrap()).unwrap();
-        assert_eq!(read.auth_infos[0].auth_info.as_ref().unwrap().token_file.as_deref(), Some("/state/pod/token"));
+        let read: Kubeconfig = serde_yaml::from_slice(&serde_json::to_vec(&config)?)?;
+        let user = read.auth_infos.first().and_then(|a| a.auth_info.as_ref()).context("no user")?;
+        assert_eq!(user.token_file.as_deref(), Some("/state/pod/token"));
+        Ok(())
     }
 
     #[test]
-    fn the_endpoint_carries_the_agents_trust_as_pem() {
-        let mut config = kube::Config::new("https://127.0.0.1:6443/".parse().unwrap());
+    fn the_endpoint_carries_the_agents_trust_as_pem() -> Result<()> {
+        let mut config = kube::Config::new("https://127.0.0.1:6443/".parse()?);
         config.root_cert = Some(vec![vec![1, 2, 3]]);
         let endpoint = ApiEndpoint::from_config(&config);
         assert_eq!(endpoint.server, "https://127.0.0.1:6443");
-        let pem = base64::engine::general_purpose::STANDARD.decode(endpoint.certificate_authority_data.unwrap()).unwrap();
-        assert_eq!(String::from_utf8(pem).unwrap(), "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n");
+        let data = endpoint.certificate_authority_data.context("no CA data")?;
+        let pem = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(data)?)?;
+        assert_eq!(pem, "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n");
+        Ok(())
     }
 
     #[test]
-    fn tokens_are_refreshed_at_80_percent_of_their_life_and_at_least_daily() {
-        let issued = Timestamp::from_second(1_000_000).unwrap();
-        let at = |seconds: i64| Timestamp::from_second(1_000_000 + seconds).unwrap();
-        assert_eq!(refresh_after(issued, at(3600)), Duration::from_secs(2880));
-        assert_eq!(refresh_after(issued, at(365 * 24 * 3600)), MAX_REFRESH_INTERVAL);
-        assert_eq!(refresh_after(issued, at(-5)), Duration::ZERO);
+    fn tokens_are_refreshed_at_80_percent_of_their_life_and_at_least_daily() -> Result<()> {
+        let issued = Timestamp::from_second(1_000_000)?;
+        let at = |seconds: i64| Timestamp::from_second(1_000_000 + seconds);
+        assert_eq!(refresh_after(issued, at(3600)?), Duration::from_secs(2880));
+        assert_eq!(refresh_after(issued, at(365 * 24 * 3600)?), MAX_REFRESH_INTERVAL);
+        assert_eq!(refresh_after(issued, at(-5)?), Duration::ZERO);
+        Ok(())
     }
 }

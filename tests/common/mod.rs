@@ -41,14 +41,19 @@ pub fn url_for(name: &str) -> String {
     }
 }
 
-/// A fresh database with the migrations applied; returns its pool and URL.
-pub async fn fresh_db() -> (PgPool, String) {
+/// A fresh, empty database (no migrations applied); returns its URL.
+pub async fn empty_db() -> String {
     disparo::telemetry::install_crypto_provider();
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
     let admin = PgPoolOptions::new().max_connections(1).connect(&server_url()).await.expect("connecting to the test Postgres");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("creating a test database");
     admin.close().await;
-    let url = url_for(&name);
+    url_for(&name)
+}
+
+/// A fresh database with the migrations applied; returns its pool and URL.
+pub async fn fresh_db() -> (PgPool, String) {
+    let url = empty_db().await;
     let pool = PgPoolOptions::new().max_connections(20).connect(&url).await.expect("connecting to the test database");
     disparo::store::migrate(&pool).await.expect("migrating the test database");
     (pool, url)

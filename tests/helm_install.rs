@@ -1,0 +1,316 @@
+//! `helm install` of charts/disparo into the test control plane, with the bundled
+//! Postgres off and the harness's Postgres behind `postgres.existingSecret`, brings up
+//! a controller that runs a sandbox campaign to completion.
+//!
+//! Nothing runs outside the chart but the test's own stand-ins for a cluster's nodes
+//! and the provider: two node agents (one for the release namespace, one for the
+//! campaign namespace) run the chart's pods as processes of the binary under test, and
+//! an in-process sandbox plays the Meta Cloud API. So the pre-install migration hook,
+//! the controller (acting as its ServiceAccount, with the chart's RBAC and the
+//! per-pod kubeconfig the node agent writes for it), its sender Jobs in another
+//! namespace, and the webhook receiving the sandbox's receipts are all the chart's.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use common::cluster::{ensure_crds, fresh_namespace, kubeconfig, kubectl, kubectl_ok};
+use disparo::sandbox::{self, Latency, SandboxConfig, WebhookBehaviour};
+use serde_json::{Value, json};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/disparo");
+/// Contacts in the campaign's audience: three batches of 100, three sender pods.
+const AUDIENCE: usize = 300;
+/// `helm install --wait` and the campaign each get this long.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+fn helm() -> String {
+    if let Ok(helm) = std::env::var("HELM") {
+        return helm;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let cache = std::env::var("DISPARO_CACHE").unwrap_or_else(|_| format!("{home}/.cache/disparo"));
+    let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
+    assert!(Path::new(&cached).exists(), "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)");
+    cached
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The last `n` lines of a file, or a note that it is missing.
+fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        }
+        Err(error) => format!("<{}: {error}>", path.display()),
+    }
+}
+
+/// A node agent serving one namespace, as a child process with its own work dir.
+struct Agent {
+    child: Child,
+    node: String,
+    log: PathBuf,
+    work_dir: PathBuf,
+}
+
+impl Agent {
+    fn start(namespace: &str, dir: &Path) -> Result<Self> {
+        let node = format!("node-{namespace}");
+        let work_dir = dir.join(&node);
+        let log = dir.join(format!("agent-{namespace}.log"));
+        let file = std::fs::File::create(&log).context("creating the agent log")?;
+        let child = Command::new(env!("CARGO_BIN_EXE_disparo"))
+            .args(["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", namespace])
+            .args(["--node-name", &node, "--work-dir"])
+            .arg(&work_dir)
+            .env("KUBECONFIG", kubeconfig())
+            .env("RUST_LOG", "info,kube=warn,hyper=warn")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .context("starting the node agent")?;
+        Ok(Self { child, node, log, work_dir })
+    }
+
+    /// SIGTERM, so the agent stops every pod process it started before it exits (a
+    /// SIGKILL would orphan them); SIGKILL only if it does not stop in time.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's log and every container log it kept.
+    fn diagnostics(&self) -> String {
+        let mut out = format!("----- node agent {} -----\n{}\n", self.log.display(), tail(&self.log, 60));
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.work_dir)
+            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        logs.sort();
+        for log in logs {
+            let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push_str(&format!("----- pod log {name} -----\n{}\n", tail(&log, 40)));
+        }
+        out
+    }
+}
+
+/// Everything the test started, torn down in order even when it panics: the release
+/// first (so its pods are stopped gracefully by the agents), then the agents, then
+/// the namespaces.
+struct Install {
+    release: String,
+    release_ns: String,
+    campaign_ns: String,
+    agents: Vec<Agent>,
+    _dir: tempfile::TempDir,
+}
+
+impl Install {
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        for ns in [&self.release_ns, &self.campaign_ns] {
+            let pods = kubectl(&["get", "pods,jobs,deployments", "-n", ns, "-o", "wide"], None);
+            let events = kubectl(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"], None);
+            out.push_str(&format!(
+                "----- namespace {ns} -----\n{}{}\n{}\n",
+                String::from_utf8_lossy(&pods.stdout),
+                String::from_utf8_lossy(&pods.stderr),
+                String::from_utf8_lossy(&events.stdout)
+            ));
+        }
+        for agent in &self.agents {
+            out.push_str(&agent.diagnostics());
+        }
+        out
+    }
+
+    fn campaign(&self, name: &str) -> Result<Value> {
+        let text = kubectl_ok(&["get", "campaign", name, "-n", &self.campaign_ns, "-o", "json"], None);
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Polls the campaign until `check` holds; on timeout panics with its status and
+    /// every log that could say why.
+    async fn wait_for(&self, what: &str, name: &str, check: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let campaign = self.campaign(name)?;
+            if check(&campaign) {
+                return Ok(campaign);
+            }
+            if Instant::now() > deadline {
+                let status = serde_json::to_string_pretty(&campaign["status"]).unwrap_or_default();
+                panic!("timed out waiting for {what} of campaign {name}; status:\n{status}\n{}", self.diagnostics());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for Install {
+    fn drop(&mut self) {
+        let kubeconfig = kubeconfig();
+        let _ = Command::new(helm())
+            .args(["uninstall", &self.release, "-n", &self.release_ns, "--kubeconfig", &kubeconfig])
+            .args(["--wait", "--timeout", "60s"])
+            .output();
+        for agent in &mut self.agents {
+            agent.stop();
+        }
+        for ns in [&self.release_ns, &self.campaign_ns] {
+            let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
+        }
+        for agent in &self.agents {
+            let _ = kubectl(&["delete", "node", &agent.node, "--wait=false"], None);
+        }
+    }
+}
+
+fn channel_yaml(base_url: &str) -> String {
+    format!(
+        "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: main}}\nspec:\n  provider: meta\n  meta:\n    phoneNumberId: '106540352242922'\n    baseUrl: {base_url}\n    accessToken: {{name: meta-creds, key: access-token}}\n    appSecret: {{name: meta-creds, key: app-secret}}\n    verifyToken: {{name: meta-creds, key: verify-token}}\n  rateLimits: {{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 0}}\n"
+    )
+}
+
+const CAMPAIGN_YAML: &str = "apiVersion: disparo.io/v1alpha1\nkind: Campaign\nmetadata: {name: welcome}\nspec:\n  channelRef: {name: main}\n  message:\n    template: {name: promo, language: pt_BR, bodyParameters: [\"{{contact.name}}\"]}\n  audience: {allContacts: true}\n  execution: {batchSize: 100, parallelism: 3}\n  retry: {maxAttempts: 3, baseDelaySeconds: 1, maxDelaySeconds: 2}\n";
+
+fn phase(campaign: &Value) -> &str {
+    campaign["status"]["phase"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
+    ensure_crds();
+    // Empty: the chart's pre-install hook Job applies the migrations.
+    let url = common::empty_db().await;
+    let release_ns = fresh_namespace("helm");
+    let campaign_ns = fresh_namespace("helm-campaigns");
+    let release = format!("it-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let dir = tempfile::tempdir()?;
+    let agents = vec![Agent::start(&release_ns, dir.path())?, Agent::start(&campaign_ns, dir.path())?];
+    let install = Install { release: release.clone(), release_ns: release_ns.clone(), campaign_ns: campaign_ns.clone(), agents, _dir: dir };
+
+    // The Postgres URL Secret, in the release namespace (controller, webhook, hook) and
+    // in the campaign namespace (sender pods), as values.yaml requires.
+    for ns in [&release_ns, &campaign_ns] {
+        kubectl_ok(&["-n", ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")], None);
+    }
+    kubectl_ok(
+        &["-n", &campaign_ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
+        None,
+    );
+
+    // Every pod is a process on this host: one replica each, on ports nobody else uses.
+    let webhook_port = free_port()?;
+    let controller_port = free_port()?;
+    let mut config = SandboxConfig {
+        listen: "127.0.0.1:0".parse()?,
+        latency: Latency { min_ms: 2, max_ms: 10 },
+        webhooks: WebhookBehaviour { delay_min_ms: 50, delay_max_ms: 200, ..Default::default() },
+        ..Default::default()
+    };
+    config.meta.webhook_url = Some(format!("http://127.0.0.1:{webhook_port}/webhooks/meta/{campaign_ns}/main"));
+    let sandbox = sandbox::start(config).await.context("starting the sandbox")?;
+
+    let started = Instant::now();
+    let timeout = format!("{}s", TIMEOUT.as_secs());
+    let kubeconfig = kubeconfig();
+    let values = [
+        // The CRDs are shared by every test on this control plane (installed from crds/,
+        // which a chart test proves equal to the chart's): Helm must not try to own them.
+        "crds.install=false".to_string(),
+        "postgres.bundled.enabled=false".to_string(),
+        "postgres.existingSecret=disparo-postgres".to_string(),
+        "controller.replicas=1".to_string(),
+        format!("controller.containerPort={controller_port}"),
+        "webhook.replicas=1".to_string(),
+        format!("webhook.containerPort={webhook_port}"),
+    ];
+    let mut args = vec!["install", &release, CHART, "-n", &release_ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", &timeout];
+    for value in &values {
+        args.extend(["--set", value.as_str()]);
+    }
+    let out = tokio::process::Command::new(helm()).args(&args).output().await.context("running helm install")?;
+    assert!(
+        out.status.success(),
+        "helm install failed after {:?}:\n{}{}\n{}",
+        started.elapsed(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        install.diagnostics()
+    );
+    eprintln!("helm install --wait took {:?}", started.elapsed());
+
+    // The hook migrated the database; the audience goes in after it.
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await?;
+    common::seed_contacts(&pool, &campaign_ns, AUDIENCE, |i| (vec![], json!({"i": i}))).await;
+
+    let apply = |yaml: &str| {
+        let out = kubectl(&["apply", "-n", &campaign_ns, "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+    };
+    apply(&channel_yaml(&sandbox.base_url()));
+    apply(CAMPAIGN_YAML);
+
+    let campaign = install
+        .wait_for("Ready", "welcome", |c| {
+            c["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|x| x["type"] == "Ready" && x["status"] == "True"))
+        })
+        .await?;
+    eprintln!("campaign completed {:?} after helm install started", started.elapsed());
+    assert_eq!(phase(&campaign), "Completed", "{}", campaign["status"]);
+    let messages = &campaign["status"]["messages"];
+    assert_eq!(messages["total"], AUDIENCE, "{messages}");
+    assert_eq!(messages["pending"], 0, "{messages}");
+    let settled = ["sent", "failed", "unknown"].iter().map(|k| messages[k].as_i64().unwrap_or(0)).sum::<i64>();
+    assert_eq!(settled, AUDIENCE as i64, "{messages}");
+    let recipients: Vec<String> = sandbox.ledger().entries().into_iter().map(|e| e.recipient).collect();
+    assert_eq!(recipients.len(), AUDIENCE, "the sandbox received one send per contact");
+    assert_eq!(recipients.iter().collect::<HashSet<_>>().len(), AUDIENCE, "nobody got the message twice");
+
+    // It was the chart's controller (the release's Lease is held by its pod) ...
+    let lease_name = format!("{release}-disparo-controller");
+    let lease: Value = serde_json::from_str(&kubectl_ok(&["-n", &release_ns, "get", "lease", &lease_name, "-o", "json"], None))?;
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
+    let pods = kubectl_ok(&["-n", &release_ns, "get", "pods", "-l", "app.kubernetes.io/component=controller", "-o", "name"], None);
+    assert!(pods.lines().any(|p| p.trim_start_matches("pod/") == holder), "lease held by {holder:?}, controller pods: {pods}");
+    // Its sender pods ran without any API credentials: no token volume for the node
+    // agent to fill (tests/nodeagent.rs proves it then grants nothing).
+    let senders: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "pods", "-l", "disparo.io/campaign=welcome", "-o", "json"], None))?;
+    let senders = senders["items"].as_array().cloned().unwrap_or_default();
+    assert!(!senders.is_empty(), "no sender pods in {campaign_ns}");
+    for pod in &senders {
+        let volumes = pod["spec"]["volumes"].to_string();
+        assert!(!volumes.contains("serviceAccountToken"), "a sender pod mounts a token: {volumes}");
+    }
+    // ... and the chart's webhook applies the sandbox's receipts.
+    install.wait_for("delivery receipts", "welcome", |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 0).await?;
+
+    let out = Command::new(helm()).args(["uninstall", &release, "-n", &release_ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", &timeout]).output()?;
+    assert!(out.status.success(), "helm uninstall failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    pool.close().await;
+    drop(install);
+    Ok(())
+}
