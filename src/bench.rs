@@ -22,6 +22,9 @@ pub struct BenchArgs {
     /// Messages (store, sender) or status events (webhook).
     #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
+    /// Sender lanes (sender benchmark; default: what `disparo send` chooses).
+    #[arg(long)]
+    pub lanes: Option<u32>,
 }
 
 /// Benchmarks.
@@ -101,13 +104,13 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let mut done = 0usize;
     for batch in 0..frozen.batches {
         loop {
-            let claimed = messages::claim_due(pool, uid, batch, 500, "bench").await?;
+            let claimed = messages::claim_due(pool, uid, batch, 500).await?;
             if claimed.is_empty() {
                 break;
             }
             let outcomes: Vec<(i64, messages::Outcome)> =
                 claimed.iter().map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
-            messages::record_outcomes(pool, &outcomes).await?;
+            messages::record_outcomes(pool, &outcomes, "bench").await?;
             done += outcomes.len();
             if done >= n / 2 {
                 break;
@@ -124,9 +127,9 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let mut rows = 0usize;
     'outer: for batch in 0..frozen.batches {
         loop {
-            let claimed = messages::claim_due(pool, uid, batch, 1, "bench").await?;
+            let claimed = messages::claim_due(pool, uid, batch, 1).await?;
             let Some(m) = claimed.first() else { break };
-            messages::record_outcomes(pool, &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })]).await?;
+            messages::record_outcomes(pool, &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })], "bench").await?;
             rows += 1;
             if rows >= row_target {
                 break 'outer;
@@ -183,7 +186,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     match args.what {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
-        BenchTarget::Sender => crate::sender::bench::run(&pool, args.messages).await,
+        BenchTarget::Sender => crate::sender::bench::run(&pool, &args.database_url, args.messages, args.lanes).await,
         BenchTarget::Webhook => crate::webhook::bench::run(&pool, args.messages).await,
     }
 }

@@ -91,12 +91,12 @@ async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
     assert_eq!(frozen.messages, 2);
 
     // fromCampaign: fail two messages of the explicit campaign, then target its failures
-    let claimed = messages::claim_due(&pool, e, 0, 10, "run").await.unwrap();
+    let claimed = messages::claim_due(&pool, e, 0, 10).await.unwrap();
     let outcomes: Vec<(i64, Outcome)> = claimed
         .iter()
         .map(|m| (m.id, if m.phone == phones[1] { Outcome::Failed { code: "131026".into(), message: "undeliverable".into() } } else { Outcome::Sent { provider_message_id: "wamid.x".into() } }))
         .collect();
-    messages::record_outcomes(&pool, &outcomes).await.unwrap();
+    messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
     let name: (String,) = sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(e).fetch_one(&pool).await.unwrap();
     let from = AudienceQuery::FromCampaign { name: name.0, statuses: vec!["failed"] };
     let (f, _) = freeze(&pool, "acme", &from, 100).await;
@@ -159,15 +159,15 @@ async fn statuses_only_move_forward() {
     let (pool, _) = common::fresh_db().await;
     common::seed_contacts(&pool, "acme", 1, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
-    let claimed = messages::claim_due(&pool, uid, 0, 10, "run").await.unwrap();
+    let claimed = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
     let id = claimed[0].id;
-    messages::record_outcomes(&pool, &[(id, Outcome::Sent { provider_message_id: "wamid.1".into() })]).await.unwrap();
+    messages::record_outcomes(&pool, &[(id, Outcome::Sent { provider_message_id: "wamid.1".into() })], "test-run").await.unwrap();
     sqlx::query("UPDATE campaign_messages SET status = 'read' WHERE id = $1").bind(id).execute(&pool).await.unwrap();
     // a late 'delivered' after 'read' is refused by the database itself
     let err = sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1").bind(id).execute(&pool).await.unwrap_err();
     assert!(err.to_string().contains("cannot move from read to delivered"), "{err}");
     // and a second outcome for a message no longer 'sending' changes nothing
-    let changed = messages::record_outcomes(&pool, &[(id, Outcome::Failed { code: "x".into(), message: "late".into() })]).await.unwrap();
+    let changed = messages::record_outcomes(&pool, &[(id, Outcome::Failed { code: "x".into(), message: "late".into() })], "test-run").await.unwrap();
     assert_eq!(changed, 0);
     assert_eq!(status_of(&pool, id).await, "read");
     let recount = campaigns::recount(&pool, uid).await.unwrap();
@@ -184,7 +184,7 @@ async fn counters_equal_a_recount_after_random_changes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..40 {
         let batch = rng.random_range(0..6);
-        let claimed = messages::claim_due(&pool, uid, batch, rng.random_range(1..20), "r").await.unwrap();
+        let claimed = messages::claim_due(&pool, uid, batch, rng.random_range(1..20)).await.unwrap();
         let outcomes: Vec<(i64, Outcome)> = claimed
             .iter()
             .map(|m| {
@@ -198,7 +198,7 @@ async fn counters_equal_a_recount_after_random_changes() {
                 (m.id, outcome)
             })
             .collect();
-        messages::record_outcomes(&pool, &outcomes).await.unwrap();
+        messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
         // webhook-like moves on random sent messages, some stale
         let target = ["delivered", "read", "failed"][round % 3];
         sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -234,7 +234,7 @@ async fn parallel_claims_never_overlap() {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claimed = messages::claim_due(&pool, uid, 0, 7, &format!("w{worker}")).await.unwrap();
+                let claimed = messages::claim_due(&pool, uid, 0, 7).await.unwrap();
                 if claimed.is_empty() {
                     break;
                 }
@@ -309,4 +309,31 @@ async fn spaced_channels_get_spaced_slots_across_senders() {
     for pair in all.windows(2) {
         assert!(pair[1] - pair[0] >= chrono::Duration::milliseconds(500), "{all:?}");
     }
+}
+
+#[tokio::test]
+async fn unused_tokens_go_back_to_their_window() {
+    let (pool, _) = common::fresh_db().await;
+    let limits = Limits { per_minute: None, per_hour: Some(10), per_day: None, mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let first = rate::reserve(&pool, "acme", "meta-main", &limits, 10).await.unwrap();
+    assert_eq!(first.granted(), 10);
+    assert_eq!(rate::reserve(&pool, "acme", "meta-main", &limits, 1).await.unwrap().granted(), 0, "the hour is spent");
+    // only 6 messages were due: the other 4 tokens are given back and can be taken again
+    rate::release(&pool, "acme", "meta-main", &first, 4).await.unwrap();
+    assert_eq!(rate::usage(&pool, "acme", "meta-main").await.unwrap()[1].used, 6);
+    assert_eq!(rate::reserve(&pool, "acme", "meta-main", &limits, 10).await.unwrap().granted(), 4);
+}
+
+#[tokio::test]
+async fn an_uncapped_channel_grants_everything_and_shows_what_it_counted() {
+    let (pool, _) = common::fresh_db().await;
+    let granted = rate::reserve(&pool, "acme", "sandbox", &Limits::unlimited(), 5000).await.unwrap();
+    assert_eq!(granted.granted(), 5000);
+    assert_eq!(granted.expires_at, None);
+    rate::count_usage(&pool, "acme", "sandbox", 700).await.unwrap();
+    rate::count_usage(&pool, "acme", "sandbox", 300).await.unwrap();
+    let usage = rate::usage(&pool, "acme", "sandbox").await.unwrap();
+    // the day counts both (a minute may have rolled over between the two counts)
+    assert_eq!(usage[2].used, 1000, "{usage:?}");
+    assert!(usage[0].used == 1000 || usage[0].used == 300, "{usage:?}");
 }

@@ -142,7 +142,7 @@ async fn campaign(pool: &PgPool, org: &str, phones: &[&str]) -> (Uuid, Vec<i64>)
     let uid = Uuid::new_v4();
     let key = audience::CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel: "wa", batch_size: 100_000 };
     audience::materialize(pool, &key, &audience::AudienceQuery::Contacts(phones.iter().map(|p| (*p).to_owned()).collect())).await.unwrap();
-    let claimed = messages::claim_due(pool, uid, 0, 100_000, "test").await.unwrap();
+    let claimed = messages::claim_due(pool, uid, 0, 100_000).await.unwrap();
     let by_phone: HashMap<String, i64> = claimed.iter().map(|m| (m.phone.clone(), m.id)).collect();
     (uid, phones.iter().map(|p| by_phone[*p]).collect())
 }
@@ -150,7 +150,7 @@ async fn campaign(pool: &PgPool, org: &str, phones: &[&str]) -> (Uuid, Vec<i64>)
 async fn mark_sent(pool: &PgPool, pairs: &[(i64, &str)]) {
     let outcomes: Vec<(i64, messages::Outcome)> =
         pairs.iter().map(|(id, pid)| (*id, messages::Outcome::Sent { provider_message_id: (*pid).to_owned() })).collect();
-    assert_eq!(messages::record_outcomes(pool, &outcomes).await.unwrap(), pairs.len() as u64);
+    assert_eq!(messages::record_outcomes(pool, &outcomes, "test-run").await.unwrap(), pairs.len() as u64);
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -309,7 +309,7 @@ async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
     let (pool, _) = common::fresh_db().await;
     let (uid, ids) = campaign(&pool, "acme", &["+5511900000001", "+5511900000002"]).await;
     // the sender died after the provider call: `unknown`, no provider id
-    messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })]).await.unwrap();
+    messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
     let body = fixture("meta_sent").replace(RTCA, "wamid.recovered").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
     // posted for another organization, our id does not reach across

@@ -296,13 +296,17 @@ pub enum Weekday {
     Sun,
 }
 
+/// The largest batch a Campaign may ask for: one sender pod sends at most this many
+/// messages.
+pub const MAX_BATCH_SIZE: u32 = 10_000;
+
 /// Shape of the sending Job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Execution {
     /// Messages per batch (one Job index each).
     #[serde(default = "default_batch_size")]
-    #[schemars(range(min = 1, max = 10000))]
+    #[schemars(range(min = 1, max = MAX_BATCH_SIZE))]
     pub batch_size: u32,
     /// Batches sent at the same time (sender pods).
     #[serde(default = "default_parallelism")]

@@ -1,6 +1,7 @@
-//! The batch loop: reserve tokens, claim that many due messages, send them
-//! concurrently, record the outcomes in one statement, repeat until every message of the
-//! batch is final.
+//! The batch loop: reserve tokens, claim that many due messages (giving back the tokens
+//! of messages that were not due), send them concurrently, record the outcomes in one
+//! statement, repeat until every message of the batch is final. On an uncapped channel
+//! nothing is reserved: a block is two statements, its claim and its record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,6 +154,38 @@ pub async fn run_batch(
 /// How often a lane looks at the channel's pause (a person or another sender may set it).
 const PAUSE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// How often a lane on an uncapped channel adds what it sent to the channel's usage.
+const USAGE_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+/// What a lane sent on an uncapped channel and has not yet added to the channel's
+/// usage: counting once a second instead of once a block keeps a statement off the
+/// send path, and the usage is only shown, never enforced, on such a channel.
+struct UsageTally {
+    uncounted: u32,
+    flushed_at: std::time::Instant,
+}
+
+impl UsageTally {
+    fn new() -> Self {
+        UsageTally { uncounted: 0, flushed_at: std::time::Instant::now() }
+    }
+
+    async fn add(&mut self, pool: &PgPool, job: &BatchJob, sent: usize) -> Result<()> {
+        self.uncounted = self.uncounted.saturating_add(u32::try_from(sent).unwrap_or(u32::MAX));
+        if self.flushed_at.elapsed() >= USAGE_FLUSH_EVERY {
+            self.flush(pool, job).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, pool: &PgPool, job: &BatchJob) -> Result<()> {
+        rate::count_usage(pool, &job.organization, &job.channel, self.uncounted).await?;
+        self.uncounted = 0;
+        self.flushed_at = std::time::Instant::now();
+        Ok(())
+    }
+}
+
 async fn lane(
     pool: &PgPool,
     job: &BatchJob,
@@ -160,6 +193,24 @@ async fn lane(
     metrics: &SenderMetrics,
     shutdown: &CancellationToken,
     run_id: &str,
+) -> Result<BatchEnd> {
+    let mut usage = UsageTally::new();
+    let end = send_blocks(pool, job, client, metrics, shutdown, run_id, &mut usage).await;
+    let flushed = usage.flush(pool, job).await;
+    let end = end?;
+    flushed?;
+    Ok(end)
+}
+
+/// Sends block after block until the batch is done, the channel stops it, or shutdown.
+async fn send_blocks(
+    pool: &PgPool,
+    job: &BatchJob,
+    client: Arc<dyn ProviderClient>,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    run_id: &str,
+    usage: &mut UsageTally,
 ) -> Result<BatchEnd> {
     let mut pause_checked: Option<std::time::Instant> = None;
     loop {
@@ -178,34 +229,49 @@ async fn lane(
                 continue;
             }
         }
-        let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
-        if remaining.pending == 0 {
-            return Ok(BatchEnd::Done);
-        }
-        if let Some(due) = remaining.next_due.filter(|due| *due > Utc::now()) {
-            if !sleep_until(due, shutdown).await {
-                return Ok(BatchEnd::Interrupted);
+        let (reservation, claimed) = if job.limits.is_unlimited() {
+            let claimed = messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size)).await?;
+            usage.add(pool, job, claimed.len()).await?;
+            (rate::reserve(pool, &job.organization, &job.channel, &job.limits, claimed.len() as u32).await?, claimed)
+        } else {
+            let reservation = rate::reserve(pool, &job.organization, &job.channel, &job.limits, job.block_size).await?;
+            if reservation.granted() == 0 {
+                let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
+                if remaining.pending == 0 {
+                    return Ok(BatchEnd::Done);
+                }
+                let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
+                if reservation.day_spent {
+                    rate::pause_channel(pool, &job.organization, &job.channel, until, "the channel's day window is spent").await?;
+                    return Ok(BatchEnd::RateLimited(until));
+                }
+                metrics.rate_limit_waits.inc();
+                if !sleep_until(until.max(remaining.next_due.unwrap_or(until)), shutdown).await {
+                    return Ok(BatchEnd::Interrupted);
+                }
+                continue;
             }
-            continue;
+            let claimed = messages::claim_due(pool, job.campaign, job.batch, reservation.granted() as i64).await?;
+            (reservation, claimed)
+        };
+        if claimed.len() < reservation.granted() {
+            let unused = (reservation.granted() - claimed.len()) as u32;
+            rate::release(pool, &job.organization, &job.channel, &reservation, unused).await?;
         }
-        let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
-        let reservation = rate::reserve(pool, &job.organization, &job.channel, &job.limits, want).await?;
-        if reservation.granted() == 0 {
-            let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
-            if reservation.day_spent {
-                rate::pause_channel(pool, &job.organization, &job.channel, until, "the channel's day window is spent").await?;
-                return Ok(BatchEnd::RateLimited(until));
-            }
-            metrics.rate_limit_waits.inc();
-            if !sleep_until(until, shutdown).await {
-                return Ok(BatchEnd::Interrupted);
-            }
-            continue;
-        }
-        let claimed = messages::claim_due(pool, job.campaign, job.batch, reservation.granted() as i64, run_id).await?;
         if claimed.is_empty() {
-            // Another lane holds the due messages for a moment.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
+            if remaining.pending == 0 {
+                return Ok(BatchEnd::Done);
+            }
+            match remaining.next_due.filter(|due| *due > Utc::now()) {
+                Some(due) => {
+                    if !sleep_until(due, shutdown).await {
+                        return Ok(BatchEnd::Interrupted);
+                    }
+                }
+                // Another lane holds the due messages for a moment.
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
             continue;
         }
         let slots = reservation.slots.clone();
@@ -247,7 +313,7 @@ async fn lane(
             .collect()
             .await;
         let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
-        messages::record_outcomes(pool, &outcomes).await?;
+        messages::record_outcomes(pool, &outcomes, run_id).await?;
         let mut slow_down = Duration::ZERO;
         for (_, _, effect) in &results {
             match effect {

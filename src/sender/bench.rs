@@ -11,16 +11,17 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{MessageTemplate, ProviderTarget, SendConfig, build_client, metrics::SenderMetrics, run_batch};
-use crate::api::{RateLimitMode, RateLimitsSpec, RetryPolicy};
+use super::{BatchEnd, MessageTemplate, ProviderTarget, SENDER_CONNECTIONS, SendConfig, build_client, lanes_for, metrics::SenderMetrics, run_batch};
+use crate::api::{MAX_BATCH_SIZE, RateLimitsSpec, RetryPolicy};
 use crate::providers::{Content, OutboundMessage};
 use crate::sandbox::{self, Latency, SandboxConfig};
 use crate::store::audience::{self, AudienceQuery, CampaignKey};
+use crate::store::rate::Limits;
 
 const BLOCK: u32 = 64;
 
 /// Runs the benchmark with `n` messages.
-pub async fn run(pool: &PgPool, n: usize) -> anyhow::Result<()> {
+pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>) -> anyhow::Result<()> {
     let config = SandboxConfig { listen: "127.0.0.1:0".parse()?, latency: Latency { min_ms: 0, max_ms: 0 }, ..Default::default() };
     let sandbox = sandbox::start(config).await?;
     let target = ProviderTarget::Meta { base_url: sandbox.base_url(), api_version: "v23.0".into(), phone_number_id: "106540352242922".into() };
@@ -51,11 +52,13 @@ pub async fn run(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     let pg_rate = crate::bench::raw_batched_update_rate(pool, n.min(100_000), BLOCK as usize).await?;
 
     // the pipeline
+    // the pipeline: one sender, batch after batch of the largest size a Campaign allows,
+    // with the connections `disparo send` has
     println!("seeding {n} contacts ...");
     let organization = crate::bench::seed(pool, n).await?;
     let uid = Uuid::new_v4();
-    let key = CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: n.max(1) as u32 };
-    audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
+    let key = CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: MAX_BATCH_SIZE };
+    let frozen = audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
     let send = SendConfig {
         campaign_uid: uid,
         organization: organization.clone(),
@@ -63,17 +66,30 @@ pub async fn run(pool: &PgPool, n: usize) -> anyhow::Result<()> {
         target,
         message: MessageTemplate::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["{{contact.name}}".into()] },
         retry: RetryPolicy::default(),
-        rate_limits: RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(u32::MAX / 2), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) },
+        rate_limits: RateLimitsSpec::default(),
         block_size: BLOCK,
         request_timeout_millis: 10_000,
     };
+    let sender_pool = crate::store::connect(database_url, lanes.map_or(SENDER_CONNECTIONS, |l| l + 1)).await?;
     let metrics = SenderMetrics::new(&mut Registry::default());
     let started = Instant::now();
-    let end = run_batch(pool, &send.batch_job(0), client, &metrics, &CancellationToken::new()).await?;
+    let mut used_lanes = 0;
+    for batch in 0..frozen.batches {
+        // limits lifted: the channel's tokens are only counted
+        let mut job = send.batch_job(batch);
+        job.limits = Limits::unlimited();
+        job.lanes = lanes.unwrap_or_else(|| lanes_for(&job.limits));
+        used_lanes = job.lanes;
+        let end = run_batch(&sender_pool, &job, client.clone(), &metrics, &CancellationToken::new()).await?;
+        anyhow::ensure!(end == BatchEnd::Done, "batch {batch} ended {end:?}");
+    }
     let elapsed = started.elapsed();
     let pipeline = n as f64 / elapsed.as_secs_f64();
-    anyhow::ensure!(sandbox.ledger().accepted_count() >= n, "the sandbox did not receive every message ({end:?})");
-    println!("sender pipeline (claim, reserve, render, send, record; block {BLOCK}): {pipeline:>8.0} msg/s  ({n} messages in {elapsed:.2?})");
+    anyhow::ensure!(sandbox.ledger().accepted_count() >= n, "the sandbox did not receive every message");
+    println!(
+        "sender pipeline (claim, render, send, record; {used_lanes} lanes of {BLOCK}, {} batches of up to {MAX_BATCH_SIZE}): {pipeline:>8.0} msg/s  ({n} messages in {elapsed:.2?})",
+        frozen.batches
+    );
     println!("baseline: raw HTTP sends, same client, concurrency {BLOCK}:          {http_rate:>8.0} req/s");
     println!("baseline: raw Postgres batched UPDATE (blocks of {BLOCK}):             {pg_rate:>8.0} rows/s");
     let lower = http_rate.min(pg_rate);

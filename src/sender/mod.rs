@@ -53,6 +53,10 @@ pub const EXIT_INTERRUPTED: i32 = 77;
 /// Blocks a sender keeps in flight (see `batch::run_batch`).
 pub const SENDER_LANES: u32 = 4;
 
+/// Postgres connections of a sender: one per lane, and one for the pause checks and
+/// usage counts beside them.
+pub const SENDER_CONNECTIONS: u32 = SENDER_LANES + 1;
+
 /// Lanes for a channel: only a channel fast enough for the database round trips to be
 /// the bottleneck gets several. On a capped channel the caps are the bottleneck, and
 /// lanes would reserve tokens for messages another lane already claimed.
@@ -193,7 +197,7 @@ pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<
     let job = config.batch_job(args.batch);
     let span = info_span!("send", namespace = %config.organization, campaign = %config.campaign_uid, batch = args.batch);
     async move {
-        let pool = crate::store::connect(&args.database_url, 4).await.context("connecting to Postgres")?;
+        let pool = crate::store::connect(&args.database_url, SENDER_CONNECTIONS).await.context("connecting to Postgres")?;
         let client = build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
         let mut registry = Registry::default();
         let metrics = metrics::SenderMetrics::new(&mut registry);

@@ -30,9 +30,13 @@ pub struct ClaimedMessage {
 }
 
 /// Claims up to `limit` due pending messages of one batch and marks them `sending`
-/// (attempts + 1), skipping rows another transaction holds, so parallel senders never
-/// claim the same message.
-pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64, run_id: &str) -> Result<Vec<ClaimedMessage>> {
+/// (attempts + 1, `updated_at` = when the attempt started), skipping rows another
+/// transaction holds, so parallel senders never claim the same message.
+///
+/// The claim adds nothing to the status history: the attempt's history entry is written
+/// once, with its outcome (see [`record_outcomes`]), because every message goes through
+/// here and an entry costs a rewrite of the JSONB.
+pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Result<Vec<ClaimedMessage>> {
     let rows = sqlx::query_as::<_, ClaimedMessage>(
         r#"
         WITH due AS (
@@ -42,10 +46,7 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64, ru
             LIMIT $3
             FOR UPDATE SKIP LOCKED
         ), marked AS (
-            UPDATE campaign_messages m SET
-                status = 'sending', attempts = m.attempts + 1, updated_at = now(),
-                status_history = m.status_history || jsonb_build_array(jsonb_build_object(
-                    'status', 'sending', 'at', now(), 'attempt', m.attempts + 1, 'run', $4::text))
+            UPDATE campaign_messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
             FROM due WHERE m.id = due.id
             RETURNING m.id, m.attempts, m.contact_id
         )
@@ -57,7 +58,6 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64, ru
     .bind(campaign)
     .bind(batch)
     .bind(limit)
-    .bind(run_id)
     .fetch_all(pool)
     .await?;
     Ok(rows)
@@ -112,9 +112,10 @@ impl Outcome {
 }
 
 /// Records the outcomes of a block of attempts in one statement. Only messages still
-/// `sending` move (a webhook may already have moved one further: it wins).
-/// Returns how many rows changed.
-pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)]) -> Result<u64> {
+/// `sending` move (a webhook may already have moved one further: it wins). Each gets
+/// one history entry for the attempt: its number, when it started, the sender run
+/// that made it, and its outcome. Returns how many rows changed.
+pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
     if outcomes.is_empty() {
         return Ok(0);
     }
@@ -152,8 +153,8 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)]) -> Resu
             attempts = CASE WHEN v.refund THEN m.attempts - 1 ELSE m.attempts END,
             updated_at = now(),
             status_history = m.status_history || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
-                'status', v.status, 'at', now(), 'providerId', v.provider_id, 'code', v.code,
-                'message', v.message, 'retryAt', v.next_at)))
+                'status', v.status, 'at', now(), 'attempt', m.attempts, 'startedAt', m.updated_at, 'run', $8::text,
+                'providerId', v.provider_id, 'code', v.code, 'message', v.message, 'retryAt', v.next_at)))
         FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
              AS v(id, status, provider_id, code, message, next_at, refund)
         WHERE m.id = v.id AND m.status = 'sending'
@@ -166,6 +167,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)]) -> Resu
     .bind(&messages)
     .bind(&next_at)
     .bind(&refund)
+    .bind(run_id)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
@@ -181,7 +183,8 @@ pub async fn recover_interrupted(pool: &PgPool, campaign: Uuid, batch: i32) -> R
             status = 'unknown', last_error_code = 'interrupted',
             last_error_message = 'the sender stopped between marking and recording this message; it may have been sent',
             updated_at = now(),
-            status_history = m.status_history || jsonb_build_array(jsonb_build_object('status', 'unknown', 'at', now(), 'code', 'interrupted'))
+            status_history = m.status_history || jsonb_build_array(jsonb_build_object(
+                'status', 'unknown', 'at', now(), 'attempt', m.attempts, 'startedAt', m.updated_at, 'code', 'interrupted'))
         WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'sending'
         "#,
     )

@@ -73,6 +73,11 @@ impl Limits {
     pub fn unlimited() -> Self {
         Limits { per_minute: None, per_hour: None, per_day: None, mode: RateLimitMode::Graceful, min_interval: Duration::ZERO }
     }
+
+    /// Whether nothing limits the channel (its tokens are only counted, never withheld).
+    pub fn is_unlimited(&self) -> bool {
+        self.per_minute.is_none() && self.per_hour.is_none() && self.per_day.is_none() && self.min_interval.is_zero()
+    }
 }
 
 /// The three calendar windows.
@@ -156,7 +161,12 @@ pub struct Plan {
 }
 
 /// Decides how many of `wanted` tokens can be taken at `now`.
+///
+/// A stored window that starts after `now` (the clock was read before waiting for the
+/// rows' locks, while another sender rolled the window over) moves `now` forward: a
+/// window is never rolled back, or its tokens would be counted twice.
 pub fn plan(stored: &[WindowState], limits: &Limits, wanted: u32, now: DateTime<Utc>) -> Plan {
+    let now = stored.iter().map(|w| w.start).filter(|start| *start > now).max().unwrap_or(now);
     let mut windows: Vec<WindowState> = WindowKind::ALL
         .iter()
         .map(|kind| {
@@ -205,6 +215,8 @@ pub struct Reservation {
     pub blocked_until: Option<DateTime<Utc>>,
     /// The day window is spent.
     pub day_spent: bool,
+    /// The windows the tokens were counted in, so unused ones can be given back.
+    pub taken_from: Vec<(WindowKind, DateTime<Utc>)>,
 }
 
 impl Reservation {
@@ -217,9 +229,20 @@ impl Reservation {
 /// How far ahead spaced slots may be reserved, so tokens are not hoarded by one sender.
 const SLOT_LOOKAHEAD: Duration = Duration::from_secs(2);
 
+/// The window kinds in the order every statement locks their rows (text order, as
+/// `ORDER BY window_kind` sorts them), so concurrent senders never deadlock.
+const LOCK_ORDER: [&str; 3] = ["day", "hour", "minute"];
+
 /// Atomically takes up to `wanted` tokens from the channel's windows (and, for spaced
 /// channels, the next free send slots).
+///
+/// An uncapped channel grants everything without touching the database: nothing can be
+/// refused, so its senders only tally what they sent and add it with [`count_usage`]
+/// now and then, keeping the send path free of a statement per block.
 pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &Limits, wanted: u32) -> Result<Reservation> {
+    if limits.is_unlimited() {
+        return Ok(Reservation { slots: vec![Utc::now(); wanted as usize], expires_at: None, blocked_until: None, day_spent: false, taken_from: Vec::new() });
+    }
     let wanted = if limits.min_interval.is_zero() {
         wanted
     } else {
@@ -227,27 +250,30 @@ pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &
         wanted.min(fit.max(1))
     };
     let mut tx = pool.begin().await?;
-    let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT clock_timestamp()").fetch_one(&mut *tx).await?;
+    // A fresh row's start is irrelevant: a window whose start is not the current one
+    // counts as empty.
     sqlx::query(
         r#"INSERT INTO channel_rate_windows (organization, channel, window_kind, window_start)
-           SELECT $1, $2, k, $3 FROM unnest(ARRAY['minute', 'hour', 'day']) AS k
+           SELECT $1, $2, k, 'epoch' FROM unnest($3::text[]) AS k
            ON CONFLICT DO NOTHING"#,
     )
     .bind(organization)
     .bind(channel)
-    .bind(now)
+    .bind(LOCK_ORDER)
     .execute(&mut *tx)
     .await?;
-    let rows: Vec<(String, DateTime<Utc>, i32)> = sqlx::query_as(
-        "SELECT window_kind, window_start, used FROM channel_rate_windows WHERE organization = $1 AND channel = $2 ORDER BY window_kind FOR UPDATE",
+    let rows: Vec<(String, DateTime<Utc>, i32, DateTime<Utc>)> = sqlx::query_as(
+        r#"SELECT window_kind, window_start, used, clock_timestamp() FROM channel_rate_windows
+           WHERE organization = $1 AND channel = $2 ORDER BY window_kind FOR UPDATE"#,
     )
     .bind(organization)
     .bind(channel)
     .fetch_all(&mut *tx)
     .await?;
+    let now = rows.first().map(|row| row.3).unwrap_or_else(Utc::now);
     let stored: Vec<WindowState> = rows
         .iter()
-        .filter_map(|(kind, start, used)| Some(WindowState { kind: WindowKind::parse(kind)?, start: *start, used: (*used).max(0) as u32 }))
+        .filter_map(|(kind, start, used, _)| Some(WindowState { kind: WindowKind::parse(kind)?, start: *start, used: (*used).max(0) as u32 }))
         .collect();
     let decided = plan(&stored, limits, wanted, now);
     if decided.granted > 0 {
@@ -293,7 +319,59 @@ pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &
             .await?;
     }
     tx.commit().await?;
-    Ok(Reservation { slots, expires_at: decided.expires_at, blocked_until: decided.blocked_until, day_spent: decided.day_spent })
+    let taken_from = if decided.granted > 0 { decided.windows.iter().map(|w| (w.kind, w.start)).collect() } else { Vec::new() };
+    Ok(Reservation { slots, expires_at: decided.expires_at, blocked_until: decided.blocked_until, day_spent: decided.day_spent, taken_from })
+}
+
+/// Adds `sent` messages to the channel's current windows (a rolled-over window restarts
+/// from them) without checking any cap: the usage of an uncapped channel, for status.
+pub async fn count_usage(pool: &PgPool, organization: &str, channel: &str, sent: u32) -> Result<()> {
+    if sent == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        r#"INSERT INTO channel_rate_windows AS w (organization, channel, window_kind, window_start, used)
+           SELECT $1, $2, k, date_trunc(k, clock_timestamp(), 'UTC'), $4 FROM unnest($3::text[]) AS k
+           ON CONFLICT (organization, channel, window_kind) DO UPDATE SET
+               used = CASE WHEN EXCLUDED.window_start > w.window_start THEN EXCLUDED.used ELSE w.used + EXCLUDED.used END,
+               window_start = greatest(w.window_start, EXCLUDED.window_start)"#,
+    )
+    .bind(organization)
+    .bind(channel)
+    .bind(LOCK_ORDER)
+    .bind(i32::try_from(sent).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Gives back `unused` tokens of a reservation (fewer messages were due than tokens
+/// taken), in the windows they came from if those are still current. Spaced send slots
+/// are not given back: they only leave a gap of at most the slot lookahead.
+pub async fn release(pool: &PgPool, organization: &str, channel: &str, reservation: &Reservation, unused: u32) -> Result<()> {
+    if unused == 0 || reservation.taken_from.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = reservation.taken_from.iter().map(|(kind, _)| kind.as_str()).collect();
+    let starts: Vec<DateTime<Utc>> = reservation.taken_from.iter().map(|(_, start)| *start).collect();
+    sqlx::query(
+        r#"WITH locked AS (
+               SELECT w.window_kind FROM channel_rate_windows w
+               JOIN unnest($3::text[], $4::timestamptz[]) AS v(kind, start) ON w.window_kind = v.kind AND w.window_start = v.start
+               WHERE w.organization = $1 AND w.channel = $2
+               ORDER BY w.window_kind FOR UPDATE OF w
+           )
+           UPDATE channel_rate_windows w SET used = greatest(w.used - $5, 0)
+           FROM locked WHERE w.organization = $1 AND w.channel = $2 AND w.window_kind = locked.window_kind"#,
+    )
+    .bind(organization)
+    .bind(channel)
+    .bind(&kinds)
+    .bind(&starts)
+    .bind(i32::try_from(unused).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Current usage of a channel's windows (zero for windows that rolled over).
@@ -396,6 +474,17 @@ mod tests {
         assert_eq!(p.granted, 0);
         assert_eq!(p.blocked_until, Some(at(10, 1, 0)));
         assert!(!p.day_spent);
+    }
+
+    #[test]
+    fn a_window_rolled_over_by_another_sender_is_never_rolled_back() {
+        // our clock says 10:00:59.9, but another sender already counted 20 in 10:01
+        let now = at(10, 0, 59) + ChronoDuration::milliseconds(900);
+        let stored = [WindowState { kind: WindowKind::Minute, start: at(10, 1, 0), used: 20 }];
+        let p = plan(&stored, &meta(), 5, now);
+        assert_eq!(p.granted, 0);
+        assert_eq!(p.blocked_until, Some(at(10, 2, 0)));
+        assert_eq!(p.windows.iter().find(|w| w.kind == WindowKind::Minute).unwrap().start, at(10, 1, 0));
     }
 
     #[test]

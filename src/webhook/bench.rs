@@ -240,13 +240,13 @@ async fn seed(pool: &PgPool, organization: &str, campaign: Uuid, n: usize) -> Re
     audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
     let mut provider_ids = Vec::with_capacity(n);
     loop {
-        let claimed = messages::claim_due(pool, campaign, 0, 5000, "bench").await?;
+        let claimed = messages::claim_due(pool, campaign, 0, 5000).await?;
         if claimed.is_empty() {
             break;
         }
         let outcomes: Vec<(i64, messages::Outcome)> =
             claimed.iter().map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.bench.{}", m.id) })).collect();
-        messages::record_outcomes(pool, &outcomes).await?;
+        messages::record_outcomes(pool, &outcomes, "bench").await?;
         provider_ids.extend(claimed.iter().map(|m| format!("wamid.bench.{}", m.id)));
     }
     // Measure the steady state a running database is in, not the minutes after a bulk
