@@ -229,7 +229,7 @@ async fn parallel_claims_never_overlap() {
     common::seed_contacts(&pool, "acme", 500, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 500).await;
     let mut tasks = Vec::new();
-    for worker in 0..8 {
+    for _ in 0..8 {
         let pool = pool.clone();
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
