@@ -124,7 +124,10 @@ pub async fn run_batch(
         let stop_lanes = stop_lanes.clone();
         let run_id = run_id.clone();
         async move {
-            let end = lane(pool, job, client, metrics, &stop_lanes, &run_id).await;
+            let mut usage = UsageTally::new();
+            let sent = send_blocks(pool, job, client, metrics, &stop_lanes, &run_id, &mut usage).await;
+            let counted = usage.flush(pool, job).await;
+            let end = sent.and_then(|end| counted.map(|()| end));
             // One lane hitting the channel's limits (or an error) ends the batch.
             if !matches!(end, Ok(BatchEnd::Done)) {
                 stop_lanes.cancel();
@@ -184,22 +187,6 @@ impl UsageTally {
         self.flushed_at = std::time::Instant::now();
         Ok(())
     }
-}
-
-async fn lane(
-    pool: &PgPool,
-    job: &BatchJob,
-    client: Arc<dyn ProviderClient>,
-    metrics: &SenderMetrics,
-    shutdown: &CancellationToken,
-    run_id: &str,
-) -> Result<BatchEnd> {
-    let mut usage = UsageTally::new();
-    let end = send_blocks(pool, job, client, metrics, shutdown, run_id, &mut usage).await;
-    let flushed = usage.flush(pool, job).await;
-    let end = end?;
-    flushed?;
-    Ok(end)
 }
 
 /// Sends block after block until the batch is done, the channel stops it, or shutdown.
