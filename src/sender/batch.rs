@@ -1,7 +1,8 @@
 //! The batch loop: reserve tokens, claim that many due messages (giving back the tokens
 //! of messages that were not due), send them concurrently, record the outcomes in one
 //! statement, repeat until every message of the batch is final. On an uncapped channel
-//! nothing is reserved: a block is two statements, its claim and its record.
+//! nothing is reserved and nothing counted first: a block is two statements, its claim
+//! and its record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -221,19 +222,28 @@ async fn send_blocks(
             usage.add(pool, job, claimed.len()).await?;
             (rate::reserve(pool, &job.organization, &job.channel, &job.limits, claimed.len() as u32).await?, claimed)
         } else {
-            let reservation = rate::reserve(pool, &job.organization, &job.channel, &job.limits, job.block_size).await?;
-            if reservation.granted() == 0 {
-                let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
-                if remaining.pending == 0 {
-                    return Ok(BatchEnd::Done);
+            let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
+            if remaining.pending == 0 {
+                return Ok(BatchEnd::Done);
+            }
+            if let Some(due) = remaining.next_due.filter(|due| *due > Utc::now()) {
+                if !sleep_until(due, shutdown).await {
+                    return Ok(BatchEnd::Interrupted);
                 }
+                continue;
+            }
+            // Reserving no more than is pending leaves the rest of a window to the
+            // channel's other senders, even for the moment before unused tokens go back.
+            let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
+            let reservation = rate::reserve(pool, &job.organization, &job.channel, &job.limits, want).await?;
+            if reservation.granted() == 0 {
                 let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
                 if reservation.day_spent {
                     rate::pause_channel(pool, &job.organization, &job.channel, until, "the channel's day window is spent").await?;
                     return Ok(BatchEnd::RateLimited(until));
                 }
                 metrics.rate_limit_waits.inc();
-                if !sleep_until(until.max(remaining.next_due.unwrap_or(until)), shutdown).await {
+                if !sleep_until(until, shutdown).await {
                     return Ok(BatchEnd::Interrupted);
                 }
                 continue;
