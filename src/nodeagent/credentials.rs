@@ -114,7 +114,10 @@ impl ApiEndpoint {
     /// Takes the server and its trust settings from the agent's client configuration.
     pub fn from_config(config: &kube::Config) -> Self {
         let certificate_authority_data = config.root_cert.as_ref().filter(|certs| !certs.is_empty()).map(|certs| {
-            let pem: String = certs.iter().map(|der| pem_certificate(der)).collect();
+            let pem: String = certs
+                .iter()
+                .map(|der| pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_slice()), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF)))
+                .collect();
             base64::engine::general_purpose::STANDARD.encode(pem)
         });
         Self {
@@ -125,19 +128,6 @@ impl ApiEndpoint {
             tls_server_name: config.tls_server_name.clone(),
         }
     }
-}
-
-/// One DER certificate as a PEM block.
-fn pem_certificate(der: &[u8]) -> String {
-    let body = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    // Base64 is ASCII, so splitting the bytes never cuts a character.
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    pem
 }
 
 /// The token a container gets, as the pod spec asks for it.
