@@ -32,7 +32,8 @@ enum Command {
     Status(disparo::cli::plugin::StatusArgs),
     /// Pause a campaign (suspends its sending Job).
     Pause(disparo::cli::plugin::Target),
-    /// Resume a paused campaign.
+    /// Resume a campaign: paused by a person or by the failure threshold, stopped by the
+    /// provider (its message or its channel), or Failed with messages left.
     Resume(disparo::cli::plugin::Target),
     /// Cancel a campaign for good.
     Cancel(disparo::cli::plugin::CancelArgs),

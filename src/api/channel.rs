@@ -222,4 +222,7 @@ pub struct ChannelStatus {
     /// Path on the webhook service to register with the provider.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_path: Option<String>,
+    /// The value of the `disparo.io/resume-requested-at` annotation last acted on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_resume_request: Option<String>,
 }

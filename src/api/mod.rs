@@ -17,6 +17,12 @@ use kube::CustomResourceExt;
 /// The API group.
 pub const GROUP: &str = "disparo.io";
 
+/// Annotation by which a person asks a paused, stalled or failed Campaign (or a stopped
+/// Channel) to go on: `kubectl disparo resume` sets it to the current time. The
+/// controller acts once per value and records it in `status.lastResumeRequest`, so the
+/// request works the same under GitOps (the spec is never rewritten).
+pub const RESUME_ANNOTATION: &str = "disparo.io/resume-requested-at";
+
 /// OpenAPI formats Kubernetes knows for integers are `int32` and `int64`; schemars
 /// writes `uint32` for `u32`, which kubectl warns about. Unsigned fields all carry a
 /// `minimum`, so `int64` loses nothing.

@@ -20,7 +20,8 @@ pub enum Phase {
     Completed,
     /// Cancelled by a person; unsent messages were cancelled.
     Cancelled,
-    /// Could not run: preflight failed or batches failed beyond their retries.
+    /// Batches failed beyond their retries. Final, unless a person resumes it
+    /// (`kubectl disparo resume`): then the remaining messages are sent.
     Failed,
 }
 
@@ -88,6 +89,9 @@ pub enum PhaseEvent {
     Fail,
     /// `spec.cancel` became true.
     Cancel,
+    /// A person resumed a Failed campaign whose messages are not all final: its Job is
+    /// replaced and the remaining messages are sent.
+    Restart,
 }
 
 /// A transition the lifecycle does not allow.
@@ -107,6 +111,7 @@ pub fn transition(from: Option<Phase>, event: PhaseEvent) -> Result<Phase, Inval
     use PhaseEvent::*;
     let refused = || InvalidTransition { from, event };
     let to = match (from, event) {
+        (Some(Failed), Restart) => Running,
         (Some(p), _) if p.is_terminal() => return Err(refused()),
         (_, Cancel) => Cancelled,
         (None | Some(Draft), CreatedSuspended | Suspend) => Draft,
@@ -179,6 +184,8 @@ mod tests {
             CreatedSuspended, AwaitStart, Start, Suspend, Resume, FailureThresholdExceeded,
             RateLimitHit, RateWindowReset, JobSucceeded, Fail, Cancel,
         ];
+        assert_eq!(transition(Some(Failed), Restart), Ok(Running), "a person may resume a failed campaign");
+        assert!(transition(Some(Completed), Restart).is_err() && transition(Some(Cancelled), Restart).is_err());
         for phase in Phase::ALL.into_iter().filter(|p| p.is_terminal()) {
             for event in events {
                 assert!(transition(Some(phase), event).is_err(), "{phase} moved on {event:?}");

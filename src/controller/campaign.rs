@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::batch::v1::Job;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use kube::runtime::controller::Action;
@@ -15,13 +15,15 @@ use serde_json::json;
 use tracing::{info, instrument, warn};
 use uuid::Uuid;
 
-use super::decide::{self, ChannelView, JobView, Memory, Step};
-use super::job::{build_job, job_name};
+use super::decide::{self, JobView, Memory, Step};
+use super::job::{build_job, job_name, send_config_digest};
+use super::observe;
 use super::status as view;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
 use crate::api::{
-    AudienceStatus, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight, Retention, time, transition,
+    AudienceStatus, AutomaticPause, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight, Provider, RESUME_ANNOTATION,
+    Retention, time, transition,
 };
 use crate::sender::render;
 use crate::store::{self, audience::AudienceQuery, campaigns::Counters};
@@ -32,6 +34,9 @@ pub const FINALIZER: &str = "disparo.io/cleanup";
 pub const FIELD_MANAGER: &str = "disparo-controller";
 /// How often a running campaign's status is refreshed from the counters.
 const REFRESH: Duration = Duration::from_secs(3);
+/// A spent cap that resets sooner than this is waited out by the senders in place; a
+/// longer one suspends the Job (senders end their run with exit 75 then).
+const SUSPEND_WHEN_RATE_LIMITED_FOR: chrono::Duration = chrono::Duration::seconds(60);
 
 /// Entry point of the Campaign controller.
 #[instrument(skip_all, fields(namespace = campaign.namespace().unwrap_or_default(), campaign = campaign.name_any()))]
@@ -63,40 +68,16 @@ async fn cleanup(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// Observes the Channel as the decision needs it.
-async fn observe_channel(ctx: &Context, namespace: &str, name: &str) -> Result<(ChannelView, Option<Channel>)> {
-    let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
-    let Some(channel) = api.get_opt(name).await? else { return Ok((ChannelView::Missing, None)) };
-    let ready = channel.status.as_ref().and_then(|s| crate::api::condition::find(&s.conditions, ConditionType::Ready).cloned());
-    let view = match ready {
-        None => ChannelView::NotReady(format!("channel {name:?} has not been checked yet")),
-        Some(c) if c.status != "True" => ChannelView::NotReady(format!("channel {name:?} is not ready: {}", c.message)),
-        Some(_) => match store::rate::channel_pause(&ctx.pool, namespace, name).await? {
-            Some((until, reason)) if reason.contains("day window") => ChannelView::RateLimited(until),
-            Some((_, reason)) => ChannelView::Stopped(format!("channel {name:?} stopped: {reason}")),
-            None => ChannelView::Ready,
-        },
-    };
-    Ok((view, Some(channel)))
-}
-
-fn job_view(job: &Job) -> JobView {
-    let conditions = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
-    let has = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
-    JobView {
-        suspended: job.spec.as_ref().and_then(|s| s.suspend).unwrap_or(false),
-        complete: has("Complete"),
-        failed: has("Failed"),
-    }
-}
-
-/// The phase event a step means, given the phase before.
-fn event_for(step: &Step, old: Option<Phase>) -> Option<PhaseEvent> {
+/// The phase event a step means, given the phase before and whether a Job exists.
+fn event_for(step: &Step, old: Option<Phase>, has_job: bool) -> Option<PhaseEvent> {
     Some(match step {
-        Step::Nothing | Step::Stall(_) | Step::Preflight => return None,
+        Step::Nothing | Step::Preflight | Step::ReplaceJob | Step::AwaitJobDeletion | Step::PodsFailing(_) => return None,
+        // Stalled means not sending: a campaign that was sending is paused until it can go on.
+        Step::Stall(_) if has_job => PhaseEvent::Suspend,
+        Step::Stall(_) => return None,
         Step::Cancel => PhaseEvent::Cancel,
         Step::Draft => PhaseEvent::CreatedSuspended,
-        Step::Pause | Step::ChannelStopped(_) => PhaseEvent::Suspend,
+        Step::Pause | Step::ChannelStopped(_) | Step::MessageRejected(_) | Step::HoldAutomaticPause(_) => PhaseEvent::Suspend,
         Step::WaitForSchedule(_) => PhaseEvent::AwaitStart,
         Step::RateLimit(_) => PhaseEvent::RateLimitHit,
         Step::PauseForFailures(_) => PhaseEvent::FailureThresholdExceeded,
@@ -109,6 +90,20 @@ fn event_for(step: &Step, old: Option<Phase>) -> Option<PhaseEvent> {
         },
         Step::Complete => PhaseEvent::JobSucceeded,
         Step::Fail(_) => PhaseEvent::Fail,
+        Step::Restart => PhaseEvent::Restart,
+    })
+}
+
+/// The condition reason and Warning Event a step raises, if it needs a person.
+fn warning_for(step: &Step) -> Option<(&'static str, String)> {
+    Some(match step {
+        Step::Fail(why) => ("Failed", why.clone()),
+        Step::PauseForFailures(why) | Step::HoldAutomaticPause(why) => ("FailureThresholdExceeded", why.clone()),
+        Step::ChannelStopped(why) => ("ChannelStopped", why.clone()),
+        Step::MessageRejected(why) => ("MessageRejected", why.clone()),
+        Step::Stall(why) => ("Blocked", why.clone()),
+        Step::PodsFailing(why) => ("SenderPodsFailing", why.clone()),
+        _ => return None,
     })
 }
 
@@ -121,6 +116,16 @@ async fn set_job_suspended(jobs: &Api<Job>, name: &str, suspend: bool) -> Result
     Ok(true)
 }
 
+/// Deletes the Job and, before it goes, its pods: a replacement must never run beside
+/// an old sender of the same batch.
+async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<()> {
+    match jobs.delete(name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() }).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What a reconcile decided, for status and Events.
 struct Outcome {
     phase: Option<Phase>,
@@ -128,120 +133,78 @@ struct Outcome {
     requeue: Action,
 }
 
+/// One reconcile of one campaign: what it works on.
+struct Reconcile<'a> {
+    campaign: &'a Campaign,
+    ctx: &'a Context,
+    namespace: String,
+    name: String,
+    uid: Uuid,
+    jobs: Api<Job>,
+    job_name: String,
+    now: DateTime<Utc>,
+}
+
+/// A person's `kubectl disparo resume` (a new value of the resume annotation): lifts the
+/// operator's own pauses, this campaign's stop and its channel's stop. Returns whether
+/// a new request was taken.
+async fn take_resume_request(r: &Reconcile<'_>, status: &mut CampaignStatus) -> Result<bool> {
+    let Some(value) = r.campaign.annotations().get(RESUME_ANNOTATION) else { return Ok(false) };
+    if status.last_resume_request.as_deref() == Some(value.as_str()) {
+        return Ok(false);
+    }
+    status.last_resume_request = Some(value.clone());
+    status.automatic_pause = None;
+    let stop = store::pauses::clear_campaign_stop(&r.ctx.pool, r.uid).await?;
+    let channel = store::pauses::clear_channel_pause(&r.ctx.pool, &r.namespace, &r.campaign.spec.channel_ref.name).await?;
+    info!(stop, channel, "a person asked to resume");
+    publish(r.ctx, r.campaign, EventType::Normal, "ResumeRequested", "resume requested: automatic pauses and stops are lifted".into()).await;
+    Ok(true)
+}
+
+fn rejected_message(code: &str, message: &str) -> String {
+    format!(
+        "the provider refused this campaign's message (error {code}: {message}); fix it (pause, edit spec.message, resume) or at the provider, then `kubectl disparo resume`"
+    )
+}
+
 async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     let namespace = campaign.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = campaign.name_any();
     let uid = uid_of(campaign)?;
+    let r = Reconcile {
+        campaign,
+        ctx,
+        jobs: Api::namespaced(ctx.client.clone(), &namespace),
+        job_name: job_name(&name, &uid.to_string()),
+        namespace,
+        name,
+        uid,
+        now: Utc::now(),
+    };
     let old = campaign.status.clone().unwrap_or_default();
     let mut status = old.clone();
-    let now = Utc::now();
+    let resumed = take_resume_request(&r, &mut status).await?;
 
-    let (channel_view, channel) = observe_channel(ctx, &namespace, &campaign.spec.channel_ref.name).await?;
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let jname = job_name(&name);
-    let job = jobs.get_opt(&jname).await?;
+    let (channel_view, channel) = observe::channel(ctx, &r.namespace, &campaign.spec.channel_ref.name).await?;
+    let digest = channel.as_ref().and_then(|ch| send_config_digest(campaign, ch, &ctx.sender).ok());
+    let job = observe::job(ctx, &r.jobs, &r.job_name, &uid.to_string(), digest.as_deref()).await?;
     let mut counters = store::campaigns::counters(&ctx.pool, uid).await?;
     let memory = Memory {
         phase: old.phase,
         audience_frozen: counters.is_some(),
-        failure_baseline: old.failure_baseline.as_ref().map_or((0, 0), |b| (b.failed, b.finished)),
+        failure_baseline: status.failure_baseline.as_ref().map_or((0, 0), |b| (b.failed, b.finished)),
+        automatic_pause: status.automatic_pause.as_ref().map(|p| p.message.clone()),
+        campaign_stop: store::pauses::campaign_stop(&ctx.pool, uid).await?.map(|(code, message)| rejected_message(&code, &message)),
+        resume_requested: resumed,
     };
-    let step = decide::next_step(&campaign.spec, &memory, &channel_view, job.as_ref().map(job_view).as_ref(), counters.as_ref(), now);
-
+    let step = decide::next_step(&campaign.spec, &memory, &channel_view, job.as_ref().map(|(_, v)| v), counters.as_ref(), r.now);
     let mut conditions = Vec::new();
-    let requeue = match &step {
-        Step::Nothing => Action::await_change(),
-        Step::Cancel => {
-            if job.is_some() {
-                jobs.delete(&jname, &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() }).await?;
-            }
-            let cancelled = store::messages::cancel_pending(&ctx.pool, uid).await?;
-            info!(cancelled, "campaign cancelled");
-            status.finished_at = Some(time::k8s(now));
-            Action::await_change()
-        }
-        Step::Draft => Action::await_change(),
-        Step::Pause => {
-            set_job_suspended(&jobs, &jname, true).await?;
-            Action::await_change()
-        }
-        Step::Stall(why) => {
-            conditions.push(DesiredCondition::truthy(ConditionType::Stalled, "ChannelNotReady", why.clone()));
-            Action::requeue(Duration::from_secs(10))
-        }
-        Step::WaitForSchedule(at) => {
-            set_job_suspended(&jobs, &jname, true).await?;
-            Action::requeue((*at - now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(200))
-        }
-        Step::RateLimit(until) => {
-            set_job_suspended(&jobs, &jname, true).await?;
-            let mut info = status.rate_limit.clone().unwrap_or_default();
-            if old.phase != Some(Phase::RateLimited) {
-                info.pauses += 1;
-            }
-            info.resume_at = Some(time::k8s(*until));
-            status.rate_limit = Some(info);
-            conditions.push(DesiredCondition::truthy(ConditionType::RateLimited, "DayWindowSpent", format!("the channel's day window is spent; resumes at {until}")));
-            // Look again at the reset instant, and meanwhile every few seconds in case a
-            // person lifted the pause or the windows were reset.
-            Action::requeue(((*until - now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10)))
-        }
-        Step::ChannelStopped(why) => {
-            set_job_suspended(&jobs, &jname, true).await?;
-            conditions.push(DesiredCondition::truthy(ConditionType::Stalled, "ChannelStopped", why.clone()));
-            Action::requeue(Duration::from_secs(30))
-        }
-        Step::PauseForFailures(why) => {
-            let api: Api<Campaign> = Api::namespaced(ctx.client.clone(), &namespace);
-            api.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"suspend": true}}))).await?;
-            set_job_suspended(&jobs, &jname, true).await?;
-            if let Some(c) = &counters {
-                status.failure_baseline = Some(FailureBaseline { failed: c.failed, finished: c.finished() - c.cancelled });
-            }
-            conditions.push(DesiredCondition::truthy(ConditionType::Stalled, "FailureThresholdExceeded", why.clone()));
-            Action::await_change()
-        }
-        Step::Preflight => match preflight(campaign, channel.as_ref(), ctx, &namespace, &name, uid, &mut status).await? {
-            Ok(()) => {
-                counters = store::campaigns::counters(&ctx.pool, uid).await?;
-                Action::requeue(Duration::ZERO)
-            }
-            Err(why) => {
-                let outcome = Outcome {
-                    phase: transition(old.phase, PhaseEvent::Fail).ok(),
-                    conditions: vec![DesiredCondition::truthy(ConditionType::Stalled, "PreflightFailed", why.clone())],
-                    requeue: Action::await_change(),
-                };
-                return finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref() }, Some(("PreflightFailed", why))).await;
-            }
-        },
-        Step::CreateJob => {
-            let channel = channel.as_ref().ok_or_else(|| Error::InvalidChannel("channel vanished".into()))?;
-            let batches = store::campaigns::frozen_batches(&ctx.pool, uid).await?.unwrap_or(1);
-            let job = build_job(campaign, channel, batches, false, &ctx.sender)?;
-            match jobs.create(&PostParams::default(), &job).await {
-                Ok(_) => info!(batches, "sending Job created"),
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e.into()),
-            }
-            status.started_at.get_or_insert(time::k8s(now));
-            Action::requeue(REFRESH)
-        }
-        Step::ResumeJob => {
-            set_job_suspended(&jobs, &jname, false).await?;
-            status.started_at.get_or_insert(time::k8s(now));
-            if let Some(info) = status.rate_limit.as_mut() {
-                info.resume_at = None;
-            }
-            Action::requeue(REFRESH)
-        }
-        Step::Track => Action::requeue(REFRESH),
-        Step::Complete | Step::Fail(_) => {
-            status.finished_at.get_or_insert(time::k8s(now));
-            Action::await_change()
-        }
-    };
-    let phase = match event_for(&step, old.phase) {
+    let requeue = execute(&r, &step, job.as_ref(), channel.as_ref(), &mut status, &mut conditions).await?;
+    if matches!(step, Step::Preflight) {
+        counters = store::campaigns::counters(&ctx.pool, uid).await?;
+    }
+    let phase = match event_for(&step, old.phase, job.is_some()) {
         None => old.phase,
         Some(event) => match transition(old.phase, event) {
             Ok(p) => Some(p),
@@ -251,15 +214,158 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             }
         },
     };
+    let mut reason = warning_for(&step);
+    if let Some(c) = conditions.iter().find(|c| c.type_ == ConditionType::Stalled && c.reason == "PreflightFailed") {
+        reason = Some(("PreflightFailed", c.message.clone()));
+    }
     let outcome = Outcome { phase, conditions, requeue };
-    let reason = match &step {
-        Step::Fail(why) => Some(("Failed", why.clone())),
-        Step::PauseForFailures(why) => Some(("FailureThresholdExceeded", why.clone())),
-        Step::ChannelStopped(why) => Some(("ChannelStopped", why.clone())),
-        Step::Stall(why) => Some(("InvalidChannel", why.clone())),
-        _ => None,
-    };
-    finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref() }, reason).await
+    finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref().map(|(j, _)| j) }, reason).await
+}
+
+/// Carries out one step; returns when to look again, and adds the conditions it raises.
+async fn execute(
+    r: &Reconcile<'_>,
+    step: &Step,
+    job: Option<&(Job, JobView)>,
+    channel: Option<&Channel>,
+    status: &mut CampaignStatus,
+    conditions: &mut Vec<DesiredCondition>,
+) -> Result<Action> {
+    let stalled = |reason: &'static str, why: &String| DesiredCondition::truthy(ConditionType::Stalled, reason, why.clone());
+    Ok(match step {
+        Step::Nothing | Step::Draft => Action::await_change(),
+        Step::Cancel => {
+            if job.is_some() {
+                r.jobs.delete(&r.job_name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() }).await?;
+            }
+            let cancelled = store::messages::cancel_pending(&r.ctx.pool, r.uid).await?;
+            info!(cancelled, "campaign cancelled");
+            status.finished_at = Some(time::k8s(r.now));
+            Action::await_change()
+        }
+        Step::Pause => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            Action::await_change()
+        }
+        Step::Stall(why) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            conditions.push(stalled("Blocked", why));
+            Action::requeue(Duration::from_secs(10))
+        }
+        Step::PodsFailing(why) => {
+            conditions.push(stalled("SenderPodsFailing", why));
+            Action::requeue(Duration::from_secs(10))
+        }
+        Step::WaitForSchedule(at) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            Action::requeue((*at - r.now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(200))
+        }
+        Step::RateLimit(until) => rate_limit(r, *until, status, conditions).await?,
+        Step::ChannelStopped(why) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            conditions.push(stalled("ChannelStopped", why));
+            Action::requeue(Duration::from_secs(30))
+        }
+        Step::MessageRejected(why) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            conditions.push(stalled("MessageRejected", why));
+            Action::requeue(Duration::from_secs(30))
+        }
+        Step::PauseForFailures(why) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            if let Some(c) = store::campaigns::counters(&r.ctx.pool, r.uid).await? {
+                status.failure_baseline = Some(FailureBaseline { failed: c.failed, finished: c.finished() - c.cancelled });
+            }
+            status.automatic_pause = Some(AutomaticPause { reason: "FailureThresholdExceeded".into(), message: why.clone(), since: Some(time::k8s(r.now)) });
+            conditions.push(stalled("FailureThresholdExceeded", why));
+            Action::await_change()
+        }
+        Step::HoldAutomaticPause(why) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            // The failure threshold is the one automatic pause kept in status today.
+            conditions.push(stalled("FailureThresholdExceeded", why));
+            Action::await_change()
+        }
+        Step::Preflight => match preflight(r.campaign, channel, r.ctx, &r.namespace, &r.name, r.uid, status).await? {
+            Ok(()) => Action::requeue(Duration::ZERO),
+            // A person fixes this (imports the contacts, edits the message); look again
+            // now and then, and at once on an edit.
+            Err(why) => {
+                conditions.push(stalled("PreflightFailed", &why));
+                Action::requeue(Duration::from_secs(30))
+            }
+        },
+        Step::CreateJob => {
+            let channel = channel.ok_or_else(|| Error::InvalidChannel("channel vanished".into()))?;
+            let batches = store::campaigns::frozen_batches(&r.ctx.pool, r.uid).await?.unwrap_or(1);
+            let built = build_job(r.campaign, channel, batches, false, &r.ctx.sender)?;
+            match r.jobs.create(&PostParams::default(), &built).await {
+                Ok(_) => info!(batches, "sending Job created"),
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            status.started_at.get_or_insert(time::k8s(r.now));
+            status.finished_at = None;
+            Action::requeue(REFRESH)
+        }
+        Step::ReplaceJob => replace_job(r, job.map(|(_, v)| v)).await?,
+        Step::AwaitJobDeletion => Action::requeue(Duration::from_secs(1)),
+        Step::ResumeJob => {
+            set_job_suspended(&r.jobs, &r.job_name, false).await?;
+            status.started_at.get_or_insert(time::k8s(r.now));
+            if let Some(info) = status.rate_limit.as_mut() {
+                info.resume_at = None;
+            }
+            Action::requeue(REFRESH)
+        }
+        Step::Track => Action::requeue(REFRESH),
+        Step::Complete | Step::Fail(_) => {
+            status.finished_at.get_or_insert(time::k8s(r.now));
+            Action::await_change()
+        }
+        Step::Restart => {
+            delete_job(&r.jobs, &r.job_name).await?;
+            status.finished_at = None;
+            publish(r.ctx, r.campaign, EventType::Normal, "Restarted", "resumed after failing: the remaining messages are sent by a new Job".into()).await;
+            Action::requeue(Duration::from_secs(1))
+        }
+    })
+}
+
+/// A cap of the channel is spent until `until`. The Job is suspended only when the wait
+/// is long: senders wait out a spent minute in place rather than restart.
+async fn rate_limit(r: &Reconcile<'_>, until: DateTime<Utc>, status: &mut CampaignStatus, conditions: &mut Vec<DesiredCondition>) -> Result<Action> {
+    if until - r.now > SUSPEND_WHEN_RATE_LIMITED_FOR {
+        set_job_suspended(&r.jobs, &r.job_name, true).await?;
+    }
+    let mut info = status.rate_limit.clone().unwrap_or_default();
+    if status.phase != Some(Phase::RateLimited) {
+        info.pauses += 1;
+    }
+    info.resume_at = Some(time::k8s(until));
+    status.rate_limit = Some(info);
+    conditions.push(DesiredCondition::truthy(ConditionType::RateLimited, "WindowSpent", format!("a cap of the channel is spent; sending resumes at {until}")));
+    // Look again at the reset instant, and meanwhile every few seconds in case a
+    // person lifted the pause or the windows were reset.
+    Ok(Action::requeue(((until - r.now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10))))
+}
+
+/// Replaces a Job built from an older spec: suspend it, wait for its pods to go, then
+/// delete it (the next reconcile creates the new one). A changed message also lifts a
+/// stop caused by the old message.
+async fn replace_job(r: &Reconcile<'_>, job: Option<&JobView>) -> Result<Action> {
+    let Some(job) = job else { return Ok(Action::requeue(Duration::ZERO)) };
+    if !job.suspended {
+        set_job_suspended(&r.jobs, &r.job_name, true).await?;
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    if job.active > 0 {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    store::pauses::clear_campaign_stop(&r.ctx.pool, r.uid).await?;
+    delete_job(&r.jobs, &r.job_name).await?;
+    publish(r.ctx, r.campaign, EventType::Normal, "SpecChanged", "the message, channel or retry policy changed: the sending Job is replaced so every message from now on uses them".into()).await;
+    Ok(Action::requeue(Duration::from_secs(1)))
 }
 
 /// Checks the audience and message, then freezes the audience. `Ok(Err(why))` is a
@@ -284,6 +390,14 @@ async fn preflight(
         }
         Err(e) => return Err(e.into()),
     };
+    if let (Some(channel), Some(_)) = (channel, &campaign.spec.message.template)
+        && channel.spec.provider == Provider::Evolution
+    {
+        return Ok(Err(format!(
+            "spec.message.template: channel {:?} uses the Evolution API, which has no templates; send spec.message.text instead (pause, edit, resume)",
+            campaign.spec.channel_ref.name
+        )));
+    }
     let texts: Vec<String> = match (&campaign.spec.message.template, &campaign.spec.message.text) {
         (Some(t), _) => t.body_parameters.iter().map(|p| p.0.clone()).collect(),
         (None, Some(text)) => vec![text.clone()],
@@ -413,7 +527,8 @@ async fn finish(
     // created or patched just now shows up at the next refresh.
     if let Some(job) = job {
         let completions = job.spec.as_ref().and_then(|s| s.completions).unwrap_or(0);
-        status.batches = Some(view::batch_counts(&job_name(&name), completions, job.status.as_ref()));
+        let uid = campaign.uid().unwrap_or_default();
+        status.batches = Some(view::batch_counts(&job_name(&name, &uid), completions, job.status.as_ref()));
     }
     let mut desired = phase_conditions(status.phase, counters.is_some());
     desired.extend(outcome.conditions.iter().cloned());

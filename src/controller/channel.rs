@@ -9,6 +9,7 @@ use chrono::Utc;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::instrument;
@@ -16,7 +17,8 @@ use tracing::instrument;
 use super::campaign::FIELD_MANAGER;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
-use crate::api::{Channel, ChannelStatus, EffectiveLimits, Provider, SecretKeyRef, WindowUsage, time};
+use crate::api::{Channel, ChannelStatus, EffectiveLimits, Provider, RESUME_ANNOTATION, SecretKeyRef, WindowUsage, time};
+use crate::store::pauses::{self, ChannelPause};
 use crate::store::rate::{Limits, WindowKind};
 
 /// How often a Channel is re-checked (window usage, connection state).
@@ -71,6 +73,34 @@ async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<
     Ok(None)
 }
 
+/// The version of the channel's credentials: the resourceVersions of the Secrets it
+/// references. A person who replaces a refused token changes it, which lifts the stop.
+async fn credentials_version(channel: &Channel, ctx: &Context, namespace: &str) -> Result<String> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut names: Vec<&str> = secret_refs(channel).iter().map(|(_, r)| r.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut parts = Vec::with_capacity(names.len());
+    for name in names {
+        let version = secrets.get_opt(name).await?.and_then(|s| s.metadata.resource_version).unwrap_or_default();
+        parts.push(format!("{name}@{version}"));
+    }
+    Ok(parts.join(","))
+}
+
+/// A person's `kubectl disparo resume` on the Channel (a new resume annotation value):
+/// lifts its pause. Returns the value taken, if a new one.
+async fn take_resume_request(channel: &Channel, ctx: &Context, namespace: &str, name: &str, old: &ChannelStatus) -> Result<Option<String>> {
+    let Some(value) = channel.annotations().get(RESUME_ANNOTATION) else { return Ok(None) };
+    if old.last_resume_request.as_deref() == Some(value.as_str()) {
+        return Ok(None);
+    }
+    if pauses::clear_channel_pause(&ctx.pool, namespace, name).await? {
+        publish(ctx, channel, EventType::Normal, "Resumed", "a person resumed the channel: its campaigns send again".into()).await;
+    }
+    Ok(Some(value.clone()))
+}
+
 /// Entry point of the Channel controller.
 #[instrument(skip_all, fields(namespace = channel.namespace().unwrap_or_default(), channel = channel.name_any()))]
 pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action> {
@@ -78,16 +108,26 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     let namespace = channel.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = channel.name_any();
     let old = channel.status.clone().unwrap_or_default();
+    let resume = take_resume_request(&channel, &ctx, &namespace, &name, &old).await?;
     let not_ready = readiness(&channel, &ctx, &namespace).await?;
     let limits = Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
+    // The caps reach running senders through Postgres; new credentials lift a stop.
+    if pauses::observe_channel(&ctx.pool, &namespace, &name, &limits, &credentials_version(&channel, &ctx, &namespace).await?).await? {
+        publish(&ctx, &channel, EventType::Normal, "CredentialsChanged", "the channel's credentials changed: the provider's refusal is lifted and its campaigns send again".into()).await;
+    }
     let windows = crate::store::rate::usage(&ctx.pool, &namespace, &name).await?;
     let used = |k: WindowKind| windows.iter().find(|w| w.kind == k).map_or(0, |w| w.used);
-    let pause = crate::store::rate::channel_pause(&ctx.pool, &namespace, &name).await?;
-    let condition = match &not_ready {
-        Some((reason, message)) => DesiredCondition::falsy(ConditionType::Ready, reason, message.clone()),
-        None => DesiredCondition::truthy(ConditionType::Ready, "Ready", "credentials found; the channel can send"),
+    let pause = pauses::channel_pause(&ctx.pool, &namespace, &name).await?;
+    let condition = match (&not_ready, &pause) {
+        (Some((reason, message)), _) => DesiredCondition::falsy(ConditionType::Ready, reason, message.clone()),
+        (None, Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(
+            ConditionType::Ready,
+            "ProviderRefused",
+            format!("sending stopped: the provider refused the channel (error {code}: {message}); fix the credentials or account, then `kubectl disparo resume` a campaign of this channel or replace the credentials' Secret"),
+        ),
+        (None, _) => DesiredCondition::truthy(ConditionType::Ready, "Ready", "credentials found; the channel can send"),
     };
-    let mut status = ChannelStatus {
+    let status = ChannelStatus {
         observed_generation: channel.meta().generation,
         conditions: merge_conditions(&old.conditions, &[condition], channel.meta().generation, &time::k8s(Utc::now())),
         usage: Some(WindowUsage {
@@ -102,23 +142,25 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
                 min_interval_millis: limits.min_interval.as_millis() as u32,
             }),
         }),
-        rate_limited_until: pause.as_ref().map(|(until, _)| time::k8s(*until)),
+        rate_limited_until: match &pause {
+            Some(ChannelPause::WindowSpent { until }) => Some(time::k8s(*until)),
+            _ => None,
+        },
         webhook_path: Some(format!("/webhooks/{}/{namespace}/{name}", channel.spec.provider)),
+        last_resume_request: resume.or(old.last_resume_request.clone()),
     };
-    if let Some((_, reason)) = &pause
-        && !reason.contains("day window")
-    {
-        status.conditions = merge_conditions(
-            &status.conditions,
-            &[DesiredCondition::falsy(ConditionType::Ready, "ProviderRefused", format!("sending stopped: {reason}; fix the credentials or account, then clear with `kubectl disparo resume`"))],
-            channel.meta().generation,
-            &time::k8s(Utc::now()),
-        );
-    }
     if status != old {
         let api: Api<Channel> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": "disparo.io/v1alpha1", "kind": "Channel", "status": status});
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
-    Ok(Action::requeue(RECHECK))
+    // A refused channel is looked at more often, so new credentials take effect soon.
+    Ok(Action::requeue(if matches!(pause, Some(ChannelPause::ProviderRefused { .. })) { Duration::from_secs(5) } else { RECHECK }))
+}
+
+async fn publish(ctx: &Context, channel: &Channel, type_: EventType, reason: &str, note: String) {
+    let event = KubeEvent { type_, reason: reason.to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+    if let Err(error) = ctx.recorder.publish(&event, &channel.object_ref(&())).await {
+        tracing::warn!(%error, reason, "could not publish an Event");
+    }
 }

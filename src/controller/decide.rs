@@ -24,7 +24,7 @@ pub enum ChannelView {
 }
 
 /// The campaign's sending Job as observed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobView {
     /// `spec.suspend`.
     pub suspended: bool,
@@ -32,10 +32,22 @@ pub struct JobView {
     pub complete: bool,
     /// The Job reached its `Failed` condition.
     pub failed: bool,
+    /// Pods still running (a suspended Job's pods take a moment to go).
+    pub active: i32,
+    /// The Job is being deleted.
+    pub deleting: bool,
+    /// It was built from another send configuration than the spec's now (the message,
+    /// channel or retry policy was edited): it must be replaced before sending goes on.
+    pub stale: bool,
+    /// A Job of that name is not owned by this campaign (why).
+    pub foreign: Option<String>,
+    /// Its pods cannot run (a missing Secret, an image that cannot be pulled, a crash
+    /// loop), as a person should read it.
+    pub pods_failing: Option<String>,
 }
 
-/// What the controller remembers in status between reconciles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What the controller remembers in status (and Postgres) between reconciles.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Memory {
     /// The phase written last.
     pub phase: Option<Phase>,
@@ -44,6 +56,13 @@ pub struct Memory {
     /// Failed and finished counts when the campaign last resumed, so the failure
     /// threshold judges what happened since (a person who resumes has seen the rest).
     pub failure_baseline: (i64, i64),
+    /// A pause the operator decided (the failure threshold), until a person resumes.
+    pub automatic_pause: Option<String>,
+    /// The provider refused this campaign's message (why), until a person resumes or
+    /// edits the message.
+    pub campaign_stop: Option<String>,
+    /// A person asked to resume in this reconcile (a new resume annotation).
+    pub resume_requested: bool,
 }
 
 /// The one next thing to do.
@@ -57,28 +76,40 @@ pub enum Step {
     Draft,
     /// Suspended by a person: suspend the Job.
     Pause,
-    /// Cannot proceed until something outside changes (why).
+    /// Cannot proceed until something outside changes (why): suspend the Job if any.
     Stall(String),
     /// Wait (suspending the Job if any) until the instant: startAt or the send window.
     WaitForSchedule(DateTime<Utc>),
-    /// The channel's day window is spent: suspend the Job until the instant.
+    /// A cap of the channel is spent until the instant.
     RateLimit(DateTime<Utc>),
     /// The provider refused the channel: pause until a person acts.
     ChannelStopped(String),
-    /// Failures ran past the threshold: pause (sets spec.suspend) with the reason.
+    /// The provider refused this campaign's message: pause until a person acts.
+    MessageRejected(String),
+    /// Failures ran past the threshold: pause (in status) with the reason.
     PauseForFailures(String),
+    /// Paused by the operator earlier (why), until a person resumes.
+    HoldAutomaticPause(String),
     /// Check the audience and message, then freeze the audience.
     Preflight,
     /// Create the sending Job.
     CreateJob,
+    /// The Job was built from an older spec: stop it, delete it, create it anew.
+    ReplaceJob,
+    /// The Job is going away (replacement, restart): wait.
+    AwaitJobDeletion,
     /// Unsuspend the Job.
     ResumeJob,
     /// Running: refresh status and look again soon.
     Track,
+    /// The Job's pods cannot run (why); the Job keeps trying, a person should look.
+    PodsFailing(String),
     /// Every message is final.
     Complete,
     /// The Job failed (why).
     Fail(String),
+    /// A person resumed a Failed campaign with messages left: replace its Job.
+    Restart,
 }
 
 /// Whether the failure ratio since the last resume passed the threshold.
@@ -91,8 +122,12 @@ pub fn failure_threshold_exceeded(spec: &CampaignSpec, counters: &Counters, base
     }
     let percent = failed * 100 / finished;
     (percent > i64::from(threshold.max_failure_percent)).then(|| {
-        format!("{failed} of the last {finished} messages failed ({percent}%), over the {}% threshold: paused so the rest of the audience is not burned; check the error breakdown, fix, then resume", threshold.max_failure_percent)
+        format!("{failed} of the last {finished} messages failed ({percent}%), over the {}% threshold: paused so the rest of the audience is not burned; check the error breakdown, fix, then `kubectl disparo resume`", threshold.max_failure_percent)
     })
+}
+
+fn unfinished(counters: Option<&Counters>) -> bool {
+    counters.is_some_and(|c| c.pending + c.sending > 0)
 }
 
 /// Decides the next step.
@@ -104,31 +139,43 @@ pub fn next_step(
     counters: Option<&Counters>,
     now: DateTime<Utc>,
 ) -> Step {
+    if memory.phase == Some(Phase::Failed) && memory.resume_requested && !spec.cancel && unfinished(counters) {
+        return Step::Restart;
+    }
     if memory.phase.is_some_and(Phase::is_terminal) {
         return Step::Nothing;
     }
     if spec.cancel {
         return Step::Cancel;
     }
+    if let Some(job) = job {
+        if let Some(why) = &job.foreign {
+            return Step::Stall(why.clone());
+        }
+        if job.deleting {
+            return Step::AwaitJobDeletion;
+        }
+    }
     if spec.suspend {
         return if memory.audience_frozen || matches!(memory.phase, Some(Phase::Paused)) { Step::Pause } else { Step::Draft };
     }
+    if let Some(why) = &memory.automatic_pause {
+        return Step::HoldAutomaticPause(why.clone());
+    }
+    if let Some(why) = &memory.campaign_stop {
+        return Step::MessageRejected(why.clone());
+    }
     if let Some(job) = job {
         if job.failed {
-            return Step::Fail("the sending Job failed: some batches failed beyond their retries (see the Job's events)".into());
+            return Step::Fail("the sending Job failed: some batches failed beyond their retries (see the Job's events); `kubectl disparo resume` sends the rest once the cause is fixed".into());
         }
-        if job.complete && counters.is_none_or(|c| c.pending + c.sending == 0) {
+        if job.complete && !unfinished(counters) {
             return Step::Complete;
         }
     }
     match channel {
-        ChannelView::Missing | ChannelView::NotReady(_) => {
-            let why = match channel {
-                ChannelView::NotReady(why) => why.clone(),
-                _ => format!("channel {:?} not found in this namespace", spec.channel_ref.name),
-            };
-            return Step::Stall(why);
-        }
+        ChannelView::Missing => return Step::Stall(format!("channel {:?} not found in this namespace", spec.channel_ref.name)),
+        ChannelView::NotReady(why) => return Step::Stall(why.clone()),
         ChannelView::Stopped(why) => return Step::ChannelStopped(why.clone()),
         ChannelView::RateLimited(until) if *until > now => return Step::RateLimit(*until),
         ChannelView::RateLimited(_) | ChannelView::Ready => {}
@@ -147,14 +194,11 @@ pub fn next_step(
         return Step::Preflight;
     }
     match job {
-        None => {
-            if counters.is_some_and(|c| c.pending + c.sending == 0) {
-                Step::Complete
-            } else {
-                Step::CreateJob
-            }
-        }
+        None if unfinished(counters) || counters.is_none() => Step::CreateJob,
+        None => Step::Complete,
+        Some(job) if job.stale => Step::ReplaceJob,
         Some(job) if job.suspended => Step::ResumeJob,
+        Some(JobView { pods_failing: Some(why), .. }) => Step::PodsFailing(why.clone()),
         Some(_) => Step::Track,
     }
 }
@@ -179,7 +223,7 @@ mod tests {
     }
 
     fn running() -> Memory {
-        Memory { phase: Some(Phase::Running), audience_frozen: true, failure_baseline: (0, 0) }
+        Memory { phase: Some(Phase::Running), audience_frozen: true, ..Default::default() }
     }
 
     fn counters(pending: i64, sent: i64, failed: i64) -> Counters {
@@ -193,23 +237,36 @@ mod tests {
         let suspended = JobView { suspended: true, ..Default::default() };
         let complete = JobView { complete: true, ..Default::default() };
         let failed = JobView { failed: true, ..Default::default() };
+        let stale = JobView { stale: true, ..Default::default() };
         let ready = ChannelView::Ready;
         let later = now() + chrono::Duration::hours(2);
+        let failed_phase = Memory { phase: Some(Phase::Failed), ..running() };
         let cases: Vec<(&str, CampaignSpec, Memory, ChannelView, Option<JobView>, Option<Counters>, Step)> = vec![
-            ("new campaign preflights", spec(), fresh, ready.clone(), None, None, Step::Preflight),
+            ("new campaign preflights", spec(), fresh.clone(), ready.clone(), None, None, Step::Preflight),
             ("frozen without a job creates it", spec(), running(), ready.clone(), None, Some(counters(10, 0, 0)), Step::CreateJob),
-            ("an active job is tracked", spec(), running(), ready.clone(), Some(active), Some(counters(5, 5, 0)), Step::Track),
-            ("a suspended job resumes", spec(), running(), ready.clone(), Some(suspended), Some(counters(5, 5, 0)), Step::ResumeJob),
+            ("an active job is tracked", spec(), running(), ready.clone(), Some(active.clone()), Some(counters(5, 5, 0)), Step::Track),
+            ("a suspended job resumes", spec(), running(), ready.clone(), Some(suspended.clone()), Some(counters(5, 5, 0)), Step::ResumeJob),
             ("a complete job completes", spec(), running(), ready.clone(), Some(complete), Some(counters(0, 10, 0)), Step::Complete),
-            ("a failed job fails", spec(), running(), ready.clone(), Some(failed), Some(counters(1, 9, 0)), Step::Fail("the sending Job failed: some batches failed beyond their retries (see the Job's events)".into())),
+            ("a failed job fails", spec(), running(), ready.clone(), Some(failed.clone()), Some(counters(1, 9, 0)), Step::Fail("the sending Job failed: some batches failed beyond their retries (see the Job's events); `kubectl disparo resume` sends the rest once the cause is fixed".into())),
             ("an empty frozen audience completes", spec(), running(), ready.clone(), None, Some(counters(0, 0, 0)), Step::Complete),
-            ("suspended before start is a draft", CampaignSpec { suspend: true, ..spec() }, fresh, ready.clone(), None, None, Step::Draft),
-            ("suspended after start pauses", CampaignSpec { suspend: true, ..spec() }, running(), ready.clone(), Some(active), None, Step::Pause),
-            ("cancel wins over suspend", CampaignSpec { suspend: true, cancel: true, ..spec() }, running(), ready.clone(), Some(active), None, Step::Cancel),
-            ("missing channel stalls with its name", spec(), fresh, ChannelView::Missing, None, None, Step::Stall("channel \"main\" not found in this namespace".into())),
-            ("a spent day window rate-limits", spec(), running(), ChannelView::RateLimited(later), Some(active), None, Step::RateLimit(later)),
-            ("an expired rate limit resumes", spec(), running(), ChannelView::RateLimited(now()), Some(suspended), None, Step::ResumeJob),
+            ("suspended before start is a draft", CampaignSpec { suspend: true, ..spec() }, fresh.clone(), ready.clone(), None, None, Step::Draft),
+            ("suspended after start pauses", CampaignSpec { suspend: true, ..spec() }, running(), ready.clone(), Some(active.clone()), None, Step::Pause),
+            ("cancel wins over suspend", CampaignSpec { suspend: true, cancel: true, ..spec() }, running(), ready.clone(), Some(active.clone()), None, Step::Cancel),
+            ("missing channel stalls with its name", spec(), fresh.clone(), ChannelView::Missing, None, None, Step::Stall("channel \"main\" not found in this namespace".into())),
+            ("a missing channel stalls a running campaign too", spec(), running(), ChannelView::Missing, Some(active.clone()), Some(counters(5, 5, 0)), Step::Stall("channel \"main\" not found in this namespace".into())),
+            ("a spent day window rate-limits", spec(), running(), ChannelView::RateLimited(later), Some(active.clone()), None, Step::RateLimit(later)),
+            ("an expired rate limit resumes", spec(), running(), ChannelView::RateLimited(now()), Some(suspended.clone()), None, Step::ResumeJob),
             ("terminal phases do nothing", spec(), Memory { phase: Some(Phase::Completed), ..running() }, ready.clone(), None, None, Step::Nothing),
+            ("an edited spec replaces the job on resume", spec(), Memory { phase: Some(Phase::Paused), ..running() }, ready.clone(), Some(JobView { suspended: true, stale: true, ..Default::default() }), Some(counters(5, 5, 0)), Step::ReplaceJob),
+            ("an edited spec replaces a running job", spec(), running(), ready.clone(), Some(stale.clone()), Some(counters(5, 5, 0)), Step::ReplaceJob),
+            ("a job being deleted is waited for", spec(), running(), ready.clone(), Some(JobView { deleting: true, ..Default::default() }), Some(counters(5, 5, 0)), Step::AwaitJobDeletion),
+            ("a job owned by someone else stalls", spec(), running(), ready.clone(), Some(JobView { foreign: Some("not ours".into()), ..Default::default() }), None, Step::Stall("not ours".into())),
+            ("an automatic pause holds until resumed", spec(), Memory { automatic_pause: Some("too many failures".into()), ..running() }, ready.clone(), Some(suspended.clone()), Some(counters(5, 5, 0)), Step::HoldAutomaticPause("too many failures".into())),
+            ("a rejected message stops the campaign only", spec(), Memory { campaign_stop: Some("template paused".into()), ..running() }, ready.clone(), Some(active.clone()), Some(counters(5, 5, 0)), Step::MessageRejected("template paused".into())),
+            ("failing pods are reported", spec(), running(), ready.clone(), Some(JobView { pods_failing: Some("pod x: CreateContainerConfigError".into()), ..Default::default() }), Some(counters(5, 0, 0)), Step::PodsFailing("pod x: CreateContainerConfigError".into())),
+            ("a failed campaign stays failed", spec(), failed_phase.clone(), ready.clone(), Some(failed.clone()), Some(counters(5, 5, 0)), Step::Nothing),
+            ("a resumed failed campaign restarts", spec(), Memory { resume_requested: true, ..failed_phase.clone() }, ready.clone(), Some(failed.clone()), Some(counters(5, 5, 0)), Step::Restart),
+            ("a resumed failed campaign with nothing left stays failed", spec(), Memory { resume_requested: true, ..failed_phase }, ready.clone(), Some(failed), Some(counters(0, 10, 0)), Step::Nothing),
         ];
         for (name, spec, memory, channel, job, counters, expected) in cases {
             assert_eq!(next_step(&spec, &memory, &channel, job.as_ref(), counters.as_ref(), now()), expected, "{name}");

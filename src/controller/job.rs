@@ -15,8 +15,15 @@ use super::{Error, Result};
 use crate::api::{Campaign, Channel, Provider, SecretKeyRef};
 use crate::sender::{IGNORED_EXIT_CODES, MessageTemplate, ProviderTarget, SendConfig};
 
-/// Label on everything Disparo creates for a campaign.
-pub const CAMPAIGN_LABEL: &str = "disparo.io/campaign";
+/// Label on everything Disparo creates for a campaign, holding the Campaign's UID: a
+/// label value holds at most 63 characters and a Campaign name up to 253.
+pub const CAMPAIGN_LABEL: &str = "disparo.io/campaign-uid";
+/// Annotation with the Campaign's name, for people.
+pub const CAMPAIGN_NAME_ANNOTATION: &str = "disparo.io/campaign";
+/// Annotation with a digest of what the Job was built from (send configuration,
+/// credential reference, image, resources): when it differs from the spec's now, the Job
+/// is replaced, so an edit made while paused is what the senders use after resume.
+pub const SEND_CONFIG_ANNOTATION: &str = "disparo.io/send-config-digest";
 /// Name of the sender container (the pod failure policy refers to it).
 pub const SENDER_CONTAINER: &str = "sender";
 
@@ -37,11 +44,46 @@ pub struct SenderSettings {
     pub ttl_seconds_after_finished: i32,
 }
 
-/// The Job's name for a campaign: stable, so a restarted controller finds it.
-pub fn job_name(campaign: &str) -> String {
-    let mut name: String = campaign.chars().take(52).collect();
+/// The Job's name for a campaign: stable (a restarted controller finds it) and unique
+/// per Campaign object: a readable prefix of the name, then part of the UID, so two
+/// campaigns sharing a long prefix, or a campaign re-created under the same name, never
+/// share a Job. At most 63 characters, as the Job's pods carry it in a label.
+pub fn job_name(campaign: &str, uid: &str) -> String {
+    let mut name: String = campaign.chars().take(44).collect();
     name = name.trim_end_matches(['-', '.']).to_owned();
-    format!("{name}-send")
+    let id: String = uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>().to_ascii_lowercase();
+    format!("{name}-{id}-send")
+}
+
+/// Why a Job found under the campaign's Job name is not the campaign's own, if it is not.
+pub fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
+    let owned = job.metadata.owner_references.as_ref().is_some_and(|refs| refs.iter().any(|r| r.uid == campaign_uid && r.controller == Some(true)));
+    (!owned).then(|| {
+        format!("a Job named {:?} exists and is not owned by this campaign; delete or rename it", job.metadata.name.as_deref().unwrap_or_default())
+    })
+}
+
+/// The digest of what a Job is built from, as stored in [`SEND_CONFIG_ANNOTATION`].
+/// The channel's caps are left out: senders read them live from Postgres.
+pub fn send_config_digest(campaign: &Campaign, channel: &Channel, settings: &SenderSettings) -> Result<String> {
+    use sha2::Digest;
+    let mut config = send_config(campaign, channel, settings)?;
+    config.rate_limits = Default::default();
+    let material = serde_json::json!({
+        "config": config,
+        "credential": provider_credential(channel)?,
+        "image": settings.image,
+        "database": [settings.database_secret.as_str(), settings.database_secret_key.as_str()],
+        "resources": campaign.spec.execution.resources,
+    });
+    let bytes = serde_json::to_vec(&material).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
+    Ok(hex::encode(&sha2::Sha256::digest(&bytes)[..12]))
+}
+
+/// Whether the Job was built from another send configuration than `digest`. A Job
+/// without the annotation (made by an older controller) is left alone.
+pub fn is_stale(job: &Job, digest: &str) -> bool {
+    job.metadata.annotations.as_ref().and_then(|a| a.get(SEND_CONFIG_ANNOTATION)).is_some_and(|d| d != digest)
 }
 
 fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
@@ -108,11 +150,16 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: 
     let owner: OwnerReference = campaign.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let config = send_config(campaign, channel, settings)?;
     let config_json = serde_json::to_string(&config).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
+    let uid = campaign.meta().uid.clone().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "disparo".to_owned()),
         ("app.kubernetes.io/component".to_owned(), "sender".to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), "disparo".to_owned()),
-        (CAMPAIGN_LABEL.to_owned(), name.clone()),
+        (CAMPAIGN_LABEL.to_owned(), uid.clone()),
+    ]);
+    let annotations = BTreeMap::from([
+        (CAMPAIGN_NAME_ANNOTATION.to_owned(), name.clone()),
+        (SEND_CONFIG_ANNOTATION.to_owned(), send_config_digest(campaign, channel, settings)?),
     ]);
     let execution = &campaign.spec.execution;
     let container = Container {
@@ -139,9 +186,10 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: 
     let batches = batches.max(1);
     Ok(Job {
         metadata: ObjectMeta {
-            name: Some(job_name(&name)),
+            name: Some(job_name(&name, &uid)),
             namespace: Some(namespace),
             labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
             owner_references: Some(vec![owner]),
             ..Default::default()
         },
@@ -177,7 +225,7 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: 
             suspend: Some(suspend),
             ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), ..Default::default() }),
+                metadata: Some(ObjectMeta { labels: Some(labels), annotations: Some(annotations), ..Default::default() }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_owned()),
                     automount_service_account_token: Some(false),
@@ -238,12 +286,12 @@ mod tests {
     fn an_indexed_job_with_one_completion_per_batch() {
         let job = build_job(&campaign(), &channel(), 20, false, &settings()).unwrap();
         let spec = job.spec.unwrap();
-        assert_eq!(job.metadata.name.as_deref(), Some("spring-sale-send"));
+        assert_eq!(job.metadata.name.as_deref(), Some("spring-sale-6b1f7c1e-send"));
         assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
         assert_eq!((spec.completions, spec.parallelism, spec.backoff_limit_per_index), (Some(20), Some(8), Some(2)));
         assert_eq!(spec.pod_replacement_policy.as_deref(), Some("Failed"));
         let rules = spec.pod_failure_policy.unwrap().rules;
-        assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![75, 76, 77]);
+        assert_eq!(rules[0].on_exit_codes.as_ref().unwrap().values, vec![75, 76, 77, 78]);
         let pod = spec.template.spec.unwrap();
         assert_eq!(pod.automount_service_account_token, Some(false));
         assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
@@ -267,6 +315,41 @@ mod tests {
     fn parallelism_never_exceeds_the_batches() {
         let job = build_job(&campaign(), &channel(), 3, false, &settings()).unwrap();
         assert_eq!(job.spec.unwrap().parallelism, Some(3));
-        assert_eq!(job_name(&"x".repeat(80)).len(), 57);
+    }
+
+    #[test]
+    fn job_names_are_unique_per_campaign_and_fit_a_label() {
+        let long = "x".repeat(253);
+        let a = job_name(&long, "6b1f7c1e-9a4e-4c2b-8f55-0c8b5d8f2a11");
+        let b = job_name(&long, "0c8b5d8f-9a4e-4c2b-8f55-6b1f7c1e2a11");
+        assert_ne!(a, b, "two campaigns sharing a long prefix share no Job");
+        assert!(a.len() <= 63, "{a}");
+        let mut c = campaign();
+        c.metadata.name = Some(long);
+        let job = build_job(&c, &channel(), 2, false, &settings()).unwrap();
+        assert!(job.metadata.labels.unwrap().values().all(|v| v.len() <= 63), "label values fit");
+    }
+
+    #[test]
+    fn an_edit_of_the_message_or_channel_makes_the_job_stale() {
+        let job = build_job(&campaign(), &channel(), 2, false, &settings()).unwrap();
+        let same = send_config_digest(&campaign(), &channel(), &settings()).unwrap();
+        assert!(!is_stale(&job, &same));
+        let mut edited = campaign();
+        edited.spec.message.template.as_mut().unwrap().name = "promo_v2".into();
+        assert!(is_stale(&job, &send_config_digest(&edited, &channel(), &settings()).unwrap()));
+        let mut other = channel();
+        other.spec.meta.as_mut().unwrap().phone_number_id = "999".into();
+        assert!(is_stale(&job, &send_config_digest(&campaign(), &other, &settings()).unwrap()));
+        let mut capped = channel();
+        capped.spec.rate_limits.per_minute = Some(5);
+        assert!(!is_stale(&job, &send_config_digest(&campaign(), &capped, &settings()).unwrap()), "caps reach senders live, not by a new Job");
+    }
+
+    #[test]
+    fn a_job_owned_by_another_campaign_is_foreign() {
+        let job = build_job(&campaign(), &channel(), 2, false, &settings()).unwrap();
+        assert_eq!(foreign_job(&job, "6b1f7c1e-9a4e-4c2b-8f55-0c8b5d8f2a11"), None);
+        assert!(foreign_job(&job, "another-uid").is_some());
     }
 }

@@ -9,6 +9,7 @@ pub mod decide;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod schedule;
 pub mod status;
 

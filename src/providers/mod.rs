@@ -179,6 +179,11 @@ pub enum ErrorClass {
     /// paused template: every further message would fail the same way. Stop and ask a
     /// person instead of burning the audience.
     StopChannel,
+    /// This campaign's message cannot be sent on this channel (a template paused or
+    /// disabled by Meta, a template on a provider without templates): every message of
+    /// the campaign would fail the same way, other campaigns of the channel are fine.
+    /// Stop the campaign, never the channel.
+    StopCampaign,
 }
 
 impl ErrorClass {
@@ -190,6 +195,7 @@ impl ErrorClass {
             ErrorClass::RateLimitedRecipient => "rate_limited_recipient",
             ErrorClass::Permanent => "permanent",
             ErrorClass::StopChannel => "stop_channel",
+            ErrorClass::StopCampaign => "stop_campaign",
         }
     }
 }

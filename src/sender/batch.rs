@@ -20,7 +20,8 @@ use super::metrics::SenderMetrics;
 use super::render::{ContactView, render};
 use super::{Error, Result};
 use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
-use crate::store::{self, messages, rate};
+use crate::api::RateLimitMode;
+use crate::store::{self, messages, pauses, rate};
 
 /// The message as configured (before per-contact rendering).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -71,13 +72,12 @@ pub enum BatchEnd {
     RateLimited(DateTime<Utc>),
     /// The provider refused the channel's credentials, permissions or account.
     ChannelStopped(String),
+    /// The provider refused this campaign's message (a paused template, a message type
+    /// the provider cannot send): this campaign stops, the channel goes on.
+    CampaignStopped(String),
     /// Asked to stop (SIGTERM): unfinished messages stay for a later run.
     Interrupted,
 }
-
-/// How long a channel stopped by an error that needs a person stays paused, unless a
-/// person clears it earlier.
-const STOPPED_CHANNEL_PAUSE: chrono::Duration = chrono::Duration::days(3650);
 
 /// Tokens are not spent this close to the end of their window, so a request in flight
 /// cannot land in the next window.
@@ -112,7 +112,7 @@ pub async fn run_batch(
     shutdown: &CancellationToken,
 ) -> Result<BatchEnd> {
     let run_id = Uuid::new_v4().simple().to_string();
-    let interrupted = messages::recover_interrupted(pool, job.campaign, job.batch).await?;
+    let interrupted = retrying("recovering interrupted sends", shutdown, || messages::recover_interrupted(pool, job.campaign, job.batch)).await?;
     if interrupted > 0 {
         warn!(interrupted, "messages left mid-send by a previous run are now unknown (never re-sent)");
     }
@@ -190,6 +190,84 @@ impl UsageTally {
     }
 }
 
+/// How long a Hard channel's sender waits in place for a spent window; a longer wait
+/// ends the run (exit 75) so the controller suspends the Job instead of idling a pod.
+const WAIT_IN_PLACE: chrono::Duration = chrono::Duration::seconds(60);
+
+/// What a lane does after looking at the shared state.
+enum Look {
+    /// Send.
+    Go,
+    /// The state was waited out (or the look changed the caps): look again.
+    Again,
+    /// End the lane.
+    End(BatchEnd),
+}
+
+/// Looks at what other parts of the system decided: a channel pause (by a sender or a
+/// person), a stop of this campaign, a cancel, and the channel's current caps (an edited
+/// Channel reaches running senders here).
+async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown: &CancellationToken) -> Result<Look> {
+    let state = retrying("reading the send state", shutdown, || pauses::send_state(pool, &job.organization, &job.channel, job.campaign)).await?;
+    if let Some(new) = state.limits
+        && new != *limits
+    {
+        info!(?new, "the channel's caps changed; using them from now on");
+        *limits = new;
+    }
+    if state.cancelled {
+        // Nothing more is claimed for a cancelled campaign; what is pending was cancelled.
+        return Ok(Look::End(BatchEnd::Done));
+    }
+    if let Some((code, message)) = state.campaign_stop {
+        return Ok(Look::End(BatchEnd::CampaignStopped(format!("provider error {code}: {message}"))));
+    }
+    match state.channel_pause {
+        None => Ok(Look::Go),
+        Some(pauses::ChannelPause::ProviderRefused { code, message }) => {
+            Ok(Look::End(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))))
+        }
+        Some(pauses::ChannelPause::WindowSpent { until }) => {
+            if until - Utc::now() > WAIT_IN_PLACE {
+                return Ok(Look::End(BatchEnd::RateLimited(until)));
+            }
+            info!(%until, "a cap of the channel is spent; waiting");
+            Ok(if sleep_until(until, shutdown).await { Look::Again } else { Look::End(BatchEnd::Interrupted) })
+        }
+    }
+}
+
+/// Runs a store operation, retrying transient failures (connection lost, Postgres
+/// restarting, serialization failures, deadlocks) with backoff for a few minutes, so a
+/// database restart costs a pause instead of a failed pod. Every operation retried here
+/// is safe to repeat: a claim that committed without its answer leaves rows `sending`,
+/// which the next run of the batch turns `unknown` (never re-sent); recording outcomes
+/// only moves rows still `sending`.
+async fn retrying<T, F, Fut>(what: &str, _shutdown: &CancellationToken, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = store::Result<T>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let give_up = std::time::Instant::now() + STORE_RETRY_FOR;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_transient() && std::time::Instant::now() < give_up => {
+                warn!(%error, what, retry_in = ?delay, "Postgres failed; retrying");
+                // Shutdown does not cut this short: an outcome must be recorded before
+                // the process exits, or its message would be left `sending`.
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// How long transient store failures are retried before the sender gives up.
+const STORE_RETRY_FOR: Duration = Duration::from_secs(300);
+
 /// Sends block after block until the batch is done, the channel stops it, or shutdown.
 async fn send_blocks(
     pool: &PgPool,
@@ -200,136 +278,212 @@ async fn send_blocks(
     run_id: &str,
     usage: &mut UsageTally,
 ) -> Result<BatchEnd> {
-    let mut pause_checked: Option<std::time::Instant> = None;
+    let mut limits = job.limits;
+    let mut looked_at: Option<std::time::Instant> = None;
     loop {
         if shutdown.is_cancelled() {
             return Ok(BatchEnd::Interrupted);
         }
-        if pause_checked.is_none_or(|at| at.elapsed() >= PAUSE_CHECK_EVERY) {
-            pause_checked = Some(std::time::Instant::now());
-            if let Some((until, reason)) = rate::channel_pause(pool, &job.organization, &job.channel).await? {
-                // The controller suspends the Job; until then, wait instead of burning restarts.
-                info!(%until, %reason, "channel paused; waiting");
-                if !sleep_until(until.min(Utc::now() + chrono::Duration::seconds(30)), shutdown).await {
-                    return Ok(BatchEnd::Interrupted);
+        if looked_at.is_none_or(|at| at.elapsed() >= PAUSE_CHECK_EVERY) {
+            looked_at = Some(std::time::Instant::now());
+            match look(pool, job, &mut limits, shutdown).await? {
+                Look::Go => {}
+                Look::Again => {
+                    looked_at = None;
+                    continue;
                 }
-                pause_checked = None;
-                continue;
+                Look::End(end) => return Ok(end),
             }
         }
-        let (reservation, claimed) = if job.limits.is_unlimited() {
-            let claimed = messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size)).await?;
-            usage.add(pool, job, claimed.len()).await?;
-            (rate::reserve(pool, &job.organization, &job.channel, &job.limits, claimed.len() as u32).await?, claimed)
-        } else {
-            let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
-            if remaining.pending == 0 {
-                return Ok(BatchEnd::Done);
-            }
-            if let Some(due) = remaining.next_due.filter(|due| *due > Utc::now()) {
-                if !sleep_until(due, shutdown).await {
-                    return Ok(BatchEnd::Interrupted);
-                }
-                continue;
-            }
-            // Reserving no more than is pending leaves the rest of a window to the
-            // channel's other senders, even for the moment before unused tokens go back.
-            let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
-            let reservation = rate::reserve(pool, &job.organization, &job.channel, &job.limits, want).await?;
-            if reservation.granted() == 0 {
-                let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
-                if reservation.day_spent {
-                    rate::pause_channel(pool, &job.organization, &job.channel, until, "the channel's day window is spent").await?;
-                    return Ok(BatchEnd::RateLimited(until));
-                }
-                metrics.rate_limit_waits.inc();
-                if !sleep_until(until, shutdown).await {
-                    return Ok(BatchEnd::Interrupted);
-                }
-                continue;
-            }
-            let claimed = messages::claim_due(pool, job.campaign, job.batch, reservation.granted() as i64).await?;
-            (reservation, claimed)
+        let (reservation, claimed) = match take_block(pool, job, &limits, metrics, shutdown, usage).await? {
+            Taken::Block(reservation, claimed) => (reservation, claimed),
+            Taken::Again => continue,
+            Taken::End(end) => return Ok(end),
         };
-        if claimed.len() < reservation.granted() {
-            let unused = (reservation.granted() - claimed.len()) as u32;
-            rate::release(pool, &job.organization, &job.channel, &reservation, unused).await?;
-        }
-        if claimed.is_empty() {
-            let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
-            if remaining.pending == 0 {
-                return Ok(BatchEnd::Done);
-            }
-            match remaining.next_due.filter(|due| *due > Utc::now()) {
-                Some(due) => {
-                    if !sleep_until(due, shutdown).await {
-                        return Ok(BatchEnd::Interrupted);
-                    }
-                }
-                // Another lane holds the due messages for a moment.
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-            continue;
-        }
-        let slots = reservation.slots.clone();
-        let expires_at = reservation.expires_at;
-        let results: Vec<(i64, messages::Outcome, Effect)> = futures::stream::iter(claimed.into_iter().zip(slots))
-            .map(|(message, slot)| {
-                let client = client.clone();
-                async move {
-                    let now = Utc::now();
-                    if slot > now {
-                        tokio::time::sleep((slot - now).to_std().unwrap_or(Duration::ZERO)).await;
-                    }
-                    // A token from a window that has ended is void: spending it would put
-                    // this send into the next window, over its cap.
-                    if expires_at.is_some_and(|end| Utc::now() + TOKEN_MARGIN >= end) {
-                        return (message.id, messages::Outcome::Requeue { at: Utc::now() }, Effect::Continue);
-                    }
-                    let contact = ContactView { name: message.name.as_deref(), phone: &message.phone, attributes: &message.attributes };
-                    let content = match render_content(&job.message, &contact) {
-                        Ok(content) => content,
-                        Err(error) => {
-                            return (message.id, messages::Outcome::Failed { code: "render".into(), message: error.to_string() }, Effect::Continue);
-                        }
-                    };
-                    let outbound = OutboundMessage { to: message.phone.clone(), content, callback_data: format!("disparo:{}", message.id) };
-                    let started = std::time::Instant::now();
-                    let answer = client.send(&outbound).await;
-                    metrics.provider_latency.observe(started.elapsed().as_secs_f64());
-                    let (outcome, effect) = decide(&answer, message.attempts.max(1) as u32, &job.backoff, Utc::now(), rand::random::<f64>());
-                    let code = match &answer {
-                        SendOutcome::Rejected(e) => e.code.as_str(),
-                        _ => "",
-                    };
-                    metrics.count(outcome_label(&outcome), code);
-                    (message.id, outcome, effect)
-                }
-            })
-            .buffer_unordered(job.block_size.max(1) as usize)
-            .collect()
-            .await;
+        let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
         let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
-        messages::record_outcomes(pool, &outcomes, run_id).await?;
-        let mut slow_down = Duration::ZERO;
-        for (_, _, effect) in &results {
-            match effect {
-                Effect::Continue => {}
-                Effect::SlowDown(d) => slow_down = slow_down.max(*d),
-                Effect::StopChannel { code, message } => {
-                    let reason = format!("provider error {code}: {message}");
-                    rate::pause_channel(pool, &job.organization, &job.channel, Utc::now() + STOPPED_CHANNEL_PAUSE, &reason).await?;
-                    return Ok(BatchEnd::ChannelStopped(reason));
-                }
-            }
+        retrying("recording outcomes", shutdown, || messages::record_outcomes(pool, &outcomes, run_id)).await?;
+        if let Some(end) = apply_effects(pool, job, metrics, shutdown, &results).await? {
+            return Ok(end);
         }
-        if !slow_down.is_zero() {
-            metrics.rate_limit_waits.inc();
-            if !sleep_until(Utc::now() + chrono::Duration::from_std(slow_down).unwrap_or_default(), shutdown).await {
-                return Ok(BatchEnd::Interrupted);
+    }
+}
+
+/// What taking a block gave.
+enum Taken {
+    /// Tokens and the messages claimed with them (never empty).
+    Block(rate::Reservation, Vec<messages::ClaimedMessage>),
+    /// Nothing due yet, or the caps made the lane wait: go round again.
+    Again,
+    /// The lane ends.
+    End(BatchEnd),
+}
+
+/// Reserves tokens and claims that many due messages (an uncapped channel claims first
+/// and only counts). Waits for the next due message or token when there is none.
+async fn take_block(
+    pool: &PgPool,
+    job: &BatchJob,
+    limits: &rate::Limits,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    usage: &mut UsageTally,
+) -> Result<Taken> {
+    let (reservation, claimed) = if limits.is_unlimited() {
+        let claimed = retrying("claiming messages", shutdown, || messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))).await?;
+        usage.add(pool, job, claimed.len()).await?;
+        (rate::reserve(pool, &job.organization, &job.channel, limits, claimed.len() as u32).await?, claimed)
+    } else {
+        let remaining = retrying("counting what remains", shutdown, || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+        if remaining.pending == 0 {
+            return Ok(Taken::End(BatchEnd::Done));
+        }
+        if let Some(due) = remaining.next_due.filter(|due| *due > Utc::now()) {
+            return Ok(if sleep_until(due, shutdown).await { Taken::Again } else { Taken::End(BatchEnd::Interrupted) });
+        }
+        // Reserving no more than is pending leaves the rest of a window to the
+        // channel's other senders, even for the moment before unused tokens go back.
+        let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
+        let reservation = retrying("reserving tokens", shutdown, || rate::reserve(pool, &job.organization, &job.channel, limits, want)).await?;
+        if reservation.granted() == 0 {
+            let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
+            return blocked(pool, job, limits, metrics, shutdown, until).await;
+        }
+        let granted = reservation.granted() as i64;
+        let claimed = retrying("claiming messages", shutdown, || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
+        (reservation, claimed)
+    };
+    if claimed.len() < reservation.granted() {
+        let unused = (reservation.granted() - claimed.len()) as u32;
+        retrying("giving back tokens", shutdown, || rate::release(pool, &job.organization, &job.channel, &reservation, unused)).await?;
+    }
+    if !claimed.is_empty() {
+        return Ok(Taken::Block(reservation, claimed));
+    }
+    let remaining = retrying("counting what remains", shutdown, || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+    if remaining.pending == 0 {
+        return Ok(Taken::End(BatchEnd::Done));
+    }
+    match remaining.next_due.filter(|due| *due > Utc::now()) {
+        Some(due) if !sleep_until(due, shutdown).await => return Ok(Taken::End(BatchEnd::Interrupted)),
+        Some(_) => {}
+        // Another lane holds the due messages for a moment.
+        None => tokio::time::sleep(Duration::from_millis(20)).await,
+    }
+    Ok(Taken::Again)
+}
+
+/// A cap is spent until `until`. Hard: the channel pauses (its campaigns show
+/// `RateLimited`), and a long wait ends the run so the controller suspends the Job.
+/// Graceful: the sender waits for the next token.
+async fn blocked(
+    pool: &PgPool,
+    job: &BatchJob,
+    limits: &rate::Limits,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    until: DateTime<Utc>,
+) -> Result<Taken> {
+    metrics.rate_limit_waits.inc();
+    if limits.mode == RateLimitMode::Hard {
+        retrying("pausing the channel", shutdown, || pauses::pause_for_window(pool, &job.organization, &job.channel, until)).await?;
+        if until - Utc::now() > WAIT_IN_PLACE {
+            return Ok(Taken::End(BatchEnd::RateLimited(until)));
+        }
+    }
+    Ok(if sleep_until(until, shutdown).await { Taken::Again } else { Taken::End(BatchEnd::Interrupted) })
+}
+
+/// Sends one block concurrently, each message at its reserved slot. A message still
+/// waiting for its slot when the lane is told to stop is requeued, never left to be
+/// killed mid-wait (which would make it `unknown`).
+async fn send_block(
+    job: &BatchJob,
+    client: &Arc<dyn ProviderClient>,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    claimed: Vec<messages::ClaimedMessage>,
+    reservation: &rate::Reservation,
+) -> Vec<(i64, messages::Outcome, Effect)> {
+    let expires_at = reservation.expires_at;
+    futures::stream::iter(claimed.into_iter().zip(reservation.slots.clone()))
+        .map(|(message, slot)| {
+            let client = client.clone();
+            async move {
+                let wait = (slot - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                let waited = tokio::select! {
+                    _ = shutdown.cancelled() => false,
+                    _ = tokio::time::sleep(wait) => true,
+                };
+                // A token from a window that has ended is void: spending it would put
+                // this send into the next window, over its cap.
+                if !waited || expires_at.is_some_and(|end| Utc::now() + TOKEN_MARGIN >= end) {
+                    return (message.id, messages::Outcome::Requeue { at: Utc::now() }, Effect::Continue);
+                }
+                send_one(job, client.as_ref(), metrics, message).await
+            }
+        })
+        .buffer_unordered(job.block_size.max(1) as usize)
+        .collect()
+        .await
+}
+
+/// Renders and sends one message, and decides what its answer means.
+async fn send_one(
+    job: &BatchJob,
+    client: &dyn ProviderClient,
+    metrics: &SenderMetrics,
+    message: messages::ClaimedMessage,
+) -> (i64, messages::Outcome, Effect) {
+    let contact = ContactView { name: message.name.as_deref(), phone: &message.phone, attributes: &message.attributes };
+    let content = match render_content(&job.message, &contact) {
+        Ok(content) => content,
+        Err(error) => return (message.id, messages::Outcome::Failed { code: "render".into(), message: error.to_string() }, Effect::Continue),
+    };
+    let outbound = OutboundMessage { to: message.phone.clone(), content, callback_data: format!("disparo:{}", message.id) };
+    let started = std::time::Instant::now();
+    let answer = client.send(&outbound).await;
+    metrics.provider_latency.observe(started.elapsed().as_secs_f64());
+    let (outcome, effect) = decide(&answer, message.attempts.max(1) as u32, &job.backoff, Utc::now(), rand::random::<f64>());
+    let code = match &answer {
+        SendOutcome::Rejected(e) => e.code.as_str(),
+        _ => "",
+    };
+    metrics.count(outcome_label(&outcome), code);
+    (message.id, outcome, effect)
+}
+
+/// Carries out what the block's answers mean for the rest of the batch: stop the
+/// channel, stop this campaign, or slow down. Returns how the lane ends, if it does.
+async fn apply_effects(
+    pool: &PgPool,
+    job: &BatchJob,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    results: &[(i64, messages::Outcome, Effect)],
+) -> Result<Option<BatchEnd>> {
+    let mut slow_down = Duration::ZERO;
+    for (_, _, effect) in results {
+        match effect {
+            Effect::Continue => {}
+            Effect::SlowDown(d) => slow_down = slow_down.max(*d),
+            Effect::StopChannel { code, message } => {
+                retrying("stopping the channel", shutdown, || pauses::stop_channel(pool, &job.organization, &job.channel, code, message)).await?;
+                return Ok(Some(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))));
+            }
+            Effect::StopCampaign { code, message } => {
+                retrying("stopping the campaign", shutdown, || pauses::stop_campaign(pool, job.campaign, code, message)).await?;
+                return Ok(Some(BatchEnd::CampaignStopped(format!("provider error {code}: {message}"))));
             }
         }
     }
+    if !slow_down.is_zero() {
+        metrics.rate_limit_waits.inc();
+        if !sleep_until(Utc::now() + chrono::Duration::from_std(slow_down).unwrap_or_default(), shutdown).await {
+            return Ok(Some(BatchEnd::Interrupted));
+        }
+    }
+    Ok(None)
 }
 
 fn outcome_label(outcome: &messages::Outcome) -> &'static str {

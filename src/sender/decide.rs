@@ -22,6 +22,13 @@ pub enum Effect {
         /// What the provider said.
         message: String,
     },
+    /// The campaign's message cannot be sent on this channel: stop this campaign only.
+    StopCampaign {
+        /// Provider code.
+        code: String,
+        /// What the provider said.
+        message: String,
+    },
 }
 
 /// How long a channel-level rate limit holds the message back when the provider gives
@@ -65,6 +72,10 @@ pub fn decide(answer: &SendOutcome, attempt: u32, backoff: &Backoff, now: DateTi
             ErrorClass::StopChannel => (
                 Outcome::Requeue { at: now },
                 Effect::StopChannel { code: error.code.clone(), message: error.message.clone() },
+            ),
+            ErrorClass::StopCampaign => (
+                Outcome::Requeue { at: now },
+                Effect::StopCampaign { code: error.code.clone(), message: error.message.clone() },
             ),
         },
     }

@@ -49,6 +49,10 @@ pub const EXIT_RATE_LIMITED: i32 = 75;
 pub const EXIT_CHANNEL_STOPPED: i32 = 76;
 /// Exit code: stopped by SIGTERM with messages left; a later run resumes them.
 pub const EXIT_INTERRUPTED: i32 = 77;
+/// Exit code: the provider refused this campaign's message (a paused template, a
+/// message type it cannot send); the controller stalls the campaign until a person
+/// edits or resumes it. The pod failure policy ignores it.
+pub const EXIT_CAMPAIGN_STOPPED: i32 = 78;
 
 /// Blocks a sender keeps in flight (see `batch::run_batch`).
 pub const SENDER_LANES: u32 = 4;
@@ -73,7 +77,7 @@ pub fn lanes_for(limits: &crate::store::rate::Limits) -> u32 {
 }
 
 /// Exit codes the Job's pod failure policy must not count as failures.
-pub const IGNORED_EXIT_CODES: [i32; 3] = [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED];
+pub const IGNORED_EXIT_CODES: [i32; 4] = [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED, EXIT_CAMPAIGN_STOPPED];
 
 /// Where the provider lives (no secrets here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,6 +225,10 @@ pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<
             BatchEnd::ChannelStopped(reason) => {
                 error!(%reason, "the provider refused the channel; a person must act");
                 EXIT_CHANNEL_STOPPED
+            }
+            BatchEnd::CampaignStopped(reason) => {
+                error!(%reason, "the provider refused this campaign's message; a person must act");
+                EXIT_CAMPAIGN_STOPPED
             }
             BatchEnd::Interrupted => {
                 info!("interrupted; unfinished messages stay pending for a later run");

@@ -7,6 +7,7 @@ pub mod audience;
 pub mod campaigns;
 pub mod contacts;
 pub mod messages;
+pub mod pauses;
 pub mod rate;
 pub mod receipts;
 

@@ -396,46 +396,6 @@ pub async fn usage(pool: &PgPool, organization: &str, channel: &str) -> Result<V
         .collect())
 }
 
-/// Records that the channel must not send until `until` (a spent day window, or an error
-/// that needs a person), with a reason for status and Events.
-pub async fn pause_channel(pool: &PgPool, organization: &str, channel: &str, until: DateTime<Utc>, reason: &str) -> Result<()> {
-    sqlx::query(
-        r#"INSERT INTO channel_state (organization, channel, paused_until, pause_reason) VALUES ($1, $2, $3, $4)
-           ON CONFLICT (organization, channel) DO UPDATE SET
-               paused_until = greatest(channel_state.paused_until, EXCLUDED.paused_until),
-               pause_reason = EXCLUDED.pause_reason, updated_at = now()"#,
-    )
-    .bind(organization)
-    .bind(channel)
-    .bind(until)
-    .bind(reason)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// The channel's pause, if one is in force now.
-pub async fn channel_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<Option<(DateTime<Utc>, String)>> {
-    let row: Option<(DateTime<Utc>, Option<String>)> = sqlx::query_as(
-        "SELECT paused_until, pause_reason FROM channel_state WHERE organization = $1 AND channel = $2 AND paused_until > clock_timestamp()",
-    )
-    .bind(organization)
-    .bind(channel)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(until, reason)| (until, reason.unwrap_or_default())))
-}
-
-/// Lifts a pause (a person fixed the credentials).
-pub async fn clear_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<()> {
-    sqlx::query("UPDATE channel_state SET paused_until = NULL, pause_reason = NULL, updated_at = now() WHERE organization = $1 AND channel = $2")
-        .bind(organization)
-        .bind(channel)
-        .execute(pool)
-        .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
