@@ -455,12 +455,33 @@ pub struct CampaignStatus {
     /// failure threshold judges only what happened after a person resumed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_baseline: Option<FailureBaseline>,
+    /// A pause the operator decided (the failure threshold), kept in status so that a
+    /// Git-managed spec is never rewritten. Lifted by `kubectl disparo resume` (the
+    /// `disparo.io/resume-requested-at` annotation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub automatic_pause: Option<AutomaticPause>,
+    /// The value of the `disparo.io/resume-requested-at` annotation last acted on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_resume_request: Option<String>,
     /// When sending started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
     /// When the campaign reached a final phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<Time>,
+}
+
+/// A pause the operator decided, until a person resumes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutomaticPause {
+    /// Machine-readable cause, e.g. `FailureThresholdExceeded`.
+    pub reason: String,
+    /// What happened and what to do.
+    pub message: String,
+    /// When it paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
 }
 
 /// Message counts. `sent` counts every message that reached at least `sent`, so

@@ -222,9 +222,13 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 async fn set_spec(target: &Target, patch: serde_json::Value, done: &str) -> anyhow::Result<()> {
+    patch_campaign(target, json!({ "spec": patch }), done).await
+}
+
+async fn patch_campaign(target: &Target, patch: serde_json::Value, done: &str) -> anyhow::Result<()> {
     let api = api(target.namespace.as_deref()).await?;
     get(&api, &target.name).await?;
-    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(json!({ "spec": patch })))
+    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(patch))
         .await
         .map_err(|e| match e {
             kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
@@ -239,10 +243,17 @@ pub async fn pause(target: Target) -> anyhow::Result<()> {
     set_spec(&target, json!({"suspend": true}), "paused (the sending Job is suspended; `kubectl disparo resume` continues it)").await
 }
 
-/// `resume`: also lifts a channel pause caused by a provider refusal, since a person
-/// resuming has fixed the cause.
+/// `resume`: clears `spec.suspend` and sets the resume annotation, which lifts what the
+/// operator paused by itself (the failure threshold), a stop of the campaign's message
+/// or of its channel by the provider, and restarts a Failed campaign's remaining
+/// messages: a person resuming has fixed the cause.
 pub async fn resume(target: Target) -> anyhow::Result<()> {
-    set_spec(&target, json!({"suspend": false}), "resumed").await
+    let requested = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let patch = json!({
+        "metadata": {"annotations": {crate::api::RESUME_ANNOTATION: requested}},
+        "spec": {"suspend": false},
+    });
+    patch_campaign(&target, patch, "resumed (automatic pauses and provider stops are lifted; a failed campaign sends what is left)").await
 }
 
 /// `cancel`.
