@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{ErrorClass, ProviderError};
+use super::{ErrorClass, ProviderError, SendOutcome};
 
 /// One row of Meta's error-code table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +35,7 @@ const fn wait(code: i64, title: &'static str, http_status: u16, class: ErrorClas
     MetaCode { code, title, http_status, class, retry_after: Some(Duration::from_secs(secs)) }
 }
 
-use ErrorClass::{Permanent, RateLimitedChannel, RateLimitedRecipient, Retryable, StopChannel};
+use ErrorClass::{Permanent, RateLimitedChannel, RateLimitedRecipient, Retryable, StopCampaign, StopChannel};
 
 /// Meta's codes (providers.md A2), except the 200–299 permission range, which
 /// [`meta_code`] answers for.
@@ -86,9 +86,10 @@ pub const META_CODES: &[MetaCode] = &[
     row(132005, "Template Hydrated Text Too Long", 400, Permanent),
     row(132007, "Template Format Character Policy Violated", 400, Permanent),
     row(132012, "Template Parameter Format Mismatch", 400, Permanent),
-    // A paused template stops the campaign until a person improves or re-approves it.
-    row(132015, "Template is Paused", 400, StopChannel),
-    row(132016, "Template is Disabled", 400, Permanent),
+    // A paused or disabled template fails every message of its campaign alike, and
+    // only that campaign: stop it (never the channel) until a person acts.
+    row(132015, "Template is Paused", 400, StopCampaign),
+    row(132016, "Template is Disabled", 400, StopCampaign),
     row(132068, "Flow is blocked", 400, Permanent),
     wait(132069, "Flow is throttled", 400, RateLimitedChannel, 60),
     row(133004, "Server Temporarily Unavailable", 503, Retryable),
@@ -136,16 +137,56 @@ pub fn pair_rate_backoff(consecutive: u32) -> Duration {
     Duration::from_secs(4u64.pow(consecutive.min(5)))
 }
 
-/// The class of an HTTP answer that carried no readable provider error (a proxy page,
-/// an empty body). Every message would meet the same 401/403/404, so those stop the
-/// channel rather than fail the audience one by one.
-pub fn classify_http_status(http_status: u16) -> ErrorClass {
+/// What an error answer to a send says about the message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The provider refused the message and said why: it was not accepted.
+    Refused(ProviderError),
+    /// Nothing in the answer shows that the message was refused: a gateway's 5xx page in
+    /// front of the provider, or the provider's own "timed out". The provider may have
+    /// accepted it, and neither provider has an idempotency key, so the send ends
+    /// `Unknown` and is never repeated.
+    Inconclusive(String),
+}
+
+impl From<Answer> for SendOutcome {
+    fn from(answer: Answer) -> Self {
+        match answer {
+            Answer::Refused(error) => SendOutcome::Rejected(error),
+            Answer::Inconclusive(reason) => SendOutcome::Unknown { reason },
+        }
+    }
+}
+
+/// The class of an HTTP error answer that did not carry the provider's own error body
+/// (a proxy's page, an empty body), or `None` when such an answer does not show that
+/// the message was refused.
+///
+/// Only the provider's own body proves anything about the channel, so no bare status
+/// stops it: a 401/403/404 from a proxy, an ingress or a wrong base path means the
+/// request never reached the provider's send logic, which is worth a bounded retry
+/// (a person reading the `http_4xx` errors fixes the path). A 5xx from something in
+/// front of the provider (502, 504) may come after the provider accepted the message:
+/// `None`, so the send ends `Unknown`.
+pub fn classify_http_status(http_status: u16) -> Option<ErrorClass> {
     match http_status {
-        401 | 403 | 404 => StopChannel,
-        408 => Retryable,
-        429 => RateLimitedChannel,
-        s if s >= 500 => Retryable,
-        _ => Permanent,
+        401 | 403 | 404 | 407 | 408 => Some(Retryable),
+        // A 429 refuses the request by definition (RFC 6585), whoever answers it.
+        429 => Some(RateLimitedChannel),
+        s if s >= 500 => None,
+        _ => Some(Permanent),
+    }
+}
+
+/// Reads an HTTP error answer without the provider's own error body, by its status
+/// (see [`classify_http_status`]); the code is `http_<status>`.
+pub fn classify_bare_answer(http_status: u16, body: &[u8]) -> Answer {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let said = if text.is_empty() { format!("HTTP {http_status}") } else { format!("HTTP {http_status}: {text}") };
+    match classify_http_status(http_status) {
+        Some(class) => Answer::Refused(ProviderError { class, code: format!("http_{http_status}"), message: truncate(said), retry_after: None }),
+        None => Answer::Inconclusive(truncate(format!("{said} (not the provider's error body: the message may have been accepted)"))),
     }
 }
 
@@ -155,25 +196,39 @@ const EVOLUTION_RECONNECT_WAIT: Duration = Duration::from_secs(30);
 /// Classifies an Evolution API error answer (providers.md B1 and C). Evolution has no
 /// error codes, so the `code` is an `evolution_*` name chosen here, or `http_<status>`.
 ///
+/// Only Evolution's own error envelope (`{"status", "error", "response": {"message"}}`)
+/// is read as Evolution speaking; any other body is a bare answer
+/// ([`classify_bare_answer`]), so a proxy's 401 or 502 neither stops the channel nor
+/// triggers a re-send.
+///
 /// "Connection Closed" (400 or 500, either body form) means the instance's WhatsApp
 /// session dropped: no message can go out until it reconnects, and the message itself
 /// is fine, so it is `RateLimitedChannel` (pause the channel, keep the message pending,
 /// spend no attempt) with a 30 s hint; the controller can confirm with
 /// `EvolutionClient::connection_state`. Baileys' `rate-overlimit` is treated the same.
-pub fn classify_evolution(http_status: u16, body: &[u8]) -> ProviderError {
+/// "Error: Timed Out" is Baileys giving up waiting for WhatsApp's acknowledgement of a
+/// message it already relayed: inconclusive, never retried.
+pub fn classify_evolution(http_status: u16, body: &[u8]) -> Answer {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let message = parsed.as_ref().and_then(|v| v.pointer("/response/message"));
-    let texts = message.map(collect_texts).unwrap_or_default();
+    let Some(message) = parsed.as_ref().and_then(|v| v.pointer("/response/message")) else {
+        return classify_bare_answer(http_status, body);
+    };
+    let texts = collect_texts(message);
     let text = texts.join("; ");
     let contains = |needle: &str| texts.iter().any(|t| t.to_ascii_lowercase().contains(&needle.to_ascii_lowercase()));
-    let error = |class: ErrorClass, code: &str, message: String| ProviderError {
-        class,
-        code: code.to_owned(),
-        message: truncate(if message.is_empty() { format!("HTTP {http_status}") } else { message }),
-        retry_after: None,
+    let error = |class: ErrorClass, code: &str, message: String| {
+        Answer::Refused(ProviderError {
+            class,
+            code: code.to_owned(),
+            message: truncate(if message.is_empty() { format!("HTTP {http_status}") } else { message }),
+            retry_after: None,
+        })
+    };
+    let waiting = |class: ErrorClass, code: &str, wait: Duration| {
+        Answer::Refused(ProviderError { class, code: code.to_owned(), message: truncate(text.clone()), retry_after: Some(wait) })
     };
 
-    if message.is_some_and(says_not_on_whatsapp) {
+    if says_not_on_whatsapp(message) {
         // The body repeats the number: keep it out of the stored message.
         return error(Permanent, "evolution_not_on_whatsapp", "number is not on WhatsApp".to_owned());
     }
@@ -183,21 +238,29 @@ pub fn classify_evolution(http_status: u16, body: &[u8]) -> ProviderError {
         _ => {}
     }
     if contains("Connection Closed") {
-        return ProviderError { retry_after: Some(EVOLUTION_RECONNECT_WAIT), ..error(RateLimitedChannel, "evolution_connection_closed", text) };
+        return waiting(RateLimitedChannel, "evolution_connection_closed", EVOLUTION_RECONNECT_WAIT);
     }
     if contains("rate-overlimit") {
-        return ProviderError { retry_after: Some(Duration::from_secs(60)), ..error(RateLimitedChannel, "evolution_rate_overlimit", text) };
+        return waiting(RateLimitedChannel, "evolution_rate_overlimit", Duration::from_secs(60));
+    }
+    if contains("Timed Out") {
+        return Answer::Inconclusive(truncate(format!("Evolution answered HTTP {http_status} \"{text}\": the message may have been relayed")));
     }
     match http_status {
         404 if contains("does not exist") => error(StopChannel, "evolution_instance_not_found", text),
         404 if contains("not found") && contains("group") => error(Permanent, "evolution_group_not_found", text),
-        400 if contains("Text is required") || contains("requires property") || message.is_some_and(is_schema_error) => {
+        // Evolution's own 404 otherwise names a route or instance of the channel's settings.
+        404 => error(StopChannel, "evolution_not_found", text),
+        400 if contains("Text is required") || contains("requires property") || is_schema_error(message) => {
             error(Permanent, "evolution_invalid_request", text)
         }
         // Any Baileys error while relaying is wrapped as "Error: ...": often transient.
         400 if texts.iter().any(|t| t.starts_with("Error:")) => error(Retryable, "evolution_send_error", text),
-        400 if parsed.is_some() => error(Permanent, "evolution_bad_request", text),
-        status => error(classify_http_status(status), &format!("http_{status}"), text),
+        400 => error(Permanent, "evolution_bad_request", text),
+        // Evolution's own error handler caught a failure: it answered, so it is up;
+        // relay failures come wrapped as 400s, so this one happened outside the relay.
+        status if status >= 500 => error(Retryable, &format!("http_{status}"), text),
+        status => error(classify_http_status(status).unwrap_or(Permanent), &format!("http_{status}"), text),
     }
 }
 
@@ -282,8 +345,8 @@ mod tests {
         (132005, Permanent),
         (132007, Permanent),
         (132012, Permanent),
-        (132015, StopChannel),
-        (132016, Permanent),
+        (132015, StopCampaign),
+        (132016, StopCampaign),
         (132068, Permanent),
         (132069, RateLimitedChannel),
         (133004, Retryable),
@@ -341,17 +404,47 @@ mod tests {
     }
 
     #[test]
-    fn bodyless_answers_classify_by_status() {
-        assert_eq!(classify_http_status(401), StopChannel);
-        assert_eq!(classify_http_status(404), StopChannel);
-        assert_eq!(classify_http_status(408), Retryable);
-        assert_eq!(classify_http_status(422), Permanent);
-        assert_eq!(classify_http_status(429), RateLimitedChannel);
-        assert_eq!(classify_http_status(502), Retryable);
+    fn bodyless_answers_never_stop_the_channel_and_5xx_may_hide_an_acceptance() {
+        assert_eq!(classify_http_status(401), Some(Retryable));
+        assert_eq!(classify_http_status(403), Some(Retryable));
+        assert_eq!(classify_http_status(404), Some(Retryable));
+        assert_eq!(classify_http_status(408), Some(Retryable));
+        assert_eq!(classify_http_status(422), Some(Permanent));
+        assert_eq!(classify_http_status(429), Some(RateLimitedChannel));
+        for status in [500, 502, 503, 504] {
+            assert_eq!(classify_http_status(status), None, "HTTP {status}");
+        }
+        for status in 100..600 {
+            assert_ne!(classify_http_status(status), Some(StopChannel), "HTTP {status}");
+        }
+        let Answer::Refused(error) = classify_bare_answer(401, b"<html>401 Authorization Required</html>") else { panic!("refused") };
+        assert_eq!((error.class, error.code.as_str()), (Retryable, "http_401"));
+        assert!(matches!(classify_bare_answer(504, b"<html>504 Gateway Time-out</html>"), Answer::Inconclusive(ref r) if r.contains("504")));
+        assert!(matches!(classify_bare_answer(502, b""), Answer::Inconclusive(_)));
     }
 
     fn evolution(status: u16, body: &str) -> ProviderError {
-        classify_evolution(status, body.as_bytes())
+        match classify_evolution(status, body.as_bytes()) {
+            Answer::Refused(error) => error,
+            Answer::Inconclusive(reason) => panic!("HTTP {status} {body}: inconclusive ({reason})"),
+        }
+    }
+
+    #[test]
+    fn evolution_answers_that_may_hide_an_acceptance_are_inconclusive() {
+        let cases: &[(u16, &str)] = &[
+            // Baileys gave up waiting for WhatsApp's ack of a message it had relayed.
+            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: Timed Out"]}}"#),
+            (500, r#"{"status":500,"error":"Internal Server Error","response":{"message":"Timed Out"}}"#),
+            // Something in front of Evolution.
+            (502, "<html>Bad Gateway</html>"),
+            (504, "<html><body><h1>504 Gateway Time-out</h1></body></html>"),
+            (500, ""),
+            (503, r#"{"message":"upstream unavailable"}"#),
+        ];
+        for (status, body) in cases {
+            assert!(matches!(classify_evolution(*status, body.as_bytes()), Answer::Inconclusive(_)), "HTTP {status} {body}");
+        }
     }
 
     #[test]
@@ -388,7 +481,7 @@ mod tests {
                 RateLimitedChannel,
                 "evolution_connection_closed",
             ),
-            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: Timed Out"]}}"#, Retryable, "evolution_send_error"),
+            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: Stream Errored (conflict)"]}}"#, Retryable, "evolution_send_error"),
             (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: rate-overlimit"]}}"#, RateLimitedChannel, "evolution_rate_overlimit"),
             (
                 404,
@@ -400,8 +493,10 @@ mod tests {
             (401, r#"{"status":401,"error":"Unauthorized","response":{"message":"Unauthorized"}}"#, StopChannel, "evolution_unauthorized"),
             (403, r#"{"status":403,"error":"Forbidden","response":{"message":"Forbidden"}}"#, StopChannel, "evolution_forbidden"),
             (500, r#"{"status":500,"error":"Internal Server Error","response":{"message":"boom"}}"#, Retryable, "http_500"),
-            (502, "<html>Bad Gateway</html>", Retryable, "http_502"),
-            (404, "", StopChannel, "http_404"),
+            // A proxy's or ingress' answer is not Evolution's: it proves nothing about the channel.
+            (404, "", Retryable, "http_404"),
+            (401, "<html>401 Authorization Required</html>", Retryable, "http_401"),
+            (403, r#"{"message":"Forbidden"}"#, Retryable, "http_403"),
             (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Owned media must be a url"]}}"#, Permanent, "evolution_bad_request"),
         ];
         for (status, body, class, code) in cases {

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 
-use super::classify::classify_evolution;
+use super::classify::{Answer, classify_evolution};
 use super::transport::{self, Wire};
 use super::{Content, Error, ErrorClass, OutboundMessage, Provider, ProviderClient, ProviderError, Result, Secret, SendOutcome};
 
@@ -44,7 +44,10 @@ impl EvolutionClient {
             .await
             .map_err(|failure| Error::Transport { provider: Provider::Evolution, source: failure.source })?;
         if !reply.is_success() {
-            return Err(Error::Rejected { provider: Provider::Evolution, error: classify_evolution(reply.status, &reply.body) });
+            return Err(match classify_evolution(reply.status, &reply.body) {
+                Answer::Refused(error) => Error::Rejected { provider: Provider::Evolution, error },
+                Answer::Inconclusive(reason) => Error::UnexpectedResponse { provider: Provider::Evolution, status: reply.status, reason },
+            });
         }
         serde_json::from_slice::<StateBody>(&reply.body).map(|body| body.instance.state).map_err(|e| Error::UnexpectedResponse {
             provider: Provider::Evolution,
@@ -133,9 +136,10 @@ pub fn request_body(msg: &OutboundMessage) -> std::result::Result<SendBody<'_>, 
     let number = super::recipient_digits(&msg.to).ok_or_else(|| super::invalid_recipient(&msg.to))?;
     match &msg.content {
         Content::Text(text) => Ok(SendBody { number, text, link_preview: false }),
-        // Every message of such a campaign would fail alike: stop for a person.
+        // Every message of this campaign would fail alike, and only this campaign's:
+        // stop the campaign for a person, never the channel its neighbours share.
         Content::Template { .. } => Err(ProviderError {
-            class: ErrorClass::StopChannel,
+            class: ErrorClass::StopCampaign,
             code: "evolution_template_unsupported".to_owned(),
             message: "Evolution channels send plain text only; Meta templates need a Meta channel".to_owned(),
             retry_after: None,
@@ -162,7 +166,7 @@ impl Wire for EvolutionWire {
         Some(success.key.id).filter(|id| !id.is_empty())
     }
 
-    fn rejection(&self, status: u16, body: &[u8]) -> ProviderError {
+    fn rejection(&self, status: u16, body: &[u8]) -> Answer {
         classify_evolution(status, body)
     }
 }
@@ -190,7 +194,7 @@ mod tests {
             content: Content::Template { name: "t".into(), language: "pt_BR".into(), body_parameters: vec![] },
             callback_data: String::new(),
         };
-        assert!(matches!(request_body(&msg), Err(ProviderError { class: ErrorClass::StopChannel, .. })));
+        assert!(matches!(request_body(&msg), Err(ProviderError { class: ErrorClass::StopCampaign, .. })));
         assert!(matches!(request_body(&text("abc", "hi")), Err(ProviderError { class: ErrorClass::Permanent, .. })));
     }
 

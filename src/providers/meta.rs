@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::classify::{classify_meta, meta_retry_after, truncate};
+use super::classify::{Answer, classify_bare_answer, classify_meta, meta_code, meta_retry_after, truncate};
 use super::transport::{self, Wire};
 use super::{Content, ErrorClass, OutboundMessage, Provider, ProviderClient, ProviderError, Secret, SendOutcome};
 
@@ -182,28 +182,27 @@ impl Wire for MetaWire {
         success.messages.into_iter().next().map(|m| m.id).filter(|id| !id.is_empty())
     }
 
-    fn rejection(&self, status: u16, body: &[u8]) -> ProviderError {
-        match serde_json::from_slice::<ErrorEnvelope>(body) {
-            Ok(ErrorEnvelope { error }) => {
-                let details = error.error_data.and_then(|d| d.details).filter(|d| !d.is_empty());
-                let message = match details {
-                    Some(details) if details != error.message => format!("{}: {details}", error.message),
-                    _ => error.message,
-                };
-                ProviderError {
-                    class: classify_meta(error.code, status),
-                    code: error.code.to_string(),
-                    message: truncate(message),
-                    retry_after: meta_retry_after(error.code),
-                }
-            }
-            Err(_) => ProviderError {
-                class: super::classify::classify_http_status(status),
-                code: format!("http_{status}"),
-                message: truncate(format!("HTTP {status}: {}", String::from_utf8_lossy(body).trim())),
-                retry_after: None,
-            },
+    /// Meta's error JSON is Meta speaking: its code decides. An unknown code on a 5xx
+    /// proves nothing (Meta documents its retryable server errors by code), and any
+    /// other body is not Meta's at all: both may hide an accepted message.
+    fn rejection(&self, status: u16, body: &[u8]) -> Answer {
+        let Ok(ErrorEnvelope { error }) = serde_json::from_slice::<ErrorEnvelope>(body) else {
+            return classify_bare_answer(status, body);
+        };
+        let details = error.error_data.and_then(|d| d.details).filter(|d| !d.is_empty());
+        let message = match details {
+            Some(details) if details != error.message => format!("{}: {details}", error.message),
+            _ => error.message,
+        };
+        if meta_code(error.code).is_none() && status >= 500 {
+            return Answer::Inconclusive(truncate(format!("HTTP {status} with unknown code {}: {message}", error.code)));
         }
+        Answer::Refused(ProviderError {
+            class: classify_meta(error.code, status),
+            code: error.code.to_string(),
+            message: truncate(message),
+            retry_after: meta_retry_after(error.code),
+        })
     }
 }
 
@@ -282,25 +281,54 @@ mod tests {
         assert_eq!(MetaWire.accepted_id(b"<html>"), None);
     }
 
+    fn refused(answer: Answer) -> ProviderError {
+        match answer {
+            Answer::Refused(error) => error,
+            Answer::Inconclusive(reason) => panic!("expected a refusal, got an inconclusive answer: {reason}"),
+        }
+    }
+
     #[test]
     fn error_answers_are_classified_by_code() {
         let body = br#"{"error":{"message":"(#130429) Rate limit hit","type":"OAuthException","code":130429,"error_data":{"messaging_product":"whatsapp","details":"Message failed to send because there were too many messages sent from this phone number in a short period of time"},"error_subcode":2494055,"fbtrace_id":"Az8or2yhqkZfEZ-_4Qn_Bam"}}"#;
-        let error = MetaWire.rejection(400, body);
+        let error = refused(MetaWire.rejection(400, body));
         assert_eq!(error.class, ErrorClass::RateLimitedChannel);
         assert_eq!(error.code, "130429");
         assert!(error.message.starts_with("(#130429) Rate limit hit: Message failed to send"));
 
-        let error = MetaWire.rejection(500, br#"{"error":{"message":"(#131057) Account in maintenance mode","code":131057}}"#);
+        let error = refused(MetaWire.rejection(500, br#"{"error":{"message":"(#131057) Account in maintenance mode","code":131057}}"#));
         assert_eq!((error.class, error.retry_after), (ErrorClass::Retryable, Some(std::time::Duration::from_secs(60))));
 
-        let error = MetaWire.rejection(401, br#"{"error":{"message":"Invalid OAuth access token - Cannot parse access token","type":"OAuthException","code":190,"fbtrace_id":"x"}}"#);
+        let error = refused(MetaWire.rejection(401, br#"{"error":{"message":"Invalid OAuth access token - Cannot parse access token","type":"OAuthException","code":190,"fbtrace_id":"x"}}"#));
         assert_eq!((error.class, error.code.as_str()), (ErrorClass::StopChannel, "190"));
     }
 
     #[test]
+    fn paused_and_disabled_templates_stop_the_campaign_not_the_channel() {
+        for code in [132015, 132016] {
+            let body = format!(r#"{{"error":{{"message":"(#{code}) Template is Paused","type":"OAuthException","code":{code},"fbtrace_id":"x"}}}}"#);
+            let error = refused(MetaWire.rejection(400, body.as_bytes()));
+            assert_eq!((error.class, error.code), (ErrorClass::StopCampaign, code.to_string()));
+        }
+    }
+
+    #[test]
     fn bodyless_errors_keep_the_http_status() {
-        let error = MetaWire.rejection(502, b"<html>Bad Gateway</html>");
-        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_502"));
+        let error = refused(MetaWire.rejection(404, b"<html>Not Found</html>"));
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_404"));
+        let error = refused(MetaWire.rejection(401, b""));
+        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_401"), "a proxy's 401 proves nothing about the token");
+    }
+
+    #[test]
+    fn gateway_errors_and_unknown_server_codes_may_hide_an_acceptance() {
+        assert!(matches!(MetaWire.rejection(502, b"<html>Bad Gateway</html>"), Answer::Inconclusive(_)));
+        assert!(matches!(MetaWire.rejection(504, b""), Answer::Inconclusive(_)));
+        // A gateway's own JSON, shaped like Graph's by chance.
+        assert!(matches!(MetaWire.rejection(504, br#"{"error":{"code":504,"message":"Gateway Timeout"}}"#), Answer::Inconclusive(_)));
+        // Meta's documented server errors are retried.
+        let error = refused(MetaWire.rejection(500, br#"{"error":{"message":"(#131000) Something went wrong","code":131000}}"#));
+        assert_eq!(error.class, ErrorClass::Retryable);
     }
 
     #[test]

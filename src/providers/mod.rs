@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use crate::api::Provider;
-pub use classify::{classify_evolution, classify_meta, classify_meta_webhook, pair_rate_backoff};
+pub use classify::{Answer, classify_evolution, classify_meta, classify_meta_webhook, pair_rate_backoff};
 pub use secret::Secret;
 pub use transport::{Timeouts, http_client};
 
@@ -63,7 +63,8 @@ pub enum Error {
         /// The classified error.
         error: ProviderError,
     },
-    /// The provider answered 2xx with a body we cannot read.
+    /// The provider answered with a body we cannot read (a 2xx that is not a success
+    /// body, or an error that is not the provider's own).
     #[error("{provider} answered HTTP {status} with an unexpected body: {reason}")]
     UnexpectedResponse {
         /// Which provider answered.
@@ -119,10 +120,11 @@ pub enum SendOutcome {
     /// The provider refused the message, or the request provably never left (then the
     /// code is `network` and the class `Retryable`).
     Rejected(ProviderError),
-    /// The request may have reached the provider but no usable answer came back
+    /// The request may have reached the provider and nothing shows it was refused
     /// (timeout after the request was written, connection reset before the response,
-    /// unreadable 2xx). Never re-send such a message automatically: a webhook may still
-    /// resolve it.
+    /// unreadable 2xx, a gateway's 5xx page instead of the provider's error body,
+    /// Evolution's "Error: Timed Out"). Never re-send such a message automatically: a
+    /// webhook may still resolve it.
     Unknown {
         /// What happened, for the message's history.
         reason: String,
@@ -175,9 +177,10 @@ pub enum ErrorClass {
     /// This message can never succeed (not a WhatsApp number, opted out, bad template
     /// data): fail it at once.
     Permanent,
-    /// Credentials, permissions, a locked or unpaid account, an unregistered number, a
-    /// paused template: every further message would fail the same way. Stop and ask a
-    /// person instead of burning the audience.
+    /// Credentials, permissions, a locked or unpaid account, an unregistered number:
+    /// every further message of every campaign would fail the same way. Stop and ask a
+    /// person instead of burning the audience. Only the provider's own error body
+    /// proves this; a bare HTTP status never does.
     StopChannel,
     /// This campaign's message cannot be sent on this channel (a template paused or
     /// disabled by Meta, a template on a provider without templates): every message of

@@ -1,13 +1,16 @@
 //! The one HTTP path of every provider call: the shared client, its timeouts, and the
 //! mapping of what happened on the wire into a [`SendOutcome`].
 //!
-//! The line that matters is *did the request leave?* A connect failure proves it did
-//! not, so retrying is safe. Anything after the request was written (a timeout, a
-//! reset, a 2xx we cannot read) may hide an accepted message, and neither provider
-//! has an idempotency key: that is `Unknown`, never a silent retry.
+//! The line that matters is *was the message refused?* A connect failure proves the
+//! request never left, and the provider's own error body proves it refused the
+//! message: retrying those is safe. Anything else after the request was written (a
+//! timeout, a reset, a 2xx we cannot read, a gateway's 5xx page, the provider's own
+//! "timed out") may hide an accepted message, and neither provider has an idempotency
+//! key: that is `Unknown`, never a silent retry.
 
 use std::time::Duration;
 
+use super::classify::Answer;
 use super::{Error, ProviderError, Result, SendOutcome};
 
 /// How long a provider call may take.
@@ -135,8 +138,8 @@ pub(crate) trait Wire {
     /// The message id of a 2xx answer, or `None` when the body is not what a success
     /// looks like.
     fn accepted_id(&self, body: &[u8]) -> Option<String>;
-    /// The classified error of a non-2xx answer.
-    fn rejection(&self, status: u16, body: &[u8]) -> ProviderError;
+    /// What a non-2xx answer says: a classified refusal, or nothing conclusive.
+    fn rejection(&self, status: u16, body: &[u8]) -> Answer;
 }
 
 /// Sends one message request and maps every ending to a [`SendOutcome`].
@@ -156,13 +159,15 @@ pub(crate) async fn send(request: reqwest::RequestBuilder, wire: &impl Wire) -> 
             Some(id) => SendOutcome::Accepted { provider_message_id: id },
             None => SendOutcome::Unknown { reason: format!("HTTP {} with an unreadable body", reply.status) },
         },
-        Ok(reply) => {
-            let mut error = wire.rejection(reply.status, &reply.body);
-            if reply.retry_after.is_some() {
-                error.retry_after = reply.retry_after;
+        Ok(reply) => match wire.rejection(reply.status, &reply.body) {
+            Answer::Refused(mut error) => {
+                if reply.retry_after.is_some() {
+                    error.retry_after = reply.retry_after;
+                }
+                SendOutcome::Rejected(error)
             }
-            SendOutcome::Rejected(error)
-        }
+            inconclusive @ Answer::Inconclusive(_) => inconclusive.into(),
+        },
     }
 }
 
