@@ -179,8 +179,12 @@ async fn statuses_only_move_forward() {
 #[tokio::test]
 async fn counters_equal_a_recount_after_random_changes() {
     let (pool, _) = common::fresh_db().await;
-    common::seed_contacts(&pool, "acme", 300, |_| (vec![], json!({}))).await;
+    let phones = common::seed_contacts(&pool, "acme", 300, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 50).await;
+    // some contacts opt out after the freeze: their messages end skipped
+    for phone in phones.iter().step_by(29) {
+        disparo::store::contacts::opt_out(&pool, "acme", phone).await.unwrap();
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for round in 0..40 {
         let batch = rng.random_range(0..6);
@@ -215,10 +219,10 @@ async fn counters_equal_a_recount_after_random_changes() {
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     let recount = campaigns::recount(&pool, uid).await.unwrap();
     assert_eq!(
-        (counters.total, counters.pending, counters.sending, counters.unknown, counters.sent, counters.delivered, counters.read, counters.failed, counters.cancelled),
-        (recount.total, recount.pending, recount.sending, recount.unknown, recount.sent, recount.delivered, recount.read, recount.failed, recount.cancelled)
+        (counters.total, counters.pending, counters.sending, counters.unknown, counters.sent, counters.delivered, counters.read, counters.failed, counters.cancelled, counters.skipped),
+        (recount.total, recount.pending, recount.sending, recount.unknown, recount.sent, recount.delivered, recount.read, recount.failed, recount.cancelled, recount.skipped)
     );
-    assert!(counters.cancelled > 0 && counters.failed > 0 && counters.read > 0);
+    assert!(counters.cancelled > 0 && counters.failed > 0 && counters.read > 0 && counters.skipped > 0);
     let errors = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
     assert!(errors.iter().any(|(code, n)| code == "131026" && *n > 0), "{errors:?}");
 }
@@ -336,4 +340,220 @@ async fn an_uncapped_channel_grants_everything_and_shows_what_it_counted() {
     // the day counts both (a minute may have rolled over between the two counts)
     assert_eq!(usage[2].used, 1000, "{usage:?}");
     assert!(usage[0].used == 1000 || usage[0].used == 300, "{usage:?}");
+}
+
+async fn statuses_by_phone(pool: &PgPool, campaign: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT c.phone, m.status::text FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1 ORDER BY c.phone",
+    )
+    .bind(campaign)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn assert_counters_equal_recount(pool: &PgPool, campaign: Uuid) -> campaigns::Counters {
+    let c = campaigns::counters(pool, campaign).await.unwrap().unwrap();
+    let r = campaigns::recount(pool, campaign).await.unwrap();
+    assert_eq!(
+        (c.total, c.pending, c.sending, c.unknown, c.sent, c.delivered, c.read, c.failed, c.cancelled, c.skipped),
+        (r.total, r.pending, r.sending, r.unknown, r.sent, r.delivered, r.read, r.failed, r.cancelled, r.skipped)
+    );
+    c
+}
+
+#[tokio::test]
+async fn contacts_who_opted_out_after_the_freeze_are_skipped_not_sent() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = common::seed_contacts(&pool, "acme", 5, |_| (vec![], json!({}))).await;
+    let (uid, frozen) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    assert_eq!(frozen.messages, 5);
+    // two contacts opt out after the audience was frozen
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[1]).await.unwrap();
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[3]).await.unwrap();
+
+    let claimed = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
+    let mut sent_to: Vec<String> = claimed.iter().map(|m| m.phone.clone()).collect();
+    sent_to.sort();
+    assert_eq!(sent_to, vec![phones[0].clone(), phones[2].clone(), phones[4].clone()]);
+    let statuses = statuses_by_phone(&pool, uid).await;
+    assert_eq!(statuses[1], (phones[1].clone(), "skipped".to_owned()));
+    assert_eq!(statuses[3], (phones[3].clone(), "skipped".to_owned()));
+    let (attempts,): (i32,) = sqlx::query_as("SELECT max(attempts) FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
+        .bind(uid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 0, "a skipped message was never attempted");
+
+    let outcomes: Vec<(i64, Outcome)> = claimed.iter().map(|m| (m.id, Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
+    messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
+    let counters = assert_counters_equal_recount(&pool, uid).await;
+    assert_eq!((counters.skipped, counters.sent, counters.pending), (2, 3, 0));
+    assert_eq!(counters.finished(), counters.total, "skipped messages are finished");
+    assert_eq!(messages::batch_remaining(&pool, uid, 0).await.unwrap().pending, 0);
+}
+
+#[tokio::test]
+async fn a_batch_whose_remaining_contacts_all_opted_out_finishes() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = common::seed_contacts(&pool, "acme", 4, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 2).await;
+    // batch 1 holds contacts 2 and 3; both opt out
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[2]).await.unwrap();
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[3]).await.unwrap();
+    assert!(messages::claim_due(&pool, uid, 1, 10).await.unwrap().is_empty());
+    assert_eq!(messages::batch_remaining(&pool, uid, 1).await.unwrap().pending, 0);
+    let first = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let outcomes: Vec<(i64, Outcome)> = first.iter().map(|m| (m.id, Outcome::Failed { code: "131026".into(), message: "undeliverable".into() })).collect();
+    messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
+    let counters = assert_counters_equal_recount(&pool, uid).await;
+    assert_eq!((counters.skipped, counters.failed, counters.pending + counters.sending), (2, 2, 0));
+    assert_eq!(counters.finished(), counters.total);
+}
+
+#[tokio::test]
+async fn skipped_is_terminal_and_counted_through_every_change() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = common::seed_contacts(&pool, "acme", 3, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    disparo::store::contacts::opt_out(&pool, "acme", &phones[0]).await.unwrap();
+    messages::claim_due(&pool, uid, 0, 1).await.unwrap();
+    let (id,): (i64,) = sqlx::query_as("SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
+        .bind(uid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    for to in ["pending", "sending", "sent", "cancelled"] {
+        let err = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET status = '{to}' WHERE id = $1")))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(&format!("cannot move from skipped to {to}")), "{err}");
+    }
+    // pending -> skipped by hand is allowed, and the counters follow it and a delete
+    sqlx::query("UPDATE campaign_messages SET status = 'skipped' WHERE campaign_uid = $1 AND status = 'pending'")
+        .bind(uid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(assert_counters_equal_recount(&pool, uid).await.skipped, 3);
+    sqlx::query("DELETE FROM campaign_messages WHERE id = $1").bind(id).execute(&pool).await.unwrap();
+    assert_eq!(assert_counters_equal_recount(&pool, uid).await.skipped, 2);
+}
+
+#[tokio::test]
+async fn a_cancelled_campaign_claims_nothing_and_its_retries_are_cancelled() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 6, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    assert!(!campaigns::is_cancelled(&pool, uid).await.unwrap());
+    // a sender still running holds three messages when the campaign is cancelled
+    let claimed = messages::claim_due(&pool, uid, 0, 3).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    assert_eq!(messages::cancel_pending(&pool, uid).await.unwrap(), 3);
+    assert!(campaigns::is_cancelled(&pool, uid).await.unwrap());
+    let outcomes = vec![
+        (claimed[0].id, Outcome::Sent { provider_message_id: "wamid.in-flight".into() }),
+        (claimed[1].id, Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() }),
+        (claimed[2].id, Outcome::Requeue { at: Utc::now() }),
+    ];
+    assert_eq!(messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap(), 3);
+    assert_eq!(status_of(&pool, claimed[0].id).await, "sent", "a message in flight finishes normally");
+    assert_eq!(status_of(&pool, claimed[1].id).await, "cancelled", "a retry of a cancelled campaign is never scheduled");
+    assert_eq!(status_of(&pool, claimed[2].id).await, "cancelled", "a requeue of a cancelled campaign is never scheduled");
+    assert!(messages::claim_due(&pool, uid, 0, 10).await.unwrap().is_empty());
+    // even a pending message written afterwards by hand is never claimed
+    let seventh = common::seed_contacts(&pool, "acme", 7, |_| (vec![], json!({}))).await;
+    sqlx::query("INSERT INTO campaign_messages (campaign_uid, organization, contact_id, batch_index) SELECT $1, 'acme', id, 0 FROM contacts WHERE phone = $2")
+        .bind(uid)
+        .bind(&seventh[6])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(messages::claim_due(&pool, uid, 0, 10).await.unwrap().is_empty());
+    let counters = assert_counters_equal_recount(&pool, uid).await;
+    assert_eq!((counters.sent, counters.cancelled, counters.sending), (1, 5, 0));
+    // cancelling again changes nothing and keeps the first instant
+    let first: (Option<chrono::DateTime<Utc>>,) = sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    messages::cancel_pending(&pool, uid).await.unwrap();
+    let again: (Option<chrono::DateTime<Utc>>,) = sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    assert_eq!(first, again);
+}
+
+/// Waits until `task` is blocked on a lock in Postgres (true) or has finished (false).
+async fn blocked_on_a_lock<T>(pool: &PgPool, task: &tokio::task::JoinHandle<T>) -> bool {
+    loop {
+        if task.is_finished() {
+            return false;
+        }
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_retry_recorded_while_the_cancel_commits_is_cancelled() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 2, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let claimed = messages::claim_due(&pool, uid, 0, 1).await.unwrap();
+    // A cancel is under way: the campaign is marked and its pending messages cancelled,
+    // but not committed yet.
+    let mut cancel = pool.begin().await.unwrap();
+    sqlx::query("UPDATE campaigns SET cancelled_at = now() WHERE uid = $1").bind(uid).execute(&mut *cancel).await.unwrap();
+    sqlx::query("UPDATE campaign_messages SET status = 'cancelled' WHERE campaign_uid = $1 AND status = 'pending'")
+        .bind(uid)
+        .execute(&mut *cancel)
+        .await
+        .unwrap();
+    let recording = {
+        let pool = pool.clone();
+        let id = claimed[0].id;
+        tokio::spawn(async move {
+            messages::record_outcomes(&pool, &[(id, Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() })], "test-run").await
+        })
+    };
+    // the recording has started (it waits for a lock) or finished before the commit
+    blocked_on_a_lock(&pool, &recording).await;
+    cancel.commit().await.unwrap();
+    assert_eq!(recording.await.unwrap().unwrap(), 1);
+    assert_eq!(status_of(&pool, claimed[0].id).await, "cancelled");
+    assert_eq!(assert_counters_equal_recount(&pool, uid).await.pending, 0);
+}
+
+#[tokio::test]
+async fn recording_outcomes_locks_rows_in_ascending_id_order() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 2, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let claimed = messages::claim_due(&pool, uid, 0, 2).await.unwrap();
+    let (low, high) = (claimed[0].id.min(claimed[1].id), claimed[0].id.max(claimed[1].id));
+    // another writer holds the higher row
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE").bind(high).execute(&mut *other).await.unwrap();
+    let recording = {
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let outcomes = [high, low].map(|id| (id, Outcome::Sent { provider_message_id: format!("wamid.{id}") }));
+            messages::record_outcomes(&pool, &outcomes, "test-run").await
+        })
+    };
+    assert!(blocked_on_a_lock(&pool, &recording).await);
+    // the recording took the lower row first, so that is locked now: a writer that
+    // also goes in ascending order waits here instead of deadlocking
+    let probe = sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE NOWAIT").bind(low).execute(&pool).await;
+    assert!(probe.is_err(), "the lower row is locked before the higher one");
+    other.commit().await.unwrap();
+    assert_eq!(recording.await.unwrap().unwrap(), 2);
 }

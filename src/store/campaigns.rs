@@ -29,6 +29,8 @@ pub struct Counters {
     pub failed: i64,
     /// Cancelled.
     pub cancelled: i64,
+    /// Never attempted: the contact opted out after the audience was frozen.
+    pub skipped: i64,
     /// Reached sent on the first attempt.
     pub succeeded_first_attempt: i64,
     /// Reached sent after a retry.
@@ -45,7 +47,13 @@ impl Counters {
     /// Messages that will not change any more through sending (webhooks may still move
     /// sent ones forward).
     pub fn finished(&self) -> i64 {
-        self.unknown + self.sent + self.delivered + self.read + self.failed + self.cancelled
+        self.unknown + self.sent + self.delivered + self.read + self.failed + self.cancelled + self.skipped
+    }
+
+    /// Finished messages that were attempted: what a failure rate is a share of
+    /// (cancelled and skipped messages never reached the provider).
+    pub fn finished_attempted(&self) -> i64 {
+        self.unknown + self.sent + self.delivered + self.read + self.failed
     }
 
     /// Messages that reached at least `sent`.
@@ -57,7 +65,7 @@ impl Counters {
 /// Reads a campaign's counters (None: the audience was never frozen).
 pub async fn counters(pool: &PgPool, campaign: Uuid) -> Result<Option<Counters>> {
     let row = sqlx::query_as::<_, Counters>(
-        r#"SELECT total, pending, sending, unknown, sent, delivered, read, failed, cancelled,
+        r#"SELECT total, pending, sending, unknown, sent, delivered, read, failed, cancelled, skipped,
                   succeeded_first_attempt, succeeded_after_retry, retries_scheduled, first_sent_at, last_sent_at
            FROM campaign_counters WHERE campaign_uid = $1"#,
     )
@@ -79,6 +87,7 @@ pub async fn recount(pool: &PgPool, campaign: Uuid) -> Result<Counters> {
                   count(*) FILTER (WHERE status = 'read') AS read,
                   count(*) FILTER (WHERE status = 'failed') AS failed,
                   count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+                  count(*) FILTER (WHERE status = 'skipped') AS skipped,
                   0::bigint AS succeeded_first_attempt, 0::bigint AS succeeded_after_retry, 0::bigint AS retries_scheduled,
                   NULL::timestamptz AS first_sent_at, NULL::timestamptz AS last_sent_at
            FROM campaign_messages WHERE campaign_uid = $1"#,
@@ -129,4 +138,15 @@ pub async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Option<i32>
         .fetch_optional(pool)
         .await?;
     Ok(row.map(|(b,)| b))
+}
+
+/// Whether the campaign was cancelled: a running sender asks once a second, and stops
+/// sending as soon as it is. One primary-key lookup. A campaign never frozen reads as
+/// not cancelled.
+pub async fn is_cancelled(pool: &PgPool, campaign: Uuid) -> Result<bool> {
+    let row: Option<(bool,)> = sqlx::query_as("SELECT cancelled_at IS NOT NULL FROM campaigns WHERE uid = $1")
+        .bind(campaign)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.is_some_and(|(cancelled,)| cancelled))
 }

@@ -6,6 +6,14 @@
 //! between leaves `sending` rows; the next sender of that batch turns them into
 //! `unknown` instead of sending them again, because the request may have reached the
 //! provider and the providers have no idempotency key.
+//!
+//! Two promises are kept here, at send time, whatever was frozen before: a contact who
+//! opted out after the audience was frozen is never sent to (the claim turns the message
+//! `skipped`), and a cancelled campaign sends nothing more (the claim takes nothing from
+//! it, and an attempt that would go back to `pending` ends `cancelled`).
+//!
+//! Lock order: every writer of several message rows locks them in ascending id order
+//! (the claim's `SKIP LOCKED` never waits), so two writers never deadlock.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -33,26 +41,40 @@ pub struct ClaimedMessage {
 /// (attempts + 1, `updated_at` = when the attempt started), skipping rows another
 /// transaction holds, so parallel senders never claim the same message.
 ///
-/// The claim adds nothing to the status history: the attempt's history entry is written
-/// once, with its outcome (see [`record_outcomes`]), because every message goes through
-/// here and an entry costs a rewrite of the JSONB.
+/// Opt-outs are honoured here rather than only when the audience is frozen: a due
+/// message whose contact has opted out since is marked `skipped` in the same statement
+/// (no attempt spent) and not returned, so a claim may return fewer messages than it
+/// took. A cancelled campaign yields nothing. A message claimed just before a cancel
+/// commits is in flight: its outcome decides (see [`record_outcomes`]).
+///
+/// The claim adds nothing to the status history of a message it returns: the attempt's
+/// history entry is written once, with its outcome (see [`record_outcomes`]), because
+/// every message goes through here and an entry costs a rewrite of the JSONB.
 pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Result<Vec<ClaimedMessage>> {
     let rows = sqlx::query_as::<_, ClaimedMessage>(
         r#"
         WITH due AS (
             SELECT id FROM campaign_messages
             WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'pending' AND next_attempt_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM campaigns WHERE uid = $1 AND cancelled_at IS NOT NULL)
             ORDER BY next_attempt_at, id
             LIMIT $3
             FOR UPDATE SKIP LOCKED
         ), marked AS (
-            UPDATE campaign_messages m SET status = 'sending', attempts = m.attempts + 1, updated_at = now()
-            FROM due WHERE m.id = due.id
-            RETURNING m.id, m.attempts, m.contact_id
+            UPDATE campaign_messages m SET
+                status = CASE WHEN c.opted_out THEN 'skipped' ELSE 'sending' END::message_status,
+                attempts = CASE WHEN c.opted_out THEN m.attempts ELSE m.attempts + 1 END,
+                updated_at = now(),
+                status_history = CASE WHEN c.opted_out
+                    THEN m.status_history || jsonb_build_array(jsonb_build_object('status', 'skipped', 'at', now(), 'reason', 'opted out'))
+                    ELSE m.status_history END
+            FROM due, contacts c
+            WHERE m.id = due.id AND c.id = m.contact_id
+            RETURNING m.id, m.attempts, NOT c.opted_out AS sendable, c.phone, c.name, c.attributes
         )
-        SELECT marked.id, marked.attempts, c.phone, c.name, c.attributes
-        FROM marked JOIN contacts c ON c.id = marked.contact_id
-        ORDER BY marked.id
+        SELECT id, attempts, phone, name, attributes
+        FROM marked WHERE sendable
+        ORDER BY id
         "#,
     )
     .bind(campaign)
@@ -115,6 +137,17 @@ impl Outcome {
 /// `sending` move (a webhook may already have moved one further: it wins). Each gets
 /// one history entry for the attempt: its number, when it started, the sender run
 /// that made it, and its outcome. Returns how many rows changed.
+///
+/// The rows are locked first, in ascending id order, as every writer of several
+/// messages does, so this never deadlocks with the webhook writer.
+///
+/// A retry or a requeue of a cancelled campaign is recorded `cancelled` instead of
+/// `pending`: the message provably was not sent, and nothing may send it any more.
+/// When the block has such outcomes, the campaign row is read under a share lock: a
+/// cancel (see [`cancel_pending`]) that is under way is waited for and seen, and a
+/// cancel that starts meanwhile waits for this statement and then finds these rows
+/// `pending`, so neither order leaves a pending message in a cancelled campaign. A
+/// block of sends and failures takes no such lock.
 pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
     if outcomes.is_empty() {
         return Ok(0);
@@ -142,8 +175,28 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         next_at.push(at);
         refund.push(give_back);
     }
+    let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
     let result = sqlx::query(
         r#"
+        WITH locked AS (
+            SELECT id, campaign_uid FROM campaign_messages
+            WHERE id = ANY($1) AND status = 'sending'
+            ORDER BY id
+            FOR UPDATE
+        ), campaign AS (
+            -- no filter on cancelled_at here: it would be checked before the lock is
+            -- taken, and a cancel under way would go unnoticed
+            SELECT uid, cancelled_at IS NOT NULL AS cancelled FROM campaigns
+            WHERE $9 AND uid IN (SELECT campaign_uid FROM locked)
+            FOR SHARE
+        ), v AS (
+            SELECT v.id, CASE WHEN v.status = 'pending' AND k.cancelled THEN 'cancelled' ELSE v.status END AS status,
+                   v.provider_id, v.code, v.message, v.next_at, v.refund
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
+                 AS v(id, status, provider_id, code, message, next_at, refund)
+            JOIN locked l ON l.id = v.id
+            LEFT JOIN campaign k ON k.uid = l.campaign_uid
+        )
         UPDATE campaign_messages m SET
             status = v.status::message_status,
             provider_message_id = coalesce(v.provider_id, m.provider_message_id),
@@ -155,8 +208,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
             status_history = m.status_history || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
                 'status', v.status, 'at', now(), 'attempt', m.attempts, 'startedAt', m.updated_at, 'run', $8::text,
                 'providerId', v.provider_id, 'code', v.code, 'message', v.message, 'retryAt', v.next_at)))
-        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
-             AS v(id, status, provider_id, code, message, next_at, refund)
+        FROM v
         WHERE m.id = v.id AND m.status = 'sending'
         "#,
     )
@@ -168,6 +220,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     .bind(&next_at)
     .bind(&refund)
     .bind(run_id)
+    .bind(may_go_back)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
@@ -216,9 +269,22 @@ pub async fn batch_remaining(pool: &PgPool, campaign: Uuid, batch: i32) -> Resul
     Ok(BatchRemaining { pending, next_due })
 }
 
-/// Cancels every pending message of a campaign (the campaign was cancelled). Messages in
-/// flight finish normally.
+/// Cancels a campaign in the store: marks it cancelled (the first instant is kept) and
+/// cancels every pending message. From then on nothing of it is claimed, and a retry or
+/// requeue of a message in flight is recorded `cancelled` (see [`record_outcomes`]);
+/// messages in flight otherwise finish normally. Idempotent. Returns how many messages
+/// this call cancelled.
+///
+/// Two statements in one transaction, in this order: marking the campaign takes its row
+/// lock, which waits for any outcome recording that read the campaign under a share
+/// lock, and only then does the second statement look for pending messages, so it sees
+/// what that recording put back to `pending`.
 pub async fn cancel_pending(pool: &PgPool, campaign: Uuid) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("UPDATE campaigns SET cancelled_at = coalesce(cancelled_at, now()) WHERE uid = $1")
+        .bind(campaign)
+        .execute(&mut *tx)
+        .await?;
     let result = sqlx::query(
         r#"
         UPDATE campaign_messages m SET status = 'cancelled', updated_at = now(),
@@ -227,7 +293,8 @@ pub async fn cancel_pending(pool: &PgPool, campaign: Uuid) -> Result<u64> {
         "#,
     )
     .bind(campaign)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(result.rows_affected())
 }
