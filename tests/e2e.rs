@@ -185,13 +185,15 @@ async fn campaign_lifecycle_end_to_end() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     kubectl_ok(&["-n", &ns, "patch", "campaign", "paused", "--type", "merge", "-p", r#"{"spec":{"suspend":true}}"#], None);
-    env.wait_for("Paused", Duration::from_secs(60), |c| phase(c) == "Paused", "paused").await;
-    let job: Value = serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "job", "paused-send", "-o", "json"], None)).unwrap();
+    let c = env.wait_for("Paused", Duration::from_secs(60), |c| phase(c) == "Paused", "paused").await;
+    let paused_uid = c["metadata"]["uid"].as_str().unwrap().to_owned();
+    let job_name = c["status"]["batches"]["jobName"].as_str().unwrap().to_owned();
+    let job: Value = serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "job", &job_name, "-o", "json"], None)).unwrap();
     assert_eq!(job["spec"]["suspend"], true);
     // wait for the sender pods to be gone, then nothing may arrive
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pods = kubectl_ok(&["-n", &ns, "get", "pods", "-l", "disparo.io/campaign=paused", "-o", "name"], None);
+        let pods = kubectl_ok(&["-n", &ns, "get", "pods", "-l", &format!("disparo.io/campaign-uid={paused_uid}"), "-o", "name"], None);
         if pods.trim().is_empty() {
             break;
         }

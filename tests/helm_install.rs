@@ -298,7 +298,7 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     assert!(pods.lines().any(|p| p.trim_start_matches("pod/") == holder), "lease held by {holder:?}, controller pods: {pods}");
     // Its sender pods ran without any API credentials: no token volume for the node
     // agent to fill (tests/nodeagent.rs proves it then grants nothing).
-    let senders: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "pods", "-l", "disparo.io/campaign=welcome", "-o", "json"], None))?;
+    let senders: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "pods", "-l", "app.kubernetes.io/component=sender", "-o", "json"], None))?;
     let senders = senders["items"].as_array().cloned().unwrap_or_default();
     assert!(!senders.is_empty(), "no sender pods in {campaign_ns}");
     for pod in &senders {

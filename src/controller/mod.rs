@@ -137,6 +137,10 @@ pub struct ControllerArgs {
     /// Seconds a lease holds without renewal (failover time).
     #[arg(long, default_value_t = 10)]
     pub lease_seconds: u64,
+    /// Reconcile only this namespace (default: every namespace). Lets several
+    /// installations, or test runs, share one cluster.
+    #[arg(long, env = "DISPARO_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Apply migrations at start.
     #[arg(long, env = "DISPARO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -229,12 +233,16 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
         }
     };
     let stop = futures::future::FutureExt::shared(Box::pin(stop));
-    let campaigns = Controller::new(Api::<Campaign>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Job>::all(client.clone()), watcher::Config::default().labels(job::CAMPAIGN_LABEL))
+    let (campaign_api, job_api, channel_api): (Api<Campaign>, Api<Job>, Api<Channel>) = match &args.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let campaigns = Controller::new(campaign_api, watcher::Config::default())
+        .owns(job_api, watcher::Config::default().labels(job::CAMPAIGN_LABEL))
         .graceful_shutdown_on(stop.clone())
         .run(campaign::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
-    let channels = Controller::new(Api::<Channel>::all(client.clone()), watcher::Config::default())
+    let channels = Controller::new(channel_api, watcher::Config::default())
         .graceful_shutdown_on(stop)
         .run(channel::reconcile, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));

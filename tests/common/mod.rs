@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod stack;
 
 use std::process::Command;
 use std::sync::OnceLock;

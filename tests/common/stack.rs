@@ -1,0 +1,199 @@
+//! The real stack for one test: a namespace on the shared control plane, a controller
+//! that watches only that namespace, a node agent that runs its pods as processes, a
+//! fresh Postgres database, and sandboxes over real HTTP. Tests that use it run in
+//! parallel without seeing each other.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use disparo::sandbox::{self, Latency, SandboxConfig, SandboxHandle};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use super::cluster::{ensure_crds, fresh_namespace, kubectl, kubectl_ok};
+
+/// A process of the binary under test, with its log.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// The last lines of its log.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One test's stack.
+pub struct Stack {
+    pub ns: String,
+    pub pool: PgPool,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub procs: Vec<Proc>,
+}
+
+/// A sandbox answering fast, with the given changes to its default configuration.
+pub async fn sandbox_with(change: impl FnOnce(&mut SandboxConfig)) -> SandboxHandle {
+    let mut config = SandboxConfig { listen: "127.0.0.1:0".parse().unwrap(), latency: Latency { min_ms: 1, max_ms: 3 }, ..Default::default() };
+    change(&mut config);
+    sandbox::start(config).await.unwrap()
+}
+
+impl Stack {
+    /// Starts the controller and the node agent for a fresh namespace and database, with
+    /// the Postgres Secret and the sandbox's Meta credentials in the namespace.
+    pub async fn start(prefix: &str) -> Stack {
+        ensure_crds();
+        let (pool, url) = super::fresh_db().await;
+        let ns = fresh_namespace(prefix);
+        let mut stack = Stack { ns: ns.clone(), pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new() };
+        stack.kubectl(&["create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")]);
+        stack.kubectl(&[
+            "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
+            "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
+        ]);
+        let metrics = format!("127.0.0.1:{}", free_port());
+        stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
+        stack.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        stack
+    }
+
+    /// Runs the binary under test with the stack's kubeconfig and database.
+    pub fn spawn(&mut self, name: &'static str, args: &[&str]) -> usize {
+        let log = self.dir.path().join(format!("{name}-{}.log", self.procs.len()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+            .args(args)
+            .env("KUBECONFIG", super::cluster::kubeconfig())
+            .env("DATABASE_URL", &self.url)
+            .env("RUST_LOG", "info,kube=warn,hyper=warn")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        self.procs.push(Proc { name, child, log });
+        self.procs.len() - 1
+    }
+
+    /// The logs of every process, and the namespace's pods and events, for a failure.
+    pub fn logs(&self) -> String {
+        let mut out: String = self.procs.iter().map(|p| format!("----- {} -----\n{}\n", p.name, p.tail())).collect();
+        out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "pods,jobs", "-n", &self.ns, "-o", "wide"], None).stdout));
+        out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "events", "-n", &self.ns, "--sort-by=.lastTimestamp"], None).stdout));
+        out
+    }
+
+    /// `kubectl` in the namespace; panics with its error on failure.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", &self.ns];
+        all.extend_from_slice(args);
+        kubectl_ok(&all, None)
+    }
+
+    /// The plugin (`kubectl disparo ...`) in the namespace.
+    pub fn plugin(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+            .args(args)
+            .args(["-n", &self.ns])
+            .env("KUBECONFIG", super::cluster::kubeconfig())
+            .output()
+            .unwrap()
+    }
+
+    /// `kubectl apply` of a manifest in the namespace.
+    pub fn apply(&self, yaml: &str) {
+        let out = kubectl(&["apply", "-n", &self.ns, "-f", "-"], Some(yaml));
+        assert!(out.status.success(), "apply failed: {}\n{yaml}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// A merge patch of a Campaign or Channel.
+    pub fn patch(&self, kind: &str, name: &str, patch: &str) {
+        self.kubectl(&["patch", kind, name, "--type", "merge", "-p", patch]);
+    }
+
+    /// The object as JSON.
+    pub fn get(&self, kind: &str, name: &str) -> Value {
+        serde_json::from_str(&self.kubectl(&["get", kind, name, "-o", "json"])).unwrap()
+    }
+
+    /// Waits until `check` holds for the object, or panics with its status and the logs.
+    pub async fn wait_for(&self, kind: &str, name: &str, what: &str, timeout: Duration, mut check: impl FnMut(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let object = self.get(kind, name);
+            if check(&object) {
+                return object;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what} of {kind}/{name}; status:\n{}\n{}", serde_json::to_string_pretty(&object["status"]).unwrap(), self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits until no pod of the campaign runs.
+    pub async fn wait_for_no_pods(&self, campaign_uid: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let pods = self.kubectl(&["get", "pods", "-l", &format!("disparo.io/campaign-uid={campaign_uid}"), "--field-selector=status.phase=Running", "-o", "name"]);
+            if pods.trim().is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sender pods still running: {pods}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+    }
+}
+
+/// `status.phase`.
+pub fn phase(object: &Value) -> &str {
+    object["status"]["phase"].as_str().unwrap_or("")
+}
+
+/// A condition of the object's status, if present.
+pub fn condition<'a>(object: &'a Value, type_: &str) -> Option<&'a Value> {
+    object["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)
+}
+
+/// Whether the condition is True with the reason.
+pub fn is_true_with(object: &Value, type_: &str, reason: &str) -> bool {
+    condition(object, type_).is_some_and(|c| c["status"] == "True" && c["reason"] == reason)
+}
+
+/// A Meta Channel on a sandbox.
+pub fn meta_channel(name: &str, base_url: &str, phone_number_id: &str, limits: &str) -> String {
+    format!(
+        "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: {name}}}\nspec:\n  provider: meta\n  meta:\n    phoneNumberId: '{phone_number_id}'\n    baseUrl: {base_url}\n    accessToken: {{name: meta-creds, key: access-token}}\n    appSecret: {{name: meta-creds, key: app-secret}}\n    verifyToken: {{name: meta-creds, key: verify-token}}\n  rateLimits: {limits}\n"
+    )
+}
+
+/// A Campaign sending template `template` to `audience`, with `extra` spec lines.
+pub fn campaign(name: &str, channel: &str, template: &str, audience: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: disparo.io/v1alpha1\nkind: Campaign\nmetadata: {{name: {name}}}\nspec:\n  channelRef: {{name: {channel}}}\n  message:\n    template: {{name: {template}, language: pt_BR, bodyParameters: [\"{{{{contact.name}}}}\"]}}\n  audience: {audience}\n  execution: {{batchSize: 50, parallelism: 2}}\n  retry: {{maxAttempts: 3, baseDelaySeconds: 1, maxDelaySeconds: 2}}\n{extra}"
+    )
+}
+
+/// Limits for a fast channel that still spaces sends by `spacing_ms`.
+pub fn fast(spacing_ms: u32) -> String {
+    format!("{{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: {spacing_ms}}}")
+}
