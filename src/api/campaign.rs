@@ -342,20 +342,28 @@ fn default_backoff_limit_per_index() -> u32 {
     3
 }
 
-/// Retries of retryable failures, with exponential backoff and jitter.
+/// Retries of failed sends worth retrying (the provider refused the message for a
+/// reason that may pass), with exponential backoff and jitter. The defaults are the
+/// reference schedule: a send that keeps failing is retried after 60 s, 120 s and
+/// 240 s, then failed for good.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[x_kube(validation = Rule::new("self.maxDelaySeconds >= self.baseDelaySeconds").message("retry.maxDelaySeconds must be at least baseDelaySeconds"))]
 #[serde(rename_all = "camelCase")]
 pub struct RetryPolicy {
-    /// Attempts per message, the first included.
+    /// Sends per message, the first one included: the default 4 is the first send and
+    /// up to 3 retries. When the last one fails too, the message is failed. A send
+    /// whose fate is unknown (the provider may have accepted it) is never retried, and
+    /// channel rate limits spend no attempt.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 10))]
     pub max_attempts: u32,
-    /// Delay before the first retry; doubles each time.
+    /// Delay before the first retry; doubles before each further retry (60, 120, 240
+    /// seconds by default). Jitter adds 0 to 20 % to each delay, never less; a wait the
+    /// provider asks for (`Retry-After`, a documented wait) replaces the delay.
     #[serde(default = "default_base_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub base_delay_seconds: u32,
-    /// Longest delay between attempts.
+    /// Longest delay before jitter (which can add up to 20 % to it).
     #[serde(default = "default_max_delay")]
     #[schemars(range(min = 0, max = 86400))]
     pub max_delay_seconds: u32,
@@ -367,8 +375,9 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The first send and three retries: the reference's 60 s, 120 s, 240 s.
 fn default_max_attempts() -> u32 {
-    3
+    4
 }
 fn default_base_delay() -> u32 {
     60

@@ -123,14 +123,25 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> std::result::R
         source,
     })?;
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
     let body = response.bytes().await.map_err(|source| Failure { never_sent: false, source })?;
     Ok(Reply { status, retry_after, body: body.to_vec() })
+}
+
+/// The longest wait a `Retry-After` header is taken at. Anything beyond is a server's
+/// mistake or an attack, and a date that far out would overflow the schedule.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// A `Retry-After` in seconds (the form both providers use), at most
+/// [`MAX_RETRY_AFTER`]; a number too large for any integer is a long wait too. An
+/// HTTP date or garbage is ignored (`None`): the sender's own schedule applies.
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let seconds = value.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// How one provider reads its answers.
@@ -180,6 +191,18 @@ mod tests {
         assert_eq!(endpoint("https://graph.facebook.com/", &["v23.0", "1065", "messages"]), "https://graph.facebook.com/v23.0/1065/messages");
         assert_eq!(endpoint("http://evo:8080/api", &["message", "sendText", "my instance"]), "http://evo:8080/api/message/sendText/my%20instance");
         assert_eq!(endpoint("not a url", &["a"]), "not a url/a");
+    }
+
+    #[test]
+    fn retry_after_is_clamped_to_a_day() {
+        assert_eq!(parse_retry_after("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("10000000000000"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("99999999999999999999999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("86401"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("-5"), None);
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(parse_retry_after(""), None);
     }
 
     #[test]

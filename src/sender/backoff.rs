@@ -1,18 +1,23 @@
-//! Retry delays: exponential backoff with jitter, capped (the reference defaults are
-//! 3 attempts, 60 s base, doubling, 3600 s cap).
+//! Retry delays: exponential backoff, capped, with jitter that only ever adds.
+//!
+//! The reference schedule (the [`RetryPolicy`] defaults): a failed send is retried
+//! after 60 s, 120 s, then 240 s, and failed for good when the fourth send fails too.
 
 use std::time::Duration;
 
 use crate::api::RetryPolicy;
 
+/// The most jitter adds to a delay, as a fraction of it.
+pub const MAX_JITTER: f64 = 0.2;
+
 /// The retry policy as the sender uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
-    /// Attempts per message, the first included.
+    /// Sends per message, the first included (4 = the first send and 3 retries).
     pub max_attempts: u32,
     /// Delay before the first retry.
     pub base: Duration,
-    /// Longest delay.
+    /// Longest un-jittered delay.
     pub cap: Duration,
 }
 
@@ -23,7 +28,8 @@ impl From<&RetryPolicy> for Backoff {
 }
 
 impl Backoff {
-    /// Whether a message that just failed its `attempt`-th try (1-based) may try again.
+    /// Whether a message that just failed its `attempt`-th send (1-based) may be sent
+    /// again.
     pub fn may_retry(&self, attempt: u32) -> bool {
         attempt < self.max_attempts
     }
@@ -34,13 +40,14 @@ impl Backoff {
         self.base.saturating_mul(1u32 << doublings).min(self.cap)
     }
 
-    /// The delay with "equal jitter": between half and all of [`Self::delay`], so retries
-    /// of many messages that failed together spread out instead of hitting the provider
-    /// at the same instant. `unit` is a random number in [0, 1).
+    /// The delay plus up to [`MAX_JITTER`] of it, so retries of many messages that
+    /// failed together spread out instead of hitting the provider at the same instant.
+    /// Jitter never shortens the schedule: a retry is never earlier than
+    /// [`Self::delay`]. `unit` is a random number in [0, 1) (anything else counts as 0).
     pub fn jittered(&self, attempt: u32, unit: f64) -> Duration {
         let full = self.delay(attempt);
-        let half = full / 2;
-        half + half.mul_f64(unit.clamp(0.0, 1.0))
+        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.0 };
+        full.saturating_add(full.mul_f64(MAX_JITTER * unit))
     }
 }
 
@@ -60,17 +67,32 @@ mod tests {
     }
 
     #[test]
-    fn three_attempts_mean_two_retries() {
+    fn the_defaults_are_the_reference_schedule_60_120_240_then_failed() {
         let b = reference();
-        assert!(b.may_retry(1) && b.may_retry(2));
-        assert!(!b.may_retry(3));
+        let retries: Vec<u64> = (1..).take_while(|a| b.may_retry(*a)).map(|a| b.delay(a).as_secs()).collect();
+        assert_eq!(retries, vec![60, 120, 240], "three retries after the first send");
+        assert!(!b.may_retry(4), "the fourth failure is final");
     }
 
     #[test]
-    fn jitter_stays_between_half_and_full() {
+    fn jitter_only_adds_up_to_a_fifth() {
         let b = reference();
-        assert_eq!(b.jittered(2, 0.0), Duration::from_secs(60));
-        assert_eq!(b.jittered(2, 0.999_999).as_secs(), 119);
-        assert!(b.jittered(40, 0.5) <= Duration::from_secs(3600));
+        for attempt in 1..=8 {
+            let delay = b.delay(attempt);
+            for unit in [0.0, 0.25, 0.5, 0.999_999, 1.0, -1.0, 7.0, f64::NAN, f64::INFINITY] {
+                let jittered = b.jittered(attempt, unit);
+                assert!(jittered >= delay, "attempt {attempt}, unit {unit}: {jittered:?} < {delay:?}");
+                assert!(jittered <= delay.mul_f64(1.0 + MAX_JITTER), "attempt {attempt}, unit {unit}: {jittered:?}");
+            }
+        }
+        assert_eq!(b.jittered(2, 0.0), Duration::from_secs(120));
+        assert_eq!(b.jittered(2, 0.5), Duration::from_secs(132));
+        assert_eq!(b.jittered(2, 0.999_999).as_secs(), 143);
+    }
+
+    #[test]
+    fn the_longest_policy_does_not_overflow() {
+        let b = Backoff { max_attempts: 10, base: Duration::from_secs(86_400), cap: Duration::from_secs(86_400) };
+        assert_eq!(b.jittered(40, 1.0), Duration::from_secs(86_400 + 17_280));
     }
 }

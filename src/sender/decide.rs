@@ -35,10 +35,17 @@ pub enum Effect {
 /// no hint (130429 recovers within seconds).
 const DEFAULT_CHANNEL_BACKOFF: Duration = Duration::from_secs(10);
 
+/// The longest any answer holds a message back: a provider's wait hint beyond a day
+/// is a mistake, and a date further out could overflow.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
 /// Maps one answer to the outcome to record and the effect on the batch. `attempt` is
 /// the attempt that just ran (1-based); `unit` is a random number in [0, 1) for jitter.
 pub fn decide(answer: &SendOutcome, attempt: u32, backoff: &Backoff, now: DateTime<Utc>, unit: f64) -> (Outcome, Effect) {
-    let later = |d: Duration| now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::zero());
+    // Every wait is clamped to a day and the date computed with checked arithmetic, so
+    // no answer can make the sender panic (only a clock near the end of chrono's
+    // calendar falls back on `now`).
+    let later = |d: Duration| chrono::Duration::from_std(d.min(MAX_WAIT)).ok().and_then(|d| now.checked_add_signed(d)).unwrap_or(now);
     match answer {
         SendOutcome::Accepted { provider_message_id } => {
             (Outcome::Sent { provider_message_id: provider_message_id.clone() }, Effect::Continue)
@@ -57,7 +64,7 @@ pub fn decide(answer: &SendOutcome, attempt: u32, backoff: &Backoff, now: DateTi
             }
             // Throughput limits are the channel's, not the message's: no attempt is spent.
             ErrorClass::RateLimitedChannel => {
-                let wait = error.retry_after.unwrap_or(DEFAULT_CHANNEL_BACKOFF);
+                let wait = error.retry_after.unwrap_or(DEFAULT_CHANNEL_BACKOFF).min(MAX_WAIT);
                 (Outcome::Requeue { at: later(wait) }, Effect::SlowDown(wait))
             }
             // A pair-rate limit holds back this recipient only; other messages go on.
@@ -92,7 +99,7 @@ mod tests {
     }
 
     fn backoff() -> Backoff {
-        Backoff { max_attempts: 3, base: Duration::from_secs(60), cap: Duration::from_secs(3600) }
+        Backoff::from(&crate::api::RetryPolicy::default())
     }
 
     fn rejected(class: ErrorClass, code: &str) -> SendOutcome {
@@ -107,13 +114,29 @@ mod tests {
     }
 
     #[test]
-    fn retryable_errors_back_off_then_fail_at_the_limit() {
-        let (o, _) = decide(&rejected(ErrorClass::Retryable, "131000"), 1, &backoff(), now(), 0.0);
-        assert_eq!(o, Outcome::RetryAt { at: now() + chrono::Duration::seconds(30), code: "131000".into(), message: "m".into() });
-        let (o, _) = decide(&rejected(ErrorClass::Retryable, "131000"), 2, &backoff(), now(), 0.0);
-        assert!(matches!(o, Outcome::RetryAt { at, .. } if at == now() + chrono::Duration::seconds(60)));
-        let (o, _) = decide(&rejected(ErrorClass::Retryable, "131000"), 3, &backoff(), now(), 0.0);
-        assert!(matches!(o, Outcome::Failed { ref code, .. } if code == "131000"));
+    fn retryable_errors_back_off_60_120_240_then_fail() {
+        let retry_at = |attempt: u32, unit: f64| match decide(&rejected(ErrorClass::Retryable, "131000"), attempt, &backoff(), now(), unit).0 {
+            Outcome::RetryAt { at, code, .. } => {
+                assert_eq!(code, "131000");
+                Some((at - now()).num_seconds())
+            }
+            Outcome::Failed { code, message } => {
+                assert_eq!(code, "131000");
+                assert!(message.contains("gave up after 4 attempts"), "{message}");
+                None
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!([1, 2, 3, 4].map(|a| retry_at(a, 0.0)), [Some(60), Some(120), Some(240), None]);
+        // Jitter only lengthens: at most a fifth more.
+        assert_eq!([1, 2, 3].map(|a| retry_at(a, 0.5)), [Some(66), Some(132), Some(264)]);
+    }
+
+    #[test]
+    fn a_provider_wait_hint_replaces_the_schedule() {
+        let answer = SendOutcome::Rejected(ProviderError { class: ErrorClass::Retryable, code: "131057".into(), message: "m".into(), retry_after: Some(Duration::from_secs(60)) });
+        let (o, _) = decide(&answer, 3, &backoff(), now(), 0.9);
+        assert!(matches!(o, Outcome::RetryAt { at, .. } if at == now() + chrono::Duration::seconds(60)), "{o:?}");
     }
 
     #[test]
@@ -137,8 +160,35 @@ mod tests {
     }
 
     #[test]
+    fn stop_the_campaign_requeues_and_stops_only_the_campaign() {
+        let (o, e) = decide(&rejected(ErrorClass::StopCampaign, "132015"), 1, &backoff(), now(), 0.0);
+        assert_eq!(o, Outcome::Requeue { at: now() });
+        assert!(matches!(e, Effect::StopCampaign { ref code, .. } if code == "132015"), "{e:?}");
+    }
+
+    #[test]
     fn unknown_is_never_retried() {
         let (o, _) = decide(&SendOutcome::Unknown { reason: "timeout".into() }, 1, &backoff(), now(), 0.0);
         assert_eq!(o, Outcome::Unknown { reason: "timeout".into() });
+    }
+
+    #[test]
+    fn a_wait_too_long_for_a_date_neither_panics_nor_retries_at_once() {
+        // 10^13 s does not fit a chrono duration; 9·10^12 s does but overflows the date.
+        for secs in [10_000_000_000_000u64, 9_000_000_000_000, u64::MAX] {
+            let wait = Some(Duration::from_secs(secs));
+            for class in [ErrorClass::Retryable, ErrorClass::RateLimitedChannel, ErrorClass::RateLimitedRecipient] {
+                let answer = SendOutcome::Rejected(ProviderError { class, code: "x".into(), message: "m".into(), retry_after: wait });
+                let (o, e) = decide(&answer, 1, &backoff(), now(), 0.0);
+                let at = match o {
+                    Outcome::RetryAt { at, .. } | Outcome::Requeue { at } => at,
+                    other => panic!("{class:?}: {other:?}"),
+                };
+                assert_eq!(at, now() + chrono::Duration::seconds(MAX_WAIT.as_secs() as i64), "{class:?} {secs}");
+                if let Effect::SlowDown(d) = e {
+                    assert_eq!(d, MAX_WAIT);
+                }
+            }
+        }
     }
 }
