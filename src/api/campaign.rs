@@ -44,7 +44,10 @@ pub struct CampaignSpec {
     /// When to send.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
-    /// Pause (true) or resume (false). A campaign created suspended is a Draft.
+    /// Pause (true) or resume (false). A campaign created suspended is a Draft. Edits of
+    /// the message, channel or retry policy made while suspended apply to every message
+    /// sent after the resume. Pauses the operator decides itself (failure threshold,
+    /// provider refusals) live in status, never here: `kubectl disparo resume` lifts them.
     #[serde(default)]
     pub suspend: bool,
     /// Stop for good: unsent messages are cancelled. Cannot be set back to false.
@@ -513,6 +516,10 @@ pub struct MessageCounts {
     /// Outcome unknown: the request may have reached the provider; never re-sent
     /// silently, resolved by a later webhook.
     pub unknown: i64,
+    /// Never sent because the contact opted out after the audience was frozen.
+    /// Defaults to 0 so a status written before this count existed still reads.
+    #[serde(default)]
+    pub skipped: i64,
     /// Never sent because the campaign was cancelled.
     pub cancelled: i64,
 }
