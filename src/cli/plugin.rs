@@ -103,8 +103,8 @@ pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
         out.push('\n');
     }
     out.push_str(&format!(
-        "Messages  total {}  pending {}  sent {}  delivered {}  read {}  failed {}  unknown {}  cancelled {}\n",
-        counts.total, counts.pending, counts.sent, counts.delivered, counts.read, counts.failed, counts.unknown, counts.cancelled
+        "Messages  total {}  pending {}  sent {}  delivered {}  read {}  failed {}  unknown {}  skipped {}  cancelled {}\n",
+        counts.total, counts.pending, counts.sent, counts.delivered, counts.read, counts.failed, counts.unknown, counts.skipped, counts.cancelled
     ));
     if let Some(r) = &status.rates {
         out.push_str(&format!("Rates     delivery {:.1}%  read {:.1}%  failure {:.1}%\n", r.delivery * 100.0, r.read * 100.0, r.failure * 100.0));
@@ -158,7 +158,7 @@ fn bar(total: u64) -> ProgressBar {
 
 fn finished(campaign: &Campaign) -> u64 {
     let m = campaign.status.as_ref().and_then(|s| s.messages.clone()).unwrap_or_default();
-    (m.sent + m.failed + m.unknown + m.cancelled).max(0) as u64
+    (m.sent + m.failed + m.unknown + m.skipped + m.cancelled).max(0) as u64
 }
 
 async fn recent_events(client: Client, campaign: &Campaign) -> Vec<Event> {
@@ -318,7 +318,7 @@ mod tests {
             "apiVersion": "disparo.io/v1alpha1", "kind": "Campaign",
             "metadata": {"name": "spring", "namespace": "acme"},
             "spec": {"channelRef": {"name": "main"}, "message": {"text": "hi"}, "audience": {"tags": {"anyOf": ["vip"]}}, "cancel": true},
-            "status": {"phase": "Running", "messages": {"total": 10, "pending": 4, "sent": 6, "delivered": 3, "read": 1, "failed": 0, "unknown": 0, "cancelled": 0},
+            "status": {"phase": "Running", "messages": {"total": 12, "pending": 4, "sent": 6, "delivered": 3, "read": 1, "failed": 0, "unknown": 0, "cancelled": 0, "skipped": 2},
                        "progress": {"percentage": "60%", "ratePerMinute": 12.0},
                        "retries": {"succeededFirstAttempt": 5, "succeededAfterRetry": 1, "permanentFailures": 0, "retriesScheduled": 2, "errors": [{"code": "131000", "count": 2}]}}
         }))
@@ -329,8 +329,21 @@ mod tests {
     fn the_status_view_shows_counts_and_errors() {
         let view = render_status(&campaign(), &[]);
         assert!(view.contains("Phase     Running"));
-        assert!(view.contains("total 10  pending 4  sent 6"));
+        assert!(view.contains("total 12  pending 4  sent 6"));
+        assert!(view.contains("skipped 2"), "{view}");
         assert!(view.contains("131000       2"));
+    }
+
+    #[test]
+    fn a_status_written_before_skipped_existed_still_reads() {
+        let c: Campaign = serde_json::from_value(json!({
+            "apiVersion": "disparo.io/v1alpha1", "kind": "Campaign",
+            "metadata": {"name": "old", "namespace": "acme"},
+            "spec": {"channelRef": {"name": "main"}, "message": {"text": "hi"}, "audience": {"allContacts": true}},
+            "status": {"messages": {"total": 3, "pending": 0, "sent": 3, "delivered": 0, "read": 0, "failed": 0, "unknown": 0, "cancelled": 0}}
+        }))
+        .unwrap();
+        assert_eq!(finished(&c), 3);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub fn message_counts(c: &Counters) -> MessageCounts {
         read: c.read,
         failed: c.failed,
         unknown: c.unknown,
+        skipped: c.skipped,
         cancelled: c.cancelled,
     }
 }
@@ -25,8 +26,8 @@ fn ratio(part: i64, whole: i64) -> f64 {
     if whole <= 0 { 0.0 } else { ((part as f64 / whole as f64) * 1000.0).round() / 1000.0 }
 }
 
-/// Progress: the finished share, the send rate since the first send, and the ETA at
-/// that rate.
+/// Progress: the finished share (skipped and cancelled messages are finished), the send
+/// rate since the first send, and the ETA at that rate.
 pub fn progress(c: &Counters, now: DateTime<Utc>) -> Progress {
     let finished = c.finished();
     let percent = if c.total > 0 { finished * 100 / c.total } else { 100 };
@@ -44,12 +45,13 @@ pub fn progress(c: &Counters, now: DateTime<Utc>) -> Progress {
     Progress { percentage: format!("{percent}%"), rate_per_minute, eta }
 }
 
-/// Delivery, read and failure rates.
+/// Delivery, read and failure rates. Failure is a share of the messages that were
+/// attempted: cancelled and skipped ones never reached the provider.
 pub fn rates(c: &Counters) -> Rates {
     Rates {
         delivery: ratio(c.delivered + c.read, c.at_least_sent()),
         read: ratio(c.read, c.delivered + c.read),
-        failure: ratio(c.failed, c.finished() - c.cancelled),
+        failure: ratio(c.failed, c.finished_attempted()),
     }
 }
 
@@ -152,6 +154,15 @@ mod tests {
         let c = Counters { total: 10, sent: 2, delivered: 2, read: 2, failed: 2, cancelled: 2, ..Default::default() };
         let r = rates(&c);
         assert_eq!((r.delivery, r.read, r.failure), (0.667, 0.5, 0.25));
+    }
+
+    #[test]
+    fn skipped_messages_are_finished_but_never_attempted() {
+        // every remaining contact opted out: the campaign is done
+        let c = Counters { total: 10, sent: 2, failed: 2, skipped: 6, ..Default::default() };
+        assert_eq!(message_counts(&c).skipped, 6);
+        assert_eq!(progress(&c, Utc::now()).percentage, "100%");
+        assert_eq!(rates(&c).failure, 0.5, "a failure rate is a share of attempted messages");
     }
 
     #[test]
