@@ -230,3 +230,80 @@ async fn a_spent_day_window_exits_with_the_rate_limit_code() {
     assert_eq!(pause, disparo::store::pauses::ChannelPause::WindowSpent { until });
     assert_eq!(statuses(&pool, uid).await.get("pending"), Some(&6));
 }
+
+/// Graceful: a spent cap makes the sender wait for the next token; nothing pauses and
+/// the run does not end. Hard: the same cap pauses the channel until the window ends.
+#[tokio::test]
+async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 10, 100).await;
+    let graceful = RateLimitsSpec { per_minute: Some(3), per_hour: None, per_day: None, mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) };
+    let cfg = config(uid, "soft", &sandbox, RetryPolicy::default(), graceful, 8);
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move { run_in_process(&pool, &cfg, 0).await }
+    });
+    // Three go in this minute; the sender then waits instead of ending or pausing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sandbox.ledger().accepted_count() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the sender made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "a Graceful sender waits for the next token");
+    assert_eq!(disparo::store::pauses::channel_pause(&pool, "acme", "soft").await.unwrap(), None, "Graceful never pauses the channel");
+    run.abort();
+
+    let (uid, _) = campaign(&pool, 10, 100).await;
+    let hard = RateLimitsSpec { per_minute: Some(3), per_hour: None, per_day: None, mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let cfg = config(uid, "strict", &sandbox, RetryPolicy::default(), hard, 8);
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move { run_in_process(&pool, &cfg, 0).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let pause = loop {
+        if let Some(pause) = disparo::store::pauses::channel_pause(&pool, "acme", "strict").await.unwrap() {
+            break pause;
+        }
+        assert!(std::time::Instant::now() < deadline, "a Hard channel whose cap is spent pauses");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let minute_end = disparo::store::rate::WindowKind::Minute.start_of(chrono::Utc::now()) + chrono::Duration::minutes(1);
+    assert!(matches!(pause, disparo::store::pauses::ChannelPause::WindowSpent { until } if until <= minute_end), "{pause:?}");
+    run.abort();
+}
+
+/// On a spaced channel, SIGTERM while messages wait for their send slot ends the run
+/// without sending them, and they go back to pending: none is sent late, none is left
+/// `unknown`.
+#[tokio::test]
+async fn sigterm_during_the_slot_wait_requeues_instead_of_sending() {
+    let (pool, url) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 40, 100).await;
+    // Other senders of the channel hold the next 30 s of slots: this sender's first
+    // block waits that long for its turn.
+    sqlx::query("INSERT INTO channel_state (organization, channel, next_slot_at) VALUES ('acme', 'spaced', now() + interval '30 seconds')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
+    let cfg = config(uid, "spaced", &sandbox, RetryPolicy::default(), spaced, 16);
+    let mut child = sender_process(&url, &cfg, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while statuses(&pool, uid).await.get("sending").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the sender claimed nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = child.id().unwrap() as i32;
+    std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(sender::EXIT_INTERRUPTED));
+    assert_eq!(sandbox.ledger().accepted_count(), 0, "a message waiting for its slot is not sent after SIGTERM");
+    let by_status = statuses(&pool, uid).await;
+    assert_eq!(by_status.get("pending"), Some(&40), "every message is pending again: {by_status:?}");
+    let (attempts,): (i64,) = sqlx::query_as("SELECT sum(attempts) FROM campaign_messages WHERE campaign_uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    assert_eq!(attempts, 0, "a requeued wait spends no attempt");
+}

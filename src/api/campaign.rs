@@ -44,7 +44,10 @@ pub struct CampaignSpec {
     /// When to send.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
-    /// Pause (true) or resume (false). A campaign created suspended is a Draft.
+    /// Pause (true) or resume (false). A campaign created suspended is a Draft. Edits of
+    /// the message, channel or retry policy made while suspended apply to every message
+    /// sent after the resume. Pauses the operator decides itself (failure threshold,
+    /// provider refusals) live in status, never here: `kubectl disparo resume` lifts them.
     #[serde(default)]
     pub suspend: bool,
     /// Stop for good: unsent messages are cancelled. Cannot be set back to false.

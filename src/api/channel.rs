@@ -104,14 +104,18 @@ fn default_webhook_header() -> String {
 /// How a channel keeps under its caps.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum RateLimitMode {
-    /// Never exceed any cap; when the day cap is spent, campaigns pause until it resets.
+    /// Never exceed any cap: when a cap is spent, the channel's campaigns go
+    /// `RateLimited` until its window resets (`resumeAt`); a wait longer than a minute
+    /// suspends their sending Jobs.
     Hard,
-    /// Space sends by a minimum interval and respect the caps.
+    /// Respect the caps by waiting: senders wait for the next token and keep the
+    /// minimum spacing; campaigns never pause for a cap.
     Graceful,
 }
 
 /// Caps on how many messages the channel sends. Unset caps take the provider's
 /// defaults (Meta: 20/min, 100/h, 500/day, Hard; Evolution: 1000/h, Graceful, 500 ms).
+/// Edits reach the senders already running within seconds.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitsSpec {

@@ -207,7 +207,7 @@ pub async fn send_state(pool: &PgPool, organization: &str, channel: &str, campai
            FROM (SELECT 1) AS one
            LEFT JOIN channel_state s ON s.organization = $1 AND s.channel = $2
            LEFT JOIN LATERAL (
-               SELECT stop_code, stop_message, (to_jsonb(campaigns) ->> 'cancelled_at') IS NOT NULL AS cancelled
+               SELECT stop_code, stop_message, cancelled_at IS NOT NULL AS cancelled
                FROM campaigns WHERE uid = $3
            ) c ON true"#,
     )
