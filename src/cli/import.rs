@@ -2,6 +2,11 @@
 //! an organization, streaming the file in batches so a million rows never sit in memory,
 //! validating every phone number with libphonenumber's rules, and reporting each
 //! rejected row with its line number while the good rows load.
+//!
+//! Only what the file states changes: a column (or JSON field) the file does not have
+//! leaves the stored value alone, so a file of names does not erase anyone's tags.
+//! Line numbers are those an editor shows, whatever the line endings (LF, CRLF, CR),
+//! with or without a UTF-8 byte-order mark, and with quoted fields spanning lines.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
 
-use crate::store::contacts::{self, NewContact};
+use crate::store::contacts::{self, ContactUpdate};
 
 /// Arguments of `contacts import`.
 #[derive(Debug, clap::Args)]
@@ -21,8 +26,10 @@ pub struct ImportArgs {
     /// Organization (Kubernetes namespace) the contacts belong to.
     #[arg(long, short = 'n')]
     pub namespace: String,
-    /// CSV file with a header row (`phone`, optional `name`, `tags`, other columns become
-    /// attributes) or JSON lines (`{"phone":..,"name":..,"tags":[..],"attributes":{..}}`).
+    /// CSV file with a header row (`phone`, optional `name`, `tags`, `whatsapp_id`, other
+    /// columns become attributes) or JSON lines
+    /// (`{"phone":..,"name":..,"tags":[..],"attributes":{..},"whatsapp_id":..}`). Columns
+    /// or fields the file lacks leave the stored values alone.
     pub file: PathBuf,
     /// Input format; guessed from the file extension when omitted.
     #[arg(long, value_enum)]
@@ -95,13 +102,29 @@ pub fn normalize_phone(raw: &str, default_region: Option<phonenumber::country::I
     Ok(number.format().mode(phonenumber::Mode::E164).to_string())
 }
 
-/// A row before phone validation.
+/// A row before phone validation. `None` (and absent attributes): not in the file.
 #[derive(Debug, Default)]
 struct RawRow {
     phone: String,
     name: Option<String>,
-    tags: Vec<String>,
+    tags: Option<Vec<String>>,
     attributes: Map<String, Value>,
+    whatsapp_id: Option<String>,
+}
+
+/// A WhatsApp id as a person may write it (`+55 11 99999-9999`): its digits, 7 to 15
+/// of them; blank means not given.
+fn whatsapp_id(raw: &str) -> Result<Option<String>, String> {
+    let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    let digits: String = trimmed.chars().filter(|c| !matches!(c, '+' | ' ' | '-' | '(' | ')' | '.')).collect();
+    if (7..=15).contains(&digits.len()) && digits.chars().all(|c| c.is_ascii_digit()) {
+        Ok(Some(digits))
+    } else {
+        Err(format!("whatsapp_id {trimmed:?} is not a WhatsApp id (7 to 15 digits)"))
+    }
 }
 
 fn split_tags(raw: &str) -> Vec<String> {
@@ -126,15 +149,17 @@ fn row_from_json(line: &str) -> Result<RawRow, String> {
         Some(_) => return Err("name must be a string".into()),
     };
     let tags = match obj.remove("tags") {
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|t| match t {
-                Value::String(s) => Ok(s),
-                _ => Err("tags must be strings".to_owned()),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        Some(Value::String(s)) => split_tags(&s),
-        Some(Value::Null) | None => Vec::new(),
+        Some(Value::Array(items)) => Some(
+            items
+                .into_iter()
+                .map(|t| match t {
+                    Value::String(s) => Ok(s),
+                    _ => Err("tags must be strings".to_owned()),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Some(Value::String(s)) => Some(split_tags(&s)),
+        Some(Value::Null) | None => None,
         Some(_) => return Err("tags must be a list of strings".into()),
     };
     let attributes = match obj.remove("attributes") {
@@ -142,7 +167,13 @@ fn row_from_json(line: &str) -> Result<RawRow, String> {
         Some(Value::Null) | None => Map::new(),
         Some(_) => return Err("attributes must be an object".into()),
     };
-    Ok(RawRow { phone, name, tags, attributes })
+    let whatsapp_id = match obj.remove("whatsapp_id") {
+        Some(Value::String(s)) => whatsapp_id(&s)?,
+        Some(Value::Number(n)) => whatsapp_id(&n.to_string())?,
+        Some(Value::Null) | None => None,
+        Some(_) => return Err("whatsapp_id must be a string".into()),
+    };
+    Ok(RawRow { phone, name, tags, attributes, whatsapp_id })
 }
 
 /// Validates and batches rows, upserting each full batch.
@@ -151,7 +182,7 @@ struct Loader<'a> {
     organization: &'a str,
     region: Option<phonenumber::country::Id>,
     batch_size: usize,
-    batch: Vec<NewContact>,
+    batch: Vec<ContactUpdate>,
     index: HashMap<String, usize>,
     report: ImportReport,
 }
@@ -173,11 +204,12 @@ impl<'a> Loader<'a> {
                 return Ok(());
             }
         };
-        let contact = NewContact { phone: phone.clone(), name: row.name, tags: row.tags, attributes: Value::Object(row.attributes), whatsapp_id: None };
+        let contact = ContactUpdate { phone: phone.clone(), name: row.name, tags: row.tags, attributes: row.attributes, whatsapp_id: row.whatsapp_id };
         // One statement cannot upsert the same row twice: a phone repeated within a batch
-        // keeps its last row, and counts as an update.
+        // is folded into its earlier row (what the later row gives wins), and counts as
+        // an update.
         if let Some(&at) = self.index.get(&phone) {
-            self.batch[at] = contact;
+            self.batch[at].merge(contact);
             self.report.updated += 1;
         } else {
             self.index.insert(phone, self.batch.len());
@@ -193,12 +225,110 @@ impl<'a> Loader<'a> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let done = contacts::upsert(self.pool, self.organization, &self.batch).await.context("upserting contacts")?;
+        let done = contacts::upsert_given(self.pool, self.organization, &self.batch).await.context("upserting contacts")?;
         self.report.inserted += done.inserted;
         self.report.updated += done.updated;
         self.batch.clear();
         self.index.clear();
         Ok(())
+    }
+}
+
+/// The file's text with the line breaks an editor sees turned into `\n` (CRLF and a lone
+/// CR alike) and a leading UTF-8 byte-order mark dropped. The CSV reader counts lines
+/// by `\n` and ends a record at the `\r` of a CRLF, so it reported every row after the
+/// first CRLF one line too early, and a CR-only file as one line; on this text its line
+/// numbers are the editor's. A CRLF inside a quoted field becomes `\n` as well.
+struct EditorLines<R> {
+    inner: R,
+    /// Bytes read from `inner`, transformed, and not yet handed out (from `out_at` on).
+    out: Vec<u8>,
+    out_at: usize,
+    scratch: Vec<u8>,
+    /// The last byte read was a CR: whether it ends a CRLF depends on the next byte.
+    pending_cr: bool,
+    bom_checked: bool,
+}
+
+impl<R: Read> EditorLines<R> {
+    const CHUNK: usize = 64 * 1024;
+
+    fn new(inner: R) -> Self {
+        Self { inner, out: Vec::new(), out_at: 0, scratch: vec![0; Self::CHUNK], pending_cr: false, bom_checked: false }
+    }
+
+    /// Reads into `out` until it holds something or the input ends.
+    fn fill(&mut self) -> std::io::Result<()> {
+        self.out.clear();
+        self.out_at = 0;
+        while self.out.is_empty() {
+            let mut n = self.read_some(0)?;
+            if !self.bom_checked {
+                // the mark is three bytes; a short first read must not hide it
+                while n < 3 {
+                    let more = self.read_some(n)?;
+                    if more == n {
+                        break;
+                    }
+                    n = more;
+                }
+                self.bom_checked = true;
+                let start = if self.scratch[..n].starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
+                self.transform(start, n);
+            } else {
+                self.transform(0, n);
+            }
+            if n == 0 {
+                if std::mem::take(&mut self.pending_cr) {
+                    self.out.push(b'\n');
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads once into `scratch[from..]`; returns how much of `scratch` is filled.
+    fn read_some(&mut self, from: usize) -> std::io::Result<usize> {
+        loop {
+            match self.inner.read(&mut self.scratch[from..]) {
+                Ok(n) => return Ok(from + n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn transform(&mut self, from: usize, to: usize) {
+        for &byte in &self.scratch[from..to] {
+            if std::mem::take(&mut self.pending_cr) {
+                self.out.push(b'\n');
+                if byte == b'\n' {
+                    continue;
+                }
+            }
+            if byte == b'\r' {
+                self.pending_cr = true;
+            } else {
+                self.out.push(byte);
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for EditorLines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.out_at >= self.out.len() {
+            self.fill()?;
+        }
+        let available = &self.out[self.out_at..];
+        let n = available.len().min(buf.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.out_at += n;
+        Ok(n)
     }
 }
 
@@ -251,7 +381,7 @@ pub async fn import_file(
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let bar = progress_bar(len);
-    let reader = BufReader::new(Counted { inner: file, bar: bar.clone() });
+    let reader = BufReader::new(EditorLines::new(BufReader::new(Counted { inner: file, bar: bar.clone() })));
     let mut loader = Loader {
         pool,
         organization,
@@ -309,7 +439,8 @@ fn row_from_csv(headers: &[String], phone_col: usize, record: &csv::StringRecord
         match header.as_str() {
             "phone" => {}
             "name" => row.name = Some(value.to_owned()).filter(|v| !v.is_empty()),
-            "tags" => row.tags = split_tags(value),
+            "tags" => row.tags = Some(split_tags(value)),
+            "whatsapp_id" => row.whatsapp_id = whatsapp_id(value)?,
             key if !value.is_empty() => {
                 row.attributes.insert(key.to_owned(), Value::String(value.to_owned()));
             }
@@ -353,10 +484,58 @@ mod tests {
     #[test]
     fn json_rows_parse_and_reject_clearly() {
         let row = row_from_json(r#"{"phone":"+5511999999999","name":"Ana","tags":["vip"],"attributes":{"city":"SP"}}"#).unwrap();
-        assert_eq!(row.tags, vec!["vip"]);
+        assert_eq!(row.tags, Some(vec!["vip".to_owned()]));
         assert_eq!(row.attributes["city"], "SP");
         assert_eq!(row_from_json(r#"{"name":"x"}"#).unwrap_err(), "missing field phone");
         assert!(row_from_json("{").unwrap_err().starts_with("invalid JSON"));
+        let bare = row_from_json(r#"{"phone":"+5511999999999","tags":null,"whatsapp_id":"+55 11 99999-9999"}"#).unwrap();
+        assert_eq!((bare.name, bare.tags, bare.whatsapp_id.as_deref()), (None, None, Some("5511999999999")), "absent fields are not given");
+        assert!(row_from_json(r#"{"phone":"1","whatsapp_id":"abc"}"#).unwrap_err().contains("whatsapp_id"));
+    }
+
+    fn editor_text(input: &[u8], chunk: usize) -> Vec<u8> {
+        /// Hands out at most `chunk` bytes a read, as a slow pipe would.
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(self.1).min(buf.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut out = Vec::new();
+        EditorLines::new(Trickle(input, chunk)).read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn editor_lines_are_lf_lines_without_a_byte_order_mark() {
+        for chunk in [1, 2, 3, 4, 7, 1 << 20] {
+            for (input, expected) in [
+                (&b"a\r\nb\r\n"[..], &b"a\nb\n"[..]),
+                (b"a\rb\r", b"a\nb\n"),
+                (b"a\r\r\nb", b"a\n\nb"),
+                (b"\xEF\xBB\xBFa\r\nb", b"a\nb"),
+                (b"\xEF\xBB\xBF", b""),
+                (b"\xEF\xBB", b"\xEF\xBB"),
+                (b"a\xEF\xBB\xBF", b"a\xEF\xBB\xBF"),
+                (b"\"x\r\ny\"\r", b"\"x\ny\"\n"),
+                (b"", b""),
+                (b"\r", b"\n"),
+            ] {
+                assert_eq!(editor_text(input, chunk), expected, "{:?} in reads of {chunk}", String::from_utf8_lossy(input));
+            }
+        }
+    }
+
+    #[test]
+    fn whatsapp_ids_are_digits() {
+        assert_eq!(whatsapp_id(" 5511999999999 "), Ok(Some("5511999999999".into())));
+        assert_eq!(whatsapp_id("+1 (555) 012-3456"), Ok(Some("15550123456".into())));
+        assert_eq!(whatsapp_id(""), Ok(None));
+        assert!(whatsapp_id("12345").is_err());
+        assert!(whatsapp_id("55119999x9999").is_err());
     }
 
     #[test]
