@@ -254,6 +254,48 @@ async fn a_lost_answer_after_acceptance_is_unknown_and_still_in_the_ledger() {
 }
 
 #[tokio::test]
+async fn a_gateway_504_after_acceptance_is_unknown_for_both_providers() {
+    let mut config = config();
+    config.faults.gateway_timeout_recipients = vec!["+15551234567".into(), "5511999999999".into()];
+    let sandbox = start(config).await;
+
+    let outcome = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234567", "m")).await;
+    assert!(matches!(outcome, SendOutcome::Unknown { ref reason } if reason.contains("504")), "{outcome:?}");
+    let outcome = evolution(sandbox.base_url(), INSTANCE, API_KEY).send(&text("+5511999999999")).await;
+    assert!(matches!(outcome, SendOutcome::Unknown { ref reason } if reason.contains("504")), "{outcome:?}");
+    assert_eq!(sandbox.ledger().accepted_count(), 2, "the provider did send both");
+
+    // Others are answered normally; the probability form reaches everyone.
+    accepted(meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234568", "m")).await);
+    sandbox.set_faults(Faults { gateway_timeout: 1.0, ..Faults::default() }).unwrap();
+    let outcome = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234569", "m")).await;
+    assert!(matches!(outcome, SendOutcome::Unknown { .. }), "{outcome:?}");
+    assert_eq!(sandbox.ledger().accepted_count(), 4);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_template_on_an_evolution_channel_stops_the_campaign_without_a_request() {
+    let sandbox = start(config()).await;
+    let error = rejected(evolution(sandbox.base_url(), INSTANCE, API_KEY).send(&template("+5511999999999", "m")).await);
+    assert_eq!((error.class, error.code.as_str()), (ErrorClass::StopCampaign, "evolution_template_unsupported"));
+    assert_eq!(sandbox.ledger().accepted_count(), 0);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn paused_and_disabled_meta_templates_stop_the_campaign() {
+    let sandbox = start(config()).await;
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+    for code in [132015, 132016] {
+        sandbox.set_faults(Faults { codes: BTreeMap::from([(code, 1.0)]), ..Faults::default() }).unwrap();
+        let error = rejected(client.send(&template("+15551234567", "m")).await);
+        assert_eq!((error.class, error.code), (ErrorClass::StopCampaign, code.to_string()));
+    }
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_refused_connection_is_a_retryable_network_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

@@ -42,6 +42,12 @@ pub fn choose_fault(faults: &Faults, draw: f64) -> Option<Fault> {
     None
 }
 
+/// Whether an accepted message's answer is replaced by a gateway's 504: its recipient
+/// (digits) is listed, or the uniform `draw` in [0, 1) falls under the probability.
+pub fn behind_gateway(faults: &Faults, recipient_digits: &str, draw: f64) -> bool {
+    draw < faults.gateway_timeout || faults.gateway_timeout_recipients.iter().any(|n| digits(n) == recipient_digits)
+}
+
 /// A duration uniform in `[min_ms, max_ms]`.
 pub fn between(rng: &mut impl Rng, min_ms: u64, max_ms: u64) -> Duration {
     Duration::from_millis(if max_ms > min_ms { rng.random_range(min_ms..=max_ms) } else { min_ms })
@@ -187,6 +193,15 @@ mod tests {
             assert_eq!(choose_fault(&faults, draw), expected, "draw {draw}");
         }
         assert_eq!(choose_fault(&Faults::default(), 0.0), None);
+    }
+
+    #[test]
+    fn gateway_timeouts_by_probability_or_recipient() {
+        let faults = Faults { gateway_timeout: 0.25, gateway_timeout_recipients: vec!["+55 11 90000-0001".into()], ..Faults::default() };
+        assert!(behind_gateway(&faults, "15551234567", 0.1));
+        assert!(!behind_gateway(&faults, "15551234567", 0.3));
+        assert!(behind_gateway(&faults, "5511900000001", 0.99));
+        assert!(!behind_gateway(&Faults::default(), "5511900000001", 0.0));
     }
 
     fn quiet() -> WebhookBehaviour {

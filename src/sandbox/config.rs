@@ -185,6 +185,14 @@ pub struct Faults {
     pub timeout: f64,
     /// How long such an answer is held; make it longer than the client's timeout.
     pub timeout_delay_ms: u64,
+    /// Probability that an accepted message's answer is lost behind a gateway: the
+    /// message *is* sent (ledger, webhooks) but the client gets an nginx-style 504 page
+    /// instead of the provider's answer, as from a proxy whose upstream was slow. A
+    /// client that retries it sends the message twice.
+    pub gateway_timeout: f64,
+    /// Recipients (E.164, with or without `+`) whose every accepted message meets that
+    /// 504, whatever `gateway_timeout` draws: what a test asserts on exactly.
+    pub gateway_timeout_recipients: Vec<String>,
     /// At most this many accepted messages in any trailing 60 s; beyond it Meta answers
     /// 130429 and Evolution `rate-overlimit`.
     pub per_minute_cap: Option<u32>,
@@ -200,6 +208,8 @@ impl Default for Faults {
             codes: BTreeMap::new(),
             timeout: 0.0,
             timeout_delay_ms: 60_000,
+            gateway_timeout: 0.0,
+            gateway_timeout_recipients: Vec::new(),
             per_minute_cap: None,
         }
     }
@@ -208,7 +218,7 @@ impl Default for Faults {
 impl Faults {
     /// Checks that every probability is in [0, 1] and that the shared draw adds up.
     pub fn validate(&self) -> Result<()> {
-        let named = [("retryable", self.retryable), ("rate_limit", self.rate_limit), ("pair_rate", self.pair_rate), ("permanent", self.permanent), ("timeout", self.timeout)];
+        let named = [("retryable", self.retryable), ("rate_limit", self.rate_limit), ("pair_rate", self.pair_rate), ("permanent", self.permanent), ("timeout", self.timeout), ("gateway_timeout", self.gateway_timeout)];
         for (name, p) in named.iter().copied().chain(self.codes.values().map(|p| ("codes", *p))) {
             probability(&format!("faults.{name}"), p)?;
         }
@@ -372,6 +382,9 @@ pub struct SandboxArgs {
     /// Probability that an accepted message's answer is held past the client timeout.
     #[arg(long)]
     pub timeout_probability: Option<f64>,
+    /// Probability that an accepted message's answer is replaced by a gateway's 504.
+    #[arg(long)]
+    pub gateway_timeout_probability: Option<f64>,
     /// Accepted messages allowed in any trailing minute.
     #[arg(long)]
     pub per_minute_cap: Option<u32>,
@@ -421,6 +434,7 @@ impl SandboxArgs {
         set(&mut config.faults.pair_rate, &self.fail_pair_rate);
         set(&mut config.faults.permanent, &self.fail_permanent);
         set(&mut config.faults.timeout, &self.timeout_probability);
+        set(&mut config.faults.gateway_timeout, &self.gateway_timeout_probability);
         if self.per_minute_cap.is_some() {
             config.faults.per_minute_cap = self.per_minute_cap;
         }
@@ -457,6 +471,8 @@ faults:
   retryable: 0.1
   codes: { 131049: 0.05 }
   per_minute_cap: 20
+  gateway_timeout: 0.1
+  gateway_timeout_recipients: ["+5511900000001"]
 not_on_whatsapp: ["+5511900000000"]
 webhooks: { read: 0.0 }
 "#;
@@ -468,6 +484,8 @@ webhooks: { read: 0.0 }
         assert_eq!(config.meta.templates[0].body_parameters, Some(2));
         assert_eq!(config.evolution.instances[1].state, ConnectionState::Close);
         assert_eq!(config.faults.codes.get(&131049), Some(&0.05));
+        assert_eq!(config.faults.gateway_timeout, 0.1);
+        assert_eq!(config.faults.gateway_timeout_recipients, vec!["+5511900000001".to_owned()]);
         assert_eq!(config.webhooks.read, 0.0);
         assert_eq!(config.webhooks.delivered, 0.95);
     }
@@ -479,6 +497,9 @@ webhooks: { read: 0.0 }
         config.faults.retryable = 0.7;
         config.faults.permanent = 0.5;
         assert!(matches!(config.validate(), Err(Error::Config(_))));
+        let mut config = SandboxConfig::default();
+        config.faults.gateway_timeout = 1.5;
+        assert!(config.validate().is_err());
         let mut config = SandboxConfig::default();
         config.webhooks.read = 1.5;
         assert!(config.validate().is_err());

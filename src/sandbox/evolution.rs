@@ -15,7 +15,7 @@ use tracing::debug;
 
 use super::behaviour::{self, Batching, Fault, Status};
 use super::ledger::Accepted;
-use super::server::{Shared, credential_matches};
+use super::server::{Shared, credential_matches, gateway_timeout};
 use crate::api::Provider;
 use crate::providers::evolution::{API_KEY_HEADER, ConnectionState};
 use crate::providers::mask_phone;
@@ -106,6 +106,10 @@ pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<S
             server_url: shared.server_url.clone(),
         };
         shared.webhooks.dispatch(target.clone(), posts, move |statuses| update_body(&sent, statuses));
+    }
+    if shared.behind_gateway(&digits, &dice) {
+        // The message is sent; a proxy in front answers instead of Evolution.
+        return gateway_timeout();
     }
     if let Some(hold) = dice.hold {
         shared.pause(hold).await;

@@ -14,7 +14,7 @@ use tracing::debug;
 
 use super::behaviour::{self, Batching, Fault, Status};
 use super::ledger::Accepted;
-use super::server::{Shared, credential_matches};
+use super::server::{Shared, credential_matches, gateway_timeout};
 use crate::api::Provider;
 use crate::providers::classify::meta_code;
 use crate::providers::mask_phone;
@@ -83,6 +83,10 @@ pub async fn send(State(shared): State<Arc<Shared>>, Path((_version, phone_numbe
             category: if request.is_template { "marketing" } else { "service" },
         };
         shared.webhooks.dispatch(target.clone(), posts, move |statuses| status_body(&sent, statuses));
+    }
+    if shared.behind_gateway(&request.digits, &dice) {
+        // The message is sent; a proxy in front answers instead of Graph.
+        return gateway_timeout();
     }
     if let Some(hold) = dice.hold {
         // The message is sent; the answer is what gets lost.

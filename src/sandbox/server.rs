@@ -63,6 +63,8 @@ pub struct Dice {
     pub fault: Option<Fault>,
     /// Hold the answer of an accepted message this long (lost response).
     pub hold: Option<Duration>,
+    /// Uniform draw in [0, 1) for the gateway 504 ([`behaviour::behind_gateway`]).
+    pub gateway_draw: f64,
 }
 
 impl Shared {
@@ -144,7 +146,13 @@ impl Shared {
         let draw: f64 = rng.random();
         let fault = behaviour::choose_fault(&faults, draw);
         let hold = behaviour::chance(&mut rng, faults.timeout).then(|| Duration::from_millis(faults.timeout_delay_ms));
-        Dice { latency, fault, hold }
+        Dice { latency, fault, hold, gateway_draw: rng.random() }
+    }
+
+    /// Whether the answer to an accepted message to `recipient_digits` is lost behind a
+    /// gateway (see [`gateway_timeout`]).
+    pub fn behind_gateway(&self, recipient_digits: &str, dice: &Dice) -> bool {
+        behaviour::behind_gateway(&self.faults(), recipient_digits, dice.gateway_draw)
     }
 
     /// Records an accepted message in the ledger; false when the per-minute cap is
@@ -223,6 +231,14 @@ async fn put_instance_state(State(shared): State<Arc<Shared>>, Path(instance): P
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => (StatusCode::NOT_FOUND, e.to_string()).into_response(),
     }
+}
+
+/// What a reverse proxy (nginx) answers when its upstream is too slow: a 504 with an
+/// HTML page, nothing of the provider's. The sandbox sends it *after* accepting the
+/// message, the case a client must not retry.
+pub fn gateway_timeout() -> Response {
+    const PAGE: &str = "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+    (StatusCode::GATEWAY_TIMEOUT, [(axum::http::header::CONTENT_TYPE, "text/html")], PAGE).into_response()
 }
 
 /// Compares a presented credential with the expected one in constant time.
