@@ -307,3 +307,123 @@ async fn sigterm_during_the_slot_wait_requeues_instead_of_sending() {
     let (attempts,): (i64,) = sqlx::query_as("SELECT sum(attempts) FROM campaign_messages WHERE campaign_uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
     assert_eq!(attempts, 0, "a requeued wait spends no attempt");
 }
+
+/// A TCP proxy in front of Postgres that can drop every connection and refuse new ones
+/// for a while: what a Postgres restart or failover looks like to a sender.
+struct FlakyProxy {
+    port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::broadcast::Sender<()>,
+}
+
+impl FlakyProxy {
+    async fn start(target: std::net::SocketAddr) -> FlakyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (cut, _) = tokio::sync::broadcast::channel(4);
+        let (accept_down, accept_cut) = (down.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if accept_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused, as by a restarting server
+                }
+                let mut cut = accept_cut.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = cut.recv() => {}
+                    }
+                });
+            }
+        });
+        FlakyProxy { port, down, cut }
+    }
+
+    /// Drops every connection and refuses new ones for `outage`.
+    async fn outage(&self, outage: Duration) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.cut.send(());
+        tokio::time::sleep(outage).await;
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Postgres going away mid-batch (connections reset, refused for a few seconds) costs a
+/// pause, not a failed pod: the sender retries, finishes, sends nobody twice and loses
+/// nothing.
+#[tokio::test]
+async fn a_postgres_outage_mid_batch_is_retried_without_duplicates() {
+    let (pool, url) = common::fresh_db().await;
+    let sandbox = sandbox(5, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 600, 1000).await;
+    // postgres://user:pass@HOST:PORT/db: the same URL through the proxy.
+    let (head, rest) = url.split_once('@').unwrap();
+    let (address, db) = rest.split_once('/').unwrap();
+    let proxy = FlakyProxy::start(address.parse().unwrap()).await;
+    let through = format!("{head}@127.0.0.1:{}/{db}", proxy.port);
+    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 8);
+    let mut child = sender_process(&through, &cfg, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sandbox.ledger().accepted_count() < 100 {
+        assert!(std::time::Instant::now() < deadline, "the sender made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.outage(Duration::from_secs(3)).await;
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(0), "the sender rode out the outage");
+    let ledger = sandbox.ledger();
+    assert!(ledger.duplicates().is_empty(), "nobody got two messages: {:?}", ledger.duplicates());
+    let by_status = statuses(&pool, uid).await;
+    assert_eq!(by_status.get("pending"), None, "{by_status:?}");
+    assert_eq!(by_status.get("sending"), None, "{by_status:?}");
+    let sent = by_status.get("sent").copied().unwrap_or(0);
+    let unknown = by_status.get("unknown").copied().unwrap_or(0);
+    assert_eq!(sent + unknown, 600, "{by_status:?}");
+    assert!(ledger.accepted_count() as i64 >= sent && ledger.accepted_count() as i64 <= sent + unknown);
+    let by_status = |c: &campaigns::Counters| (c.total, c.pending, c.sending, c.unknown, c.sent, c.failed, c.cancelled, c.skipped);
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!(by_status(&counters), by_status(&campaigns::recount(&pool, uid).await.unwrap()), "counters equal a recount");
+}
+
+/// The retry schedule as a real sender runs it: with base 1 s, a message that keeps
+/// failing is sent 4 times (the default count), the retries no sooner than 1, 2 and
+/// 4 s after the previous send (jitter never shortens) and no later than a fifth more
+/// plus the loop's own slack; then it is failed.
+#[tokio::test]
+async fn a_failing_message_is_retried_after_one_two_four_seconds_then_failed() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults { retryable: 1.0, ..Default::default() }).await;
+    let (uid, _) = campaign(&pool, 3, 100).await;
+    let retry = RetryPolicy { base_delay_seconds: 1, ..RetryPolicy::default() };
+    assert_eq!(retry.max_attempts, 4, "the default is the first send and three retries");
+    let cfg = config(uid, "main", &sandbox, retry, unlimited(), 8);
+    assert_eq!(run_in_process(&pool, &cfg, 0).await, sender::BatchEnd::Done);
+
+    let rows: Vec<(String, i32, serde_json::Value)> =
+        sqlx::query_as("SELECT status::text, attempts, status_history FROM campaign_messages WHERE campaign_uid = $1").bind(uid).fetch_all(&pool).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let time = |entry: &serde_json::Value, field: &str| -> chrono::DateTime<chrono::Utc> {
+        entry[field].as_str().unwrap_or_else(|| panic!("no {field} in {entry}")).parse().unwrap()
+    };
+    let slack = chrono::Duration::milliseconds(750);
+    for (status, attempts, history) in &rows {
+        assert_eq!((status.as_str(), *attempts), ("failed", 4), "{history}");
+        let sends: Vec<&serde_json::Value> = history.as_array().unwrap().iter().filter(|h| h.get("startedAt").is_some()).collect();
+        assert_eq!(sends.len(), 4, "{history}");
+        for (i, delay_ms) in [1_000i64, 2_000, 4_000].into_iter().enumerate() {
+            let (previous, next) = (sends[i], sends[i + 1]);
+            let delay = chrono::Duration::milliseconds(delay_ms);
+            // The retry was decided after the previous send started: no sooner than the
+            // un-jittered delay after that start.
+            assert!(time(next, "startedAt") - time(previous, "startedAt") >= delay, "retry {} too early: {history}", i + 1);
+            assert!(time(next, "startedAt") >= time(previous, "retryAt"), "sent before its retry time: {history}");
+            // And no later than the jittered delay after the failure was recorded.
+            let max = chrono::Duration::milliseconds(delay_ms * 6 / 5) + slack;
+            assert!(time(next, "startedAt") - time(previous, "at") <= max, "retry {} too late: {history}", i + 1);
+        }
+        assert_eq!(sends[3]["status"], "failed", "{history}");
+    }
+    assert_eq!(sandbox.ledger().accepted_count(), 0);
+}

@@ -112,10 +112,40 @@ pub async fn run_batch(
     shutdown: &CancellationToken,
 ) -> Result<BatchEnd> {
     let run_id = Uuid::new_v4().simple().to_string();
-    let interrupted = retrying("recovering interrupted sends", shutdown, || messages::recover_interrupted(pool, job.campaign, job.batch)).await?;
+    let interrupted = retrying("recovering interrupted sends", || messages::recover_interrupted(pool, job.campaign, job.batch)).await?;
     if interrupted > 0 {
         warn!(interrupted, "messages left mid-send by a previous run are now unknown (never re-sent)");
     }
+    loop {
+        let outcome = run_lanes(pool, job, client.clone(), metrics, shutdown, &run_id).await?;
+        if shutdown.is_cancelled() && outcome == BatchEnd::Done {
+            let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+            if remaining.pending > 0 {
+                return Ok(BatchEnd::Interrupted);
+            }
+        }
+        if outcome != BatchEnd::Done || shutdown.is_cancelled() {
+            return Ok(outcome);
+        }
+        // Nothing is in flight now: a row still `sending` was claimed by a statement whose
+        // answer was lost to a dropped connection, and never sent.
+        let lost = retrying("releasing lost claims", || messages::release_lost_claims(pool, job.campaign, job.batch)).await?;
+        if lost == 0 {
+            return Ok(BatchEnd::Done);
+        }
+        warn!(lost, "claims whose answer was lost go back to pending");
+    }
+}
+
+/// Runs the lanes until each ends; the first end other than `Done` wins.
+async fn run_lanes(
+    pool: &PgPool,
+    job: &BatchJob,
+    client: Arc<dyn ProviderClient>,
+    metrics: &SenderMetrics,
+    shutdown: &CancellationToken,
+    run_id: &str,
+) -> Result<BatchEnd> {
     // Lanes overlap one block's database round trips with another block's provider
     // calls. Each lane claims its own messages (SKIP LOCKED) and reserves its own
     // tokens, so the caps hold whatever the number of lanes.
@@ -123,10 +153,9 @@ pub async fn run_batch(
     let lanes = (0..job.lanes.max(1)).map(|_| {
         let client = client.clone();
         let stop_lanes = stop_lanes.clone();
-        let run_id = run_id.clone();
         async move {
             let mut usage = UsageTally::new();
-            let sent = send_blocks(pool, job, client, metrics, &stop_lanes, &run_id, &mut usage).await;
+            let sent = send_blocks(pool, job, client, metrics, &stop_lanes, run_id, &mut usage).await;
             let counted = usage.flush(pool, job).await;
             let end = sent.and_then(|end| counted.map(|()| end));
             // One lane hitting the channel's limits (or an error) ends the batch.
@@ -144,12 +173,6 @@ pub async fn run_batch(
             BatchEnd::Interrupted if !shutdown.is_cancelled() => {}
             other if outcome == BatchEnd::Done || outcome == BatchEnd::Interrupted => outcome = other,
             _ => {}
-        }
-    }
-    if shutdown.is_cancelled() && outcome == BatchEnd::Done {
-        let remaining = messages::batch_remaining(pool, job.campaign, job.batch).await?;
-        if remaining.pending > 0 {
-            return Ok(BatchEnd::Interrupted);
         }
     }
     Ok(outcome)
@@ -183,7 +206,8 @@ impl UsageTally {
     }
 
     async fn flush(&mut self, pool: &PgPool, job: &BatchJob) -> Result<()> {
-        rate::count_usage(pool, &job.organization, &job.channel, self.uncounted).await?;
+        let uncounted = self.uncounted;
+        retrying("counting usage", || rate::count_usage(pool, &job.organization, &job.channel, uncounted)).await?;
         self.uncounted = 0;
         self.flushed_at = std::time::Instant::now();
         Ok(())
@@ -208,7 +232,7 @@ enum Look {
 /// person), a stop of this campaign, a cancel, and the channel's current caps (an edited
 /// Channel reaches running senders here).
 async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown: &CancellationToken) -> Result<Look> {
-    let state = retrying("reading the send state", shutdown, || pauses::send_state(pool, &job.organization, &job.channel, job.campaign)).await?;
+    let state = retrying("reading the send state", || pauses::send_state(pool, &job.organization, &job.channel, job.campaign)).await?;
     if let Some(new) = state.limits
         && new != *limits
     {
@@ -243,7 +267,7 @@ async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown
 /// is safe to repeat: a claim that committed without its answer leaves rows `sending`,
 /// which the next run of the batch turns `unknown` (never re-sent); recording outcomes
 /// only moves rows still `sending`.
-async fn retrying<T, F, Fut>(what: &str, _shutdown: &CancellationToken, mut op: F) -> Result<T>
+async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = store::Result<T>>,
@@ -302,7 +326,7 @@ async fn send_blocks(
         };
         let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
         let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
-        retrying("recording outcomes", shutdown, || messages::record_outcomes(pool, &outcomes, run_id)).await?;
+        retrying("recording outcomes", || messages::record_outcomes(pool, &outcomes, run_id)).await?;
         if let Some(end) = apply_effects(pool, job, metrics, shutdown, &results).await? {
             return Ok(end);
         }
@@ -330,11 +354,12 @@ async fn take_block(
     usage: &mut UsageTally,
 ) -> Result<Taken> {
     let (reservation, claimed) = if limits.is_unlimited() {
-        let claimed = retrying("claiming messages", shutdown, || messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))).await?;
+        let claimed = retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))).await?;
         usage.add(pool, job, claimed.len()).await?;
-        (rate::reserve(pool, &job.organization, &job.channel, limits, claimed.len() as u32).await?, claimed)
+        let counted = claimed.len() as u32;
+        (retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, counted)).await?, claimed)
     } else {
-        let remaining = retrying("counting what remains", shutdown, || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+        let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
         if remaining.pending == 0 {
             return Ok(Taken::End(BatchEnd::Done));
         }
@@ -344,23 +369,23 @@ async fn take_block(
         // Reserving no more than is pending leaves the rest of a window to the
         // channel's other senders, even for the moment before unused tokens go back.
         let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
-        let reservation = retrying("reserving tokens", shutdown, || rate::reserve(pool, &job.organization, &job.channel, limits, want)).await?;
+        let reservation = retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, want)).await?;
         if reservation.granted() == 0 {
             let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
             return blocked(pool, job, limits, metrics, shutdown, until).await;
         }
         let granted = reservation.granted() as i64;
-        let claimed = retrying("claiming messages", shutdown, || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
+        let claimed = retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
         (reservation, claimed)
     };
     if claimed.len() < reservation.granted() {
         let unused = (reservation.granted() - claimed.len()) as u32;
-        retrying("giving back tokens", shutdown, || rate::release(pool, &job.organization, &job.channel, &reservation, unused)).await?;
+        retrying("giving back tokens", || rate::release(pool, &job.organization, &job.channel, &reservation, unused)).await?;
     }
     if !claimed.is_empty() {
         return Ok(Taken::Block(reservation, claimed));
     }
-    let remaining = retrying("counting what remains", shutdown, || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+    let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
     if remaining.pending == 0 {
         return Ok(Taken::End(BatchEnd::Done));
     }
@@ -386,7 +411,7 @@ async fn blocked(
 ) -> Result<Taken> {
     metrics.rate_limit_waits.inc();
     if limits.mode == RateLimitMode::Hard {
-        retrying("pausing the channel", shutdown, || pauses::pause_for_window(pool, &job.organization, &job.channel, until)).await?;
+        retrying("pausing the channel", || pauses::pause_for_window(pool, &job.organization, &job.channel, until)).await?;
         if until - Utc::now() > WAIT_IN_PLACE {
             return Ok(Taken::End(BatchEnd::RateLimited(until)));
         }
@@ -468,11 +493,11 @@ async fn apply_effects(
             Effect::Continue => {}
             Effect::SlowDown(d) => slow_down = slow_down.max(*d),
             Effect::StopChannel { code, message } => {
-                retrying("stopping the channel", shutdown, || pauses::stop_channel(pool, &job.organization, &job.channel, code, message)).await?;
+                retrying("stopping the channel", || pauses::stop_channel(pool, &job.organization, &job.channel, code, message)).await?;
                 return Ok(Some(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))));
             }
             Effect::StopCampaign { code, message } => {
-                retrying("stopping the campaign", shutdown, || pauses::stop_campaign(pool, job.campaign, code, message)).await?;
+                retrying("stopping the campaign", || pauses::stop_campaign(pool, job.campaign, code, message)).await?;
                 return Ok(Some(BatchEnd::CampaignStopped(format!("provider error {code}: {message}"))));
             }
         }

@@ -226,6 +226,24 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     Ok(result.rows_affected())
 }
 
+/// Puts back to pending the messages of a batch left `sending` by claims of this run
+/// whose answer never arrived (the connection dropped after the claim committed).
+/// Called only when no send of the run is in flight: such rows were never handed to the
+/// provider, so sending them is their first attempt, not a re-send.
+pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<u64> {
+    let result = sqlx::query(
+        r#"
+        UPDATE campaign_messages SET status = 'pending', attempts = attempts - 1, updated_at = now()
+        WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'sending'
+        "#,
+    )
+    .bind(campaign)
+    .bind(batch)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
 /// Turns messages of a batch left `sending` by a previous run into `unknown`. Called when
 /// a sender starts: only one sender runs per batch index at a time, so any `sending` row
 /// there belongs to a run that died mid-call.
