@@ -3,6 +3,7 @@
 //! provider accepted the message. Such a message must end `unknown` and never be sent
 //! again, while refusals the provider itself makes are still retried; the sandbox's
 //! ledger (what the provider saw) must show no recipient twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
