@@ -557,3 +557,20 @@ async fn recording_outcomes_locks_rows_in_ascending_id_order() {
     other.commit().await.unwrap();
     assert_eq!(recording.await.unwrap().unwrap(), 2);
 }
+
+#[tokio::test]
+async fn lost_claims_of_a_cancelled_campaign_are_released_as_cancelled() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 4, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    // a claim committed but its answer was lost, then the campaign was cancelled
+    let lost = messages::claim_due(&pool, uid, 0, 2).await.unwrap();
+    messages::cancel_pending(&pool, uid).await.unwrap();
+    assert_eq!(messages::release_lost_claims(&pool, uid, 0).await.unwrap(), 2);
+    for m in &lost {
+        assert_eq!(status_of(&pool, m.id).await, "cancelled", "never sent, and nothing may send it any more");
+    }
+    let counters = assert_counters_equal_recount(&pool, uid).await;
+    assert_eq!((counters.cancelled, counters.pending, counters.sending), (4, 0, 0));
+    assert!(messages::claim_due(&pool, uid, 0, 10).await.unwrap().is_empty());
+}

@@ -230,11 +230,32 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
 /// whose answer never arrived (the connection dropped after the claim committed).
 /// Called only when no send of the run is in flight: such rows were never handed to the
 /// provider, so sending them is their first attempt, not a re-send.
+///
+/// Like a requeue in [`record_outcomes`]: in a cancelled campaign they end `cancelled`
+/// instead, the campaign row is read under a share lock so a cancel under way is seen,
+/// and the rows are locked in ascending id order.
 pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<u64> {
     let result = sqlx::query(
         r#"
-        UPDATE campaign_messages SET status = 'pending', attempts = attempts - 1, updated_at = now()
-        WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'sending'
+        WITH locked AS (
+            SELECT id FROM campaign_messages
+            WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'sending'
+            ORDER BY id
+            FOR UPDATE
+        ), campaign AS (
+            SELECT cancelled_at IS NOT NULL AS cancelled FROM campaigns WHERE uid = $1 FOR SHARE
+        ), decided AS (
+            SELECT coalesce((SELECT cancelled FROM campaign), false) AS cancelled
+        )
+        UPDATE campaign_messages m SET
+            status = CASE WHEN d.cancelled THEN 'cancelled' ELSE 'pending' END::message_status,
+            attempts = m.attempts - 1,
+            updated_at = now(),
+            status_history = CASE WHEN d.cancelled
+                THEN m.status_history || jsonb_build_array(jsonb_build_object('status', 'cancelled', 'at', now()))
+                ELSE m.status_history END
+        FROM locked, decided d
+        WHERE m.id = locked.id AND m.status = 'sending'
         "#,
     )
     .bind(campaign)
