@@ -39,10 +39,16 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying later may succeed (connection problems), as opposed to a bad
-    /// request or a violated rule.
+    /// Whether retrying later may succeed, as opposed to a bad request or a violated
+    /// rule: the connection failed or timed out; Postgres reported a lost race that a
+    /// retry wins (serialization failure 40001, deadlock 40P01), that it is shutting down
+    /// or starting (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect
+    /// now), a connection exception (class 08), or too many connections (53300).
     pub fn is_transient(&self) -> bool {
         match self {
+            Error::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
+                matches!(code.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
+            }),
             Error::Database(e) => matches!(
                 e,
                 sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_)
@@ -90,4 +96,63 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 pub async fn ping(pool: &PgPool) -> Result<()> {
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use super::Error;
+
+    /// An error as Postgres reports it: only its SQLSTATE matters here.
+    #[derive(Debug)]
+    struct Reported(&'static str);
+
+    impl std::fmt::Display for Reported {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Reported {}
+
+    impl sqlx::error::DatabaseError for Reported {
+        fn message(&self) -> &str {
+            self.0
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn reported(code: &'static str) -> Error {
+        Error::Database(sqlx::Error::Database(Box::new(Reported(code))))
+    }
+
+    #[test]
+    fn lost_races_shutdowns_and_lost_connections_are_transient() {
+        for code in ["40001", "40P01", "57P01", "57P02", "57P03", "08000", "08003", "08006", "08P01", "53300"] {
+            assert!(reported(code).is_transient(), "{code}");
+        }
+        // a violated rule, bad SQL, a cancelled statement: retrying changes nothing
+        for code in ["23505", "23514", "42601", "42P01", "22P02", "57014", "53100", "XX000"] {
+            assert!(!reported(code).is_transient(), "{code}");
+        }
+        assert!(Error::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(Error::Database(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))).is_transient());
+        assert!(!Error::Database(sqlx::Error::RowNotFound).is_transient());
+        assert!(!Error::Invalid("batch size".into()).is_transient());
+    }
 }

@@ -18,8 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::warn;
 
 use super::metrics::WebhookMetrics;
-use crate::store::receipts::{OptOut, ReceiptsReport, StatusEvent};
-use crate::store::{self, receipts};
+use crate::store::receipts::{self, OptOut, ReceiptsReport, StatusEvent};
 
 /// How the writer groups work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +41,9 @@ impl Default for BatchConfig {
 /// Why events were not applied. Cloned to every request of a failed batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WriteError {
-    /// Postgres is unreachable or shutting down, or did not answer in time: the
-    /// provider should retry (503).
+    /// Postgres is unreachable, shutting down, or kept losing races for the rows
+    /// (`store::Error::is_transient`), or did not answer in time: the provider should
+    /// retry (503).
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// Postgres refused the statement (a bug or unexpected data): 500, logged.
@@ -158,9 +158,14 @@ async fn apply_jobs(pool: &PgPool, jobs: Vec<Job>, metrics: &WebhookMetrics) {
     }
 }
 
-/// Attempts at a batch that lost a deadlock or serialization race (another replica or
-/// a sender touching the same rows) before giving up.
-const CONFLICT_ATTEMPTS: usize = 3;
+/// Attempts at a batch that failed for a transient reason (another replica or a sender
+/// won a race for the same rows, a connection dropped) before answering 503.
+const TRANSIENT_ATTEMPTS: usize = 3;
+
+/// A batch is retried at once only within this time from its first attempt: a lost race
+/// fails fast and wins on retry, while waiting out a pool that found no connection
+/// again would only hold up the batches queued behind it.
+const RETRY_WITHIN: Duration = Duration::from_secs(1);
 
 async fn apply_with_retry(
     pool: &PgPool,
@@ -169,6 +174,7 @@ async fn apply_with_retry(
     metrics: &WebhookMetrics,
 ) -> Result<ReceiptsReport, WriteError> {
     let mut attempt = 0;
+    let first = Instant::now();
     loop {
         attempt += 1;
         let started = Instant::now();
@@ -179,35 +185,13 @@ async fn apply_with_retry(
                 metrics.batch_events.observe((statuses.len() + opt_outs.len()) as f64);
                 return Ok(report);
             }
-            Err(error) if is_conflict(&error) && attempt < CONFLICT_ATTEMPTS => continue,
+            Err(error) if error.is_transient() && attempt < TRANSIENT_ATTEMPTS && first.elapsed() < RETRY_WITHIN => continue,
             Err(error) => {
                 metrics.batch_failures.inc();
-                let unavailable = is_unavailable(&error);
+                let unavailable = error.is_transient();
                 warn!(%error, unavailable, events = statuses.len() + opt_outs.len(), "applying webhook events failed");
                 return Err(if unavailable { WriteError::Unavailable(error.to_string()) } else { WriteError::Failed(error.to_string()) });
             }
         }
     }
-}
-
-fn sqlstate(error: &store::Error) -> Option<String> {
-    match error {
-        store::Error::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
-        _ => None,
-    }
-}
-
-/// Deadlock (40P01) or serialization failure (40001): retry at once.
-fn is_conflict(error: &store::Error) -> bool {
-    matches!(sqlstate(error).as_deref(), Some("40001" | "40P01"))
-}
-
-/// Whether Postgres is unreachable or temporarily refusing work: connection failures
-/// (class 08), too many connections / out of resources (53), shutting down or starting
-/// (57: admin shutdown, cannot connect now), or a pool that could not get a connection.
-pub fn is_unavailable(error: &store::Error) -> bool {
-    error.is_transient()
-        || matches!(error, store::Error::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)))
-        || sqlstate(error).is_some_and(|code| ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class)))
-        || is_conflict(error)
 }
