@@ -66,6 +66,7 @@ impl Service {
         for org in ["acme", "beta"] {
             credentials.set_meta(org, "wa", APP_SECRET, VERIFY_TOKEN);
             credentials.set_evolution(org, "evo", "x-disparo-token".parse().unwrap(), EVOLUTION_TOKEN);
+            credentials.set_evolution(org, "evo2", "x-disparo-token".parse().unwrap(), EVOLUTION_TOKEN);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -106,8 +107,12 @@ impl Service {
     }
 
     async fn evolution(&self, org: &str, body: &str) -> Value {
+        self.evolution_on(org, "evo", body).await
+    }
+
+    async fn evolution_on(&self, org: &str, channel: &str, body: &str) -> Value {
         let (status, text) =
-            self.evolution_post(&format!("/webhooks/evolution/{org}/evo"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+            self.evolution_post(&format!("/webhooks/evolution/{org}/{channel}"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         serde_json::from_str(&text).unwrap()
     }
@@ -131,16 +136,21 @@ impl Drop for Service {
     }
 }
 
-/// One campaign in `org` with `n` messages, all claimed (`sending`); returns the uid and
-/// the message ids with their contacts' phones, in phone order.
+/// One campaign in `org` on channel `wa` with `n` messages, all claimed (`sending`);
+/// returns the uid and the message ids with their contacts' phones, in phone order.
 async fn campaign(pool: &PgPool, org: &str, phones: &[&str]) -> (Uuid, Vec<i64>) {
+    campaign_on(pool, org, "wa", phones).await
+}
+
+/// [`campaign`] on another channel.
+async fn campaign_on(pool: &PgPool, org: &str, channel: &str, phones: &[&str]) -> (Uuid, Vec<i64>) {
     let contacts: Vec<disparo::store::contacts::NewContact> = phones
         .iter()
         .map(|p| disparo::store::contacts::NewContact { phone: (*p).to_owned(), name: None, tags: vec![], attributes: json!({}), whatsapp_id: None })
         .collect();
     disparo::store::contacts::upsert(pool, org, &contacts).await.unwrap();
     let uid = Uuid::new_v4();
-    let key = audience::CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel: "wa", batch_size: 100_000 };
+    let key = audience::CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel, batch_size: 100_000 };
     audience::materialize(pool, &key, &audience::AudienceQuery::Contacts(phones.iter().map(|p| (*p).to_owned()).collect())).await.unwrap();
     let claimed = messages::claim_due(pool, uid, 0, 100_000).await.unwrap();
     let by_phone: HashMap<String, i64> = claimed.iter().map(|m| (m.phone.clone(), m.id)).collect();
@@ -204,6 +214,30 @@ async fn assert_counters_match(pool: &PgPool, uid: Uuid) {
 
 fn entry(status: &str, at: &str) -> Value {
     json!({"status": status, "at": at, "source": "webhook"})
+}
+
+/// Receipts kept because no message had their provider id yet.
+async fn kept(pool: &PgPool) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM unmatched_receipts").fetch_one(pool).await.unwrap();
+    n
+}
+
+/// Waits until `check` holds (the service sweeps kept receipts on its own schedule).
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what} never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A service that sweeps kept receipts often, so tests need not wait.
+fn sweeping() -> ServiceConfig {
+    ServiceConfig { sweep_interval: Duration::from_millis(20), ..ServiceConfig::default() }
 }
 
 async fn opted_out(pool: &PgPool, org: &str, phone: &str) -> bool {
@@ -898,4 +932,191 @@ async fn the_benchmark_runs() {
     println!("{report}");
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM campaign_messages").fetch_one(&pool).await.unwrap();
     assert_eq!(left, 0, "the benchmark deletes its campaign");
+}
+
+/// A receipt that arrives before the sender recorded its message's provider id (the
+/// provider answered; the sender has not written the id yet) is kept, not dropped, and
+/// applied once the id is recorded: Evolution receipts (which never echo our id), and
+/// Meta statuses without our callback data.
+#[tokio::test]
+async fn a_receipt_that_beats_the_provider_id_is_applied_once_the_id_is_recorded() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+15550123456"]).await;
+    let service = Service::start(pool.clone(), sweeping()).await;
+    assert_eq!(service.evolution("acme", fixture("evo_delivered")).await["unknown_id"], 1);
+    assert_eq!(service.evolution("acme", fixture("evo_read")).await["unknown_id"], 1);
+    assert_eq!(service.evolution("acme", fixture("evo_read")).await["unknown_id"], 1, "a retried receipt is kept once");
+    assert_eq!(service.meta("acme", fixture("meta_delivered")).await["unknown_id"], 1);
+    assert_eq!(kept(&pool).await, 3);
+    assert_eq!(row(&pool, ids[0]).await.status, "sending");
+
+    // the sender records the provider ids, as it does after every block
+    mark_sent(&pool, &[(ids[0], EVO_SENT_ID), (ids[1], RTCA)]).await;
+    eventually("the kept receipts applied", || async { kept(&pool).await == 0 }).await;
+    let evo = row(&pool, ids[0]).await;
+    assert_eq!(evo.status, "read");
+    let statuses: Vec<&str> = evo.history.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["sent", "delivered", "read"], "the sender's entry, then the receipts in order");
+    let meta = row(&pool, ids[1]).await;
+    assert_eq!(meta.status, "delivered");
+    assert_eq!(meta.webhook_history(), vec![entry("delivered", "2025-06-18T16:22:59Z")], "with the provider's own time");
+    assert_counters_match(&pool, uid).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.sent, counters.delivered, counters.read), (0, 1, 1));
+
+    // from now on they are found at once
+    assert_eq!(service.evolution("acme", fixture("evo_read")).await["duplicate"], 1);
+    assert_eq!(kept(&pool).await, 0);
+    let (_, metrics) = service.get("/metrics").await;
+    assert!(metrics.contains("disparo_webhook_kept_receipts_applied_total 3"), "{metrics}");
+    service.stop().await;
+}
+
+/// A kept receipt whose message never shows up within a day is dropped.
+#[tokio::test]
+async fn a_kept_receipt_older_than_a_day_is_dropped() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+5511977776666"]).await;
+    let service = Service::start(pool.clone(), sweeping()).await;
+    assert_eq!(service.evolution("acme", fixture("evo_delivered")).await["unknown_id"], 1);
+    sqlx::query("UPDATE unmatched_receipts SET received_at = now() - interval '25 hours'").execute(&pool).await.unwrap();
+    // a receipt of the other message, kept just now, is still applied: the sweep ran
+    assert_eq!(service.evolution("acme", fixture("evo_failed")).await["unknown_id"], 1);
+    mark_sent(&pool, &[(ids[0], EVO_SENT_ID), (ids[1], EVO_FAILED_ID)]).await;
+    eventually("the sweep", || async { kept(&pool).await == 0 && row(&pool, ids[1]).await.status == "failed" }).await;
+    assert_eq!(row(&pool, ids[0]).await.status, "sent", "a day-old receipt is not applied");
+    assert_counters_match(&pool, uid).await;
+    let (_, metrics) = service.get("/metrics").await;
+    assert!(metrics.contains("disparo_webhook_kept_receipts_expired_total 1"), "{metrics}");
+    service.stop().await;
+}
+
+/// An Evolution message whose outcome is `unknown` (the send timed out, so its provider
+/// id was never recorded) takes the id of a later receipt addressed to its contact on
+/// its channel, when it is the only such message; Meta does the same through our id
+/// (`biz_opaque_callback_data`).
+#[tokio::test]
+async fn an_unknown_evolution_message_is_resolved_by_a_later_receipt() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = ["+5511999999999", "+5511977776666", "+5511955554444"];
+    let (uid, ids) = campaign_on(&pool, "acme", "evo", &phones).await;
+    let timed_out = |id: i64| (id, messages::Outcome::Unknown { reason: "timeout".into() });
+    messages::record_outcomes(&pool, &[timed_out(ids[0]), timed_out(ids[1])], "test-run").await.unwrap();
+    // another campaign on the channel also left an unknown message to the second contact
+    let (other_uid, other) = campaign_on(&pool, "acme", "evo", &[phones[1]]).await;
+    messages::record_outcomes(&pool, &[timed_out(other[0])], "test-run").await.unwrap();
+    let service = Service::start(pool.clone(), sweeping()).await;
+
+    // a receipt posted for another channel or organization does not reach this one
+    assert_eq!(service.evolution_on("acme", "evo2", fixture("evo_sent")).await["unknown_id"], 1);
+    assert_eq!(service.evolution("beta", fixture("evo_sent")).await["unknown_id"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "unknown");
+    // SERVER_ACK to 5511999999999 on `evo`: the only unknown message to that contact there
+    assert_eq!(service.evolution("acme", fixture("evo_sent")).await["applied"], 1);
+    let m = row(&pool, ids[0]).await;
+    assert_eq!((m.status.as_str(), m.provider_message_id.as_deref()), ("sent", Some(EVO_SENT_ID)));
+    assert_eq!(service.evolution("acme", fixture("evo_read")).await["applied"], 1, "later receipts find it by its id");
+    assert_eq!(row(&pool, ids[0]).await.status, "read");
+
+    // two unknown messages to 5511977776666 on `evo`: which one is meant cannot be told
+    assert_eq!(service.evolution("acme", fixture("evo_failed")).await["unknown_id"], 1);
+    assert_eq!((row(&pool, ids[1]).await.status, row(&pool, other[0]).await.status), ("unknown".into(), "unknown".into()));
+
+    // a message still `sending` is not taken by its contact: its sender records the id
+    let to_third = fixture("evo_delivered").replace(EVO_SENT_ID, "3EB0THIRD").replace("5511999999999", "5511955554444");
+    assert_eq!(service.evolution("acme", &to_third).await["unknown_id"], 1);
+    assert_eq!(row(&pool, ids[2]).await.provider_message_id, None);
+    // ...but once its sender is known dead (`unknown`), the kept receipt resolves it
+    let (batch,): (i32,) = sqlx::query_as("SELECT batch_index FROM campaign_messages WHERE id = $1").bind(ids[2]).fetch_one(&pool).await.unwrap();
+    assert_eq!(messages::recover_interrupted(&pool, uid, batch).await.unwrap(), 1);
+    eventually("the kept receipt resolving the unknown message", || async { row(&pool, ids[2]).await.status == "delivered" }).await;
+    assert_eq!(row(&pool, ids[2]).await.provider_message_id.as_deref(), Some("3EB0THIRD"));
+    assert_counters_match(&pool, uid).await;
+    assert_counters_match(&pool, other_uid).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.unknown, counters.read, counters.delivered), (1, 1, 1));
+    service.stop().await;
+}
+
+/// Meta's 131050 ("user has stopped marketing messages") is an opt-out, found by the
+/// recipient's number or, failing that, through the message's contact; and so is the
+/// "Stop promotions" quick reply of marketing templates.
+#[tokio::test]
+async fn a_user_who_stopped_marketing_messages_is_opted_out() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550199999", "+15550123456", "+5511900000009"]).await;
+    mark_sent(&pool, &[(ids[0], NDGA), (ids[1], RTCA)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    let stopped = fixture("meta_failed").replace("131026", "131050").replace("Message undeliverable", "User has stopped marketing messages");
+    assert_eq!(service.meta("acme", &stopped).await["applied"], 1);
+    let m = row(&pool, ids[0]).await;
+    assert_eq!((m.status.as_str(), m.code.as_deref()), ("failed", Some("131050")));
+    assert!(opted_out(&pool, "acme", "+15550199999").await);
+    assert!(!opted_out(&pool, "acme", "+15550123456").await);
+
+    // without a recipient number (or with one that is not a phone), the message's contact
+    let anonymous = stopped.replace(NDGA, RTCA).replace("\"recipient_id\": \"15550199999\",", "");
+    assert!(!anonymous.contains("recipient_id"));
+    assert_eq!(service.meta("acme", &anonymous).await["applied"], 1);
+    assert!(opted_out(&pool, "acme", "+15550123456").await);
+    // any other failure is not an opt-out
+    assert!(!opted_out(&pool, "acme", "+5511900000009").await);
+
+    // the quick-reply button of a marketing template
+    let button = json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+        "messages": [{"from": "5511900000009", "id": "wamid.button", "timestamp": "1750264100", "type": "button",
+                      "button": {"text": "Stop promotions", "payload": "Stop promotions"}}]}}]}]});
+    assert_eq!(service.meta("acme", &button.to_string()).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+5511900000009").await);
+    assert_counters_match(&pool, uid).await;
+    service.stop().await;
+}
+
+/// The sender records outcomes while receipts for the same messages are applied, both
+/// over the same rows in opposite orders: both lock rows in ascending id order, so
+/// neither ever fails with a deadlock (the store is called directly: the service would
+/// retry a deadlock and hide it).
+#[tokio::test]
+async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
+    let (pool, _) = common::fresh_db().await;
+    let phones: Vec<String> = (0..6000).map(common::phone).collect();
+    let phone_refs: Vec<&str> = phones.iter().map(String::as_str).collect();
+    let (uid, ids) = campaign(&pool, "acme", &phone_refs).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for block in ids.chunks(1000) {
+        let mut shuffled = block.to_vec();
+        shuffled.shuffle(&mut rng);
+        let outcomes: Vec<(i64, messages::Outcome)> =
+            shuffled.iter().map(|id| (*id, messages::Outcome::Sent { provider_message_id: format!("wamid.d.{id}") })).collect();
+        shuffled.shuffle(&mut rng);
+        let events: Vec<disparo::store::receipts::StatusEvent> = shuffled
+            .iter()
+            .map(|id| disparo::store::receipts::StatusEvent {
+                provider: disparo::store::receipts::Provider::Meta,
+                organization: "acme".into(),
+                channel: "wa".into(),
+                provider_message_id: format!("wamid.d.{id}"),
+                message_id: Some(*id),
+                status: disparo::store::receipts::ReceiptStatus::Delivered,
+                at: Utc::now(),
+                error: None,
+                recipient: None,
+                opts_out: false,
+            })
+            .collect();
+        let sender = tokio::spawn({
+            let pool = pool.clone();
+            async move { messages::record_outcomes(&pool, &outcomes, "test-run").await }
+        });
+        let webhook = tokio::spawn({
+            let pool = pool.clone();
+            async move { disparo::store::receipts::apply(&pool, &events, &[]).await }
+        });
+        sender.await.unwrap().expect("the sender's record");
+        webhook.await.unwrap().expect("the webhook's apply");
+    }
+    for id in &ids {
+        assert_eq!(row(&pool, *id).await.status, "delivered", "message {id}");
+    }
+    assert_counters_match(&pool, uid).await;
 }

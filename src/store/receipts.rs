@@ -13,10 +13,22 @@
 //! (`message_transition_allowed`), and the `UPDATE` repeats it in its `WHERE` clause, so
 //! no writer can ever attempt an illegal move.
 //!
+//! A receipt that finds no message is kept (`unmatched_receipts`) rather than dropped:
+//! the provider may report a status before the sender has recorded the provider id it
+//! got, and a send that timed out leaves its message `unknown` with no id at all.
+//! [`sweep_unmatched`] matches kept receipts again, applies them by the same rules, and
+//! drops those older than a day. An `unknown` message is also found without its id:
+//! through our id when Meta echoes it, through its contact and channel for Evolution.
+//!
+//! Lock order: campaign messages are locked in ascending id order before any is
+//! updated, as the sender does, so the webhook and the sender never deadlock; contacts
+//! likewise; kept receipts are deleted only after the messages are locked.
+//!
 //! Parsing provider payloads and deciding who may post them belong to `webhook`; this
 //! module trusts what it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
@@ -43,6 +55,8 @@ pub enum MessageStatus {
     Failed,
     /// Never sent: the campaign was cancelled (terminal).
     Cancelled,
+    /// Never attempted: the contact opted out after the audience was frozen (terminal).
+    Skipped,
 }
 
 impl MessageStatus {
@@ -57,6 +71,7 @@ impl MessageStatus {
             MessageStatus::Read => "read",
             MessageStatus::Failed => "failed",
             MessageStatus::Cancelled => "cancelled",
+            MessageStatus::Skipped => "skipped",
         }
     }
 
@@ -71,6 +86,7 @@ impl MessageStatus {
             "read" => MessageStatus::Read,
             "failed" => MessageStatus::Failed,
             "cancelled" => MessageStatus::Cancelled,
+            "skipped" => MessageStatus::Skipped,
             _ => return None,
         })
     }
@@ -80,12 +96,12 @@ impl MessageStatus {
     pub fn can_move_to(self, new: MessageStatus) -> bool {
         use MessageStatus::*;
         match self {
-            Pending => matches!(new, Sending | Failed | Cancelled),
-            Sending => matches!(new, Pending | Unknown | Sent | Delivered | Read | Failed),
+            Pending => matches!(new, Sending | Failed | Cancelled | Skipped),
+            Sending => matches!(new, Pending | Unknown | Sent | Delivered | Read | Failed | Cancelled),
             Unknown => matches!(new, Sent | Delivered | Read | Failed),
             Sent => matches!(new, Delivered | Read | Failed),
             Delivered => matches!(new, Read),
-            Read | Failed | Cancelled => false,
+            Read | Failed | Cancelled | Skipped => false,
         }
     }
 }
@@ -121,6 +137,17 @@ impl ReceiptStatus {
         self.message_status().as_str()
     }
 
+    /// Parses [`ReceiptStatus::as_str`].
+    pub fn parse(label: &str) -> Option<Self> {
+        Some(match label {
+            "sent" => ReceiptStatus::Sent,
+            "delivered" => ReceiptStatus::Delivered,
+            "read" => ReceiptStatus::Read,
+            "failed" => ReceiptStatus::Failed,
+            _ => return None,
+        })
+    }
+
     /// Order in which receipts for one message are considered within a batch. `failed`
     /// comes last so that, when a `failed` and a `delivered`/`read` for the same message
     /// arrive together, the message ends delivered/read with the failure noted — the
@@ -144,12 +171,47 @@ pub struct ProviderError {
     pub title: String,
 }
 
+/// Which provider reported a status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// Meta Cloud API.
+    Meta,
+    /// Evolution API.
+    Evolution,
+}
+
+impl Provider {
+    /// The name stored with kept receipts and used in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Meta => "meta",
+            Provider::Evolution => "evolution",
+        }
+    }
+
+    /// Parses [`Provider::as_str`].
+    pub fn parse(label: &str) -> Option<Self> {
+        match label {
+            "meta" => Some(Provider::Meta),
+            "evolution" => Some(Provider::Evolution),
+            _ => None,
+        }
+    }
+}
+
 /// One status reported by a provider webhook, ready to apply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatusEvent {
+    /// Who reported it.
+    pub provider: Provider,
     /// The organization (Kubernetes namespace) the webhook was posted for: a message is
     /// only ever looked up inside it.
     pub organization: String,
+    /// The Channel the webhook was posted for. Messages are found by provider id in the
+    /// whole organization (Meta posts every number of an app to one callback URL);
+    /// the channel narrows only the search for an Evolution message by its contact
+    /// (an Evolution instance posts to its own channel's URL).
+    pub channel: String,
     /// WAMID (Meta) or key id (Evolution).
     pub provider_message_id: String,
     /// Our message id, when the provider echoed it back (Meta `biz_opaque_callback_data`).
@@ -164,6 +226,11 @@ pub struct StatusEvent {
     pub at: DateTime<Utc>,
     /// The provider's error, for `failed`.
     pub error: Option<ProviderError>,
+    /// The recipient's WhatsApp id (digits), when the provider names it.
+    pub recipient: Option<String>,
+    /// The failure says the recipient opted out (Meta 131050, "user has stopped
+    /// marketing messages"): the message's contact is marked opted out.
+    pub opts_out: bool,
 }
 
 /// What applying one [`StatusEvent`] did.
@@ -177,7 +244,9 @@ pub enum ApplyOutcome {
     /// Lower than the current status, or the message can no longer move (terminal,
     /// never sent). A `failed` after `delivered`/`read` is noted in the history.
     Stale,
-    /// No message of the organization has this provider id (nor, as a fallback, our id).
+    /// No message of the organization has this provider id (nor, as a fallback, our id
+    /// or, for Evolution, its contact): the receipt is kept for a day, and applied if
+    /// the message turns up (see [`sweep_unmatched`]).
     UnknownId,
 }
 
@@ -287,37 +356,68 @@ fn history_entry(event: &StatusEvent, note: Option<&str>) -> Value {
     Value::Object(entry)
 }
 
+/// How long a receipt that found no message is kept: a sender records provider ids
+/// within seconds of the provider's answer, and a kept receipt older than this is for a
+/// message that is not ours.
+pub const UNMATCHED_RECEIPT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Applies status events alone (see [`apply`]).
 pub async fn apply_status_events(pool: &PgPool, events: &[StatusEvent]) -> Result<Vec<ApplyOutcome>> {
     Ok(apply(pool, events, &[]).await?.outcomes)
 }
 
 /// Applies status events and opt-outs in one transaction: when it returns `Ok`, every
-/// change is committed (so a webhook may be acknowledged); on `Err` nothing is.
+/// change is committed (so a webhook may be acknowledged), including the receipts kept
+/// because no message has their id yet; on `Err` nothing is.
 pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -> Result<ReceiptsReport> {
     let mut tx = pool.begin().await?;
-    let outcomes = apply_events(&mut tx, events).await?;
-    let opted_out = apply_opt_outs(&mut tx, opt_outs).await?;
+    let applied = apply_events(&mut tx, events).await?;
+    keep_unmatched(&mut tx, events, &applied.outcomes).await?;
+    let opted_out = apply_opt_outs(&mut tx, opt_outs, &applied.opting_out).await?;
     tx.commit().await?;
-    Ok(ReceiptsReport { outcomes, opted_out })
+    Ok(ReceiptsReport { outcomes: applied.outcomes, opted_out })
 }
 
-async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Result<Vec<ApplyOutcome>> {
+/// What [`apply_events`] did.
+struct Applied {
+    /// One per event.
+    outcomes: Vec<ApplyOutcome>,
+    /// Messages whose contact is to be opted out ([`StatusEvent::opts_out`]).
+    opting_out: Vec<i64>,
+}
+
+async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Result<Applied> {
     let mut outcomes = vec![ApplyOutcome::UnknownId; events.len()];
     if events.is_empty() {
-        return Ok(outcomes);
+        return Ok(Applied { outcomes, opting_out: Vec::new() });
     }
     let orgs: Vec<&str> = events.iter().map(|e| e.organization.as_str()).collect();
     let pids: Vec<&str> = events.iter().map(|e| e.provider_message_id.as_str()).collect();
     let our_ids: Vec<Option<i64>> = events.iter().map(|e| e.message_id).collect();
+    let channels: Vec<&str> = events.iter().map(|e| e.channel.as_str()).collect();
+    let ats: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
+    // Evolution never echoes our id: an unknown message is found through its contact.
+    let (phones, alt_phones): (Vec<Option<String>>, Vec<Option<String>>) = events
+        .iter()
+        .map(|e| match (&e.recipient, e.provider) {
+            (Some(recipient), Provider::Evolution) => {
+                let (phone, alternative) = phone_candidates(recipient);
+                (Some(phone), alternative)
+            }
+            _ => (None, None),
+        })
+        .unzip();
     // Resolve every event to its message and lock the messages in id order (the lock
     // is taken above the sort), so concurrent writers — other replicas, the sender —
-    // queue instead of deadlocking. The fallback to our own id only reaches a message
-    // that has no provider id yet and is waiting for its outcome.
-    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+    // queue instead of deadlocking. By provider id first; failing that, for a message
+    // that has no provider id yet: by our id (a message waiting for its outcome), or by
+    // contact (an `unknown` message, the only one to that contact on the channel whose
+    // attempt ended within a day of the receipt).
+    let rows: Vec<(i64, i64, String, Option<String>)> = sqlx::query_as(
         r#"
-        SELECT v.idx, m.id, m.status::text
-        FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS v(org, pid, our_id, idx)
+        SELECT v.idx, m.id, m.status::text, m.provider_message_id
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+             WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, idx)
         CROSS JOIN LATERAL (
             SELECT coalesce(
                 (SELECT x.id FROM campaign_messages x
@@ -325,7 +425,15 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
                  ORDER BY x.id LIMIT 1),
                 (SELECT x.id FROM campaign_messages x
                  WHERE x.id = v.our_id AND x.organization = v.org
-                   AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown'))
+                   AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown')),
+                (SELECT min(x.id) FROM contacts c
+                 JOIN campaign_messages x ON x.contact_id = c.id
+                 JOIN campaigns k ON k.uid = x.campaign_uid
+                 WHERE v.phone IS NOT NULL AND c.organization = v.org AND c.phone IN (v.phone, v.alt_phone)
+                   AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
+                   AND k.channel = v.channel
+                   AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
+                 HAVING count(*) = 1)
             ) AS id
         ) r
         JOIN campaign_messages m ON m.id = r.id
@@ -336,15 +444,20 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     .bind(&orgs)
     .bind(&pids)
     .bind(&our_ids)
+    .bind(&channels)
+    .bind(&phones)
+    .bind(&alt_phones)
+    .bind(&ats)
+    .bind(UNMATCHED_RECEIPT_TTL.as_secs_f64())
     .fetch_all(&mut *tx)
     .await?;
 
-    // Group the events by message, keeping the locked current status.
-    let mut by_message: HashMap<i64, (MessageStatus, Vec<usize>)> = HashMap::new();
-    for (idx, id, status) in rows {
+    // Group the events by message, keeping the locked current status and provider id.
+    let mut by_message: HashMap<i64, (MessageStatus, Option<String>, Vec<usize>)> = HashMap::new();
+    for (idx, id, status, pid) in rows {
         let Some(status) = MessageStatus::parse(&status) else { continue };
         let Some(i) = usize::try_from(idx - 1).ok().filter(|i| *i < events.len()) else { continue };
-        by_message.entry(id).or_insert_with(|| (status, Vec::new())).1.push(i);
+        by_message.entry(id).or_insert_with(|| (status, pid, Vec::new())).2.push(i);
     }
 
     let mut ids = Vec::new();
@@ -353,11 +466,16 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     let mut codes: Vec<Option<String>> = Vec::new();
     let mut titles: Vec<Option<String>> = Vec::new();
     let mut entries: Vec<Value> = Vec::new();
+    let mut opting_out = Vec::new();
     let mut message_ids: Vec<i64> = by_message.keys().copied().collect();
     message_ids.sort_unstable();
     for id in message_ids {
-        let Some((current, indices)) = by_message.get(&id) else { continue };
+        let Some((current, pid, indices)) = by_message.get(&id) else { continue };
+        let Some(indices) = unambiguous(events, pid.as_deref(), indices) else { continue };
         let group: Vec<&StatusEvent> = indices.iter().map(|&i| &events[i]).collect();
+        if group.iter().any(|e| e.opts_out) {
+            opting_out.push(id);
+        }
         let (change, group_outcomes) = plan(*current, &group);
         for (&i, outcome) in indices.iter().zip(group_outcomes) {
             outcomes[i] = outcome;
@@ -372,7 +490,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
         }
     }
     if ids.is_empty() {
-        return Ok(outcomes);
+        return Ok(Applied { outcomes, opting_out });
     }
     // One statement for the whole batch: the counter triggers fire once. A row whose
     // status moves gets its entries as planned (a forward move is new by definition);
@@ -406,7 +524,208 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     .bind(&entries)
     .execute(&mut *tx)
     .await?;
-    Ok(outcomes)
+    Ok(Applied { outcomes, opting_out })
+}
+
+/// The events of one message that may be applied to it. A message with a provider id
+/// takes the events that carry that id. A message found without one (through our id or
+/// its contact) takes the events only when they all carry the same provider id: two
+/// different ids reaching one such message in a batch cannot both be its own, and which
+/// one is cannot be told, so all of them stay unmatched (kept).
+fn unambiguous<'a>(events: &[StatusEvent], pid: Option<&str>, indices: &'a [usize]) -> Option<&'a [usize]> {
+    let mut ids = indices.iter().map(|&i| events[i].provider_message_id.as_str());
+    let first = ids.next()?;
+    let same = ids.all(|id| id == first);
+    match pid {
+        Some(pid) => (same && first == pid).then_some(indices),
+        None => same.then_some(indices),
+    }
+}
+
+/// Keeps the events that found no message (see [`sweep_unmatched`]). A receipt already
+/// kept is kept once (the provider retries; the first copy stands).
+async fn keep_unmatched(tx: &mut sqlx::PgConnection, events: &[StatusEvent], outcomes: &[ApplyOutcome]) -> Result<()> {
+    let mut seen = HashSet::new();
+    let unmatched: Vec<&StatusEvent> = events
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| **outcome == ApplyOutcome::UnknownId)
+        .map(|(event, _)| event)
+        .filter(|e| seen.insert((&e.organization, &e.provider_message_id, e.provider, &e.channel, e.status)))
+        .collect();
+    if unmatched.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&StatusEvent) -> Option<String>| unmatched.iter().map(|e| f(e)).collect::<Vec<_>>();
+    sqlx::query(
+        r#"
+        INSERT INTO unmatched_receipts
+            (organization, provider_message_id, provider, channel, status, at, error_code, error_title, message_id, recipient, opts_out)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
+                             $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bool[])
+        ON CONFLICT DO NOTHING
+        "#,
+    )
+    .bind(column(|e| Some(e.organization.clone())))
+    .bind(column(|e| Some(e.provider_message_id.clone())))
+    .bind(column(|e| Some(e.provider.as_str().to_owned())))
+    .bind(column(|e| Some(e.channel.clone())))
+    .bind(column(|e| Some(e.status.as_str().to_owned())))
+    .bind(unmatched.iter().map(|e| e.at).collect::<Vec<_>>())
+    .bind(column(|e| e.error.as_ref().map(|x| x.code.clone())))
+    .bind(column(|e| e.error.as_ref().map(|x| x.title.clone())))
+    .bind(unmatched.iter().map(|e| e.message_id).collect::<Vec<_>>())
+    .bind(column(|e| e.recipient.clone()))
+    .bind(unmatched.iter().map(|e| e.opts_out).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What one [`sweep_unmatched`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Kept receipts that found their message and were applied (whatever the outcome:
+    /// a kept `delivered` that meets a message already `read` is done with too).
+    pub applied: u64,
+    /// Kept receipts dropped for being older than the time they are kept.
+    pub expired: u64,
+}
+
+/// Kept receipts looked at per transaction of a sweep.
+const SWEEP_PAGE: i64 = 500;
+
+/// Advisory lock key that lets one sweep run at a time across replicas.
+const SWEEP_LOCK: i64 = 0x6469_7370_6172_6f01; // "disparo" + 1
+
+/// Applies the kept receipts whose message has turned up (its provider id recorded, or
+/// an `unknown` message of theirs resolvable), and drops those older than `max_age`.
+/// Each page is one transaction that locks its messages before deleting what it
+/// applied; a page that another replica is sweeping at the same moment is left to it.
+pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepReport> {
+    let max_age_secs = max_age.as_secs_f64();
+    let expired = sqlx::query("DELETE FROM unmatched_receipts WHERE received_at < now() - make_interval(secs => $1)")
+        .bind(max_age_secs)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    let mut report = SweepReport { applied: 0, expired };
+    // keyset pagination, so receipts that still find nothing never hide later ones
+    let mut after: Option<(DateTime<Utc>, String, String, String, String, String)> = None;
+    loop {
+        let mut tx = pool.begin().await?;
+        let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(SWEEP_LOCK).fetch_one(&mut *tx).await?;
+        if !locked {
+            return Ok(report);
+        }
+        let rows: Vec<KeptRow> = sqlx::query_as(
+            r#"
+            SELECT u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status,
+                   u.at, u.error_code, u.error_title, u.message_id, u.recipient, u.opts_out
+            FROM unmatched_receipts u
+            WHERE u.received_at >= now() - make_interval(secs => $1)
+              AND ($2::timestamptz IS NULL
+                   OR (u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status)
+                      > ($2, $3, $4, $5, $6, $7))
+              AND (EXISTS (SELECT 1 FROM campaign_messages x
+                           WHERE x.organization = u.organization AND x.provider_message_id = u.provider_message_id)
+                   OR u.message_id IS NOT NULL AND EXISTS (
+                           SELECT 1 FROM campaign_messages x
+                           WHERE x.id = u.message_id AND x.organization = u.organization AND x.provider_message_id IS NULL)
+                   OR u.provider = 'evolution' AND u.recipient IS NOT NULL AND EXISTS (
+                           SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                           WHERE x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
+                             AND k.channel = u.channel
+                             AND x.updated_at BETWEEN u.at - make_interval(secs => $1) AND u.at + make_interval(secs => $1)))
+            ORDER BY u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status
+            LIMIT $8
+            "#,
+        )
+        .bind(max_age_secs)
+        .bind(after.as_ref().map(|a| a.0))
+        .bind(after.as_ref().map(|a| a.1.as_str()))
+        .bind(after.as_ref().map(|a| a.2.as_str()))
+        .bind(after.as_ref().map(|a| a.3.as_str()))
+        .bind(after.as_ref().map(|a| a.4.as_str()))
+        .bind(after.as_ref().map(|a| a.5.as_str()))
+        .bind(SWEEP_PAGE)
+        .fetch_all(&mut *tx)
+        .await?;
+        let full_page = rows.len() as i64 >= SWEEP_PAGE;
+        if let Some(last) = rows.last() {
+            after = Some((
+                last.received_at,
+                last.organization.clone(),
+                last.provider_message_id.clone(),
+                last.provider.clone(),
+                last.channel.clone(),
+                last.status.clone(),
+            ));
+        }
+        let kept: Vec<(&KeptRow, StatusEvent)> = rows.iter().filter_map(|row| row.event().map(|event| (row, event))).collect();
+        let events: Vec<StatusEvent> = kept.iter().map(|(_, event)| event.clone()).collect();
+        let applied = apply_events(&mut tx, &events).await?;
+        let done: Vec<&KeptRow> =
+            kept.iter().zip(&applied.outcomes).filter(|(_, outcome)| **outcome != ApplyOutcome::UnknownId).map(|((row, _), _)| *row).collect();
+        apply_opt_outs(&mut tx, &[], &applied.opting_out).await?;
+        if !done.is_empty() {
+            let key = |f: fn(&KeptRow) -> &str| done.iter().map(|row| f(row)).collect::<Vec<&str>>();
+            sqlx::query(
+                r#"
+                DELETE FROM unmatched_receipts u
+                USING unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS d(org, pid, provider, channel, status)
+                WHERE (u.organization, u.provider_message_id, u.provider, u.channel, u.status) = (d.org, d.pid, d.provider, d.channel, d.status)
+                "#,
+            )
+            .bind(key(|r| &r.organization))
+            .bind(key(|r| &r.provider_message_id))
+            .bind(key(|r| &r.provider))
+            .bind(key(|r| &r.channel))
+            .bind(key(|r| &r.status))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        report.applied += done.len() as u64;
+        if !full_page {
+            return Ok(report);
+        }
+    }
+}
+
+/// A row of `unmatched_receipts`.
+#[derive(Debug, sqlx::FromRow)]
+struct KeptRow {
+    received_at: DateTime<Utc>,
+    organization: String,
+    provider_message_id: String,
+    provider: String,
+    channel: String,
+    status: String,
+    at: DateTime<Utc>,
+    error_code: Option<String>,
+    error_title: Option<String>,
+    message_id: Option<i64>,
+    recipient: Option<String>,
+    opts_out: bool,
+}
+
+impl KeptRow {
+    /// The event as it was posted (None for a row no version of this code wrote).
+    fn event(&self) -> Option<StatusEvent> {
+        Some(StatusEvent {
+            provider: Provider::parse(&self.provider)?,
+            organization: self.organization.clone(),
+            channel: self.channel.clone(),
+            provider_message_id: self.provider_message_id.clone(),
+            message_id: self.message_id,
+            status: ReceiptStatus::parse(&self.status)?,
+            at: self.at,
+            error: self.error_code.clone().map(|code| ProviderError { code, title: self.error_title.clone().unwrap_or_default() }),
+            recipient: self.recipient.clone(),
+            opts_out: self.opts_out,
+        })
+    }
 }
 
 /// The E.164 forms a WhatsApp id may stand for. Brazilian mobile numbers registered
@@ -422,9 +741,11 @@ pub fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
     (primary, alternative)
 }
 
-async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut]) -> Result<Vec<bool>> {
+/// Marks opted out the contacts the opt-outs name (by phone or WhatsApp id) and the
+/// contacts of the messages in `message_ids`, locking them in id order first.
+async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], message_ids: &[i64]) -> Result<Vec<bool>> {
     let mut matched = vec![false; opt_outs.len()];
-    if opt_outs.is_empty() {
+    if opt_outs.is_empty() && message_ids.is_empty() {
         return Ok(matched);
     }
     let orgs: Vec<&str> = opt_outs.iter().map(|o| o.organization.as_str()).collect();
@@ -446,9 +767,16 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut]) -> Res
             SELECT v.idx, c.id
             FROM v JOIN contacts c ON c.organization = v.org
              AND (c.phone = v.phone OR c.phone = v.alt_phone OR c.whatsapp_id = v.wa_id)
+        ), locked AS (
+            SELECT c.id FROM contacts c
+            WHERE (c.id IN (SELECT id FROM matched)
+                   OR c.id IN (SELECT m.contact_id FROM campaign_messages m WHERE m.id = ANY($5)))
+              AND NOT c.opted_out
+            ORDER BY c.id
+            FOR UPDATE
         ), marked AS (
             UPDATE contacts c SET opted_out = TRUE, opted_out_at = coalesce(c.opted_out_at, now()), updated_at = now()
-            WHERE c.id IN (SELECT id FROM matched) AND NOT c.opted_out
+            FROM locked l WHERE c.id = l.id
         )
         SELECT DISTINCT idx FROM matched
         "#,
@@ -457,6 +785,7 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut]) -> Res
     .bind(&phones)
     .bind(&alternatives)
     .bind(&wa_ids)
+    .bind(message_ids)
     .fetch_all(&mut *tx)
     .await?;
     for (idx,) in rows {
@@ -496,12 +825,16 @@ mod tests {
 
     fn event(status: ReceiptStatus, at: i64) -> StatusEvent {
         StatusEvent {
+            provider: Provider::Meta,
             organization: "acme".into(),
+            channel: "wa".into(),
             provider_message_id: "wamid.1".into(),
             message_id: None,
             status,
             at: Utc.timestamp_opt(at, 0).single().unwrap_or_default(),
             error: (status == ReceiptStatus::Failed).then(|| ProviderError { code: "131026".into(), title: "Message undeliverable".into() }),
+            recipient: None,
+            opts_out: false,
         }
     }
 
@@ -576,19 +909,30 @@ mod tests {
     fn the_rust_transition_rule_matches_the_schema() {
         // The schema's function, transcribed: keep both in step.
         let allowed = [
-            ("pending", "sending failed cancelled"),
-            ("sending", "pending unknown sent delivered read failed"),
+            ("pending", "sending failed cancelled skipped"),
+            ("sending", "pending unknown sent delivered read failed cancelled"),
             ("unknown", "sent delivered read failed"),
             ("sent", "delivered read failed"),
             ("delivered", "read"),
         ];
-        let all = ["pending", "sending", "unknown", "sent", "delivered", "read", "failed", "cancelled"];
+        let all = ["pending", "sending", "unknown", "sent", "delivered", "read", "failed", "cancelled", "skipped"];
         for old in all {
             for new in all {
                 let expected = allowed.iter().any(|(o, ns)| *o == old && ns.split(' ').any(|n| n == new));
                 assert_eq!(M::parse(old).unwrap().can_move_to(M::parse(new).unwrap()), expected, "{old} -> {new}");
             }
         }
+    }
+
+    #[test]
+    fn a_message_without_a_provider_id_takes_events_of_one_id_only() {
+        let with_id = |pid: &str| StatusEvent { provider_message_id: pid.into(), ..event(R::Delivered, 1) };
+        let events = [with_id("A"), with_id("A"), with_id("B")];
+        assert_eq!(unambiguous(&events, None, &[0, 1]), Some(&[0, 1][..]));
+        assert_eq!(unambiguous(&events, None, &[0, 2]), None, "two ids for one message: neither is applied");
+        assert_eq!(unambiguous(&events, Some("A"), &[0, 1]), Some(&[0, 1][..]));
+        assert_eq!(unambiguous(&events, Some("B"), &[0]), None);
+        assert_eq!(unambiguous(&events, None, &[]), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::credentials::StaticCredentials;
 use super::signature;
 use super::{ServiceConfig, serve};
 use crate::store::audience::{self, AudienceQuery, CampaignKey};
-use crate::store::receipts::{self, ReceiptStatus, StatusEvent};
+use crate::store::receipts::{self, Provider, ReceiptStatus, StatusEvent};
 use crate::store::{self, campaigns, contacts, messages};
 
 /// What went wrong running the benchmark.
@@ -187,12 +187,16 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
             let events: Vec<StatusEvent> = chunk
                 .iter()
                 .map(|pid| StatusEvent {
+                    provider: Provider::Meta,
                     organization: organization.clone(),
+                    channel: CHANNEL.to_owned(),
                     provider_message_id: pid.clone(),
                     message_id: None,
                     status: ReceiptStatus::Delivered,
                     at: Utc::now(),
                     error: None,
+                    recipient: None,
+                    opts_out: false,
                 })
                 .collect();
             receipts::apply(&pool, &events, &[]).await?;

@@ -86,7 +86,10 @@ fn parse_update(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
     let id = item.get("keyId").and_then(Value::as_str).and_then(clean_id).ok_or(Ignored::InvalidItem)?;
     let error = (status == ReceiptStatus::Failed)
         .then(|| ProviderError { code: ERROR_CODE.to_owned(), title: "Evolution reported ERROR (no detail is forwarded)".to_owned() });
-    Ok(ReportedStatus { provider_message_id: id, message_id: None, status, at: received_at, error })
+    // The recipient finds an `unknown` message (its id never recorded): Evolution never
+    // echoes our id. Privacy ids (`@lid`) name no phone and are left out.
+    let recipient = item.get("remoteJid").and_then(Value::as_str).and_then(wa_digits);
+    Ok(ReportedStatus { provider_message_id: id, message_id: None, status, at: received_at, error, recipient, opts_out: false })
 }
 
 fn parse_upsert(item: &Value) -> Result<InboundMessage, Ignored> {
@@ -130,6 +133,7 @@ mod tests {
             let s = &n.statuses[0];
             assert_eq!((s.provider_message_id.as_str(), s.status, s.at), (id, status, now));
             assert_eq!(s.error.is_some(), status == ReceiptStatus::Failed);
+            assert!(s.recipient.as_deref().is_some_and(|r| r.starts_with("55119")), "{:?}", s.recipient);
         }
     }
 

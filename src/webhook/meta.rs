@@ -16,6 +16,11 @@ use crate::store::receipts::{ProviderError, ReceiptStatus};
 /// Prefix of `biz_opaque_callback_data` set by the sender: `disparo:<message id>`.
 pub const CALLBACK_PREFIX: &str = "disparo:";
 
+/// Failure codes that mean the recipient opted out: 131050, "user has stopped marketing
+/// messages" (they blocked this business's marketing, e.g. with the "Stop promotions"
+/// button). Treated as an opt-out of everything, like a STOP keyword.
+pub const OPT_OUT_ERROR_CODES: &[&str] = &["131050"];
+
 /// Parses a notification. `received_at` stands in for missing timestamps.
 pub fn parse(body: &[u8], received_at: DateTime<Utc>) -> Result<Notification, ParseError> {
     let root = parse_object(body)?;
@@ -79,7 +84,10 @@ fn parse_status(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
     let id = item.get("id").and_then(Value::as_str).and_then(clean_id).ok_or(Ignored::InvalidItem)?;
     let message_id = item.get("biz_opaque_callback_data").and_then(Value::as_str).and_then(callback_message_id);
     let error = (status == ReceiptStatus::Failed).then(|| first_error(item)).flatten();
-    Ok(ReportedStatus { provider_message_id: id, message_id, status, at: unix_seconds(item.get("timestamp"), received_at), error })
+    let opts_out = error.as_ref().is_some_and(|e| OPT_OUT_ERROR_CODES.contains(&e.code.as_str()));
+    let recipient = item.get("recipient_id").and_then(Value::as_str).and_then(wa_digits);
+    let at = unix_seconds(item.get("timestamp"), received_at);
+    Ok(ReportedStatus { provider_message_id: id, message_id, status, at, error, recipient, opts_out })
 }
 
 fn first_error(item: &Value) -> Option<ProviderError> {
@@ -138,7 +146,15 @@ mod tests {
             let n = parse(fixture(name).as_bytes(), now).unwrap();
             assert_eq!(
                 n.statuses,
-                vec![ReportedStatus { provider_message_id: RTCA.into(), message_id: None, status, at: at(ts), error: None }],
+                vec![ReportedStatus {
+                    provider_message_id: RTCA.into(),
+                    message_id: None,
+                    status,
+                    at: at(ts),
+                    error: None,
+                    recipient: Some("15550123456".into()),
+                    opts_out: false
+                }],
                 "{name}"
             );
             assert!(n.inbound.is_empty() && n.ignored.is_empty());
@@ -147,6 +163,10 @@ mod tests {
         assert_eq!(failed.statuses.len(), 1);
         assert_eq!(failed.statuses[0].status, ReceiptStatus::Failed);
         assert_eq!(failed.statuses[0].error, Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() }));
+        assert!(!failed.statuses[0].opts_out);
+        let stopped = parse(fixture("failed").replace("131026", "131050").as_bytes(), now).unwrap();
+        assert!(stopped.statuses[0].opts_out, "131050: the user stopped marketing messages");
+        assert_eq!(stopped.statuses[0].recipient.as_deref(), Some("15550199999"));
     }
 
     #[test]
@@ -210,7 +230,15 @@ mod tests {
         let n = parse(body.to_string().as_bytes(), now).unwrap();
         assert_eq!(
             n.statuses,
-            vec![ReportedStatus { provider_message_id: "wamid.B".into(), message_id: Some(7), status: ReceiptStatus::Read, at: now, error: None }]
+            vec![ReportedStatus {
+                provider_message_id: "wamid.B".into(),
+                message_id: Some(7),
+                status: ReceiptStatus::Read,
+                at: now,
+                error: None,
+                recipient: None,
+                opts_out: false
+            }]
         );
         assert_eq!(
             n.ignored,

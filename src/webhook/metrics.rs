@@ -54,6 +54,12 @@ pub struct WebhookMetrics {
     pub batch_seconds: Histogram,
     /// Batch transactions that failed (each failed request was answered 503 or 500).
     pub batch_failures: Counter,
+    /// Kept receipts (no message had their id when they came) applied by a sweep.
+    pub kept_applied: Counter,
+    /// Kept receipts dropped unapplied after a day.
+    pub kept_expired: Counter,
+    /// Sweeps of kept receipts that failed (retried at the next sweep).
+    pub sweep_failures: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -71,6 +77,9 @@ impl WebhookMetrics {
             batch_requests: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             batch_seconds: latency_histogram(),
             batch_failures: Counter::default(),
+            kept_applied: Counter::default(),
+            kept_expired: Counter::default(),
+            sweep_failures: Counter::default(),
         };
         registry.register("disparo_webhook_events", "Webhook events by provider, status and outcome", metrics.events.clone());
         registry.register("disparo_webhook_requests", "Webhook requests by provider and HTTP status", metrics.requests.clone());
@@ -79,6 +88,13 @@ impl WebhookMetrics {
         registry.register("disparo_webhook_batch_requests", "Requests grouped per database transaction", metrics.batch_requests.clone());
         registry.register("disparo_webhook_batch_seconds", "Seconds per batch transaction", metrics.batch_seconds.clone());
         registry.register("disparo_webhook_batch_failures", "Batch transactions that failed", metrics.batch_failures.clone());
+        registry.register(
+            "disparo_webhook_kept_receipts_applied",
+            "Receipts that came before their message's provider id was recorded, applied later",
+            metrics.kept_applied.clone(),
+        );
+        registry.register("disparo_webhook_kept_receipts_expired", "Kept receipts dropped after a day unapplied", metrics.kept_expired.clone());
+        registry.register("disparo_webhook_sweep_failures", "Sweeps of kept receipts that failed", metrics.sweep_failures.clone());
         metrics
     }
 

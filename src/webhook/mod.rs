@@ -10,6 +10,8 @@
 //! - [`optout`]: opt-out keywords.
 //! - [`credentials`]: channel secrets from the Kubernetes API (watch-backed) or fixed ones.
 //! - [`writer`]: the batching writer; the SQL itself is in [`crate::store::receipts`].
+//! - `sweeper`: receipts that came before their message's provider id was recorded
+//!   are kept, matched again every few seconds, and dropped after a day.
 //! - `server`: routes and answers; [`metrics`]: what is counted; [`bench`]: throughput.
 //!
 //! It leaves to others: sending (the sender), counters (schema triggers), channel
@@ -24,6 +26,7 @@ pub mod notification;
 pub mod optout;
 mod server;
 pub mod signature;
+mod sweeper;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -47,8 +50,8 @@ pub enum Error {
     /// Serving HTTP failed (the listener broke).
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
-    /// The writer task panicked or was cancelled.
-    #[error("writer task: {0}")]
+    /// The writer or sweeper task panicked or was cancelled.
+    #[error("writer or sweeper task: {0}")]
     Writer(#[source] tokio::task::JoinError),
 }
 
@@ -81,6 +84,10 @@ pub struct WebhookArgs {
     /// Postgres connections this process may open.
     #[arg(long, env = "DISPARO_WEBHOOK_DB_CONNECTIONS", default_value_t = 4)]
     pub db_max_connections: u32,
+    /// How often receipts that came before their message's provider id was recorded are
+    /// matched again, in milliseconds.
+    #[arg(long, env = "DISPARO_WEBHOOK_SWEEP_INTERVAL_MS", default_value_t = 5000)]
+    pub sweep_interval_ms: u64,
 }
 
 /// How one service instance behaves (what [`WebhookArgs`] become).
@@ -95,6 +102,11 @@ pub struct ServiceConfig {
     /// How long a request waits for its commit before answering 503. Providers time
     /// out somewhere between 3 and 20 seconds; a late answer is a wasted one.
     pub apply_timeout: Duration,
+    /// How often kept receipts (those that arrived before their message's provider id
+    /// was recorded) are matched again, and those older than `kept_for` dropped.
+    pub sweep_interval: Duration,
+    /// How long a receipt that finds no message is kept.
+    pub kept_for: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -104,6 +116,8 @@ impl Default for ServiceConfig {
             keywords: OptOutKeywords::default(),
             batch: BatchConfig::default(),
             apply_timeout: Duration::from_secs(10),
+            sweep_interval: Duration::from_secs(5),
+            kept_for: crate::store::receipts::UNMATCHED_RECEIPT_TTL,
         }
     }
 }
@@ -122,6 +136,8 @@ pub async fn serve(
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::WebhookMetrics::new(&mut registry));
     let (writer, writer_task) = writer::Writer::spawn(pool.clone(), config.batch, metrics.clone());
+    let stop_sweeping = shutdown.child_token();
+    let sweeper_task = sweeper::spawn(pool.clone(), config.sweep_interval, config.kept_for, metrics.clone(), stop_sweeping.clone());
     let state = Arc::new(server::AppState {
         pool,
         credentials,
@@ -134,7 +150,10 @@ pub async fn serve(
     let app = server::router(state, config.max_body_bytes);
     let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     // The router (and with it the last writer handle) is gone: the writer drains and ends.
+    stop_sweeping.cancel();
+    let swept = sweeper_task.await;
     writer_task.await.map_err(Error::Writer)?;
+    swept.map_err(Error::Writer)?;
     served.map_err(Error::Serve)
 }
 
@@ -142,7 +161,16 @@ pub async fn serve(
 /// 503 while Postgres is down), channel secrets from the Kubernetes API, HTTP until
 /// `shutdown`.
 pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let WebhookArgs { listen, database_url, max_body_bytes, opt_out_keywords, batch_max_events, batch_max_delay_ms, db_max_connections } = args;
+    let WebhookArgs {
+        listen,
+        database_url,
+        max_body_bytes,
+        opt_out_keywords,
+        batch_max_events,
+        batch_max_delay_ms,
+        db_max_connections,
+        sweep_interval_ms,
+    } = args;
     let pool = crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
     let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
     let (credentials, watch_task) = KubeCredentials::start(client, shutdown.clone());
@@ -154,6 +182,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         max_body_bytes,
         keywords,
         batch: BatchConfig { max_events: batch_max_events.max(1), max_delay: Duration::from_millis(batch_max_delay_ms), ..BatchConfig::default() },
+        sweep_interval: Duration::from_millis(sweep_interval_ms),
         ..ServiceConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

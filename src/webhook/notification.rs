@@ -19,6 +19,10 @@ pub struct ReportedStatus {
     pub at: DateTime<Utc>,
     /// The error of a `failed` status.
     pub error: Option<ProviderError>,
+    /// The recipient's WhatsApp id (digits), when the payload names a phone number.
+    pub recipient: Option<String>,
+    /// The failure means the recipient opted out (Meta 131050).
+    pub opts_out: bool,
 }
 
 /// A message a user sent to the business number.

@@ -5,7 +5,9 @@
 
 use std::collections::HashSet;
 
-/// The defaults: the usual English carrier keywords and their Portuguese counterparts.
+/// The defaults: the usual English carrier keywords and their Portuguese counterparts,
+/// and the text of the quick-reply button Meta adds to marketing templates (its reply
+/// arrives as an inbound message with that text).
 pub const DEFAULT_KEYWORDS: &[&str] = &[
     "STOP",
     "STOPALL",
@@ -15,6 +17,7 @@ pub const DEFAULT_KEYWORDS: &[&str] = &[
     "QUIT",
     "OPT OUT",
     "OPTOUT", // English
+    "STOP PROMOTIONS", // Meta's marketing opt-out button
     "SAIR",
     "PARAR",
     "PARE",
@@ -85,10 +88,10 @@ mod tests {
     #[test]
     fn defaults_cover_english_and_portuguese() {
         let k = OptOutKeywords::default();
-        for yes in ["STOP", "stop", " Stop. ", "SAIR", "sair!", "Parar", "CANCELAR", "opt  out", "🛑 stop 🛑", "Descadastrar"] {
+        for yes in ["STOP", "stop", " Stop. ", "SAIR", "sair!", "Parar", "CANCELAR", "opt  out", "🛑 stop 🛑", "Descadastrar", "Stop promotions"] {
             assert!(k.matches(yes), "{yes}");
         }
-        for no in ["", "stop sending me that on sunday", "don't stop", "olá", "sairemos", "STOPP", "s t o p"] {
+        for no in ["", "stop sending me that on sunday", "don't stop", "olá", "sairemos", "STOPP", "s t o p", "promotions", "stop promotions please"] {
             assert!(!k.matches(no), "{no}");
         }
     }

@@ -28,10 +28,18 @@ use super::optout::OptOutKeywords;
 use super::signature::{self, Rejection};
 use super::writer::{WriteError, Writer};
 use super::{evolution, meta};
-use crate::store::receipts::{ApplyOutcome, OptOut, StatusEvent};
+use crate::store::receipts::{ApplyOutcome, OptOut, Provider, StatusEvent};
 
 const META: &str = "meta";
 const EVOLUTION: &str = "evolution";
+
+/// The metric label of a provider.
+fn label(provider: Provider) -> &'static str {
+    match provider {
+        Provider::Meta => META,
+        Provider::Evolution => EVOLUTION,
+    }
+}
 /// Meta's signature header.
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 /// Longest `hub.challenge` echoed back (Meta sends a number).
@@ -113,7 +121,7 @@ async fn meta_receive(State(state): Shared, Path((namespace, channel)): Path<(St
             return state.reject(META, rejection);
         }
         match meta::parse(&body, Utc::now()) {
-            Ok(notification) => state.apply(META, &namespace, notification).await,
+            Ok(notification) => state.apply(Provider::Meta, &namespace, &channel, notification).await,
             Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
         }
     }
@@ -144,7 +152,7 @@ async fn evolution_receive(State(state): Shared, Path((namespace, channel)): Pat
             return state.reject(EVOLUTION, rejection);
         }
         match evolution::parse(&body, Utc::now()) {
-            Ok(notification) => state.apply(EVOLUTION, &namespace, notification).await,
+            Ok(notification) => state.apply(Provider::Evolution, &namespace, &channel, notification).await,
             Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
         }
     }
@@ -196,25 +204,37 @@ impl AppState {
         self.metrics.request_seconds.get_or_create(&ProviderLabels { provider }).observe(started.elapsed().as_secs_f64());
     }
 
-    /// Binds a verified notification to the namespace's organization, applies it, and
-    /// answers once it is committed.
-    async fn apply(&self, provider: &'static str, organization: &str, notification: Notification) -> Response {
+    /// Binds a verified notification to the namespace's organization and the channel,
+    /// applies it, and answers once it is committed.
+    async fn apply(&self, source: Provider, organization: &str, channel: &str, notification: Notification) -> Response {
+        let provider = label(source);
         let Notification { statuses, inbound, ignored } = notification;
         for item in &ignored {
             self.metrics.count(provider, "none", item.as_str(), 1);
         }
+        let mut opt_outs = Vec::new();
         let events: Vec<StatusEvent> = statuses
             .into_iter()
-            .map(|s| StatusEvent {
-                organization: organization.to_owned(),
-                provider_message_id: s.provider_message_id,
-                message_id: s.message_id,
-                status: s.status,
-                at: s.at,
-                error: s.error,
+            .map(|s| {
+                // A failure that means "opted out" opts out the recipient's number as
+                // well as the message's contact (which the store finds, or finds later).
+                if let (true, Some(recipient)) = (s.opts_out, &s.recipient) {
+                    opt_outs.push(OptOut { organization: organization.to_owned(), wa_id: recipient.clone() });
+                }
+                StatusEvent {
+                    provider: source,
+                    organization: organization.to_owned(),
+                    channel: channel.to_owned(),
+                    provider_message_id: s.provider_message_id,
+                    message_id: s.message_id,
+                    status: s.status,
+                    at: s.at,
+                    error: s.error,
+                    recipient: s.recipient,
+                    opts_out: s.opts_out,
+                }
             })
             .collect();
-        let mut opt_outs = Vec::new();
         for message in inbound {
             if message.text.as_deref().is_some_and(|text| self.keywords.matches(text)) {
                 opt_outs.push(OptOut { organization: organization.to_owned(), wa_id: message.from });
