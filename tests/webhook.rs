@@ -1120,3 +1120,28 @@ async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
     }
     assert_counters_match(&pool, uid).await;
 }
+
+/// More kept receipts than one sweep transaction takes: every one is applied.
+#[tokio::test]
+async fn kept_receipts_beyond_one_sweep_page_are_all_applied() {
+    let (pool, _) = common::fresh_db().await;
+    let n = 1234;
+    let phones: Vec<String> = (0..n).map(common::phone).collect();
+    let phone_refs: Vec<&str> = phones.iter().map(String::as_str).collect();
+    let (uid, ids) = campaign_on(&pool, "acme", "evo", &phone_refs).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    // one Evolution request may carry many updates; none finds its message yet
+    let items: Vec<Value> = ids.iter().map(|id| json!({"keyId": format!("3EB0{id:016}"), "fromMe": true, "status": "DELIVERY_ACK"})).collect();
+    let body = json!({"event": "messages.update", "instance": "i", "data": items}).to_string();
+    assert_eq!(service.evolution("acme", &body).await["unknown_id"], n);
+    service.stop().await;
+    assert_eq!(kept(&pool).await, n as i64);
+    let sent: Vec<(i64, String)> = ids.iter().map(|id| (*id, format!("3EB0{id:016}"))).collect();
+    mark_sent(&pool, &sent.iter().map(|(id, pid)| (*id, pid.as_str())).collect::<Vec<_>>()).await;
+    let report = disparo::store::receipts::sweep_unmatched(&pool, disparo::store::receipts::UNMATCHED_RECEIPT_TTL).await.unwrap();
+    assert_eq!((report.applied, report.expired), (n as u64, 0));
+    assert_eq!(kept(&pool).await, 0);
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!(counters.delivered, n as i64);
+    assert_counters_match(&pool, uid).await;
+}
