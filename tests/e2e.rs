@@ -128,18 +128,18 @@ async fn campaign_lifecycle_end_to_end() {
     let sandbox = sandbox::start(config).await.unwrap();
     let mut env = Env { ns: ns.clone(), pool, url: url.clone(), sandbox, dir: tempfile::tempdir().unwrap(), procs: Vec::new() };
 
-    kubectl_ok(&["-n", &ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")], None);
+    let org = common::cluster::namespace_uid(&ns);
     kubectl_ok(
         &["-n", &ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
         None,
     );
     let metrics_a = free_port().to_string();
-    env.spawn("controller-a", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_a}"), "--lease-namespace", &ns, "--identity", "controller-a", "--lease-seconds", "6"]);
+    env.spawn("controller-a", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_a}"), "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-a", "--lease-seconds", "6"]);
     env.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
     env.spawn("webhook", &["webhook", "--listen", &format!("127.0.0.1:{webhook_port}")]);
 
     // --- a missing channel stalls with its name, and recovers when the channel appears
-    common::seed_contacts(&env.pool, &ns, 2000, |i| (vec![], json!({"i": i}))).await;
+    common::seed_contacts(&env.pool, &org, 2000, |i| (vec![], json!({"i": i}))).await;
     env.apply(&campaign_yaml("big", "main", "{allContacts: true}", ""));
     let c = env
         .wait_for("Stalled", Duration::from_secs(60), |c| c["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|x| x["type"] == "Stalled" && x["status"] == "True")), "big")
@@ -175,7 +175,7 @@ async fn campaign_lifecycle_end_to_end() {
     env.wait_for("receipts", Duration::from_secs(60), |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 1000, "big").await;
 
     // --- pause mid-run: nothing is sent while paused, resume finishes without duplicates
-    common::seed_contacts(&env.pool, &ns, 2600, |i| (if i >= 2000 { vec!["late".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&env.pool, &org, 2600, |i| (if i >= 2000 { vec!["late".into()] } else { vec![] }, json!({}))).await;
     env.apply(&channel_yaml("slow", &env.sandbox.base_url(), "{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 40}"));
     env.apply(&campaign_yaml("paused", "slow", "{tags: {anyOf: [late]}}", ""));
     let before = phones.len();
@@ -211,7 +211,7 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(phones.iter().collect::<HashSet<_>>().len(), 2600, "no duplicates after resume");
 
     // --- cancel stops it for good, and cancel: false is rejected
-    common::seed_contacts(&env.pool, &ns, 3000, |i| (if i >= 2600 { vec!["cancel".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&env.pool, &org, 3000, |i| (if i >= 2600 { vec!["cancel".into()] } else { vec![] }, json!({}))).await;
     env.apply(&campaign_yaml("stopped", "slow", "{tags: {anyOf: [cancel]}}", ""));
     env.wait_for("Running", Duration::from_secs(60), |c| phase(c) == "Running", "stopped").await;
     kubectl_ok(&["-n", &ns, "patch", "campaign", "stopped", "--type", "merge", "-p", r#"{"spec":{"cancel":true}}"#], None);
@@ -225,7 +225,7 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(counters.pending, 0);
 
     // --- a Hard channel with a tiny day cap goes RateLimited, then resumes on its own
-    common::seed_contacts(&env.pool, &ns, 3020, |i| (if i >= 3000 { vec!["tiny".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&env.pool, &org, 3020, |i| (if i >= 3000 { vec!["tiny".into()] } else { vec![] }, json!({}))).await;
     env.apply(&channel_yaml("tiny", &env.sandbox.base_url(), "{perDay: 8, mode: Hard}"));
     env.apply(&campaign_yaml("limited", "tiny", "{tags: {anyOf: [tiny]}}", ""));
     let c = env.wait_for("RateLimited", Duration::from_secs(120), |c| phase(c) == "RateLimited", "limited").await;
@@ -233,12 +233,12 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(c["status"]["rateLimit"]["pauses"], 1);
     // the day window "resets": in the test, move the channel's day window and pause into the past
     sqlx::query("UPDATE channel_rate_windows SET window_start = window_start - interval '1 day' WHERE organization = $1 AND channel = 'tiny'")
-        .bind(&ns)
+        .bind(&org)
         .execute(&env.pool)
         .await
         .unwrap();
     sqlx::query("UPDATE channel_state SET paused_until = now() - interval '1 second' WHERE organization = $1 AND channel = 'tiny'")
-        .bind(&ns)
+        .bind(&org)
         .execute(&env.pool)
         .await
         .unwrap();
@@ -248,8 +248,8 @@ async fn campaign_lifecycle_end_to_end() {
 
     // --- killing the active controller: the standby takes over and a campaign completes
     let metrics_b = free_port().to_string();
-    env.spawn("controller-b", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_b}"), "--lease-namespace", &ns, "--identity", "controller-b", "--lease-seconds", "6"]);
-    common::seed_contacts(&env.pool, &ns, 3400, |i| (if i >= 3020 { vec!["failover".into()] } else { vec![] }, json!({}))).await;
+    env.spawn("controller-b", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_b}"), "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-b", "--lease-seconds", "6"]);
+    common::seed_contacts(&env.pool, &org, 3400, |i| (if i >= 3020 { vec!["failover".into()] } else { vec![] }, json!({}))).await;
     env.apply(&campaign_yaml("failover", "slow", "{tags: {anyOf: [failover]}}", ""));
     env.wait_for("Running", Duration::from_secs(90), |c| phase(c) == "Running" || phase(c) == "Completed", "failover").await;
     env.procs[0].child.start_kill().unwrap(); // SIGKILL controller-a

@@ -212,11 +212,9 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     let agents = vec![Agent::start(&release_ns, dir.path())?, Agent::start(&campaign_ns, dir.path())?];
     let install = Install { release: release.clone(), release_ns: release_ns.clone(), campaign_ns: campaign_ns.clone(), agents, _dir: dir };
 
-    // The Postgres URL Secret, in the release namespace (controller, webhook, hook) and
-    // in the campaign namespace (sender pods), as values.yaml requires.
-    for ns in [&release_ns, &campaign_ns] {
-        kubectl_ok(&["-n", ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")], None);
-    }
+    // The admin Postgres URL lives in the release namespace only (controller, webhook,
+    // hook); the campaign namespace gets its own scoped credential from the controller.
+    kubectl_ok(&["-n", &release_ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")], None);
     kubectl_ok(
         &["-n", &campaign_ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
         None,
@@ -265,7 +263,7 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
 
     // The hook migrated the database; the audience goes in after it.
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await?;
-    common::seed_contacts(&pool, &campaign_ns, AUDIENCE, |i| (vec![], json!({"i": i}))).await;
+    common::seed_contacts(&pool, &common::cluster::namespace_uid(&campaign_ns), AUDIENCE, |i| (vec![], json!({"i": i}))).await;
 
     let apply = |yaml: &str| {
         let out = kubectl(&["apply", "-n", &campaign_ns, "-f", "-"], Some(yaml));

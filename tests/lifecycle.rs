@@ -40,7 +40,7 @@ fn only_template(name: &str) -> Vec<TemplateSpec> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_edit_resume_sends_the_edited_message_through_the_edited_channel() {
     let stack = Stack::start("edit").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 300, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 300, |_| (vec![], json!({}))).await;
     // Each sandbox approves one template only: a message sent with the other is refused.
     let old = sandbox_with(|c| c.meta.templates = only_template("promo")).await;
     let new = sandbox_with(|c| c.meta.templates = only_template("promo_v2")).await;
@@ -73,7 +73,7 @@ async fn pause_edit_resume_sends_the_edited_message_through_the_edited_channel()
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn edited_channel_caps_reach_running_senders() {
     let stack = Stack::start("caps").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 400, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 400, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(50)));
     stack.apply(&campaign("capped", "main", "promo", "{allContacts: true}", ""));
@@ -99,7 +99,7 @@ async fn edited_channel_caps_reach_running_senders() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_channel_restarts_when_its_credentials_change_or_a_person_resumes() {
     let stack = Stack::start("stop").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 200, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
     stack.kubectl(&["create", "secret", "generic", "bad-creds", "--from-literal=access-token=revoked", "--from-literal=app-secret=x", "--from-literal=verify-token=v"]);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(10)).replace("meta-creds", "bad-creds"));
@@ -121,8 +121,8 @@ async fn a_stopped_channel_restarts_when_its_credentials_change_or_a_person_resu
     assert_eq!(sandbox.ledger().accepted_count(), 200);
 
     // A refusal that a person resolved at the provider (same token): `kubectl disparo resume`.
-    common::seed_contacts(&stack.pool, &stack.ns, 300, |i| (if i >= 200 { vec!["second".into()] } else { vec![] }, json!({}))).await;
-    disparo::store::pauses::stop_channel(&stack.pool, &stack.ns, "main", "131031", "Business account locked").await.unwrap();
+    common::seed_contacts(&stack.pool, &stack.org, 300, |i| (if i >= 200 { vec!["second".into()] } else { vec![] }, json!({}))).await;
+    disparo::store::pauses::stop_channel(&stack.pool, &stack.org, "main", "131031", "Business account locked").await.unwrap();
     stack.apply(&campaign("second", "main", "promo", "{tags: {anyOf: [second]}}", ""));
     stack.wait_for("campaign", "second", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped")).await;
     let out = stack.plugin(&["resume", "second"]);
@@ -136,7 +136,7 @@ async fn a_stopped_channel_restarts_when_its_credentials_change_or_a_person_resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_means_not_sending_and_stuck_pods_show() {
     let stack = Stack::start("stall").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 300, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 300, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
     let channel = meta_channel("main", &sandbox.base_url(), "111", &fast(60));
     stack.apply(&channel);
@@ -153,15 +153,29 @@ async fn stalled_means_not_sending_and_stuck_pods_show() {
     stack.wait_for("campaign", "orphan", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(recipients(&sandbox).iter().collect::<HashSet<_>>().len(), 300);
 
-    // The sender pods' database Secret is missing: the campaign says so, then recovers.
-    common::seed_contacts(&stack.pool, &stack.ns, 320, |i| (if i >= 300 { vec!["late".into()] } else { vec![] }, json!({}))).await;
-    stack.kubectl(&["delete", "secret", "disparo-postgres"]);
+    // The sender pods' database credential is broken (a person edited the Secret): their
+    // pods crash, the campaign says so; deleting the Secret makes the controller write a
+    // new one with a new password (rotation), and the campaign completes.
+    common::seed_contacts(&stack.pool, &stack.org, 320, |i| (if i >= 300 { vec!["late".into()] } else { vec![] }, json!({}))).await;
+    break_database_secret(&stack);
     stack.apply(&campaign("stuck", "main", "promo", "{tags: {anyOf: [late]}}", ""));
     let c = stack.wait_for("campaign", "stuck", "SenderPodsFailing", LONG, |c| is_true_with(c, "Stalled", "SenderPodsFailing")).await;
     let message = common::stack::condition(&c, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
-    assert!(message.contains("CreateContainerConfigError") && message.contains("disparo-postgres"), "{message}");
-    stack.kubectl(&["create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={}", stack.url)]);
+    assert!(message.contains("sender pods crashed"), "{message}");
+    stack.kubectl(&["delete", "secret", "disparo-database"]);
     stack.wait_for("campaign", "stuck", "Completed", LONG, |c| phase(c) == "Completed").await;
+}
+
+/// Replaces the namespace's database URL with one whose password is wrong, keeping the
+/// organization key (so the controller leaves the Secret alone until it is deleted).
+fn break_database_secret(stack: &Stack) {
+    let secret = stack.get("secret", "disparo-database");
+    let organization = secret["data"]["organization"].as_str().unwrap().to_owned();
+    stack.kubectl(&["delete", "secret", "disparo-database"]);
+    let broken = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: disparo-database}}\ndata: {{organization: {organization}}}\nstringData: {{url: 'postgres://nobody:wrong@127.0.0.1:1/none'}}\n"
+    );
+    stack.apply(&broken);
 }
 
 /// The failure threshold pauses in status, never in the spec (GitOps would revert it);
@@ -169,7 +183,7 @@ async fn stalled_means_not_sending_and_stuck_pods_show() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_failure_threshold_pauses_in_status_and_a_person_resumes() {
     let stack = Stack::start("thresh").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 200, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|c| c.faults.permanent = 1.0).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(20)));
     stack.apply(&campaign("burning", "main", "promo", "{allContacts: true}", "  failureThreshold: {maxFailurePercent: 50, minSample: 20}\n"));
@@ -207,17 +221,16 @@ async fn a_failed_campaign_resumes_and_a_fixable_preflight_waits() {
     stack.apply(&campaign("early", "main", "promo", "{allContacts: true}", ""));
     let c = stack.wait_for("campaign", "early", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed")).await;
     assert_ne!(phase(&c), "Failed");
-    common::seed_contacts(&stack.pool, &stack.ns, 150, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 150, |_| (vec![], json!({}))).await;
     stack.wait_for("campaign", "early", "Completed", LONG, |c| phase(c) == "Completed").await;
 
     // Sender pods that cannot reach Postgres crash past their retries: the Job fails.
-    common::seed_contacts(&stack.pool, &stack.ns, 300, |i| (if i >= 150 { vec!["late".into()] } else { vec![] }, json!({}))).await;
-    stack.kubectl(&["delete", "secret", "disparo-postgres"]);
-    stack.kubectl(&["create", "secret", "generic", "disparo-postgres", "--from-literal=url=postgres://nobody:wrong@127.0.0.1:1/none"]);
+    common::seed_contacts(&stack.pool, &stack.org, 300, |i| (if i >= 150 { vec!["late".into()] } else { vec![] }, json!({}))).await;
+    break_database_secret(&stack);
     stack.apply(&campaign("doomed", "main", "promo", "{tags: {anyOf: [late]}}", "").replace("parallelism: 2}", "parallelism: 2, backoffLimitPerIndex: 0}"));
     stack.wait_for("campaign", "doomed", "Failed", LONG, |c| phase(c) == "Failed").await;
-    stack.kubectl(&["delete", "secret", "disparo-postgres"]);
-    stack.kubectl(&["create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={}", stack.url)]);
+    // Deleting the broken Secret rotates the credential: the controller writes a good one.
+    stack.kubectl(&["delete", "secret", "disparo-database"]);
     let out = stack.plugin(&["resume", "doomed"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let c = stack.wait_for("campaign", "doomed", "Completed after resume", LONG, |c| phase(c) == "Completed").await;
@@ -230,7 +243,7 @@ async fn a_failed_campaign_resumes_and_a_fixable_preflight_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_campaign_names_get_their_own_jobs() {
     let stack = Stack::start("names").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 100, |i| (vec![if i < 50 { "a".into() } else { "b".into() }], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 100, |i| (vec![if i < 50 { "a".into() } else { "b".into() }], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     let prefix = "spring-sale-for-the-customers-who-bought-twice-in-the-last-year";
@@ -252,7 +265,7 @@ async fn long_campaign_names_get_their_own_jobs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_message_stops_only_its_campaign() {
     let stack = Stack::start("tmpl").await;
-    common::seed_contacts(&stack.pool, &stack.ns, 100, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 100, |_| (vec![], json!({}))).await;
     let paused = sandbox_with(|c| {
         c.faults.codes.insert(132015, 1.0);
     })
@@ -264,7 +277,7 @@ async fn a_refused_message_stops_only_its_campaign() {
     let channel = stack.get("channel", "main");
     assert!(is_true_with(&channel, "Ready", "Ready"), "the channel stays ready for other campaigns: {}", channel["status"]);
     let stopped: Option<(String,)> = sqlx::query_as("SELECT pause_kind::text FROM channel_state WHERE organization = $1 AND channel = 'main' AND pause_kind IS NOT NULL")
-        .bind(&stack.ns)
+        .bind(&stack.org)
         .fetch_optional(&stack.pool)
         .await
         .unwrap();

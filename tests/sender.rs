@@ -427,3 +427,31 @@ async fn a_failing_message_is_retried_after_one_two_four_seconds_then_failed() {
     }
     assert_eq!(sandbox.ledger().accepted_count(), 0);
 }
+
+/// A cancel observed mid-block sends nothing more: messages waiting for their send slot
+/// are given back and end `cancelled`, and the run ends.
+#[tokio::test]
+async fn a_cancel_mid_block_sends_nothing_more() {
+    let (pool, _) = common::fresh_db().await;
+    let sandbox = sandbox(0, Faults::default()).await;
+    let (uid, _) = campaign(&pool, 40, 100).await;
+    sqlx::query("INSERT INTO channel_state (organization, channel, next_slot_at) VALUES ('acme', 'spaced', now() + interval '30 seconds')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
+    let cfg = config(uid, "spaced", &sandbox, RetryPolicy::default(), spaced, 16);
+    let run = tokio::spawn({
+        let pool = pool.clone();
+        async move { run_in_process(&pool, &cfg, 0).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while statuses(&pool, uid).await.get("sending").is_none() {
+        assert!(std::time::Instant::now() < deadline, "the sender claimed nothing");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    disparo::store::messages::cancel_pending(&pool, uid).await.unwrap();
+    assert_eq!(run.await.unwrap(), sender::BatchEnd::Done);
+    assert_eq!(sandbox.ledger().accepted_count(), 0, "nothing is sent after the cancel");
+    assert_eq!(statuses(&pool, uid).await, BTreeMap::from([("cancelled".to_owned(), 40)]));
+}

@@ -40,9 +40,11 @@ pub struct ImportArgs {
     /// Rows per upsert statement.
     #[arg(long, default_value_t = 1000)]
     pub batch_size: usize,
-    /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    pub database_url: String,
+    /// An operator's tool: import with the admin Postgres URL instead of the namespace's
+    /// own credential. Without it, the import reads the namespace's `disparo-database`
+    /// Secret with your own Kubernetes rights, so you import only where you may read it.
+    #[arg(long, hide_env_values = true)]
+    pub admin_database_url: Option<String>,
 }
 
 /// Input formats.
@@ -451,9 +453,41 @@ fn row_from_csv(headers: &[String], phone_col: usize, record: &csv::StringRecord
 }
 
 /// Runs the command: imports, prints the report, fails when any row was rejected.
+/// The namespace's own database credential, read with the caller's Kubernetes rights:
+/// (URL, organization id).
+async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String)> {
+    use crate::controller::tenant::{DATABASE_SECRET, ORGANIZATION_KEY, URL_KEY};
+    let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig)")?;
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
+    let secret = match secrets.get_opt(DATABASE_SECRET).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => bail!(
+            "namespace {namespace:?} has no Disparo database credential yet (Secret {DATABASE_SECRET}): create a Channel there first; the controller writes it within seconds"
+        ),
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            bail!("you may not read Secret {DATABASE_SECRET} in namespace {namespace:?}, so you may not import contacts there ({})", e.message)
+        }
+        Err(e) => return Err(e).context(format!("reading Secret {DATABASE_SECRET} in namespace {namespace:?}")),
+    };
+    let value = |key: &str| {
+        secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).into_owned()).with_context(|| format!("Secret {DATABASE_SECRET} in {namespace:?} has no key {key:?}"))
+    };
+    Ok((value(URL_KEY)?, value(ORGANIZATION_KEY)?))
+}
+
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let pool = crate::store::connect(&args.database_url, 4).await.context("connecting to Postgres")?;
-    let report = import_file(&pool, &args.namespace, &args.file, args.format, args.default_region.as_deref(), args.batch_size).await?;
+    let (url, organization) = match &args.admin_database_url {
+        Some(url) => {
+            let pool = crate::store::connect(url, 1).await.context("connecting to Postgres")?;
+            let organization = crate::store::tenancy::organization_of(&pool, &args.namespace)
+                .await?
+                .with_context(|| format!("namespace {:?} has no organization yet: create a Channel there first", args.namespace))?;
+            (url.clone(), organization)
+        }
+        None => namespace_credential(&args.namespace).await?,
+    };
+    let pool = crate::store::connect(&url, 4).await.context("connecting to Postgres")?;
+    let report = import_file(&pool, &organization, &args.file, args.format, args.default_region.as_deref(), args.batch_size).await?;
     print!("{report}");
     if !report.rejected.is_empty() {
         bail!("{} row(s) rejected; the other rows were imported", report.rejected.len());

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::decide::{self, JobView, Memory, Step};
 use super::job::{build_job, job_name, send_config_digest};
-use super::observe;
+use super::{observe, tenant};
 use super::status as view;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
@@ -138,6 +138,8 @@ struct Reconcile<'a> {
     campaign: &'a Campaign,
     ctx: &'a Context,
     namespace: String,
+    /// The namespace's organization id (its UID): what Postgres keys its rows by.
+    organization: String,
     name: String,
     uid: Uuid,
     jobs: Api<Job>,
@@ -156,7 +158,7 @@ async fn take_resume_request(r: &Reconcile<'_>, status: &mut CampaignStatus) -> 
     status.last_resume_request = Some(value.clone());
     status.automatic_pause = None;
     let stop = store::pauses::clear_campaign_stop(&r.ctx.pool, r.uid).await?;
-    let channel = store::pauses::clear_channel_pause(&r.ctx.pool, &r.namespace, &r.campaign.spec.channel_ref.name).await?;
+    let channel = store::pauses::clear_channel_pause(&r.ctx.pool, &r.organization, &r.campaign.spec.channel_ref.name).await?;
     info!(stop, channel, "a person asked to resume");
     publish(r.ctx, r.campaign, EventType::Normal, "ResumeRequested", "resume requested: automatic pauses and stops are lifted".into()).await;
     Ok(true)
@@ -172,9 +174,11 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     let namespace = campaign.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = campaign.name_any();
     let uid = uid_of(campaign)?;
+    let organization = tenant::ensure(ctx, &namespace).await?;
     let r = Reconcile {
         campaign,
         ctx,
+        organization,
         jobs: Api::namespaced(ctx.client.clone(), &namespace),
         job_name: job_name(&name, &uid.to_string()),
         namespace,
@@ -186,8 +190,8 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     let mut status = old.clone();
     let resumed = take_resume_request(&r, &mut status).await?;
 
-    let (channel_view, channel) = observe::channel(ctx, &r.namespace, &campaign.spec.channel_ref.name).await?;
-    let digest = channel.as_ref().and_then(|ch| send_config_digest(campaign, ch, &ctx.sender).ok());
+    let (channel_view, channel) = observe::channel(ctx, &r.namespace, &r.organization, &campaign.spec.channel_ref.name).await?;
+    let digest = channel.as_ref().and_then(|ch| send_config_digest(campaign, ch, &r.organization, &ctx.sender).ok());
     let job = observe::job(ctx, &r.jobs, &r.job_name, &uid.to_string(), digest.as_deref()).await?;
     let mut counters = store::campaigns::counters(&ctx.pool, uid).await?;
     let memory = Memory {
@@ -274,7 +278,7 @@ async fn execute(
         Step::PauseForFailures(why) => {
             set_job_suspended(&r.jobs, &r.job_name, true).await?;
             if let Some(c) = store::campaigns::counters(&r.ctx.pool, r.uid).await? {
-                status.failure_baseline = Some(FailureBaseline { failed: c.failed, finished: c.finished() - c.cancelled });
+                status.failure_baseline = Some(FailureBaseline { failed: c.failed, finished: c.finished_attempted() });
             }
             status.automatic_pause = Some(AutomaticPause { reason: "FailureThresholdExceeded".into(), message: why.clone(), since: Some(time::k8s(r.now)) });
             conditions.push(stalled("FailureThresholdExceeded", why));
@@ -286,7 +290,7 @@ async fn execute(
             conditions.push(stalled("FailureThresholdExceeded", why));
             Action::await_change()
         }
-        Step::Preflight => match preflight(r.campaign, channel, r.ctx, &r.namespace, &r.name, r.uid, status).await? {
+        Step::Preflight => match preflight(r.campaign, channel, r.ctx, &r.organization, &r.name, r.uid, status).await? {
             Ok(()) => Action::requeue(Duration::ZERO),
             // A person fixes this (imports the contacts, edits the message); look again
             // now and then, and at once on an edit.
@@ -298,7 +302,7 @@ async fn execute(
         Step::CreateJob => {
             let channel = channel.ok_or_else(|| Error::InvalidChannel("channel vanished".into()))?;
             let batches = store::campaigns::frozen_batches(&r.ctx.pool, r.uid).await?.unwrap_or(1);
-            let built = build_job(r.campaign, channel, batches, false, &r.ctx.sender)?;
+            let built = build_job(r.campaign, channel, &r.organization, batches, false, &r.ctx.sender)?;
             match r.jobs.create(&PostParams::default(), &built).await {
                 Ok(_) => info!(batches, "sending Job created"),
                 Err(kube::Error::Api(e)) if e.code == 409 => {}
@@ -374,7 +378,7 @@ async fn preflight(
     campaign: &Campaign,
     channel: Option<&Channel>,
     ctx: &Context,
-    namespace: &str,
+    organization: &str,
     name: &str,
     uid: Uuid,
     status: &mut CampaignStatus,
@@ -383,7 +387,7 @@ async fn preflight(
         Ok(q) => q,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    let size = match store::audience::preview_size(&ctx.pool, namespace, &query).await {
+    let size = match store::audience::preview_size(&ctx.pool, organization, &query).await {
         Ok(n) => n,
         Err(store::Error::SourceCampaignNotFound { name, .. }) => {
             return Ok(Err(format!("audience.fromCampaign names {name:?}, which never ran in this namespace")));
@@ -422,8 +426,8 @@ async fn preflight(
             return Ok(Err(format!("the message cannot render: {e}")));
         }
     }
-    let missing = store::audience::count_missing_variables(&ctx.pool, namespace, &query, needs_name, &keys).await?;
-    let sharing = store::campaigns::active_on_channel(&ctx.pool, namespace, &campaign.spec.channel_ref.name, uid).await?;
+    let missing = store::audience::count_missing_variables(&ctx.pool, organization, &query, needs_name, &keys).await?;
+    let sharing = store::campaigns::active_on_channel(&ctx.pool, organization, &campaign.spec.channel_ref.name, uid).await?;
     let estimate = match channel {
         Some(channel) => {
             let limits = store::rate::Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
@@ -441,7 +445,7 @@ async fn preflight(
     }
     let key = store::audience::CampaignKey {
         uid,
-        organization: namespace,
+        organization,
         name,
         channel: &campaign.spec.channel_ref.name,
         batch_size: campaign.spec.execution.batch_size,

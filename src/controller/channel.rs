@@ -90,12 +90,12 @@ async fn credentials_version(channel: &Channel, ctx: &Context, namespace: &str) 
 
 /// A person's `kubectl disparo resume` on the Channel (a new resume annotation value):
 /// lifts its pause. Returns the value taken, if a new one.
-async fn take_resume_request(channel: &Channel, ctx: &Context, namespace: &str, name: &str, old: &ChannelStatus) -> Result<Option<String>> {
+async fn take_resume_request(channel: &Channel, ctx: &Context, organization: &str, name: &str, old: &ChannelStatus) -> Result<Option<String>> {
     let Some(value) = channel.annotations().get(RESUME_ANNOTATION) else { return Ok(None) };
     if old.last_resume_request.as_deref() == Some(value.as_str()) {
         return Ok(None);
     }
-    if pauses::clear_channel_pause(&ctx.pool, namespace, name).await? {
+    if pauses::clear_channel_pause(&ctx.pool, organization, name).await? {
         publish(ctx, channel, EventType::Normal, "Resumed", "a person resumed the channel: its campaigns send again".into()).await;
     }
     Ok(Some(value.clone()))
@@ -108,16 +108,19 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     let namespace = channel.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = channel.name_any();
     let old = channel.status.clone().unwrap_or_default();
-    let resume = take_resume_request(&channel, &ctx, &namespace, &name, &old).await?;
+    // A namespace with a Channel gets its organization's credential, so that people can
+    // import contacts before the first campaign.
+    let organization = super::tenant::ensure(&ctx, &namespace).await?;
+    let resume = take_resume_request(&channel, &ctx, &organization, &name, &old).await?;
     let not_ready = readiness(&channel, &ctx, &namespace).await?;
     let limits = Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
     // The caps reach running senders through Postgres; new credentials lift a stop.
-    if pauses::observe_channel(&ctx.pool, &namespace, &name, &limits, &credentials_version(&channel, &ctx, &namespace).await?).await? {
+    if pauses::observe_channel(&ctx.pool, &organization, &name, &limits, &credentials_version(&channel, &ctx, &namespace).await?).await? {
         publish(&ctx, &channel, EventType::Normal, "CredentialsChanged", "the channel's credentials changed: the provider's refusal is lifted and its campaigns send again".into()).await;
     }
-    let windows = crate::store::rate::usage(&ctx.pool, &namespace, &name).await?;
+    let windows = crate::store::rate::usage(&ctx.pool, &organization, &name).await?;
     let used = |k: WindowKind| windows.iter().find(|w| w.kind == k).map_or(0, |w| w.used);
-    let pause = pauses::channel_pause(&ctx.pool, &namespace, &name).await?;
+    let pause = pauses::channel_pause(&ctx.pool, &organization, &name).await?;
     let condition = match (&not_ready, &pause) {
         (Some((reason, message)), _) => DesiredCondition::falsy(ConditionType::Ready, reason, message.clone()),
         (None, Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(

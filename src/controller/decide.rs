@@ -115,7 +115,7 @@ pub enum Step {
 /// Whether the failure ratio since the last resume passed the threshold.
 pub fn failure_threshold_exceeded(spec: &CampaignSpec, counters: &Counters, baseline: (i64, i64)) -> Option<String> {
     let failed = counters.failed - baseline.0;
-    let finished = counters.finished() - counters.cancelled - baseline.1;
+    let finished = counters.finished_attempted() - baseline.1;
     let threshold = &spec.failure_threshold;
     if finished < i64::from(threshold.min_sample) || finished <= 0 {
         return None;

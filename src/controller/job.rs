@@ -65,9 +65,9 @@ pub fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
 
 /// The digest of what a Job is built from, as stored in [`SEND_CONFIG_ANNOTATION`].
 /// The channel's caps are left out: senders read them live from Postgres.
-pub fn send_config_digest(campaign: &Campaign, channel: &Channel, settings: &SenderSettings) -> Result<String> {
+pub fn send_config_digest(campaign: &Campaign, channel: &Channel, organization: &str, settings: &SenderSettings) -> Result<String> {
     use sha2::Digest;
-    let mut config = send_config(campaign, channel, settings)?;
+    let mut config = send_config(campaign, channel, organization, settings)?;
     config.rate_limits = Default::default();
     let material = serde_json::json!({
         "config": config,
@@ -98,10 +98,9 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
 }
 
 /// The send configuration for a campaign on a channel.
-pub fn send_config(campaign: &Campaign, channel: &Channel, settings: &SenderSettings) -> Result<SendConfig> {
+pub fn send_config(campaign: &Campaign, channel: &Channel, organization: &str, settings: &SenderSettings) -> Result<SendConfig> {
     let uid = campaign.meta().uid.as_deref().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let campaign_uid = uid.parse().map_err(|_| Error::MissingObjectKey("metadata.uid (not a UUID)"))?;
-    let organization = campaign.meta().namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let target = match channel.spec.provider {
         Provider::Meta => {
             let meta = channel.spec.meta.as_ref().ok_or(Error::InvalidChannel("provider meta without spec.meta".into()))?;
@@ -123,7 +122,7 @@ pub fn send_config(campaign: &Campaign, channel: &Channel, settings: &SenderSett
     };
     Ok(SendConfig {
         campaign_uid,
-        organization,
+        organization: organization.to_owned(),
         channel: channel.meta().name.clone().ok_or(Error::MissingObjectKey("channel metadata.name"))?,
         target,
         message,
@@ -144,11 +143,11 @@ pub fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
 }
 
 /// Builds the sending Job.
-pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: bool, settings: &SenderSettings) -> Result<Job> {
+pub fn build_job(campaign: &Campaign, channel: &Channel, organization: &str, batches: i32, suspend: bool, settings: &SenderSettings) -> Result<Job> {
     let name = campaign.meta().name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
     let namespace = campaign.meta().namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let owner: OwnerReference = campaign.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let config = send_config(campaign, channel, settings)?;
+    let config = send_config(campaign, channel, organization, settings)?;
     let config_json = serde_json::to_string(&config).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
     let uid = campaign.meta().uid.clone().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let labels = BTreeMap::from([
@@ -159,7 +158,7 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, batches: i32, suspend: 
     ]);
     let annotations = BTreeMap::from([
         (CAMPAIGN_NAME_ANNOTATION.to_owned(), name.clone()),
-        (SEND_CONFIG_ANNOTATION.to_owned(), send_config_digest(campaign, channel, settings)?),
+        (SEND_CONFIG_ANNOTATION.to_owned(), send_config_digest(campaign, channel, organization, settings)?),
     ]);
     let execution = &campaign.spec.execution;
     let container = Container {
@@ -284,7 +283,7 @@ mod tests {
 
     #[test]
     fn an_indexed_job_with_one_completion_per_batch() {
-        let job = build_job(&campaign(), &channel(), 20, false, &settings()).unwrap();
+        let job = build_job(&campaign(), &channel(), "acme", 20, false, &settings()).unwrap();
         let spec = job.spec.unwrap();
         assert_eq!(job.metadata.name.as_deref(), Some("spring-sale-6b1f7c1e-send"));
         assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
@@ -301,7 +300,7 @@ mod tests {
 
     #[test]
     fn credentials_travel_as_secret_references_only() {
-        let job = build_job(&campaign(), &channel(), 2, true, &settings()).unwrap();
+        let job = build_job(&campaign(), &channel(), "acme", 2, true, &settings()).unwrap();
         let env = job.spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
         let token = env.iter().find(|e| e.name == "DISPARO_PROVIDER_TOKEN").unwrap();
         assert!(token.value.is_none());
@@ -313,7 +312,7 @@ mod tests {
 
     #[test]
     fn parallelism_never_exceeds_the_batches() {
-        let job = build_job(&campaign(), &channel(), 3, false, &settings()).unwrap();
+        let job = build_job(&campaign(), &channel(), "acme", 3, false, &settings()).unwrap();
         assert_eq!(job.spec.unwrap().parallelism, Some(3));
     }
 
@@ -326,29 +325,29 @@ mod tests {
         assert!(a.len() <= 63, "{a}");
         let mut c = campaign();
         c.metadata.name = Some(long);
-        let job = build_job(&c, &channel(), 2, false, &settings()).unwrap();
+        let job = build_job(&c, &channel(), "acme", 2, false, &settings()).unwrap();
         assert!(job.metadata.labels.unwrap().values().all(|v| v.len() <= 63), "label values fit");
     }
 
     #[test]
     fn an_edit_of_the_message_or_channel_makes_the_job_stale() {
-        let job = build_job(&campaign(), &channel(), 2, false, &settings()).unwrap();
-        let same = send_config_digest(&campaign(), &channel(), &settings()).unwrap();
+        let job = build_job(&campaign(), &channel(), "acme", 2, false, &settings()).unwrap();
+        let same = send_config_digest(&campaign(), &channel(), "acme", &settings()).unwrap();
         assert!(!is_stale(&job, &same));
         let mut edited = campaign();
         edited.spec.message.template.as_mut().unwrap().name = "promo_v2".into();
-        assert!(is_stale(&job, &send_config_digest(&edited, &channel(), &settings()).unwrap()));
+        assert!(is_stale(&job, &send_config_digest(&edited, &channel(), "acme", &settings()).unwrap()));
         let mut other = channel();
         other.spec.meta.as_mut().unwrap().phone_number_id = "999".into();
-        assert!(is_stale(&job, &send_config_digest(&campaign(), &other, &settings()).unwrap()));
+        assert!(is_stale(&job, &send_config_digest(&campaign(), &other, "acme", &settings()).unwrap()));
         let mut capped = channel();
         capped.spec.rate_limits.per_minute = Some(5);
-        assert!(!is_stale(&job, &send_config_digest(&campaign(), &capped, &settings()).unwrap()), "caps reach senders live, not by a new Job");
+        assert!(!is_stale(&job, &send_config_digest(&campaign(), &capped, "acme", &settings()).unwrap()), "caps reach senders live, not by a new Job");
     }
 
     #[test]
     fn a_job_owned_by_another_campaign_is_foreign() {
-        let job = build_job(&campaign(), &channel(), 2, false, &settings()).unwrap();
+        let job = build_job(&campaign(), &channel(), "acme", 2, false, &settings()).unwrap();
         assert_eq!(foreign_job(&job, "6b1f7c1e-9a4e-4c2b-8f55-0c8b5d8f2a11"), None);
         assert!(foreign_job(&job, "another-uid").is_some());
     }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod observe;
 pub mod schedule;
 pub mod status;
+pub mod tenant;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -91,6 +92,10 @@ pub struct Context {
     pub sender: job::SenderSettings,
     /// HTTP client for provider checks (Evolution connection state).
     pub http: reqwest::Client,
+    /// The admin database URL, from which each organization's scoped URL is derived.
+    pub database_url: String,
+    /// Serializes provisioning of organizations' roles and Secrets.
+    pub tenancy: tokio::sync::Mutex<()>,
 }
 
 /// Transient errors requeue with a short backoff; both kinds are counted by cause.
@@ -110,12 +115,6 @@ pub struct ControllerArgs {
     /// Image of sender pods (the operator's own image).
     #[arg(long, env = "DISPARO_SENDER_IMAGE", default_value = "ghcr.io/disparo/disparo:latest")]
     pub sender_image: String,
-    /// Secret, in each campaign namespace, holding the Postgres URL for sender pods.
-    #[arg(long, env = "DISPARO_DATABASE_SECRET", default_value = "disparo-postgres")]
-    pub database_secret: String,
-    /// Key of the Postgres URL in that Secret.
-    #[arg(long, env = "DISPARO_DATABASE_SECRET_KEY", default_value = "url")]
-    pub database_secret_key: String,
     /// Messages in flight per sender pod.
     #[arg(long, env = "DISPARO_SENDER_BLOCK_SIZE", default_value_t = 16)]
     pub sender_block_size: u32,
@@ -214,13 +213,15 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
         metrics,
         sender: job::SenderSettings {
             image: args.sender_image,
-            database_secret: args.database_secret,
-            database_secret_key: args.database_secret_key,
+            database_secret: tenant::DATABASE_SECRET.to_owned(),
+            database_secret_key: tenant::URL_KEY.to_owned(),
             block_size: args.sender_block_size,
             request_timeout_millis: args.sender_timeout_ms,
             ttl_seconds_after_finished: 3600,
         },
         http: crate::providers::http_client(crate::providers::Timeouts { connect: Duration::from_secs(2), request: Duration::from_secs(5) }).context("building the HTTP client")?,
+        database_url: args.database_url.clone(),
+        tenancy: tokio::sync::Mutex::new(()),
     });
     let stop = {
         let shutdown = shutdown.clone();

@@ -15,11 +15,11 @@ use crate::sender::IGNORED_EXIT_CODES;
 use crate::store::pauses::{self, ChannelPause};
 
 /// Observes the Channel as the decision needs it.
-pub async fn channel(ctx: &Context, namespace: &str, name: &str) -> Result<(ChannelView, Option<Channel>)> {
+pub async fn channel(ctx: &Context, namespace: &str, organization: &str, name: &str) -> Result<(ChannelView, Option<Channel>)> {
     let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(channel) = api.get_opt(name).await? else { return Ok((ChannelView::Missing, None)) };
     let ready = channel.status.as_ref().and_then(|s| find(&s.conditions, ConditionType::Ready).cloned());
-    let pause = pauses::channel_pause(&ctx.pool, namespace, name).await?;
+    let pause = pauses::channel_pause(&ctx.pool, organization, name).await?;
     let view = match (pause, ready) {
         // A refusal shows on the Channel's Ready condition too; the campaign names it.
         (Some(ChannelPause::ProviderRefused { code, message }), _) => ChannelView::Stopped(format!(

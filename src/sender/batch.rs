@@ -150,6 +150,9 @@ async fn run_lanes(
     // calls. Each lane claims its own messages (SKIP LOCKED) and reserves its own
     // tokens, so the caps hold whatever the number of lanes.
     let stop_lanes = shutdown.child_token();
+    // A cancel stops the lanes at once, even mid-block: messages still waiting for their
+    // send slot are given back, and a cancelled campaign records them `cancelled`.
+    let watcher = tokio::spawn(stop_on_cancel(pool.clone(), job.campaign, stop_lanes.clone()));
     let lanes = (0..job.lanes.max(1)).map(|_| {
         let client = client.clone();
         let stop_lanes = stop_lanes.clone();
@@ -166,6 +169,7 @@ async fn run_lanes(
         }
     });
     let ends = futures::future::join_all(lanes).await;
+    watcher.abort();
     let mut outcome = BatchEnd::Done;
     for end in ends {
         match end? {
@@ -176,6 +180,22 @@ async fn run_lanes(
         }
     }
     Ok(outcome)
+}
+
+/// Cancels `lanes` when the campaign is cancelled (looked at every second).
+async fn stop_on_cancel(pool: PgPool, campaign: Uuid, lanes: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = lanes.cancelled() => return,
+            _ = tokio::time::sleep(PAUSE_CHECK_EVERY) => {}
+        }
+        // A failed look is tried again a second later; the lanes report store errors.
+        if store::campaigns::is_cancelled(&pool, campaign).await.unwrap_or(false) {
+            info!("the campaign was cancelled; stopping");
+            lanes.cancel();
+            return;
+        }
+    }
 }
 
 /// How often a lane looks at the channel's pause (a person or another sender may set it).

@@ -62,3 +62,8 @@ pub async fn client() -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await.expect("kubeconfig");
     kube::Client::try_from(config).expect("kube client")
 }
+
+/// The UID of a namespace: the id of its organization in Postgres.
+pub fn namespace_uid(namespace: &str) -> String {
+    kubectl_ok(&["get", "namespace", namespace, "-o", "jsonpath={.metadata.uid}"], None).trim().to_owned()
+}

@@ -37,10 +37,14 @@ pub fn free_port() -> u16 {
 /// One test's stack.
 pub struct Stack {
     pub ns: String,
+    /// The namespace's organization id (its UID), which Postgres keys its rows by.
+    pub org: String,
     pub pool: PgPool,
     pub url: String,
     pub dir: tempfile::TempDir,
     pub procs: Vec<Proc>,
+    /// Namespaces added with [`Stack::add_namespace`], deleted with the stack.
+    pub extra_namespaces: Vec<String>,
 }
 
 /// A sandbox answering fast, with the given changes to its default configuration.
@@ -52,13 +56,14 @@ pub async fn sandbox_with(change: impl FnOnce(&mut SandboxConfig)) -> SandboxHan
 
 impl Stack {
     /// Starts the controller and the node agent for a fresh namespace and database, with
-    /// the Postgres Secret and the sandbox's Meta credentials in the namespace.
+    /// the sandbox's Meta credentials in the namespace. The controller writes the
+    /// namespace's own database credential (`disparo-database`) itself.
     pub async fn start(prefix: &str) -> Stack {
         ensure_crds();
         let (pool, url) = super::fresh_db().await;
         let ns = fresh_namespace(prefix);
-        let mut stack = Stack { ns: ns.clone(), pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new() };
-        stack.kubectl(&["create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")]);
+        let org = super::cluster::namespace_uid(&ns);
+        let mut stack = Stack { ns: ns.clone(), org, pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new(), extra_namespaces: Vec::new() };
         stack.kubectl(&[
             "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
             "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
@@ -67,6 +72,22 @@ impl Stack {
         stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
         stack.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
         stack
+    }
+
+    /// A second namespace on the same database, with its own controller and node agent
+    /// (and the sandbox Meta credentials); returns its name and organization id.
+    pub fn add_namespace(&mut self, prefix: &str) -> (String, String) {
+        let ns = fresh_namespace(prefix);
+        let org = super::cluster::namespace_uid(&ns);
+        kubectl_ok(
+            &["-n", &ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
+            None,
+        );
+        let metrics = format!("127.0.0.1:{}", free_port());
+        self.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
+        self.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        self.extra_namespaces.push(ns.clone());
+        (ns, org)
     }
 
     /// Runs the binary under test with the stack's kubeconfig and database.
@@ -160,7 +181,9 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let _ = kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None);
+        for ns in std::iter::once(&self.ns).chain(&self.extra_namespaces) {
+            let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
+        }
     }
 }
 

@@ -1,0 +1,101 @@
+//! Organizations as Postgres sees them: one login role per organization, confined to
+//! its own rows by row-level security (`migrations/0006_tenancy.sql`). The controller
+//! provisions the role with the admin connection and hands the organization's namespace
+//! a URL for that role only; nothing else in a tenant namespace reaches Postgres.
+
+use rand::distr::{Alphanumeric, SampleString};
+use sqlx::PgPool;
+
+use super::{Error, Result};
+
+/// The login role of an organization (its id is a namespace UID): `disparo_org_` and
+/// the UID's hex digits, so the name needs no quoting and fits Postgres' 63 bytes.
+pub fn role_name(organization: &str) -> Result<String> {
+    let digits: String = organization.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_ascii_lowercase();
+    if digits.len() != 32 {
+        return Err(Error::Invalid(format!("organization id {organization:?} is not a namespace UID")));
+    }
+    Ok(format!("disparo_org_{digits}"))
+}
+
+/// A new random password: 40 letters and digits, so it needs no escaping in a URL or in
+/// SQL.
+pub fn new_password() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 40)
+}
+
+/// The admin URL with the organization's role and password in place of the admin's.
+pub fn scoped_url(admin_url: &str, role: &str, password: &str) -> Result<String> {
+    let mut url = url::Url::parse(admin_url).map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
+    url.set_username(role).map_err(|()| Error::Invalid("the admin database URL cannot carry a user name".into()))?;
+    url.set_password(Some(password)).map_err(|()| Error::Invalid("the admin database URL cannot carry a password".into()))?;
+    Ok(url.into())
+}
+
+/// Creates the organization's role with `password`, or sets its password if it exists,
+/// and records the organization. Idempotent; concurrent calls for one organization are
+/// serialized by an advisory lock.
+pub async fn provision(pool: &PgPool, organization: &str, namespace: &str, password: &str) -> Result<String> {
+    let role = role_name(organization)?;
+    if !password.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(Error::Invalid("a role password must be letters and digits".into()));
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('disparo.tenancy'), hashtext($1))").bind(organization).execute(&mut *tx).await?;
+    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)").bind(&role).fetch_one(&mut *tx).await?;
+    // DDL takes no bind parameters; the role name is hex digits and the password letters
+    // and digits, both checked above.
+    let ddl = if exists {
+        format!("ALTER ROLE {role} WITH LOGIN PASSWORD '{password}'")
+    } else {
+        format!("CREATE ROLE {role} WITH LOGIN PASSWORD '{password}' IN ROLE disparo_tenant")
+    };
+    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    sqlx::query(
+        r#"INSERT INTO organizations (id, namespace, role_name) VALUES ($1, $2, $3)
+           ON CONFLICT (id) DO UPDATE SET namespace = EXCLUDED.namespace"#,
+    )
+    .bind(organization)
+    .bind(namespace)
+    .bind(&role)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(role)
+}
+
+/// The current organization id of a namespace name (the most recently provisioned one:
+/// a re-created namespace is a new organization).
+pub async fn organization_of(pool: &PgPool, namespace: &str) -> Result<Option<String>> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT id FROM organizations WHERE namespace = $1 ORDER BY created_at DESC LIMIT 1")
+        .bind(namespace)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(|(id,)| id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_names_come_from_the_namespace_uid() {
+        assert_eq!(role_name("6B1F7C1E-9a4e-4c2b-8f55-0c8b5d8f2a11").unwrap(), "disparo_org_6b1f7c1e9a4e4c2b8f550c8b5d8f2a11");
+        assert!(role_name("acme").is_err());
+        assert!(role_name("x'; DROP TABLE contacts; --").is_err());
+    }
+
+    #[test]
+    fn the_scoped_url_keeps_host_database_and_options() {
+        let url = scoped_url("postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full", "disparo_org_ab", "pw123").unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw123@db.example:5432/disparo?sslmode=verify-full");
+    }
+
+    #[test]
+    fn passwords_are_long_and_plain() {
+        let a = new_password();
+        assert_eq!(a.len(), 40);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(a, new_password());
+    }
+}
