@@ -43,7 +43,8 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Keep watching until the campaign reaches a final phase.
+    /// On a terminal, keep watching (a progress bar) until the campaign reaches a final
+    /// phase; elsewhere (a pipe, a script) the view is printed once.
     #[arg(long, short = 'w')]
     watch: bool,
 }
@@ -53,7 +54,8 @@ pub struct StatusArgs {
 pub struct CancelArgs {
     #[command(flatten)]
     target: Target,
-    /// Do not ask for confirmation.
+    /// Do not ask for confirmation (required when not on a terminal: without it, cancel
+    /// refuses).
     #[arg(long, short = 'y')]
     yes: bool,
 }
