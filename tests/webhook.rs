@@ -62,6 +62,15 @@ struct Service {
 impl Service {
     async fn start(pool: PgPool, config: ServiceConfig) -> Service {
         disparo::telemetry::install_crypto_provider();
+        // The namespaces acme and beta are organizations of the same ids (in a cluster an
+        // organization's id is its namespace's UID; the webhook maps one to the other).
+        for org in ["acme", "beta"] {
+            sqlx::query("INSERT INTO organizations (id, namespace, role_name) VALUES ($1, $1, 'test_' || $1) ON CONFLICT DO NOTHING")
+                .bind(org)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
         let credentials = Arc::new(StaticCredentials::new());
         for org in ["acme", "beta"] {
             credentials.set_meta(org, "wa", APP_SECRET, VERIFY_TOKEN);

@@ -51,17 +51,24 @@ pub async fn provision(pool: &PgPool, organization: &str, namespace: &str, passw
         format!("CREATE ROLE {role} WITH LOGIN PASSWORD '{password}' IN ROLE disparo_tenant")
     };
     sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mut *tx).await?;
+    record(&mut *tx, organization, namespace, &role).await?;
+    tx.commit().await?;
+    Ok(role)
+}
+
+/// Records that `namespace` is organization `organization`, served by `role` (the
+/// benchmarks record organizations that have no role of their own).
+pub async fn record<'e>(executor: impl sqlx::PgExecutor<'e>, organization: &str, namespace: &str, role: &str) -> Result<()> {
     sqlx::query(
         r#"INSERT INTO organizations (id, namespace, role_name) VALUES ($1, $2, $3)
            ON CONFLICT (id) DO UPDATE SET namespace = EXCLUDED.namespace"#,
     )
     .bind(organization)
     .bind(namespace)
-    .bind(&role)
-    .execute(&mut *tx)
+    .bind(role)
+    .execute(executor)
     .await?;
-    tx.commit().await?;
-    Ok(role)
+    Ok(())
 }
 
 /// The current organization id of a namespace name (the most recently provisioned one:

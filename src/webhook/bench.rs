@@ -240,6 +240,8 @@ async fn seed(pool: &PgPool, organization: &str, campaign: Uuid, n: usize) -> Re
     for chunk in people.chunks(5000) {
         contacts::upsert(pool, organization, chunk).await?;
     }
+    // The webhook URL names the organization as its namespace.
+    crate::store::tenancy::record(pool, organization, organization, &format!("bench_{organization}")).await?;
     let key = CampaignKey { uid: campaign, organization, name: "bench", channel: CHANNEL, batch_size: u32::try_from(n.max(1)).unwrap_or(u32::MAX) };
     audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
     let mut provider_ids = Vec::with_capacity(n);

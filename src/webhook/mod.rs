@@ -24,6 +24,7 @@ pub mod meta;
 pub mod metrics;
 pub mod notification;
 pub mod optout;
+mod organizations;
 mod server;
 pub mod signature;
 mod sweeper;
@@ -139,6 +140,7 @@ pub async fn serve(
     let stop_sweeping = shutdown.child_token();
     let sweeper_task = sweeper::spawn(pool.clone(), config.sweep_interval, config.kept_for, metrics.clone(), stop_sweeping.clone());
     let state = Arc::new(server::AppState {
+        organizations: organizations::Organizations::new(pool.clone()),
         pool,
         credentials,
         writer,

@@ -55,6 +55,8 @@ pub(crate) struct AppState {
     pub(crate) keywords: OptOutKeywords,
     /// How long a handler waits for its events to be committed before answering 503.
     pub(crate) apply_timeout: Duration,
+    /// Namespace name to organization id.
+    pub(crate) organizations: super::organizations::Organizations,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -206,8 +208,21 @@ impl AppState {
 
     /// Binds a verified notification to the namespace's organization and the channel,
     /// applies it, and answers once it is committed.
-    async fn apply(&self, source: Provider, organization: &str, channel: &str, notification: Notification) -> Response {
+    async fn apply(&self, source: Provider, namespace: &str, channel: &str, notification: Notification) -> Response {
         let provider = label(source);
+        let organization = match self.organizations.of(namespace).await {
+            Ok(Some(organization)) => organization,
+            // The Channel exists (its credentials verified the request) but the controller
+            // has not provisioned its namespace yet: the provider retries later.
+            Ok(None) => {
+                return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "namespace not provisioned yet, retry later")).into_response();
+            }
+            Err(error) => {
+                debug!(%error, "organization lookup failed");
+                return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later")).into_response();
+            }
+        };
+        let organization = organization.as_str();
         let Notification { statuses, inbound, ignored } = notification;
         for item in &ignored {
             self.metrics.count(provider, "none", item.as_str(), 1);
