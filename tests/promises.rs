@@ -275,7 +275,7 @@ async fn the_plugin_verbs_pause_resume_and_cancel_do_what_their_help_says() {
 
     assert!(help(&stack, "pause").contains("suspends its sending Job"));
     assert!(help(&stack, "cancel").contains("required when not on a terminal"));
-    assert!(help(&stack, "status").contains("elsewhere (a pipe, a script) the view is printed once"));
+    assert!(help(&stack, "status").contains("Keep watching until the campaign reaches a final phase"));
 
     wait_for_sends(&stack, &sandbox, 30).await;
     let c = stack.wait_for("campaign", "verbs", "progress in status", LONG, |c| phase(c) == "Running" && count(c, "sent") > 0).await;
@@ -284,9 +284,6 @@ async fn the_plugin_verbs_pause_resume_and_cancel_do_what_their_help_says() {
     assert!(view.contains("Phase     Running"), "{view}");
     assert!(view.contains("Progress  ") && view.contains("msg/min"), "{view}");
     assert!(view.contains("Messages  total 800  pending "), "{view}");
-    // `--watch` off a terminal prints the view once and returns, as its help says.
-    let watched = plugin_ok(&stack, &["status", "verbs", "--watch"]);
-    assert!(watched.contains("Messages  total 800"), "{watched}");
     let json_view: Value = serde_json::from_str(&plugin_ok(&stack, &["status", "verbs", "-o", "json"])).unwrap();
     assert_eq!(json_view["metadata"]["uid"], c["metadata"]["uid"]);
     assert_eq!(json_view["status"]["messages"]["total"], 800);
@@ -341,6 +338,9 @@ async fn the_plugin_verbs_pause_resume_and_cancel_do_what_their_help_says() {
     assert!(sent <= cancelled_at && cancelled_at <= sent + unknown, "status counts what the provider accepted ({cancelled_at}): {}", c["status"]);
     let view = plugin_ok(&stack, &["status", "verbs"]);
     assert!(view.contains("Phase     Cancelled") && view.contains(&format!("cancelled {}", count(&c, "cancelled"))), "{view}");
+    // `--watch` waits for a final phase, also off a terminal (a script): this one is final.
+    let watched = plugin_ok(&stack, &["status", "verbs", "--watch"]);
+    assert!(watched.contains("Phase     Cancelled"), "{watched}");
     // Cancel cannot be undone, and resume does not bring it back.
     let _ = stack.plugin(&["resume", "verbs"]);
     tokio::time::sleep(Duration::from_secs(3)).await;

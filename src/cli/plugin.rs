@@ -43,8 +43,8 @@ pub struct StatusArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// On a terminal, keep watching (a progress bar) until the campaign reaches a final
-    /// phase; elsewhere (a pipe, a script) the view is printed once.
+    /// Keep watching until the campaign reaches a final phase, then print the view (a
+    /// progress bar meanwhile on a terminal; a script just waits).
     #[arg(long, short = 'w')]
     watch: bool,
 }
@@ -192,7 +192,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         Output::Text => {}
     }
     let client = Client::try_default().await?;
-    if args.watch && std::io::stdout().is_terminal() {
+    // Off a terminal the bar draws nothing (indicatif hides it) and the command still
+    // waits, so a script can use `-w` to wait for the end.
+    if args.watch {
         let total = campaign.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
         let progress = bar(total);
         loop {
