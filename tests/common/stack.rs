@@ -181,7 +181,13 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        // The controllers stop with the test: lift the Campaigns' cleanup finalizer
+        // first, or the namespace would wait for a controller forever.
         for ns in std::iter::once(&self.ns).chain(&self.extra_namespaces) {
+            let names = kubectl(&["-n", ns, "get", "campaigns", "-o", "name"], None);
+            for name in String::from_utf8_lossy(&names.stdout).lines() {
+                let _ = kubectl(&["-n", ns, "patch", name, "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
+            }
             let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
         }
     }
