@@ -1,7 +1,7 @@
 //! Disparo: WhatsApp messaging campaigns as Kubernetes custom resources.
 //!
 //! One crate, one binary, several modes (see `main.rs`). The modules follow the
-//! domains of the design contract, each owning its types, errors and tests:
+//! domains of docs/architecture.md, each owning its types, errors and tests:
 //!
 //! - [`api`]: the `Campaign` and `Channel` custom resources (wire types that become
 //!   the CRDs) and the domain types logic works with (phases, conditions).

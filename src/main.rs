@@ -1,4 +1,4 @@
-//! `disparo`: one binary, several modes (see DESIGN.md). This file only parses the
+//! `disparo`: one binary, several modes (see docs/architecture.md). This file only parses the
 //! command line and calls one `run` per mode.
 
 use std::path::PathBuf;

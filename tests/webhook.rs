@@ -1,4 +1,4 @@
-//! `disparo webhook` over real HTTP against a real Postgres: the providers.md examples,
+//! `disparo webhook` over real HTTP against a real Postgres: the docs/providers.md examples,
 //! signatures, the handshake, out-of-order and duplicated receipts, Evolution, opt-outs,
 //! Postgres going away and coming back, body limits, and random input.
 

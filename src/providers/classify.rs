@@ -1,6 +1,6 @@
 //! The error classification table: what each provider error means for a campaign.
 //!
-//! One place for every code of providers.md A2 and C, so the sender (synchronous
+//! One place for every code of docs/providers.md A2 and C, so the sender (synchronous
 //! errors), the webhook service (asynchronous `failed` statuses) and the sandbox (which
 //! answers with these codes, titles and HTTP statuses) cannot drift apart. Branch on
 //! Meta's `code`, never on the HTTP status or the title: the status only decides for
@@ -37,7 +37,7 @@ const fn wait(code: i64, title: &'static str, http_status: u16, class: ErrorClas
 
 use ErrorClass::{Permanent, RateLimitedChannel, RateLimitedRecipient, Retryable, StopCampaign, StopChannel};
 
-/// Meta's codes (providers.md A2), except the 200–299 permission range, which
+/// Meta's codes (docs/providers.md A2), except the 200–299 permission range, which
 /// [`meta_code`] answers for.
 pub const META_CODES: &[MetaCode] = &[
     row(0, "AuthException", 401, StopChannel),
@@ -193,7 +193,7 @@ pub fn classify_bare_answer(http_status: u16, body: &[u8]) -> Answer {
 /// How long to wait before trying a disconnected Evolution instance again.
 const EVOLUTION_RECONNECT_WAIT: Duration = Duration::from_secs(30);
 
-/// Classifies an Evolution API error answer (providers.md B1 and C). Evolution has no
+/// Classifies an Evolution API error answer (docs/providers.md B1 and C). Evolution has no
 /// error codes, so the `code` is an `evolution_*` name chosen here, or `http_<status>`.
 ///
 /// Only Evolution's own error envelope (`{"status", "error", "response": {"message"}}`)
@@ -301,7 +301,7 @@ pub(crate) fn truncate(mut message: String) -> String {
 mod tests {
     use super::*;
 
-    /// Every code of providers.md A2/C with the class section C gives it.
+    /// Every code of docs/providers.md A2/C with the class section C gives it.
     const EXPECTED: &[(i64, ErrorClass)] = &[
         (0, StopChannel),
         (1, Retryable),

@@ -1,5 +1,5 @@
 //! The Evolution API v2 client: `POST {base}/message/sendText/{instance}` and
-//! `GET {base}/instance/connectionState/{instance}` (providers.md B1).
+//! `GET {base}/instance/connectionState/{instance}` (docs/providers.md B1).
 
 use async_trait::async_trait;
 use reqwest::header::HeaderValue;
@@ -120,7 +120,7 @@ struct StateInstance {
     state: ConnectionState,
 }
 
-/// The JSON body of `sendText` (providers.md B1).
+/// The JSON body of `sendText` (docs/providers.md B1).
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SendBody<'a> {

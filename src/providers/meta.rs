@@ -1,5 +1,5 @@
 //! The Meta WhatsApp Cloud API client: `POST {base}/{version}/{phone_number_id}/messages`
-//! (providers.md A1, A2).
+//! (docs/providers.md A1, A2).
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,7 @@ impl ProviderClient for MetaClient {
     }
 }
 
-/// The JSON body of a send (providers.md A1).
+/// The JSON body of a send (docs/providers.md A1).
 #[derive(Debug, Serialize, PartialEq)]
 pub struct SendBody<'a> {
     messaging_product: &'static str,

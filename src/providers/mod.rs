@@ -161,7 +161,7 @@ impl std::fmt::Display for ProviderError {
     }
 }
 
-/// What a provider error means for the campaign (providers.md section C).
+/// What a provider error means for the campaign (docs/providers.md section C).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorClass {

@@ -1,4 +1,4 @@
-//! Meta's webhook signature, `X-Hub-Signature-256: sha256=<hex>` (providers.md A4).
+//! Meta's webhook signature, `X-Hub-Signature-256: sha256=<hex>` (docs/providers.md A4).
 //!
 //! Here rather than in the webhook service because two sides need the same bytes: the
 //! sandbox signs what it posts, the webhook service verifies what it receives.

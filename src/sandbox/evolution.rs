@@ -1,6 +1,6 @@
 //! The simulated Evolution API: `POST /message/sendText/{instance}`,
 //! `GET /instance/connectionState/{instance}` and `messages.update` webhooks
-//! (providers.md B1, B2).
+//! (docs/providers.md B1, B2).
 
 use std::sync::Arc;
 

@@ -1,5 +1,5 @@
 //! The simulated Cloud API: `POST /{version}/{phone_number_id}/messages`, its answers
-//! and its status webhooks (providers.md A1, A2, A4, A5).
+//! and its status webhooks (docs/providers.md A1, A2, A4, A5).
 
 use std::sync::Arc;
 

@@ -2,7 +2,7 @@
 //! API wire formats, so a campaign can be rehearsed end to end without real messages.
 //!
 //! The same client code runs unchanged against it: same paths, auth headers, request
-//! validation, success and error bodies (providers.md A1/A2, B1), and signed status
+//! validation, success and error bodies (docs/providers.md A1/A2, B1), and signed status
 //! webhooks posted back later, sometimes duplicated or out of order (A4/A5, B2). On
 //! top it injects latency and errors ([`config::Faults`]) and keeps a [`Ledger`] of
 //! every accepted message so a rehearsal can check what the provider actually saw

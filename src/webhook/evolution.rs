@@ -1,4 +1,4 @@
-//! Evolution API v2 webhook bodies (providers.md B2) → [`Notification`].
+//! Evolution API v2 webhook bodies (docs/providers.md B2) → [`Notification`].
 //!
 //! Delivery receipts come as `messages.update` events (`data.keyId` is the id sendText
 //! returned, `data.status` a Baileys status name); inbound messages, read for opt-outs,

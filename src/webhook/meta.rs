@@ -1,4 +1,4 @@
-//! Meta Cloud API webhook bodies (providers.md A4/A5) → [`Notification`].
+//! Meta Cloud API webhook bodies (docs/providers.md A4/A5) → [`Notification`].
 //!
 //! Pure: bytes in, a notification out. Every level (`entry[]`, `changes[]`,
 //! `statuses[]`, `messages[]`) is iterated; unknown fields are ignored; an item that
@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn callback_data_only_in_the_senders_format() {
         assert_eq!(callback_message_id("disparo:42"), Some(42));
-        assert_eq!(callback_message_id("disparo:campaign=spring-sale:msg=42"), None, "providers.md A5.1 is not ours");
+        assert_eq!(callback_message_id("disparo:campaign=spring-sale:msg=42"), None, "docs/providers.md A5.1 is not ours");
         assert_eq!(callback_message_id("disparo:-1"), None);
         assert_eq!(callback_message_id("42"), None);
     }
