@@ -43,6 +43,9 @@ impl EvolutionClient {
         let reply = transport::exchange(request)
             .await
             .map_err(|failure| Error::Transport { provider: Provider::Evolution, source: failure.source })?;
+        if let Some(error) = transport::unfollowed_redirect(&reply) {
+            return Err(Error::Rejected { provider: Provider::Evolution, error });
+        }
         if !reply.is_success() {
             return Err(match classify_evolution(reply.status, &reply.body) {
                 Answer::Refused(error) => Error::Rejected { provider: Provider::Evolution, error },
@@ -215,6 +218,77 @@ mod tests {
             let parsed = serde_json::from_str::<StateBody>(&body).map(|b| b.instance.state).ok();
             assert_eq!(parsed, Some(expected));
         }
+    }
+
+    /// A loopback server that records the `apikey` header of every request it gets and
+    /// answers each path with `answer(path, own address)`.
+    async fn recording_server(
+        answer: impl Fn(&str, std::net::SocketAddr) -> axum::response::Response + Clone + Send + Sync + 'static,
+    ) -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<(String, String, Option<String>)>>>) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let Ok(listener) = tokio::net::TcpListener::bind("127.0.0.1:0").await else { panic!("bind") };
+        let Ok(addr) = listener.local_addr() else { panic!("addr") };
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let (log, answer) = (log.clone(), answer.clone());
+            async move {
+                let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                if let Ok(mut log) = log.lock() {
+                    log.push((header("host").unwrap_or_default(), request.uri().path().to_owned(), header(API_KEY_HEADER)));
+                }
+                answer(request.uri().path(), addr)
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, seen)
+    }
+
+    fn redirect(to: String) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (axum::http::StatusCode::FOUND, [(axum::http::header::LOCATION, to)]).into_response()
+    }
+
+    fn open_state() -> axum::response::Response {
+        use axum::response::IntoResponse;
+        axum::Json(json!({"instance": {"instanceName": "i", "state": "open"}})).into_response()
+    }
+
+    #[tokio::test]
+    async fn the_api_key_never_follows_a_redirect_to_another_host() {
+        let Ok(http) = super::super::http_client(super::super::Timeouts::default()) else { panic!("http client") };
+        let (elsewhere, reached) = recording_server(|_, _| open_state()).await;
+        let (evolution, asked) = recording_server(move |path, own| match path {
+            // Another host name for the same loopback address, and another port.
+            p if p.ends_with("/by-name") => redirect(format!("http://localhost:{}/instance/connectionState/by-name", own.port())),
+            p if p.ends_with("/by-port") => redirect(format!("http://127.0.0.1:{}/instance/connectionState/by-port", elsewhere.port())),
+            p if p.ends_with("/by-scheme") => redirect(format!("https://127.0.0.1:{}/instance/connectionState/by-scheme", own.port())),
+            p if p.starts_with("/moved/") => open_state(),
+            p => redirect(format!("/moved{p}")),
+        })
+        .await;
+        let client = |instance: &str| EvolutionClient::new(http.clone(), format!("http://127.0.0.1:{}", evolution.port()), instance.into(), Secret::new("B6D9-key"));
+
+        for instance in ["by-name", "by-port", "by-scheme"] {
+            match client(instance).connection_state().await {
+                Err(Error::Rejected { error, .. }) => {
+                    assert_eq!(error.code, "redirect_not_followed", "{instance}");
+                    assert_eq!(error.class, ErrorClass::StopChannel);
+                    assert!(!error.message.contains("B6D9-key"));
+                }
+                other => panic!("{instance}: {other:?}"),
+            }
+            let outcome = client(instance).send(&text("+5511999999999", "hi")).await;
+            assert!(matches!(&outcome, SendOutcome::Rejected(ProviderError { class: ErrorClass::StopChannel, .. })), "{instance}: {outcome:?}");
+        }
+        let by_name = asked.lock().map(|l| l.iter().filter(|(_, p, _)| p.ends_with("/by-name")).cloned().collect::<Vec<_>>()).unwrap_or_default();
+        assert_eq!(by_name.len(), 2, "the two requests made, none followed: {by_name:?}");
+        assert!(by_name.iter().all(|(host, _, _)| host.starts_with("127.0.0.1:")), "nothing reached it as localhost: {by_name:?}");
+        assert!(reached.lock().map(|l| l.is_empty()).unwrap_or(false), "nothing reached the other port: {reached:?}");
+
+        // A redirect within the same origin is followed, with the key.
+        assert!(matches!(client("same").connection_state().await, Ok(ConnectionState::Open)));
+        let followed = asked.lock().map(|l| l.iter().any(|(_, p, k)| p == "/moved/instance/connectionState/same" && k.as_deref() == Some("B6D9-key"))).unwrap_or(false);
+        assert!(followed, "{asked:?}");
     }
 
     #[test]

@@ -58,9 +58,52 @@ pub fn http_client(timeouts: impl Into<Timeouts>) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .connect_timeout(timeouts.connect)
         .timeout(timeouts.request)
+        .redirect(same_origin_redirects())
         .user_agent(concat!("disparo/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(Error::HttpClient)
+}
+
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 5;
+
+/// Whether two URLs have the same origin: scheme, host and port.
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme() && a.host_str() == b.host_str() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Redirects are followed within the origin of the request only (a proxy adding a
+/// trailing slash, a moved path), up to [`MAX_REDIRECTS`]. A redirect to another host,
+/// port or scheme is not followed and comes back as the answer: the client strips
+/// `Authorization` across hosts but would carry Evolution's `apikey` header (and any
+/// other custom credential header) to wherever the `Location` points, and a `baseUrl`
+/// is written by whoever writes the Channel. Not following any redirect would do too,
+/// but would break a same-host redirect that leaks nothing.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let stays = attempt.previous().first().is_some_and(|first| same_origin(first, attempt.url()));
+        if !stays || attempt.previous().len() > MAX_REDIRECTS { attempt.stop() } else { attempt.follow() }
+    })
+}
+
+/// The refusal of an answer that is a redirect the client did not follow (to another
+/// origin, or too many): the provider did not take the request, and every request of
+/// the channel would end the same, so a person must point the channel at the final
+/// address.
+pub(crate) fn unfollowed_redirect(reply: &Reply) -> Option<ProviderError> {
+    if !(300..400).contains(&reply.status) {
+        return None;
+    }
+    let to = reply.location.as_deref().unwrap_or("nowhere");
+    Some(ProviderError {
+        class: super::ErrorClass::StopChannel,
+        code: "redirect_not_followed".to_owned(),
+        message: format!(
+            "the provider answered HTTP {} redirecting to {to}; credentials are never sent to another host, port or scheme: set the channel's base URL to the final address",
+            reply.status
+        ),
+        retry_after: None,
+    })
 }
 
 /// `base` with path segments appended, each percent-encoded (an Evolution instance
@@ -84,6 +127,8 @@ pub(crate) struct Reply {
     pub status: u16,
     /// `Retry-After` in seconds, when the server sent one.
     pub retry_after: Option<Duration>,
+    /// `Location`, when the server sent one (a redirect that was not followed).
+    pub location: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -124,8 +169,9 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> std::result::R
     })?;
     let status = response.status().as_u16();
     let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(|v| v.chars().take(200).collect());
     let body = response.bytes().await.map_err(|source| Failure { never_sent: false, source })?;
-    Ok(Reply { status, retry_after, body: body.to_vec() })
+    Ok(Reply { status, retry_after, location, body: body.to_vec() })
 }
 
 /// The longest wait a `Retry-After` header is taken at. Anything beyond is a server's
@@ -169,6 +215,10 @@ pub(crate) async fn send(request: reqwest::RequestBuilder, wire: &impl Wire) -> 
         Ok(reply) if reply.is_success() => match wire.accepted_id(&reply.body) {
             Some(id) => SendOutcome::Accepted { provider_message_id: id },
             None => SendOutcome::Unknown { reason: format!("HTTP {} with an unreadable body", reply.status) },
+        },
+        Ok(reply) if (300..400).contains(&reply.status) => match unfollowed_redirect(&reply) {
+            Some(error) => SendOutcome::Rejected(error),
+            None => SendOutcome::Unknown { reason: format!("HTTP {}", reply.status) },
         },
         Ok(reply) => match wire.rejection(reply.status, &reply.body) {
             Answer::Refused(mut error) => {
