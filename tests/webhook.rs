@@ -934,8 +934,8 @@ async fn with_postgres_down_the_service_answers_503_and_applies_the_retry_once_i
 #[tokio::test]
 async fn the_benchmark_runs() {
     let (pool, _) = common::fresh_db().await;
-    let options = disparo::webhook::bench::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
-    let report = disparo::webhook::bench::bench(pool.clone(), options).await.unwrap();
+    let options = disparo::bench::webhook::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
+    let report = disparo::bench::webhook::bench(pool.clone(), options).await.unwrap();
     assert_eq!(report.scenarios.len(), 2);
     assert!(report.scenarios.iter().all(|s| s.events == 200 && s.events_per_second() > 0.0));
     println!("{report}");

@@ -1,6 +1,12 @@
 //! `disparo bench store|sender|webhook`: measurements printed as figures, each beside a
 //! raw baseline measured in the same run on the same Postgres (and sandbox), so the
 //! numbers mean something on whatever machine runs them.
+//!
+//! The benchmarks depend on what they measure, never the reverse: no product module
+//! imports this one.
+
+pub mod sender;
+pub mod webhook;
 
 use std::time::{Duration, Instant};
 
@@ -186,7 +192,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     store::migrate(&pool).await?;
     match args.what {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
-        BenchTarget::Sender => crate::sender::bench::run(&pool, &args.database_url, args.messages, args.lanes).await,
-        BenchTarget::Webhook => crate::webhook::bench::run(&pool, args.messages).await,
+        BenchTarget::Sender => sender::run(&pool, &args.database_url, args.messages, args.lanes).await,
+        BenchTarget::Webhook => webhook::run(&pool, args.messages).await,
     }
 }

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{BatchEnd, MessageTemplate, ProviderTarget, SENDER_CONNECTIONS, SendConfig, build_client, lanes_for, metrics::SenderMetrics, run_batch};
+use crate::sender::{BatchEnd, MessageTemplate, ProviderTarget, SENDER_CONNECTIONS, SendConfig, build_client, lanes_for, metrics::SenderMetrics, run_batch};
 use crate::api::{MAX_BATCH_SIZE, RateLimitsSpec, RetryPolicy};
 use crate::providers::{Content, OutboundMessage, ProviderClient};
 use crate::sandbox::{self, Latency, SandboxConfig};
@@ -84,7 +84,7 @@ pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>
 
     // the pipeline's campaign: batches of the largest size a Campaign allows
     println!("seeding {n} contacts ...");
-    let organization = crate::bench::seed(pool, n).await?;
+    let organization = super::seed(pool, n).await?;
     let uid = Uuid::new_v4();
     let key = CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: MAX_BATCH_SIZE };
     let frozen = audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
@@ -108,7 +108,7 @@ pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>
     let mut sent_before = 0;
     for round in 0..rounds {
         let http = raw_http_rate(client.clone(), BASELINE_SIZE).await;
-        let postgres = crate::bench::raw_batched_update_rate(pool, BASELINE_SIZE, BLOCK as usize).await?;
+        let postgres = super::raw_batched_update_rate(pool, BASELINE_SIZE, BLOCK as usize).await?;
         let batches = (round as i32 * frozen.batches / rounds as i32)..((round as i32 + 1) * frozen.batches / rounds as i32);
         let started = Instant::now();
         for batch in batches {

@@ -18,9 +18,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::credentials::StaticCredentials;
-use super::signature;
-use super::{ServiceConfig, serve};
+use crate::webhook::credentials::StaticCredentials;
+use crate::webhook::signature;
+use crate::webhook::{ServiceConfig, serve};
 use crate::store::audience::{self, AudienceQuery, CampaignKey};
 use crate::store::receipts::{self, Provider, ReceiptStatus, StatusEvent};
 use crate::store::{self, campaigns, contacts, messages};
@@ -307,7 +307,7 @@ async fn run_scenario(url: &str, ids: &[String], per_request: usize, clients: us
                     let sent = Instant::now();
                     let response = http
                         .post(&url)
-                        .header(super::SIGNATURE_HEADER, signature)
+                        .header(crate::webhook::SIGNATURE_HEADER, signature)
                         .header("content-type", "application/json")
                         .body(body)
                         .send()

@@ -8,7 +8,6 @@
 //! one JSON environment variable and the credential through a `secretKeyRef`.
 
 pub mod backoff;
-pub mod bench;
 mod batch;
 pub mod decide;
 pub mod metrics;

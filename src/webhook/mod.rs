@@ -17,7 +17,6 @@
 //! It leaves to others: sending (the sender), counters (schema triggers), channel
 //! status and webhook paths (the controller).
 
-pub mod bench;
 pub mod credentials;
 pub mod evolution;
 pub mod meta;
