@@ -133,6 +133,7 @@ async fn campaign_lifecycle_end_to_end() {
         &["-n", &ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
         None,
     );
+    kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
     let metrics_a = free_port().to_string();
     env.spawn("controller-a", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_a}"), "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-a", "--lease-seconds", "6"]);
     env.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);

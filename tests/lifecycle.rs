@@ -102,6 +102,7 @@ async fn a_stopped_channel_restarts_when_its_credentials_change_or_a_person_resu
     common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
     stack.kubectl(&["create", "secret", "generic", "bad-creds", "--from-literal=access-token=revoked", "--from-literal=app-secret=x", "--from-literal=verify-token=v"]);
+    stack.kubectl(&["label", "secret", "bad-creds", "disparo.io/credentials=true"]);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(10)).replace("meta-creds", "bad-creds"));
     stack.apply(&campaign("refused", "main", "promo", "{allContacts: true}", ""));
     let c = stack.wait_for("campaign", "refused", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped")).await;
@@ -284,6 +285,7 @@ async fn a_refused_message_stops_only_its_campaign() {
     assert_eq!(stopped, None, "the channel was not paused");
 
     stack.kubectl(&["create", "secret", "generic", "evo-creds", "--from-literal=api-key=sandbox-api-key", "--from-literal=webhook-token=t"]);
+    stack.kubectl(&["label", "secret", "evo-creds", "disparo.io/credentials=true"]);
     let evolution = format!(
         "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: evo}}\nspec:\n  provider: evolution\n  evolution:\n    baseUrl: {}\n    instance: sandbox\n    apiKey: {{name: evo-creds, key: api-key}}\n    webhookToken: {{name: evo-creds, key: webhook-token}}\n",
         paused.base_url()

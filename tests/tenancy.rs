@@ -109,6 +109,7 @@ async fn a_recreated_namespace_starts_empty() {
         "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
         "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
     ]);
+    stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     stack.apply(&campaign("fresh", "main", "promo", "{allContacts: true}", ""));
     let c = stack.wait_for("campaign", "fresh", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed")).await;

@@ -35,24 +35,78 @@ fn secret_refs(channel: &Channel) -> Vec<(&'static str, &SecretKeyRef)> {
     refs
 }
 
-/// Reads one Secret key (None: the Secret or key is missing).
-async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<Option<String>> {
-    let Some(secret) = secrets.get_opt(&r.name).await? else { return Ok(None) };
+/// What a Channel's reference to a Secret key finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SecretRead {
+    /// No such Secret.
+    NoSecret,
+    /// The Secret exists but is not labelled for Disparo: its data is not looked at.
+    NotMarked,
+    /// The Secret is labelled but has no such key.
+    NoKey,
+    /// The key's value.
+    Value(String),
+}
+
+/// Whether a Secret is labelled as meant for Disparo.
+fn is_marked(secret: &Secret) -> bool {
+    secret.metadata.labels.as_ref().and_then(|labels| labels.get(crate::api::CREDENTIALS_LABEL)).is_some_and(|value| value == "true")
+}
+
+/// What `r` finds in `secret`. Only a Secret labelled for Disparo is read: otherwise a
+/// Channel could name any Secret of its namespace (the namespace's database URL, a TLS
+/// key) and the controller would send it as a credential to the Channel's `baseUrl`.
+fn read_key(secret: Option<&Secret>, r: &SecretKeyRef) -> SecretRead {
+    let Some(secret) = secret else { return SecretRead::NoSecret };
+    if !is_marked(secret) {
+        return SecretRead::NotMarked;
+    }
     let value = secret.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| String::from_utf8_lossy(&b.0).into_owned());
     let value = value.or_else(|| secret.string_data.as_ref().and_then(|d| d.get(&r.key)).cloned());
-    Ok(value)
+    value.map_or(SecretRead::NoKey, SecretRead::Value)
+}
+
+/// Reads one Secret key (see [`read_key`]).
+async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRead> {
+    Ok(read_key(secrets.get_opt(&r.name).await?.as_ref(), r))
+}
+
+/// Why a reference cannot be used, as the `Ready` condition's reason and message.
+fn unusable(field: &str, r: &SecretKeyRef, read: &SecretRead, namespace: &str) -> Option<(&'static str, String)> {
+    match read {
+        SecretRead::Value(_) => None,
+        SecretRead::NoSecret | SecretRead::NoKey => {
+            Some(("SecretMissing", format!("spec.{field} refers to key {:?} of Secret {:?}, which does not exist", r.key, r.name)))
+        }
+        SecretRead::NotMarked => Some((
+            "SecretNotMarked",
+            format!(
+                "spec.{field} refers to Secret {:?}, which is not labelled {}=true: Disparo reads only Secrets meant for it. \
+                 If this Secret holds the channel's credentials, run `kubectl label secret {} {}=true -n {namespace}`",
+                r.name,
+                crate::api::CREDENTIALS_LABEL,
+                r.name,
+                crate::api::CREDENTIALS_LABEL,
+            ),
+        )),
+    }
 }
 
 /// Why the channel cannot send, if it cannot.
 async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<Option<(&'static str, String)>> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     for (field, r) in secret_refs(channel) {
-        if read_secret(&secrets, r).await?.is_none() {
-            return Ok(Some(("SecretMissing", format!("spec.{field} refers to key {:?} of Secret {:?}, which does not exist", r.key, r.name))));
+        if let Some(reason) = unusable(field, r, &read_secret(&secrets, r).await?, namespace) {
+            return Ok(Some(reason));
         }
     }
     if let (Provider::Evolution, Some(evo)) = (channel.spec.provider, &channel.spec.evolution) {
-        let Some(api_key) = read_secret(&secrets, &evo.api_key).await? else { return Ok(None) };
+        // Read again: the Secret may have changed since the loop above; whatever is
+        // not a labelled value now is not sent anywhere.
+        let api_key = match read_secret(&secrets, &evo.api_key).await? {
+            SecretRead::Value(value) => value,
+            other => return Ok(unusable("evolution.apiKey", &evo.api_key, &other, namespace)),
+        };
         let client = crate::providers::evolution::EvolutionClient::new(
             ctx.http.clone(),
             evo.base_url.clone(),
@@ -165,5 +219,48 @@ async fn publish(ctx: &Context, channel: &Channel, type_: EventType, reason: &st
     let event = KubeEvent { type_, reason: reason.to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
     if let Err(error) = ctx.recorder.publish(&event, &channel.object_ref(&())).await {
         tracing::warn!(%error, reason, "could not publish an Event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::ByteString;
+
+    use super::*;
+
+    fn secret(labels: &[(&str, &str)], data: &[(&str, &str)]) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
+        s.data = Some(data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect::<BTreeMap<_, _>>());
+        s
+    }
+
+    fn key(name: &str, key: &str) -> SecretKeyRef {
+        SecretKeyRef { name: name.into(), key: key.into() }
+    }
+
+    #[test]
+    fn only_secrets_labelled_for_disparo_are_read() {
+        let r = key("creds", "api-key");
+        let marked = secret(&[("disparo.io/credentials", "true")], &[("api-key", "k")]);
+        assert_eq!(read_key(Some(&marked), &r), SecretRead::Value("k".into()));
+        assert_eq!(read_key(Some(&marked), &key("creds", "other")), SecretRead::NoKey);
+        assert_eq!(read_key(None, &r), SecretRead::NoSecret);
+        for labels in [&[][..], &[("disparo.io/credentials", "false")][..], &[("disparo.io/credentials", "True")][..], &[("app", "disparo")][..]] {
+            assert_eq!(read_key(Some(&secret(labels, &[("api-key", "k")])), &r), SecretRead::NotMarked, "{labels:?}");
+        }
+    }
+
+    #[test]
+    fn an_unmarked_secret_says_how_to_mark_it() {
+        let r = key("disparo-database", "url");
+        let (reason, message) = unusable("evolution.apiKey", &r, &SecretRead::NotMarked, "shop").unwrap_or_default();
+        assert_eq!(reason, "SecretNotMarked");
+        assert!(message.contains("`kubectl label secret disparo-database disparo.io/credentials=true -n shop`"), "{message}");
+        assert!(message.contains("spec.evolution.apiKey"), "{message}");
+        assert_eq!(unusable("meta.appSecret", &r, &SecretRead::NoKey, "shop").map(|(reason, _)| reason), Some("SecretMissing"));
+        assert_eq!(unusable("meta.appSecret", &r, &SecretRead::Value("v".into()), "shop"), None);
     }
 }

@@ -68,6 +68,7 @@ impl Stack {
             "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
             "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
         ]);
+        stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
         let metrics = format!("127.0.0.1:{}", free_port());
         stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
         stack.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
@@ -83,6 +84,7 @@ impl Stack {
             &["-n", &ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
             None,
         );
+        kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
         let metrics = format!("127.0.0.1:{}", free_port());
         self.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
         self.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
