@@ -336,27 +336,138 @@ fn aggregated_roles_carry_the_plugins_calls_and_nothing_else() {
     }
 }
 
-/// The list above points at real code: each call's text is still in its file, and
+/// The Rust files under `path`, recursively.
+fn rust_files(path: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).expect("source dir") {
+            rust_files(&entry.expect("dir entry").path(), out);
+        }
+    } else if path.extension().is_some_and(|e| e == "rs") {
+        out.push(path.to_owned());
+    }
+}
+
+/// The text of a module named as `src/a/b.rs`, also once it is split into `src/a/b/`.
+fn module_text(root: &str, file: &str) -> String {
+    let mut files = Vec::new();
+    rust_files(std::path::Path::new(&format!("{root}/{file}")), &mut files);
+    rust_files(std::path::Path::new(&format!("{root}/{}", file.trim_end_matches(".rs"))), &mut files);
+    assert!(!files.is_empty(), "{file} is gone: update CALLS (and the chart's RBAC)");
+    files.iter().map(|f| std::fs::read_to_string(f).unwrap_or_default()).collect::<Vec<_>>().join("\n")
+}
+
+/// The list above points at real code: each call's text is still in its module, and
 /// every file of the controller, the webhook and the plugin that builds an `Api` is in
-/// the list. A call that moves or a new file that talks to the API server fails here
-/// until the list (and so the chart's RBAC) follows.
+/// the list. A call that goes away or a new module that talks to the API server fails
+/// here until the list (and so the chart's RBAC) follows.
 #[test]
 fn the_api_call_list_points_at_real_code() {
     let root = env!("CARGO_MANIFEST_DIR");
     for c in CALLS {
-        let text = std::fs::read_to_string(format!("{root}/{}", c.file)).unwrap_or_else(|e| panic!("{}: {e}", c.file));
-        assert!(text.contains(c.site), "{} no longer contains {:?}: update CALLS (and the chart's RBAC) for {c:?}", c.file, c.site);
+        assert!(module_text(root, c.file).contains(c.site), "{} no longer contains {:?}: update CALLS (and the chart's RBAC) for {c:?}", c.file, c.site);
     }
-    let listed: BTreeSet<&str> = CALLS.iter().map(|c| c.file).collect();
+    let mut files = Vec::new();
     for dir in ["src/controller", "src/webhook", "src/cli"] {
-        for entry in std::fs::read_dir(format!("{root}/{dir}")).expect("source dir") {
-            let path = entry.expect("dir entry").path();
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let relative = format!("{dir}/{}", path.file_name().unwrap_or_default().to_string_lossy());
-            let builds_api = ["Api::all(", "Api::namespaced(", "Api::default_namespaced(", "Api::<"].iter().any(|p| text.contains(p));
-            assert!(!builds_api || listed.contains(relative.as_str()), "{relative} calls the Kubernetes API but has no entry in CALLS");
+        rust_files(std::path::Path::new(&format!("{root}/{dir}")), &mut files);
+    }
+    assert!(files.len() > 10, "{files:?}");
+    for path in files {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let relative = path.strip_prefix(root).expect("under the crate").to_string_lossy().replace('\\', "/");
+        let builds_api = ["Api::all(", "Api::namespaced(", "Api::default_namespaced(", "Api::<"].iter().any(|p| text.contains(p));
+        let listed = CALLS.iter().any(|c| relative == c.file || relative.starts_with(&format!("{}/", c.file.trim_end_matches(".rs"))));
+        assert!(!builds_api || listed, "{relative} calls the Kubernetes API but has no entry in CALLS");
+    }
+}
+
+/// Every container that reads DATABASE_URL, as (workload name, pod spec, container).
+fn database_clients(rendered: &str) -> Vec<(String, serde_yaml::Value, serde_yaml::Value)> {
+    let mut out = Vec::new();
+    for doc in docs(rendered) {
+        let pod = &doc["spec"]["template"]["spec"];
+        for container in pod["containers"].as_sequence().cloned().unwrap_or_default() {
+            let env = container["env"].as_sequence().cloned().unwrap_or_default();
+            if env.iter().any(|e| e["name"].as_str() == Some("DATABASE_URL")) {
+                out.push((doc["metadata"]["name"].as_str().unwrap_or_default().to_owned(), pod.clone(), container));
+            }
         }
     }
+    out
+}
+
+fn env_value(container: &serde_yaml::Value, name: &str) -> Option<String> {
+    container["env"].as_sequence()?.iter().find(|e| e["name"].as_str() == Some(name)).and_then(|e| e["value"].as_str().map(str::to_owned))
+}
+
+/// The CA file a container gets: (Secret, key in it, path in the container), from the
+/// volume mounted over PGSSLROOTCERT's directory.
+fn mounted_ca(pod: &serde_yaml::Value, container: &serde_yaml::Value) -> Option<(String, String, String)> {
+    let path = env_value(container, "PGSSLROOTCERT")?;
+    for mount in container["volumeMounts"].as_sequence()? {
+        let dir = mount["mountPath"].as_str()?;
+        let Some(file) = path.strip_prefix(&format!("{dir}/")) else { continue };
+        assert_eq!(mount["readOnly"].as_bool(), Some(true), "the CA is mounted writable: {mount:?}");
+        let volume = pod["volumes"].as_sequence()?.iter().find(|v| v["name"] == mount["name"])?;
+        let item = volume["secret"]["items"].as_sequence()?.iter().find(|i| i["path"].as_str() == Some(file))?;
+        return Some((volume["secret"]["secretName"].as_str()?.to_owned(), item["key"].as_str()?.to_owned(), path));
+    }
+    None
+}
+
+/// Postgres TLS: verify-full by default, a CA from a Secret mounted into every pod that
+/// holds the admin URL (controller, webhook, migration Job) and named by PGSSLROOTCERT,
+/// the bundled Postgres plaintext, and no mode that silently falls back to plaintext.
+#[test]
+fn postgres_tls_is_verified_by_default_and_the_ca_is_mounted() {
+    let names = |clients: &[(String, serde_yaml::Value, serde_yaml::Value)]| clients.iter().map(|c| c.0.clone()).collect::<BTreeSet<_>>();
+    let expected: BTreeSet<String> = ["disparo-controller", "disparo-webhook", "disparo-migrate"].into_iter().map(str::to_owned).collect();
+
+    let default = database_clients(&render(&[]));
+    assert_eq!(names(&default), expected);
+    for (name, pod, container) in &default {
+        assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("verify-full"), "{name}");
+        assert_eq!(env_value(container, "PGSSLROOTCERT"), None, "{name}: no CA was given, the public roots apply");
+        assert!(!serde_yaml::to_string(pod).expect("yaml").contains("postgres-ca"), "{name} mounts a CA nobody gave");
+    }
+
+    let with_ca = database_clients(&render(&["--set", "postgres.tls.caSecret=rds-ca", "--set", "postgres.tls.caKey=global-bundle.pem"]));
+    assert_eq!(names(&with_ca), expected);
+    for (name, pod, container) in &with_ca {
+        assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("verify-full"), "{name}");
+        let (secret, key, path) = mounted_ca(pod, container).unwrap_or_else(|| panic!("{name}: PGSSLROOTCERT does not name the mounted CA: {container:?}"));
+        assert_eq!((secret.as_str(), key.as_str()), ("rds-ca", "global-bundle.pem"), "{name} mounts {path}");
+    }
+    let verify_ca = database_clients(&render(&["--set", "postgres.tls.mode=verify-ca", "--set", "postgres.tls.caSecret=rds-ca"]));
+    for (name, pod, container) in &verify_ca {
+        assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("verify-ca"), "{name}");
+        assert_eq!(mounted_ca(pod, container).map(|c| (c.0, c.1)), Some(("rds-ca".to_owned(), "ca.crt".to_owned())), "{name}");
+    }
+
+    // A URL on the loopback may say so.
+    for (name, _, container) in &database_clients(&render(&["--set", "postgres.tls.mode=disable"])) {
+        assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("disable"), "{name}");
+    }
+    // The bundled Postgres has no TLS: plaintext whatever postgres.tls says, in its URL too
+    // (the URL the controller derives tenant URLs from).
+    let bundled = render(&["--set", "postgres.bundled.enabled=true", "--set", "postgres.tls.caSecret=rds-ca"]);
+    for (name, pod, container) in &database_clients(&bundled) {
+        assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("disable"), "{name}");
+        assert!(mounted_ca(pod, container).is_none() && env_value(container, "PGSSLROOTCERT").is_none(), "{name}");
+    }
+    assert!(bundled.contains("sslmode=disable"), "the bundled URL names its mode");
+
+    // No silent fallback, no CA that nothing checks, no typo.
+    for (set, needle) in [
+        ("postgres.tls.mode=prefer", "mode"),
+        ("postgres.tls.mode=allow", "mode"),
+        ("postgres.tls.mode=VERIFY-FULL", "mode"),
+        ("postgres.tls.cert=x", "cert"),
+    ] {
+        let (ok, _, err) = run(&helm(), &["template", "disparo", CHART, "--set", set]);
+        assert!(!ok && err.contains(needle), "{set} was accepted: {err}");
+    }
+    let (ok, _, err) = run(&helm(), &["template", "disparo", CHART, "--set", "postgres.tls.mode=require", "--set", "postgres.tls.caSecret=rds-ca"]);
+    assert!(!ok && err.contains("only verify-ca and verify-full"), "{err}");
 }
 
 #[test]

@@ -97,13 +97,64 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.postgres.bundled.enabled }}url{{ else }}{{ .Values.postgres.secretKey }}{{ end }}
 {{- end }}
 
-{{/* DATABASE_URL from the Postgres Secret. */}}
+{{/* How the admin connections reach Postgres: the bundled Postgres has no TLS (and
+stays inside the cluster); otherwise postgres.tls.mode. */}}
+{{- define "disparo.postgresTLSMode" -}}
+{{- if .Values.postgres.bundled.enabled }}disable{{ else }}{{ .Values.postgres.tls.mode }}{{ end }}
+{{- end }}
+
+{{/* The Secret with the CA that signed Postgres's certificate, or "" when none is
+mounted. A CA only means something to the modes that check the certificate. */}}
+{{- define "disparo.postgresCASecret" -}}
+{{- $tls := .Values.postgres.tls }}
+{{- if and (not .Values.postgres.bundled.enabled) $tls.caSecret }}
+{{- if not (has $tls.mode (list "verify-ca" "verify-full")) }}
+{{- fail (printf "postgres.tls.caSecret is set but postgres.tls.mode is %q: only verify-ca and verify-full check the server's certificate against it" $tls.mode) }}
+{{- end }}
+{{- $tls.caSecret }}
+{{- end }}
+{{- end }}
+
+{{/* Where the CA is mounted (PGSSLROOTCERT). */}}
+{{- define "disparo.postgresCAPath" -}}/etc/disparo/postgres-ca/ca.crt{{- end }}
+
+{{/* DATABASE_URL from the Postgres Secret, and TLS as the binary's Postgres driver
+reads it from the environment (PGSSLMODE, PGSSLROOTCERT). An sslmode or sslrootcert
+in the URL itself wins over these. */}}
 {{- define "disparo.databaseEnv" -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ include "disparo.databaseSecretName" . }}
       key: {{ include "disparo.databaseSecretKey" . }}
+- name: PGSSLMODE
+  value: {{ include "disparo.postgresTLSMode" . | quote }}
+{{- if include "disparo.postgresCASecret" . }}
+- name: PGSSLROOTCERT
+  value: {{ include "disparo.postgresCAPath" . }}
+{{- end }}
+{{- end }}
+
+{{/* The CA's volume mount (none without a CA). */}}
+{{- define "disparo.postgresCAVolumeMount" -}}
+{{- if include "disparo.postgresCASecret" . }}
+- name: postgres-ca
+  mountPath: {{ include "disparo.postgresCAPath" . | dir }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The CA's volume: only its one key, as ca.crt (none without a CA). */}}
+{{- define "disparo.postgresCAVolume" -}}
+{{- with include "disparo.postgresCASecret" . }}
+- name: postgres-ca
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0444
+    items:
+      - key: {{ $.Values.postgres.tls.caKey }}
+        path: {{ include "disparo.postgresCAPath" $ | base }}
+{{- end }}
 {{- end }}
 
 {{/* Soft anti-affinity spreading a component's replicas across nodes. */}}
