@@ -111,15 +111,8 @@ pub fn send_config(campaign: &Campaign, channel: &Channel, organization: &str, s
             ProviderTarget::Evolution { base_url: evo.base_url.clone(), instance: evo.instance.clone() }
         }
     };
-    let message = match (&campaign.spec.message.template, &campaign.spec.message.text) {
-        (Some(t), _) => MessageTemplate::Template {
-            name: t.name.clone(),
-            language: t.language.clone(),
-            body_parameters: t.body_parameters.iter().map(|p| p.0.clone()).collect(),
-        },
-        (None, Some(text)) => MessageTemplate::Text(text.clone()),
-        (None, None) => return Err(Error::InvalidCampaign("spec.message has neither template nor text".into())),
-    };
+    let message = MessageTemplate::from_spec(&campaign.spec.message)
+        .ok_or_else(|| Error::InvalidCampaign("spec.message has neither template nor text".into()))?;
     Ok(SendConfig {
         campaign_uid,
         organization: organization.to_owned(),

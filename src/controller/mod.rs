@@ -62,6 +62,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether trying again later may succeed (the API server or Postgres was briefly
+    /// unavailable, a write lost a race), as opposed to something a person must fix (an
+    /// invalid object, a permission the controller lacks).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kube(kube::Error::Api(status)) => status.code >= 500 || matches!(status.code, 409 | 429),
+            Error::Kube(_) => true,
+            Error::Store(e) => e.is_transient(),
+            Error::MissingObjectKey(_) | Error::InvalidChannel(_) | Error::InvalidCampaign(_) => false,
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner) | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.is_retryable(),
+                _ => true,
+            },
+        }
+    }
+
     /// The variant's name, for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -98,12 +114,14 @@ pub struct Context {
     pub tenancy: tokio::sync::Mutex<()>,
 }
 
-/// Transient errors requeue with a short backoff; both kinds are counted by cause.
+/// Errors a retry may cure requeue soon; the others (reported on the object as a
+/// `Stalled` condition by the reconcilers) are looked at again only now and then, or
+/// when the object changes. Both kinds are counted by cause.
 fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("object");
-    warn!(%error, name = %object.name_any(), namespace = ?object.namespace(), "reconcile failed");
+    warn!(%error, retryable = error.is_retryable(), name = %object.name_any(), namespace = ?object.namespace(), "reconcile failed");
     ctx.metrics.failures.get_or_create(&metrics::ErrorLabels { kind: kind.to_owned(), error: error.metric_label().to_owned() }).inc();
-    Action::requeue(Duration::from_secs(5))
+    if error.is_retryable() { Action::requeue(Duration::from_secs(5)) } else { Action::requeue(Duration::from_secs(300)) }
 }
 
 /// Arguments of `disparo controller`.

@@ -40,6 +40,30 @@ pub enum MessageTemplate {
     Text(String),
 }
 
+impl MessageTemplate {
+    /// The message a Campaign's spec describes: the one conversion from the API type
+    /// (None: the spec has neither a template nor a text, which the CRD forbids).
+    pub fn from_spec(spec: &crate::api::MessageSpec) -> Option<Self> {
+        match (&spec.template, &spec.text) {
+            (Some(t), _) => Some(MessageTemplate::Template {
+                name: t.name.clone(),
+                language: t.language.clone(),
+                body_parameters: t.body_parameters.iter().map(|p| p.0.clone()).collect(),
+            }),
+            (None, Some(text)) => Some(MessageTemplate::Text(text.clone())),
+            (None, None) => None,
+        }
+    }
+
+    /// The strings rendered per contact (they may use contact variables).
+    pub fn rendered_texts(&self) -> Vec<&str> {
+        match self {
+            MessageTemplate::Template { body_parameters, .. } => body_parameters.iter().map(String::as_str).collect(),
+            MessageTemplate::Text(text) => vec![text.as_str()],
+        }
+    }
+}
+
 /// Everything one batch needs, besides the provider client.
 #[derive(Debug, Clone)]
 pub struct BatchJob {
