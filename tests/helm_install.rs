@@ -68,8 +68,8 @@ impl Agent {
         let work_dir = dir.join(&node);
         let log = dir.join(format!("agent-{namespace}.log"));
         let file = std::fs::File::create(&log).context("creating the agent log")?;
-        let child = Command::new(env!("CARGO_BIN_EXE_disparo"))
-            .args(["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", namespace])
+        let child = Command::new(common::bin::node_agent())
+            .args(["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", namespace])
             .args(["--node-name", &node, "--work-dir"])
             .arg(&work_dir)
             .env("KUBECONFIG", kubeconfig())
@@ -242,6 +242,9 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
         "crds.install=false".to_string(),
         "postgres.bundled.enabled=false".to_string(),
         "postgres.existingSecret=disparo-postgres".to_string(),
+        // The harness's Postgres listens on the loopback without TLS, which the chart's
+        // default (verify-full) rightly refuses.
+        "postgres.tls.mode=disable".to_string(),
         "controller.replicas=1".to_string(),
         format!("controller.containerPort={controller_port}"),
         "webhook.replicas=1".to_string(),
@@ -304,6 +307,31 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
         let volumes = pod["spec"]["volumes"].to_string();
         assert!(!volumes.contains("serviceAccountToken"), "a sender pod mounts a token: {volumes}");
     }
+    // The admin URL never reached the campaign namespace: its senders read their own
+    // organization's role from the controller's `disparo-database` Secret there.
+    let admin = url::Url::parse(&url)?;
+    for pod in &senders {
+        let env = &pod["spec"]["containers"][0]["env"];
+        let database = env.as_array().and_then(|e| e.iter().find(|v| v["name"] == "DATABASE_URL")).cloned().unwrap_or_default();
+        assert_eq!(database["valueFrom"]["secretKeyRef"]["name"], "disparo-database", "a sender pod reads DATABASE_URL from elsewhere: {database}");
+    }
+    let secrets: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "secrets", "-o", "json"], None))?;
+    let mut tenant_url = None;
+    for secret in secrets["items"].as_array().cloned().unwrap_or_default() {
+        let name = secret["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        for (key, value) in secret["data"].as_object().cloned().unwrap_or_default() {
+            let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value.as_str().unwrap_or_default())?;
+            let text = String::from_utf8_lossy(&decoded).into_owned();
+            let credentials = format!("{}:{}@", admin.username(), admin.password().unwrap_or_default());
+            assert!(!text.contains(&credentials) && !text.contains(url.as_str()), "Secret {name} key {key} holds the admin credentials");
+            if name == "disparo-database" && key == "url" {
+                tenant_url = Some(url::Url::parse(&text)?);
+            }
+        }
+    }
+    let tenant_url = tenant_url.context("no disparo-database Secret with a url in the campaign namespace")?;
+    assert_ne!(tenant_url.username(), admin.username(), "the campaign namespace got the admin role");
+    assert_eq!(tenant_url.host_str(), admin.host_str());
     // ... and the chart's webhook applies the sandbox's receipts.
     install.wait_for("delivery receipts", "welcome", |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 0).await?;
 
