@@ -15,13 +15,15 @@ WORKDIR /src
 ENV SQLX_OFFLINE=true \
     CARGO_TERM_COLOR=never
 COPY . .
-# Cache mounts keep the registry and the target dir between builds, so an edit to
-# src/ recompiles the crate, not its ~300 dependencies. The binary is copied out in
-# the same step because the cached target dir is not part of the layer.
+# Only the product crate is built (`-p disparo`): the workspace's node agent and test
+# kit never reach the image. Cache mounts keep the registry and the target dir
+# between builds, so an edit to src/ recompiles the crate, not its ~300 dependencies.
+# The binary is copied out in the same step because the cached target dir is not part
+# of the layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin disparo \
+    cargo build --release --locked -p disparo --bin disparo \
  && install -D -m 0755 target/release/disparo /out/disparo
 
 # glibc, libgcc and CA certificates, no shell, no package manager; runs as

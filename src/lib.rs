@@ -14,14 +14,12 @@
 //! - [`webhook`]: `disparo webhook`, delivery and read receipts into Postgres.
 //! - [`controller`]: `disparo controller`, the campaign lifecycle on Kubernetes.
 //! - [`cli`]: the commands a person runs (`contacts import`, `status`, the kubectl plugin).
-//! - [`nodeagent`]: a stand-in kubelet for the local control plane used by tests and the demo.
 //! - [`telemetry`]: logging setup shared by every mode.
 
 pub mod api;
 pub mod bench;
 pub mod cli;
 pub mod controller;
-pub mod nodeagent;
 pub mod providers;
 pub mod sandbox;
 pub mod sender;

@@ -41,9 +41,6 @@ enum Command {
     RetryFailed(disparo::cli::plugin::RetryFailedArgs),
     /// Measure the store, the sender or the webhook and print the figures.
     Bench(disparo::bench::BenchArgs),
-    /// Development tools.
-    #[command(subcommand, hide = true)]
-    Dev(DevCommand),
     /// Apply the database migrations (safe to run concurrently).
     Migrate(MigrateArgs),
     /// Manage contacts.
@@ -64,13 +61,6 @@ struct MigrateArgs {
 enum ContactsCommand {
     /// Import contacts from a CSV or JSON-lines file.
     Import(disparo::cli::import::ImportArgs),
-}
-
-#[derive(Debug, Subcommand)]
-enum DevCommand {
-    /// Stand in for the kubelet and scheduler of a local control plane: run Pods as
-    /// local processes of this binary.
-    NodeAgent(disparo::nodeagent::NodeAgentArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,7 +110,6 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => disparo::cli::plugin::cancel(args).await?,
         Command::RetryFailed(args) => disparo::cli::plugin::retry_failed(args).await?,
         Command::Bench(args) => disparo::bench::run(args).await?,
-        Command::Dev(DevCommand::NodeAgent(args)) => disparo::nodeagent::run(args, telemetry::shutdown_on_signals()).await?,
         Command::Migrate(args) => {
             let pool = disparo::store::connect(&args.database_url, 2).await.context("connecting to Postgres")?;
             disparo::store::migrate(&pool).await.context("applying migrations")?;

@@ -46,9 +46,13 @@ fn free_port() -> u16 {
 
 impl Env {
     fn spawn(&mut self, name: &'static str, args: &[&str]) -> usize {
+        self.spawn_program(name, std::path::Path::new(env!("CARGO_BIN_EXE_disparo")), args)
+    }
+
+    fn spawn_program(&mut self, name: &'static str, program: &std::path::Path, args: &[&str]) -> usize {
         let log = self.dir.path().join(format!("{name}-{}.log", self.procs.len()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+        let child = tokio::process::Command::new(program)
             .args(args)
             .env("KUBECONFIG", common::cluster::kubeconfig())
             .env("DATABASE_URL", &self.url)
@@ -136,7 +140,7 @@ async fn campaign_lifecycle_end_to_end() {
     kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
     let metrics_a = free_port().to_string();
     env.spawn("controller-a", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_a}"), "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-a", "--lease-seconds", "6"]);
-    env.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+    env.spawn_program("node-agent", &common::bin::node_agent(), &["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
     env.spawn("webhook", &["webhook", "--listen", &format!("127.0.0.1:{webhook_port}")]);
 
     // --- a missing channel stalls with its name, and recovers when the channel appears

@@ -3,6 +3,7 @@
 //! database per test.
 #![allow(dead_code)]
 
+pub mod bin;
 pub mod cluster;
 pub mod stack;
 

@@ -71,7 +71,7 @@ impl Stack {
         stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
         let metrics = format!("127.0.0.1:{}", free_port());
         stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
-        stack.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        stack.spawn_program("node-agent", &super::bin::node_agent(), &["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
         stack
     }
 
@@ -87,16 +87,21 @@ impl Stack {
         kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
         let metrics = format!("127.0.0.1:{}", free_port());
         self.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
-        self.spawn("node-agent", &["dev", "node-agent", "--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        self.spawn_program("node-agent", &super::bin::node_agent(), &["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
         self.extra_namespaces.push(ns.clone());
         (ns, org)
     }
 
     /// Runs the binary under test with the stack's kubeconfig and database.
     pub fn spawn(&mut self, name: &'static str, args: &[&str]) -> usize {
+        self.spawn_program(name, std::path::Path::new(env!("CARGO_BIN_EXE_disparo")), args)
+    }
+
+    /// Runs `program` with the stack's kubeconfig and database.
+    pub fn spawn_program(&mut self, name: &'static str, program: &std::path::Path, args: &[&str]) -> usize {
         let log = self.dir.path().join(format!("{name}-{}.log", self.procs.len()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+        let child = tokio::process::Command::new(program)
             .args(args)
             .env("KUBECONFIG", super::cluster::kubeconfig())
             .env("DATABASE_URL", &self.url)

@@ -1,10 +1,10 @@
-//! Command-line arguments of `disparo dev node-agent` and the settings resolved from them.
+//! Command-line arguments of `disparo-nodeagent` and the settings resolved from them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use super::{Error, Result, credentials::ApiEndpoint};
+use super::{Error, Result, command::ENTRYPOINT_NAME, credentials::ApiEndpoint};
 
-/// Arguments of `disparo dev node-agent`.
+/// Arguments of `disparo-nodeagent`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct NodeAgentArgs {
     /// Name of the Node this agent registers and binds pods to. Two agents with
@@ -12,8 +12,9 @@ pub struct NodeAgentArgs {
     #[arg(long, env = "DISPARO_NODE_NAME", default_value = "disparo-local")]
     pub node_name: String,
 
-    /// Executable that stands in for every container image's entrypoint (default: this
-    /// very binary, so `disparo send` pods run the code under test).
+    /// Executable that stands in for every container image's entrypoint (default: the
+    /// `disparo` beside this executable, as in `target/debug`, so `disparo send` pods
+    /// run the code under test).
     #[arg(long, env = "DISPARO_NODE_AGENT_BINARY")]
     pub binary: Option<PathBuf>,
 
@@ -63,7 +64,7 @@ impl Settings {
         }
         let binary = match binary {
             Some(path) => path,
-            None => std::env::current_exe().map_err(Error::CurrentExe)?,
+            None => default_binary(&std::env::current_exe().map_err(Error::CurrentExe)?)?,
         };
         let work_dir = work_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("disparo-node-agent-{node_name}")));
         std::fs::create_dir_all(&work_dir).map_err(|source| Error::WorkDir { path: work_dir.clone(), source })?;
@@ -79,6 +80,14 @@ impl Settings {
     }
 }
 
+/// The `disparo` beside the agent's own executable, the default `--binary`: cargo puts
+/// both in the same directory, and an install puts them side by side. Checked here so
+/// a missing one fails at start rather than as every pod's spawn error.
+fn default_binary(agent: &Path) -> Result<PathBuf> {
+    let binary = agent.with_file_name(ENTRYPOINT_NAME);
+    if binary.is_file() { Ok(binary) } else { Err(Error::NoDefaultBinary(binary)) }
+}
+
 /// The part of the agent's environment containers inherit; see [`Settings::base_env`].
 fn inherited_env() -> Vec<(String, String)> {
     let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
@@ -87,4 +96,24 @@ fn inherited_env() -> Vec<(String, String)> {
         env.push(("HOME".to_string(), home));
     }
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_binary_is_the_disparo_beside_the_agent_and_must_exist() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let agent = dir.path().join("disparo-nodeagent");
+        std::fs::write(&agent, "")?;
+        let expected = dir.path().join("disparo");
+        match default_binary(&agent) {
+            Err(Error::NoDefaultBinary(path)) => assert_eq!(path, expected),
+            other => panic!("a missing disparo must fail at start, got {other:?}"),
+        }
+        std::fs::write(&expected, "")?;
+        assert_eq!(default_binary(&agent).ok(), Some(expected));
+        Ok(())
+    }
 }

@@ -12,7 +12,7 @@ use std::{collections::HashMap, path::Path, path::PathBuf};
 use k8s_openapi::api::core::v1::Container;
 
 /// The name by which a pod spec refers to the image entrypoint we substitute.
-const ENTRYPOINT_NAME: &str = "disparo";
+pub(crate) const ENTRYPOINT_NAME: &str = "disparo";
 
 /// What to execute for a container.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,4 +1,8 @@
-//! `disparo dev node-agent`: a stand-in for kube-scheduler and kubelet on this machine.
+//! `disparo-nodeagent`: a stand-in for kube-scheduler and kubelet on this machine.
+//!
+//! A crate of its own, apart from the product: the `disparo` binary and image never
+//! contain it. Only the tests and the demo run it, next to the `disparo` binary whose
+//! pods it runs.
 //!
 //! The project tests against a real kube-apiserver and kube-controller-manager, but
 //! there is no scheduler, no kubelet and no container runtime. Without them the Pods
@@ -17,10 +21,10 @@
 //!   `restartPolicy`, and honours graceful deletion.
 //! - `agent` owns the pod watch and dispatches pods to binding and supervision.
 //!
-//! What it deliberately leaves out: images (every container runs `--binary`, or an
-//! absolute host path named in `command`), init containers and sidecars (only the
-//! first regular container runs), volumes, probes (a running process counts as
-//! ready), networking (every pod's IP is 127.0.0.1), resource limits, node affinity
+//! What it deliberately leaves out: images (every container runs `--binary`, by
+//! default the `disparo` beside this executable, or an absolute host path named in
+//! `command`), init containers and sidecars (only the first regular container runs),
+//! volumes, probes (a running process counts as ready), networking (every pod's IP is 127.0.0.1), resource limits, node affinity
 //! and taints (only `nodeSelector` is honoured), and the in-cluster service
 //! environment (`KUBERNETES_SERVICE_*` is never set). Pods that mount a ServiceAccount
 //! token get API access through a per-pod kubeconfig instead ([`credentials`]).
@@ -63,8 +67,11 @@ pub enum Error {
     #[error("could not build a kubernetes client from the configuration")]
     Client(#[source] kube::Error),
     /// `--binary` was not given and the agent's own executable could not be found.
-    #[error("could not locate the current executable (pass --binary)")]
+    #[error("could not locate the node agent's own executable to find `disparo` beside it (pass --binary)")]
     CurrentExe(#[source] std::io::Error),
+    /// `--binary` was not given and no `disparo` stands beside the agent's executable.
+    #[error("no `disparo` executable at {0} (build it with `cargo build -p disparo`, or pass --binary)")]
+    NoDefaultBinary(PathBuf),
     /// The directory for per-pod logs could not be created.
     #[error("could not create work directory {path}")]
     WorkDir {
@@ -104,9 +111,8 @@ pub async fn run(args: NodeAgentArgs, shutdown: CancellationToken) -> anyhow::Re
     Ok(())
 }
 
-/// Like [`run`], with a configuration the caller built (tests point it at a throwaway
-/// control plane without touching the process environment). The configuration's
-/// server and trust settings, never its credentials, are also what pods with a
+/// Like [`run`], with a configuration the caller built. The configuration's server
+/// and trust settings, never its credentials, are also what pods with a
 /// ServiceAccount token use to reach the API server.
 pub async fn run_with_config(config: kube::Config, args: NodeAgentArgs, shutdown: CancellationToken) -> Result<()> {
     let endpoint = credentials::ApiEndpoint::from_config(&config);

@@ -164,7 +164,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::nodeagent::status::Exit;
+    use crate::status::Exit;
 
     fn launch(dir: &std::path::Path, script: &str) -> Launch {
         Launch {

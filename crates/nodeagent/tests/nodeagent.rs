@@ -1,7 +1,8 @@
-//! The node agent against a real kube-apiserver and kube-controller-manager: Indexed
-//! Jobs run to completion, exit codes reach the Job controller's pod failure policy,
-//! environments come from Secrets, ConfigMaps and pod fields, and suspending a Job or
-//! stopping the agent leaves no process behind.
+//! The `disparo-nodeagent` binary against a real kube-apiserver and
+//! kube-controller-manager: Indexed Jobs run to completion, exit codes reach the Job
+//! controller's pod failure policy, environments come from Secrets, ConfigMaps and pod
+//! fields, and suspending a Job or stopping the agent (SIGTERM, as the tests and the
+//! demo stop it) leaves no process behind.
 //!
 //! Needs a running control plane: `DISPARO_TEST_KUBECONFIG` (or `KUBECONFIG`) must
 //! name its admin kubeconfig, e.g. after `eval "$(scripts/cluster up)"`. Each test runs
@@ -13,11 +14,11 @@ use std::{
     future::Future,
     panic::AssertUnwindSafe,
     path::PathBuf,
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use disparo::nodeagent::{NodeAgentArgs, run_with_config};
 use futures::FutureExt;
 use k8s_openapi::api::{
     batch::v1::Job,
@@ -29,7 +30,6 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// How long any single wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(90);
@@ -48,28 +48,28 @@ fn kubeconfig() -> PathBuf {
 }
 
 async fn config() -> Result<kube::Config> {
-    disparo::telemetry::install_crypto_provider();
-    disparo::telemetry::init(disparo::telemetry::LogFormat::Text);
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let path = kubeconfig();
     let kubeconfig =
         kube::config::Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await?)
 }
 
-/// One agent on its own node, serving one fresh namespace.
+/// One agent process on its own node, serving one fresh namespace.
 struct Harness {
     client: Client,
     namespace: String,
     node: String,
     work_dir: tempfile::TempDir,
-    shutdown: CancellationToken,
-    agent: Option<tokio::task::JoinHandle<disparo::nodeagent::Result<()>>>,
+    /// The agent's own log, outside `work_dir` so it is never taken for a pod's.
+    agent_log: tempfile::NamedTempFile,
+    agent: Option<tokio::process::Child>,
 }
 
 impl Harness {
     async fn start(prefix: &str) -> Result<Self> {
         let config = config().await?;
-        let client = Client::try_from(config.clone())?;
+        let client = Client::try_from(config)?;
         let suffix = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
         let namespace = format!("nodeagent-{prefix}-{suffix}");
         let node = format!("nodeagent-test-{suffix}");
@@ -81,21 +81,34 @@ impl Harness {
         wait_until("default ServiceAccount", || async { Ok(accounts.get_opt("default").await?.is_some()) }).await?;
 
         let work_dir = tempfile::tempdir()?;
-        let args = NodeAgentArgs {
-            node_name: node.clone(),
-            binary: Some(PathBuf::from("/bin/sh")),
-            namespace: Some(namespace.clone()),
-            work_dir: Some(work_dir.path().to_path_buf()),
-            max_pods: 8,
-        };
-        let shutdown = CancellationToken::new();
-        let agent = tokio::spawn(run_with_config(config, args, shutdown.clone()));
-        let nodes: Api<Node> = Api::all(client.clone());
-        wait_until("node registered Ready", || async {
-            Ok(nodes.get_opt(&node).await?.is_some_and(|n| node_ready(&n) == Some(true)))
+        let agent_log = tempfile::NamedTempFile::new()?;
+        let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo-nodeagent"))
+            .args(["--node-name", &node, "--binary", "/bin/sh", "--namespace", &namespace, "--max-pods", "8", "--work-dir"])
+            .arg(work_dir.path())
+            .env("KUBECONFIG", kubeconfig())
+            .stdin(Stdio::null())
+            .stdout(agent_log.reopen()?)
+            .stderr(agent_log.reopen()?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting disparo-nodeagent")?;
+        let mut harness = Self { client, namespace, node, work_dir, agent_log, agent: Some(agent) };
+        let nodes: Api<Node> = Api::all(harness.client.clone());
+        let ready = wait_until("node registered Ready", || async {
+            Ok(nodes.get_opt(&harness.node).await?.is_some_and(|n| node_ready(&n) == Some(true)))
         })
-        .await?;
-        Ok(Self { client, namespace, node, work_dir, shutdown, agent: Some(agent) })
+        .await;
+        if let Err(error) = ready {
+            let _ = harness.stop_agent().await;
+            return Err(error.context(harness.agent_log_text()));
+        }
+        Ok(harness)
+    }
+
+    /// What the agent process wrote, for failure messages.
+    fn agent_log_text(&self) -> String {
+        let text = std::fs::read_to_string(self.agent_log.path()).unwrap_or_default();
+        format!("node agent log:\n{text}")
     }
 
     fn api<K>(&self) -> Api<K>
@@ -109,15 +122,17 @@ impl Harness {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// Stops the agent and checks it stopped cleanly.
+    /// Stops the agent with SIGTERM and checks it stopped cleanly.
     async fn stop_agent(&mut self) -> Result<()> {
-        self.shutdown.cancel();
-        if let Some(agent) = self.agent.take() {
-            tokio::time::timeout(Duration::from_secs(60), agent)
-                .await
-                .context("the agent did not stop within 60 s")??
-                .context("the agent failed")?;
+        let Some(mut agent) = self.agent.take() else { return Ok(()) };
+        if let Some(pid) = agent.id() {
+            let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("running kill")?;
+            ensure!(sent.success(), "kill -TERM {pid} failed");
         }
+        let status = tokio::time::timeout(Duration::from_secs(60), agent.wait())
+            .await
+            .with_context(|| format!("the agent did not stop within 60 s; {}", self.agent_log_text()))??;
+        ensure!(status.success(), "the agent exited with {status}; {}", self.agent_log_text());
         Ok(())
     }
 
