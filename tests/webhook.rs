@@ -74,6 +74,7 @@ impl Service {
         let credentials = Arc::new(StaticCredentials::new());
         for org in ["acme", "beta"] {
             credentials.set_meta(org, "wa", APP_SECRET, VERIFY_TOKEN);
+            credentials.set_meta(org, "wa2", APP_SECRET, VERIFY_TOKEN);
             credentials.set_evolution(org, "evo", "x-disparo-token".parse().unwrap(), EVOLUTION_TOKEN);
             credentials.set_evolution(org, "evo2", "x-disparo-token".parse().unwrap(), EVOLUTION_TOKEN);
         }
@@ -405,11 +406,11 @@ async fn a_forged_or_missing_signature_gets_401_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    // unknown channel: 404, whatever the signature
+    // unknown channel: 401 like a bad signature, whatever the signature
     let response = service.http.post(service.url("/webhooks/meta/acme/nope")).body(body).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let response = service.http.post(service.url("/webhooks/meta/acme/evo")).body(body).send().await.unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND, "an Evolution channel is not a Meta channel");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "an Evolution channel is not a Meta channel");
     assert_eq!(snapshot(&pool).await, before);
     let (_, metrics) = service.get("/metrics").await;
     assert!(metrics.contains(r#"disparo_webhook_events_total{provider="meta",status="none",outcome="rejected_signature"} 8"#), "{metrics}");
@@ -430,8 +431,8 @@ async fn the_verification_handshake_echoes_the_challenge_only_for_the_right_toke
     assert_eq!(service.get(&path("acme", "wa", "subscribe", "")).await.0, StatusCode::FORBIDDEN);
     assert_eq!(service.get(&path("acme", "wa", "unsubscribe", VERIFY_TOKEN)).await.0, StatusCode::FORBIDDEN);
     assert_eq!(service.get("/webhooks/meta/acme/wa").await.0, StatusCode::FORBIDDEN);
-    assert_eq!(service.get(&path("acme", "missing", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::NOT_FOUND);
-    assert_eq!(service.get(&path("other", "wa", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(service.get(&path("acme", "missing", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(service.get(&path("other", "wa", "subscribe", VERIFY_TOKEN)).await.0, StatusCode::FORBIDDEN);
     assert_eq!(service.get("/healthz").await.0, StatusCode::OK);
     assert_eq!(service.get("/readyz").await.0, StatusCode::OK);
     service.stop().await;
@@ -528,7 +529,7 @@ async fn out_of_order_and_duplicated_receipts_end_in_the_right_state() {
 #[tokio::test]
 async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
     let (pool, _) = common::fresh_db().await;
-    let (uid, ids) = campaign(&pool, "acme", &["+5511999999999", "+5511977776666"]).await;
+    let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+5511977776666"]).await;
     // The provider id is known while the message is still `sending` (the webhook beat the sender's record).
     sqlx::query("UPDATE campaign_messages SET provider_message_id = $1 WHERE id = $2").bind(EVO_SENT_ID).bind(ids[0]).execute(&pool).await.unwrap();
     mark_sent(&pool, &[(ids[1], EVO_FAILED_ID)]).await;
@@ -573,11 +574,11 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
     }
     assert_eq!(
         service.evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::UNAUTHORIZED
     );
     assert_eq!(
         service.evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
-        StatusCode::NOT_FOUND
+        StatusCode::UNAUTHORIZED
     );
     assert_eq!(snapshot(&pool).await, before);
     assert_eq!(service.evolution_post(path, body, &[("authorization", bearer.clone())]).await.0, StatusCode::OK);
@@ -950,7 +951,9 @@ async fn the_benchmark_runs() {
 #[tokio::test]
 async fn a_receipt_that_beats_the_provider_id_is_applied_once_the_id_is_recorded() {
     let (pool, _) = common::fresh_db().await;
-    let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+15550123456"]).await;
+    let (uid, evo_ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999"]).await;
+    let (meta_uid, meta_ids) = campaign(&pool, "acme", &["+15550123456"]).await;
+    let ids = [evo_ids[0], meta_ids[0]];
     let service = Service::start(pool.clone(), sweeping()).await;
     assert_eq!(service.evolution("acme", fixture("evo_delivered")).await["unknown_id"], 1);
     assert_eq!(service.evolution("acme", fixture("evo_read")).await["unknown_id"], 1);
@@ -970,8 +973,10 @@ async fn a_receipt_that_beats_the_provider_id_is_applied_once_the_id_is_recorded
     assert_eq!(meta.status, "delivered");
     assert_eq!(meta.webhook_history(), vec![entry("delivered", "2025-06-18T16:22:59Z")], "with the provider's own time");
     assert_counters_match(&pool, uid).await;
+    assert_counters_match(&pool, meta_uid).await;
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
-    assert_eq!((counters.sent, counters.delivered, counters.read), (0, 1, 1));
+    let meta_counters = campaigns::counters(&pool, meta_uid).await.unwrap().unwrap();
+    assert_eq!((counters.sent + meta_counters.sent, meta_counters.delivered, counters.read), (0, 1, 1));
 
     // from now on they are found at once
     assert_eq!(service.evolution("acme", fixture("evo_read")).await["duplicate"], 1);
@@ -1153,4 +1158,123 @@ async fn kept_receipts_beyond_one_sweep_page_are_all_applied() {
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     assert_eq!(counters.delivered, n as i64);
     assert_counters_match(&pool, uid).await;
+}
+
+/// What an answer tells a client: status, content type and body.
+async fn answer(response: reqwest::Response) -> (StatusCode, Option<String>, String) {
+    let kind = response.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+    (response.status(), kind, response.text().await.unwrap())
+}
+
+/// Nobody learns from the webhook URLs which organizations and channels exist: an
+/// unknown namespace, an unknown channel and a channel of the other provider answer a
+/// request exactly as a real channel answers a bad signature, token or verify token.
+#[tokio::test]
+async fn unknown_and_real_channels_answer_unauthenticated_requests_alike() {
+    let (pool, _) = common::fresh_db().await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    let before = snapshot(&pool).await;
+    let body = fixture("meta_delivered");
+    let signed = sign_meta(APP_SECRET.as_bytes(), body.as_bytes());
+    let forged = sign_meta(b"not-the-app-secret", body.as_bytes());
+    let post = |path: &str, headers: Vec<(&'static str, String)>| {
+        let mut request = service.http.post(service.url(path)).header("content-type", "application/json").body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        async move { answer(request.send().await.unwrap()).await }
+    };
+    let reference = post("/webhooks/meta/acme/wa", vec![("x-hub-signature-256", forged.clone())]).await;
+    assert_eq!(reference.0, StatusCode::UNAUTHORIZED);
+    let token = || vec![("x-disparo-token", EVOLUTION_TOKEN.to_owned())];
+    let cases = [
+        ("real Meta channel, no signature", post("/webhooks/meta/acme/wa", vec![]).await),
+        ("unknown namespace, valid signature", post("/webhooks/meta/nobody/wa", vec![("x-hub-signature-256", signed.clone())]).await),
+        ("unknown channel, valid signature", post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", signed.clone())]).await),
+        ("unknown channel, forged signature", post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", forged.clone())]).await),
+        ("an Evolution channel on the Meta path", post("/webhooks/meta/acme/evo", vec![("x-hub-signature-256", signed.clone())]).await),
+        ("real Evolution channel, wrong token", post("/webhooks/evolution/acme/evo", vec![("x-disparo-token", "wrong".into())]).await),
+        ("real Evolution channel, no token", post("/webhooks/evolution/acme/evo/messages-update", vec![]).await),
+        ("unknown namespace, Evolution", post("/webhooks/evolution/nobody/evo", token()).await),
+        ("unknown channel, Evolution", post("/webhooks/evolution/acme/nope", token()).await),
+        ("unknown channel, Evolution by event", post("/webhooks/evolution/acme/nope/messages-update", token()).await),
+        ("a Meta channel on the Evolution path", post("/webhooks/evolution/acme/wa", token()).await),
+    ];
+    for (case, got) in cases {
+        assert_eq!(got, reference, "{case}");
+    }
+
+    // The subscription handshake likewise.
+    let handshake = |org: &str, channel: &str, token: &str| {
+        let url = service.url(&format!("/webhooks/meta/{org}/{channel}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}"));
+        let request = service.http.get(url);
+        async move { answer(request.send().await.unwrap()).await }
+    };
+    let refused = handshake("acme", "wa", "wrong").await;
+    assert_eq!(refused.0, StatusCode::FORBIDDEN);
+    for (org, channel) in [("nobody", "wa"), ("acme", "nope"), ("acme", "evo")] {
+        assert_eq!(handshake(org, channel, VERIFY_TOKEN).await, refused, "{org}/{channel}");
+    }
+    assert_eq!(snapshot(&pool).await, before);
+    service.stop().await;
+}
+
+/// POSTs a signed Meta body to a channel of an organization.
+async fn meta_at(service: &Service, org: &str, channel: &str, body: &str) -> Value {
+    let response = service
+        .http
+        .post(service.url(&format!("/webhooks/meta/{org}/{channel}")))
+        .header("x-hub-signature-256", sign_meta(APP_SECRET.as_bytes(), body.as_bytes()))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+/// The credentials of one channel reach that channel's messages only: a receipt posted
+/// at channel C for a message sent through channel D of the same organization (found
+/// by provider id, by our id in `biz_opaque_callback_data`, or by contact) changes
+/// nothing, now or at any later sweep; posted at D, it applies.
+#[tokio::test]
+async fn a_receipt_posted_at_one_channel_never_changes_another_channels_messages() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = ["+15550123456", "+5511900000001", "+5511999999999"];
+    // Sent through wa2 (Meta): one with its provider id, one whose id was never recorded.
+    let (meta_uid, on_wa2) = campaign_on(&pool, "acme", "wa2", &phones[..2]).await;
+    mark_sent(&pool, &[(on_wa2[0], RTCA)]).await;
+    messages::record_outcomes(&pool, &[(on_wa2[1], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
+    // Sent through evo2 (Evolution): one with its id, one left unknown.
+    let (evo_uid, on_evo2) = campaign_on(&pool, "acme", "evo2", &phones[1..]).await;
+    mark_sent(&pool, &[(on_evo2[1], EVO_SENT_ID)]).await;
+    messages::record_outcomes(&pool, &[(on_evo2[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
+    let service = Service::start(pool.clone(), sweeping()).await;
+    let before = snapshot(&pool).await;
+
+    // At channel wa: by provider id, and by our id.
+    let by_our_id = fixture("meta_sent").replace(RTCA, "wamid.recovered").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", on_wa2[1]));
+    assert_eq!(meta_at(&service, "acme", "wa", fixture("meta_delivered")).await["unknown_id"], 1);
+    assert_eq!(meta_at(&service, "acme", "wa", &by_our_id).await["unknown_id"], 1);
+    // At channel evo: by provider id, and by contact (5511900000001's unknown message).
+    assert_eq!(service.evolution_on("acme", "evo", fixture("evo_delivered")).await["unknown_id"], 1);
+    let by_contact = fixture("evo_sent").replace(EVO_SENT_ID, "3EB0OTHER").replace("5511999999999", "5511900000001");
+    assert_eq!(service.evolution_on("acme", "evo", &by_contact).await["unknown_id"], 1);
+    // Kept, swept many times over, never applied.
+    assert_eq!(kept(&pool).await, 4);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(snapshot(&pool).await, before, "nothing of wa2's or evo2's messages changed");
+
+    // Posted at their own channels, the same receipts apply.
+    assert_eq!(meta_at(&service, "acme", "wa2", fixture("meta_delivered")).await["applied"], 1);
+    assert_eq!(meta_at(&service, "acme", "wa2", &by_our_id).await["applied"], 1);
+    assert_eq!(service.evolution_on("acme", "evo2", fixture("evo_delivered")).await["applied"], 1);
+    assert_eq!(service.evolution_on("acme", "evo2", &by_contact).await["applied"], 1);
+    assert_eq!(row(&pool, on_wa2[0]).await.status, "delivered");
+    assert_eq!(row(&pool, on_wa2[1]).await.provider_message_id.as_deref(), Some("wamid.recovered"));
+    assert_eq!(row(&pool, on_evo2[1]).await.status, "delivered");
+    assert_eq!(row(&pool, on_evo2[0]).await.provider_message_id.as_deref(), Some("3EB0OTHER"));
+    assert_counters_match(&pool, meta_uid).await;
+    assert_counters_match(&pool, evo_uid).await;
+    service.stop().await;
 }

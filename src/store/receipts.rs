@@ -20,6 +20,12 @@
 //! drops those older than a day. An `unknown` message is also found without its id:
 //! through our id when Meta echoes it, through its contact and channel for Evolution.
 //!
+//! A receipt changes only messages of campaigns sent through the channel it was posted
+//! for ([`StatusEvent::channel`]), however it is matched: one channel's credentials
+//! reach that channel's messages, not the rest of the organization's. Opt-outs are the
+//! exception by design: a person who asks one number of an organization to stop is
+//! opted out of the organization (a contact is the organization's, not a channel's).
+//!
 //! Lock order: campaign messages are locked in ascending id order before any is
 //! updated, as the sender does, so the webhook and the sender never deadlock; contacts
 //! likewise; kept receipts are deleted only after the messages are locked.
@@ -207,10 +213,13 @@ pub struct StatusEvent {
     /// The organization (Kubernetes namespace) the webhook was posted for: a message is
     /// only ever looked up inside it.
     pub organization: String,
-    /// The Channel the webhook was posted for. Messages are found by provider id in the
-    /// whole organization (Meta posts every number of an app to one callback URL);
-    /// the channel narrows only the search for an Evolution message by its contact
-    /// (an Evolution instance posts to its own channel's URL).
+    /// The Channel the webhook was posted for (its URL, which its credentials
+    /// verified). Only messages of campaigns sent through this channel are looked up,
+    /// by any means: whoever holds one channel's credentials (an Evolution instance,
+    /// a Meta app) can change that channel's messages and no other of the
+    /// organization. A Meta app with several numbers gives each number its channel's
+    /// URL (Meta's per-number callback override); a receipt posted at another
+    /// channel's URL is kept and never applied.
     pub channel: String,
     /// WAMID (Meta) or key id (Evolution).
     pub provider_message_id: String,
@@ -409,10 +418,11 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
         .unzip();
     // Resolve every event to its message and lock the messages in id order (the lock
     // is taken above the sort), so concurrent writers — other replicas, the sender —
-    // queue instead of deadlocking. By provider id first; failing that, for a message
-    // that has no provider id yet: by our id (a message waiting for its outcome), or by
-    // contact (an `unknown` message, the only one to that contact on the channel whose
-    // attempt ended within a day of the receipt).
+    // queue instead of deadlocking. Only messages of the event's channel: by provider
+    // id first; failing that, for a message that has no provider id yet: by our id (a
+    // message waiting for its outcome), or by contact (an `unknown` message, the only
+    // one to that contact on the channel whose attempt ended within a day of the
+    // receipt).
     let rows: Vec<(i64, i64, String, Option<String>)> = sqlx::query_as(
         r#"
         SELECT v.idx, m.id, m.status::text, m.provider_message_id
@@ -420,11 +430,11 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
              WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, idx)
         CROSS JOIN LATERAL (
             SELECT coalesce(
-                (SELECT x.id FROM campaign_messages x
-                 WHERE x.organization = v.org AND x.provider_message_id = v.pid
+                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                 WHERE x.organization = v.org AND x.provider_message_id = v.pid AND k.channel = v.channel
                  ORDER BY x.id LIMIT 1),
-                (SELECT x.id FROM campaign_messages x
-                 WHERE x.id = v.our_id AND x.organization = v.org
+                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                 WHERE x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
                    AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown')),
                 (SELECT min(x.id) FROM contacts c
                  JOIN campaign_messages x ON x.contact_id = c.id
@@ -627,11 +637,13 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
               AND ($2::timestamptz IS NULL
                    OR (u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status)
                       > ($2, $3, $4, $5, $6, $7))
-              AND (EXISTS (SELECT 1 FROM campaign_messages x
-                           WHERE x.organization = u.organization AND x.provider_message_id = u.provider_message_id)
+              AND (EXISTS (SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                           WHERE x.organization = u.organization AND x.provider_message_id = u.provider_message_id
+                             AND k.channel = u.channel)
                    OR u.message_id IS NOT NULL AND EXISTS (
-                           SELECT 1 FROM campaign_messages x
-                           WHERE x.id = u.message_id AND x.organization = u.organization AND x.provider_message_id IS NULL)
+                           SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                           WHERE x.id = u.message_id AND x.organization = u.organization AND x.provider_message_id IS NULL
+                             AND k.channel = u.channel)
                    OR u.provider = 'evolution' AND u.recipient IS NOT NULL AND EXISTS (
                            SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
                            WHERE x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization

@@ -3,6 +3,12 @@
 //! `Secret` objects through watch-backed caches and are resolved on every request, so
 //! a rotated Secret takes effect as soon as the watch delivers it, without a restart.
 //! Tests use [`StaticCredentials`].
+//!
+//! The Secret cache holds only Secrets labelled `disparo.io/credentials: "true"`: the
+//! API server filters the watch, so this internet-facing service never holds (nor
+//! spends memory on) the cluster's other Secrets, such as Helm release records or the
+//! tenants' database credentials, and a Channel naming an unlabelled Secret cannot be
+//! verified (its webhooks are refused like those of an unknown channel).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,12 +71,19 @@ pub struct EvolutionSecrets {
 /// Why a channel's secrets are not available.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LookupError {
-    /// No such channel in the namespace, or it uses the other provider. Answered 404.
+    /// No such channel in the namespace, or it uses the other provider. Answered like
+    /// a request that fails authentication, so that nobody learns which namespaces and
+    /// channels exist.
     #[error("no such channel")]
     NotFound,
-    /// The channel exists but cannot be checked right now: the caches are not synced
-    /// yet, or a referenced Secret or key is missing. Answered 503 so the provider
-    /// retries once it is fixed.
+    /// The channel exists but its credentials cannot be read: a referenced Secret is
+    /// missing or not labelled for Disparo, a key is missing or empty. Answered like
+    /// [`LookupError::NotFound`] (the reason is logged for the operator); the provider
+    /// retries, and a retry after the fix goes through.
+    #[error("channel credentials unusable: {0}")]
+    Misconfigured(String),
+    /// Nothing can be checked right now (the caches are not synced yet). Answered 503,
+    /// the same for every URL, so the provider retries.
     #[error("channel credentials unavailable: {0}")]
     Unavailable(String),
 }
@@ -134,8 +147,8 @@ impl ChannelCredentials for StaticCredentials {
     }
 }
 
-/// Credentials read from the Kubernetes API: reflectors over every `Channel` and every
-/// `Secret` the service may read, resolved on each lookup.
+/// Credentials read from the Kubernetes API: reflectors over every `Channel` and the
+/// `Secret`s labelled for Disparo, resolved on each lookup.
 #[derive(Clone)]
 pub struct KubeCredentials {
     channels: Store<Channel>,
@@ -150,18 +163,27 @@ impl KubeCredentials {
         let (channels, channel_writer) = reflector::store::<Channel>();
         let (secrets, secret_writer) = reflector::store::<Secret>();
         let ready = Arc::new(AtomicBool::new(false));
-        let channel_stream = reflector::reflector(channel_writer, watcher(Api::<Channel>::all(client.clone()), watcher::Config::default()))
-            .default_backoff()
+        // Only the spec is needed.
+        let channel_stream = reflector::reflector(
+            channel_writer,
+            watcher(Api::<Channel>::all(client.clone()), watcher::Config::default()).modify(|channel: &mut Channel| {
+                channel.managed_fields_mut().clear();
+                channel.annotations_mut().clear();
+                channel.status = None;
+            }),
+        )
+        .default_backoff()
             .for_each(|event| async move {
                 if let Err(error) = event {
                     warn!(%error, "watching Channels");
                 }
             });
-        // Only the data is needed: drop what only costs memory (and, for the
-        // last-applied annotation, would keep a second copy of the secret values).
+        // Only Secrets meant for Disparo, selected by the API server; of those only the
+        // data is needed: drop what only costs memory (and, for the last-applied
+        // annotation, would keep a second copy of the secret values).
         let secret_stream = reflector::reflector(
             secret_writer,
-            watcher(Api::<Secret>::all(client), watcher::Config::default()).modify(|secret: &mut Secret| {
+            watcher(Api::<Secret>::all(client), watcher::Config::default().labels(crate::api::CREDENTIALS_SELECTOR)).modify(|secret: &mut Secret| {
                 secret.managed_fields_mut().clear();
                 secret.annotations_mut().clear();
                 secret.labels_mut().clear();
@@ -205,15 +227,22 @@ impl KubeCredentials {
         let secret = self
             .secrets
             .get(&ObjectRef::new(&key_ref.name).within(namespace))
-            .ok_or_else(|| LookupError::Unavailable(format!("Secret {}/{} not found", namespace, key_ref.name)))?;
+            .ok_or_else(|| {
+                LookupError::Misconfigured(format!(
+                    "Secret {}/{} not found, or not labelled {}=true",
+                    namespace,
+                    key_ref.name,
+                    crate::api::CREDENTIALS_LABEL
+                ))
+            })?;
         let value = secret
             .data
             .as_ref()
             .and_then(|data| data.get(&key_ref.key))
-            .ok_or_else(|| LookupError::Unavailable(format!("Secret {}/{} has no key {:?}", namespace, key_ref.name, key_ref.key)))?;
+            .ok_or_else(|| LookupError::Misconfigured(format!("Secret {}/{} has no key {:?}", namespace, key_ref.name, key_ref.key)))?;
         let value = SecretValue::new(&value.0);
         if value.expose().is_empty() {
-            return Err(LookupError::Unavailable(format!("Secret {}/{} key {:?} is empty", namespace, key_ref.name, key_ref.key)));
+            return Err(LookupError::Misconfigured(format!("Secret {}/{} key {:?} is empty", namespace, key_ref.name, key_ref.key)));
         }
         Ok(value)
     }
@@ -231,7 +260,7 @@ impl ChannelCredentials for KubeCredentials {
         let found = self.channel(namespace, channel, Provider::Evolution)?;
         let settings = found.spec.evolution.as_ref().ok_or(LookupError::NotFound)?;
         let header_name = HeaderName::try_from(settings.webhook_header.as_str())
-            .map_err(|_| LookupError::Unavailable(format!("webhookHeader {:?} is not a valid header name", settings.webhook_header)))?;
+            .map_err(|_| LookupError::Misconfigured(format!("webhookHeader {:?} is not a valid header name", settings.webhook_header)))?;
         Ok(EvolutionSecrets { header_name, token: self.secret(namespace, &settings.webhook_token)? })
     }
 

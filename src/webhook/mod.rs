@@ -70,6 +70,18 @@ pub struct WebhookArgs {
     /// Largest request body accepted (413 above). Meta payloads reach about 3 MB.
     #[arg(long, env = "DISPARO_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Webhook requests read or handled at once; more wait up to 5 s for a place, then
+    /// get 503. Bodies take at most this many times --max-body-bytes of memory.
+    #[arg(long, env = "DISPARO_WEBHOOK_MAX_CONCURRENT_REQUESTS", default_value_t = 32)]
+    pub max_concurrent_requests: usize,
+    /// How long a request's headers may take to arrive, in milliseconds (the
+    /// connection is closed past it; an idle kept-alive connection too).
+    #[arg(long, env = "DISPARO_WEBHOOK_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+    /// How long a webhook request's body may take to arrive once it has a place, in
+    /// milliseconds (408 past it).
+    #[arg(long, env = "DISPARO_WEBHOOK_BODY_READ_TIMEOUT_MS", default_value_t = 20_000)]
+    pub body_read_timeout_ms: u64,
     /// Inbound texts that opt the sender out, comma-separated (replaces the English and
     /// Portuguese defaults; an empty value turns opt-out detection off).
     #[arg(long, env = "DISPARO_OPT_OUT_KEYWORDS", value_delimiter = ',')]
@@ -107,6 +119,14 @@ pub struct ServiceConfig {
     pub sweep_interval: Duration,
     /// How long a receipt that finds no message is kept.
     pub kept_for: Duration,
+    /// Webhook requests read or handled at once (see [`WebhookArgs`]).
+    pub max_concurrent_requests: usize,
+    /// How long a webhook request waits for a place before it gets 503.
+    pub request_wait: Duration,
+    /// How long a request's headers may take to arrive.
+    pub header_read_timeout: Duration,
+    /// How long a webhook request's body may take to arrive once it has a place.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -118,6 +138,10 @@ impl Default for ServiceConfig {
             apply_timeout: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(5),
             kept_for: crate::store::receipts::UNMATCHED_RECEIPT_TTL,
+            max_concurrent_requests: 32,
+            request_wait: Duration::from_secs(5),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -148,7 +172,13 @@ pub async fn serve(
         keywords: config.keywords,
         apply_timeout: config.apply_timeout,
     });
-    let app = server::router(state, config.max_body_bytes);
+    let limits = Arc::new(server::BodyLimits {
+        permits: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests.max(1))),
+        wait: config.request_wait,
+        read_timeout: config.body_read_timeout,
+        max_bytes: config.max_body_bytes,
+    });
+    let app = server::router(state, limits);
     let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
     // The router (and with it the last writer handle) is gone: the writer drains and ends.
     stop_sweeping.cancel();
@@ -166,6 +196,9 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         listen,
         database_url,
         max_body_bytes,
+        max_concurrent_requests,
+        header_read_timeout_ms,
+        body_read_timeout_ms,
         opt_out_keywords,
         batch_max_events,
         batch_max_delay_ms,
@@ -184,6 +217,9 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         keywords,
         batch: BatchConfig { max_events: batch_max_events.max(1), max_delay: Duration::from_millis(batch_max_delay_ms), ..BatchConfig::default() },
         sweep_interval: Duration::from_millis(sweep_interval_ms),
+        max_concurrent_requests,
+        header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+        body_read_timeout: Duration::from_millis(body_read_timeout_ms),
         ..ServiceConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listening on {listen}"))?;

@@ -1,24 +1,32 @@
 //! The HTTP side: routes, the order of checks on each request, and the answers.
 //!
-//! Every POST goes: channel lookup (404 unknown, 503 not checkable yet) → body within
-//! the cap (413) → authentication on the raw bytes (401, nothing parsed, nothing
-//! changed) → parse (400 with the reason) → apply through the writer (200 only after
-//! the commit; 503 while Postgres is unavailable, so the provider retries).
+//! Every POST to a webhook route goes: a place among the requests being read (503 when
+//! none frees up in time) → the whole body within the cap (413) and the read timeout
+//! (408) → channel lookup (503 while the caches are not synced) → authentication on
+//! the raw bytes → parse (400 with the reason) → apply through the writer (200 only
+//! after the commit; 503 while Postgres is unavailable, so the provider retries).
+//!
+//! An unknown namespace or channel, a channel whose credentials cannot be read and a
+//! bad signature all get the same 401 (the handshake: the same 403), after the same
+//! body read, so the URL space tells nobody which organizations and channels exist.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::middleware::{self, Next};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
 use prometheus_client::registry::Registry;
+use futures::StreamExt;
 use serde_json::json;
 use sqlx::PgPool;
+use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::credentials::{ChannelCredentials, LookupError};
@@ -61,13 +69,32 @@ pub(crate) struct AppState {
 
 type Shared = State<Arc<AppState>>;
 
-/// The routes of `disparo webhook`.
-pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
-    Router::new()
+/// How the webhook routes read request bodies, before anything else looks at them.
+#[derive(Debug)]
+pub(crate) struct BodyLimits {
+    /// Requests that may be read or handled at once: the memory bodies take is at most
+    /// this many times `max_bytes`, whatever clients do.
+    pub(crate) permits: Arc<Semaphore>,
+    /// How long a request waits for a place before it is answered 503.
+    pub(crate) wait: Duration,
+    /// How long the whole body may take to arrive once its request has a place.
+    pub(crate) read_timeout: Duration,
+    /// The body cap.
+    pub(crate) max_bytes: usize,
+}
+
+/// The routes of `disparo webhook`. The probes and /metrics are outside the limits of
+/// the webhook routes, so no flood of callbacks keeps them from answering.
+pub(crate) fn router(state: Arc<AppState>, limits: Arc<BodyLimits>) -> Router {
+    let max_body_bytes = limits.max_bytes;
+    let webhooks = Router::new()
         .route("/webhooks/meta/{namespace}/{channel}", get(meta_verify).post(meta_receive))
         .route("/webhooks/evolution/{namespace}/{channel}", post(evolution_receive))
         // Evolution's `byEvents: true` appends the event name (`/messages-update`).
         .route("/webhooks/evolution/{namespace}/{channel}/{event}", post(evolution_receive_by_event))
+        .route_layer(middleware::from_fn_with_state(limits, read_body));
+    Router::new()
+        .merge(webhooks)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -75,12 +102,83 @@ pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-fn lookup_failure(error: LookupError) -> Response {
+/// Reads the whole body of a webhook request under [`BodyLimits`] before the handler
+/// runs (and before anything about the channel is looked up): a place among the
+/// requests in flight, the cap, the read timeout. Slow or endless uploads to any URL
+/// therefore hold at most `permits` places and `permits × max_bytes` of memory, each
+/// for at most `read_timeout`. The place is held until the answer is ready.
+async fn read_body(State(limits): State<Arc<BodyLimits>>, request: Request, next: Next) -> Response {
+    let provider = if request.uri().path().starts_with("/webhooks/meta/") { META } else { EVOLUTION };
+    let permit = match tokio::time::timeout(limits.wait, limits.permits.clone().acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            debug!(provider, "no place for the request in time");
+            return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "busy, retry later")).into_response();
+        }
+    };
+    let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limits.max_bytes as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut bytes = Vec::with_capacity(declared.map_or(0, |length| length as usize));
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| false)?;
+            if bytes.len() + chunk.len() > limits.max_bytes {
+                return Err(true);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    let bytes = match tokio::time::timeout(limits.read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(true)) => return too_large(),
+        // The client went away or broke the framing: nobody reads this answer.
+        Ok(Err(false)) => return (StatusCode::BAD_REQUEST, "request body unreadable").into_response(),
+        Err(_) => {
+            debug!(provider, "request body not received in time");
+            return (StatusCode::REQUEST_TIMEOUT, "request body not received in time").into_response();
+        }
+    };
+    let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    drop(permit);
+    response
+}
+
+/// The one answer to a POST that is not authenticated, whatever the reason: an unknown
+/// namespace or channel, a channel whose credentials cannot be read, a missing or bad
+/// signature. The same status and body for all, so the internet-facing URL does not
+/// tell which organizations and channels exist.
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, "unauthorized").into_response()
+}
+
+/// The one answer to a subscription handshake that is refused, whatever the reason
+/// (see [`unauthorized`]).
+fn forbidden() -> Response {
+    (StatusCode::FORBIDDEN, "forbidden").into_response()
+}
+
+/// The answer when a channel's secrets cannot be had: 503 while nothing can be checked
+/// (the same for every URL), otherwise `refused` (the same as a bad signature).
+fn lookup_failure(metrics: &WebhookMetrics, provider: &'static str, error: LookupError, refused: fn() -> Response) -> Response {
     match error {
-        LookupError::NotFound => (StatusCode::NOT_FOUND, "not found").into_response(),
+        LookupError::NotFound => {
+            metrics.count(provider, "none", "rejected_unknown_channel", 1);
+            refused()
+        }
+        LookupError::Misconfigured(reason) => {
+            warn!(%reason, "channel credentials unusable: its webhooks are refused until they are fixed");
+            metrics.count(provider, "none", "rejected_unusable_credentials", 1);
+            refused()
+        }
         LookupError::Unavailable(reason) => {
             warn!(%reason, "channel credentials unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, "channel credentials unavailable").into_response()
+            ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "channel credentials unavailable")).into_response()
         }
     }
 }
@@ -94,13 +192,13 @@ async fn meta_verify(
 ) -> Response {
     let secrets = match state.credentials.meta(&namespace, &channel).await {
         Ok(secrets) => secrets,
-        Err(error) => return lookup_failure(error),
+        Err(error) => return lookup_failure(&state.metrics, META, error, forbidden),
     };
     let token = query.get("hub.verify_token").map(String::as_bytes).unwrap_or_default();
     let subscribing = query.get("hub.mode").map(String::as_str) == Some("subscribe");
     if !subscribing || !signature::secrets_match(secrets.verify_token.expose(), token) {
         state.metrics.count(META, "none", "rejected_verify_token", 1);
-        return (StatusCode::FORBIDDEN, "forbidden").into_response();
+        return forbidden();
     }
     match query.get("hub.challenge") {
         Some(challenge) if !challenge.is_empty() && challenge.len() <= MAX_CHALLENGE_LEN => {
@@ -116,7 +214,7 @@ async fn meta_receive(State(state): Shared, Path((namespace, channel)): Path<(St
     let response = async {
         let secrets = match state.credentials.meta(&namespace, &channel).await {
             Ok(secrets) => secrets,
-            Err(error) => return lookup_failure(error),
+            Err(error) => return lookup_failure(&state.metrics, META, error, unauthorized),
         };
         let given = headers.get(SIGNATURE_HEADER).map(HeaderValue::as_bytes);
         if let Err(rejection) = signature::verify_meta(secrets.app_secret.expose(), &body, given) {
@@ -139,7 +237,7 @@ async fn evolution_receive(State(state): Shared, Path((namespace, channel)): Pat
     let response = async {
         let secrets = match state.credentials.evolution(&namespace, &channel).await {
             Ok(secrets) => secrets,
-            Err(error) => return lookup_failure(error),
+            Err(error) => return lookup_failure(&state.metrics, EVOLUTION, error, unauthorized),
         };
         // Evolution does not sign: the shared secret comes in the configured header,
         // or as the key of the HS256 JWT Evolution sends when configured with `jwt_key`.
@@ -198,7 +296,7 @@ impl AppState {
     fn reject(&self, provider: &'static str, rejection: Rejection) -> Response {
         debug!(%rejection, "webhook rejected");
         self.metrics.count(provider, "none", "rejected_signature", 1);
-        (StatusCode::UNAUTHORIZED, "unauthorized").into_response()
+        unauthorized()
     }
 
     fn observe(&self, provider: &'static str, started: Instant, response: &Response) {
