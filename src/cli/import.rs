@@ -455,8 +455,8 @@ fn row_from_csv(headers: &[String], phone_col: usize, record: &csv::StringRecord
 /// Runs the command: imports, prints the report, fails when any row was rejected.
 /// The namespace's own database credential, read with the caller's Kubernetes rights:
 /// (URL, organization id).
-async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String)> {
-    use crate::controller::tenant::{DATABASE_SECRET, ORGANIZATION_KEY, URL_KEY};
+async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String, Option<String>)> {
+    use crate::controller::tenant::{CA_KEY, DATABASE_SECRET, ORGANIZATION_KEY, URL_KEY};
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig)")?;
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
     let secret = match secrets.get_opt(DATABASE_SECRET).await {
@@ -472,21 +472,25 @@ async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String
     let value = |key: &str| {
         secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).into_owned()).with_context(|| format!("Secret {DATABASE_SECRET} in {namespace:?} has no key {key:?}"))
     };
-    Ok((value(URL_KEY)?, value(ORGANIZATION_KEY)?))
+    Ok((value(URL_KEY)?, value(ORGANIZATION_KEY)?, value(CA_KEY).ok()))
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let (url, organization) = match &args.admin_database_url {
+    let (url, organization, ca) = match &args.admin_database_url {
         Some(url) => {
             let pool = crate::store::connect(url, 1).await.context("connecting to Postgres")?;
             let organization = crate::store::tenancy::organization_of(&pool, &args.namespace)
                 .await?
                 .with_context(|| format!("namespace {:?} has no organization yet: create a Channel there first", args.namespace))?;
-            (url.clone(), organization)
+            (url.clone(), organization, None)
         }
         None => namespace_credential(&args.namespace).await?,
     };
-    let pool = crate::store::connect(&url, 4).await.context("connecting to Postgres")?;
+    let pool = match &ca {
+        Some(pem) => crate::store::connect_with_ca(&url, 4, pem).await,
+        None => crate::store::connect(&url, 4).await,
+    }
+    .context("connecting to Postgres")?;
     let report = import_file(&pool, &organization, &args.file, args.format, args.default_region.as_deref(), args.batch_size).await?;
     print!("{report}");
     if !report.rejected.is_empty() {

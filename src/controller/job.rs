@@ -161,6 +161,20 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, organization: &str, bat
         env: Some(vec![
             secret_env("DATABASE_URL", &SecretKeyRef { name: settings.database_secret.clone(), key: settings.database_secret_key.clone() }),
             secret_env("DISPARO_PROVIDER_TOKEN", provider_credential(channel)?),
+            // The CA that verifies Postgres, when the operator's connection uses one:
+            // Postgres' client settings take the PEM itself.
+            EnvVar {
+                name: "PGSSLROOTCERT".to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: settings.database_secret.clone(),
+                        key: super::tenant::CA_KEY.to_owned(),
+                        optional: Some(true),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
             EnvVar { name: "DISPARO_SEND_CONFIG".to_owned(), value: Some(config_json), ..Default::default() },
             EnvVar { name: "DISPARO_LOG_FORMAT".to_owned(), value: Some("json".to_owned()), ..Default::default() },
         ]),

@@ -23,6 +23,24 @@ pub const DATABASE_SECRET: &str = "disparo-database";
 pub const URL_KEY: &str = "url";
 /// Key of the organization id in it (what `contacts import` writes under).
 pub const ORGANIZATION_KEY: &str = "organization";
+/// Key of the CA bundle that verifies Postgres, when the admin connection has one.
+pub const CA_KEY: &str = "ca.crt";
+
+/// The CA bundle the admin connection verifies Postgres with (`PGSSLROOTCERT`: a file,
+/// as the chart mounts it, or the PEM itself), handed on to the tenants.
+fn admin_ca() -> Option<String> {
+    let value = std::env::var("PGSSLROOTCERT").ok().filter(|v| !v.is_empty())?;
+    if value.contains("-----BEGIN") {
+        return Some(value);
+    }
+    match std::fs::read_to_string(&value) {
+        Ok(pem) => Some(pem),
+        Err(error) => {
+            tracing::warn!(%error, path = %value, "PGSSLROOTCERT cannot be read; tenant credentials carry no CA");
+            None
+        }
+    }
+}
 
 /// The organization id of a namespace: its UID.
 pub async fn organization(ctx: &Context, namespace: &str) -> Result<String> {
@@ -44,14 +62,27 @@ pub async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
     let _one_at_a_time = ctx.tenancy.lock().await;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let existing = secrets.get_opt(DATABASE_SECRET).await?;
-    if existing.as_ref().is_some_and(|s| secret_value(s, ORGANIZATION_KEY).as_deref() == Some(organization.as_str())) {
+    let ca = admin_ca();
+    if let Some(current) = existing.as_ref().filter(|s| secret_value(s, ORGANIZATION_KEY).as_deref() == Some(organization.as_str())) {
+        if secret_value(current, CA_KEY) == ca {
+            return Ok(organization);
+        }
+        // The CA changed (rotated, or TLS turned on): hand on the new one, same password.
+        let mut updated = current.clone();
+        let data = updated.data.get_or_insert_with(BTreeMap::new);
+        match &ca {
+            Some(pem) => data.insert(CA_KEY.to_owned(), ByteString(pem.clone().into_bytes())),
+            None => data.remove(CA_KEY),
+        };
+        secrets.replace(DATABASE_SECRET, &PostParams::default(), &updated).await?;
         return Ok(organization);
     }
     // Missing (first campaign, or deleted to rotate) or from a namespace of the same name
     // that was deleted: a new password for this organization's role.
     let password = tenancy::new_password();
     let role = tenancy::provision(&ctx.pool, &organization, namespace, &password).await?;
-    let url = tenancy::scoped_url(&ctx.database_url, &role, &password)?;
+    let ssl_mode = std::env::var("PGSSLMODE").ok();
+    let url = tenancy::scoped_url(&ctx.database_url, &role, &password, ssl_mode.as_deref())?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(DATABASE_SECRET.to_owned()),
@@ -66,10 +97,16 @@ pub async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
             )])),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([
-            (URL_KEY.to_owned(), ByteString(url.into_bytes())),
-            (ORGANIZATION_KEY.to_owned(), ByteString(organization.clone().into_bytes())),
-        ])),
+        data: Some(
+            [
+                Some((URL_KEY.to_owned(), ByteString(url.into_bytes()))),
+                Some((ORGANIZATION_KEY.to_owned(), ByteString(organization.clone().into_bytes()))),
+                ca.map(|pem| (CA_KEY.to_owned(), ByteString(pem.into_bytes()))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         type_: Some("Opaque".to_owned()),
         ..Default::default()
     };

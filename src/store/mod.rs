@@ -75,6 +75,15 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
     Ok(pool)
 }
 
+/// Opens a pool that verifies the server against `ca_pem` (a PEM bundle), for callers
+/// that hold the CA as text rather than as a file (an organization's Secret).
+pub async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &str) -> Result<PgPool> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let options = options.ssl_root_cert_from_pem(ca_pem.as_bytes().to_vec());
+    let pool = PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
+    Ok(pool)
+}
+
 /// Opens a pool without connecting yet, so a service can start (and answer 503) while
 /// Postgres is down, and recover by itself when it comes back.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {

@@ -25,10 +25,18 @@ pub fn new_password() -> String {
 }
 
 /// The admin URL with the organization's role and password in place of the admin's.
-pub fn scoped_url(admin_url: &str, role: &str, password: &str) -> Result<String> {
+/// The TLS mode the admin connection uses (`ssl_mode`, from `PGSSLMODE`) is written into
+/// the URL when the admin URL does not name one, so a tenant connection is never less
+/// protected than the admin's: without it, a sender would use `prefer`, which falls back
+/// to plaintext.
+pub fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<&str>) -> Result<String> {
     let mut url = url::Url::parse(admin_url).map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
     url.set_username(role).map_err(|()| Error::Invalid("the admin database URL cannot carry a user name".into()))?;
     url.set_password(Some(password)).map_err(|()| Error::Invalid("the admin database URL cannot carry a password".into()))?;
+    let named = url.query_pairs().any(|(k, _)| k == "sslmode" || k == "ssl-mode");
+    if let (false, Some(mode)) = (named, ssl_mode.filter(|m| !m.is_empty())) {
+        url.query_pairs_mut().append_pair("sslmode", mode);
+    }
     Ok(url.into())
 }
 
@@ -94,8 +102,16 @@ mod tests {
 
     #[test]
     fn the_scoped_url_keeps_host_database_and_options() {
-        let url = scoped_url("postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full", "disparo_org_ab", "pw123").unwrap();
-        assert_eq!(url, "postgres://disparo_org_ab:pw123@db.example:5432/disparo?sslmode=verify-full");
+        let url = scoped_url("postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full", "disparo_org_ab", "pw123", Some("disable")).unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw123@db.example:5432/disparo?sslmode=verify-full", "the URL's own mode wins");
+    }
+
+    #[test]
+    fn the_admin_tls_mode_reaches_the_scoped_url() {
+        let url = scoped_url("postgres://admin:secret@db.example/disparo", "disparo_org_ab", "pw", Some("verify-full")).unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw@db.example/disparo?sslmode=verify-full");
+        let url = scoped_url("postgres://admin:secret@127.0.0.1/disparo", "disparo_org_ab", "pw", None).unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw@127.0.0.1/disparo");
     }
 
     #[test]
