@@ -1,7 +1,7 @@
 //! The CRDs on a real API server: valid campaigns are accepted; invalid ones are
 //! rejected with a message that names the field; every example applies.
 
-mod common;
+use disparo_testkit as common;
 
 use common::cluster::{ensure_crds, fresh_namespace, kubectl, kubectl_ok};
 

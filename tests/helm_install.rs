@@ -10,15 +10,16 @@
 //! per-pod kubeconfig the node agent writes for it), its sender Jobs in another
 //! namespace, and the webhook receiving the sandbox's receipts are all the chart's.
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use common::cluster::{ensure_crds, fresh_namespace, kubeconfig, kubectl, kubectl_ok};
+use common::process::{NodeAgent, free_port};
 use disparo::sandbox::{self, Latency, SandboxConfig, WebhookBehaviour};
 use serde_json::{Value, json};
 
@@ -39,83 +40,6 @@ fn helm() -> String {
     cached
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// The last `n` lines of a file, or a note that it is missing.
-fn tail(path: &Path, n: usize) -> String {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(n)..].join("\n")
-        }
-        Err(error) => format!("<{}: {error}>", path.display()),
-    }
-}
-
-/// A node agent serving one namespace, as a child process with its own work dir.
-struct Agent {
-    child: Child,
-    node: String,
-    log: PathBuf,
-    work_dir: PathBuf,
-}
-
-impl Agent {
-    fn start(namespace: &str, dir: &Path) -> Result<Self> {
-        let node = format!("node-{namespace}");
-        let work_dir = dir.join(&node);
-        let log = dir.join(format!("agent-{namespace}.log"));
-        let file = std::fs::File::create(&log).context("creating the agent log")?;
-        let child = Command::new(common::bin::node_agent())
-            .args(["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", namespace])
-            .args(["--node-name", &node, "--work-dir"])
-            .arg(&work_dir)
-            .env("KUBECONFIG", kubeconfig())
-            .env("RUST_LOG", "info,kube=warn,hyper=warn")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .spawn()
-            .context("starting the node agent")?;
-        Ok(Self { child, node, log, work_dir })
-    }
-
-    /// SIGTERM, so the agent stops every pod process it started before it exits (a
-    /// SIGKILL would orphan them); SIGKILL only if it does not stop in time.
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(45);
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// The agent's log and every container log it kept.
-    fn diagnostics(&self) -> String {
-        let mut out = format!("----- node agent {} -----\n{}\n", self.log.display(), tail(&self.log, 60));
-        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.work_dir)
-            .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default();
-        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
-        logs.sort();
-        for log in logs {
-            let name = log.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.push_str(&format!("----- pod log {name} -----\n{}\n", tail(&log, 40)));
-        }
-        out
-    }
-}
-
 /// Everything the test started, torn down in order even when it panics: the release
 /// first (so its pods are stopped gracefully by the agents), then the agents, then
 /// the namespaces.
@@ -123,7 +47,7 @@ struct Install {
     release: String,
     release_ns: String,
     campaign_ns: String,
-    agents: Vec<Agent>,
+    agents: Vec<NodeAgent>,
     _dir: tempfile::TempDir,
 }
 
@@ -182,9 +106,7 @@ impl Drop for Install {
         for ns in [&self.release_ns, &self.campaign_ns] {
             let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
         }
-        for agent in &self.agents {
-            let _ = kubectl(&["delete", "node", &agent.node, "--wait=false"], None);
-        }
+        // The agents' nodes go as the agents are dropped.
     }
 }
 
@@ -209,7 +131,7 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     let campaign_ns = fresh_namespace("helm-campaigns");
     let release = format!("it-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let dir = tempfile::tempdir()?;
-    let agents = vec![Agent::start(&release_ns, dir.path())?, Agent::start(&campaign_ns, dir.path())?];
+    let agents = vec![NodeAgent::start(&release_ns, dir.path())?, NodeAgent::start(&campaign_ns, dir.path())?];
     let install = Install { release: release.clone(), release_ns: release_ns.clone(), campaign_ns: campaign_ns.clone(), agents, _dir: dir };
 
     // The admin Postgres URL lives in the release namespace only (controller, webhook,
@@ -222,8 +144,8 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     kubectl_ok(&["-n", &campaign_ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
 
     // Every pod is a process on this host: one replica each, on ports nobody else uses.
-    let webhook_port = free_port()?;
-    let controller_port = free_port()?;
+    let webhook_port = free_port();
+    let controller_port = free_port();
     let mut config = SandboxConfig {
         listen: "127.0.0.1:0".parse()?,
         latency: Latency { min_ms: 2, max_ms: 10 },

@@ -1,7 +1,7 @@
 //! `contacts import` against a real Postgres: bad rows are reported with their line
 //! numbers while the good rows load.
 
-mod common;
+use disparo_testkit as common;
 
 use std::io::Write;
 

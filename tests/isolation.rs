@@ -3,7 +3,7 @@
 //! Secret to a URL of its author's choosing), and the internet-facing webhook holds
 //! only what it needs and stays up under slow or large requests.
 
-mod common;
+use disparo_testkit as common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

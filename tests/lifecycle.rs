@@ -4,32 +4,16 @@
 //!
 //! Each test has its own namespace, controller and node agent, so they run in parallel.
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::stack::{Stack, campaign, fast, is_true_with, meta_channel, phase, sandbox_with};
-use disparo::sandbox::{SandboxHandle, TemplateSpec};
+use common::stack::{Stack, campaign, fast, is_true_with, meta_channel, phase, recipients, sandbox_with, uid, wait_for_sends};
+use disparo::sandbox::TemplateSpec;
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(180);
-
-fn uid(object: &serde_json::Value) -> String {
-    object["metadata"]["uid"].as_str().unwrap().to_owned()
-}
-
-fn recipients(sandbox: &SandboxHandle) -> Vec<String> {
-    sandbox.ledger().entries().into_iter().map(|e| e.recipient).collect()
-}
-
-async fn wait_for_sends(stack: &Stack, sandbox: &SandboxHandle, at_least: usize) {
-    let deadline = Instant::now() + LONG;
-    while sandbox.ledger().accepted_count() < at_least {
-        assert!(Instant::now() < deadline, "fewer than {at_least} sends\n{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 fn only_template(name: &str) -> Vec<TemplateSpec> {
     vec![serde_json::from_value(json!({"name": name, "languages": ["pt_BR"]})).unwrap()]

@@ -5,7 +5,7 @@
 //! ledger (what the provider saw) must show no recipient twice.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -5,34 +5,18 @@
 //!
 //! Each test has its own namespace, controller and node agent, so they run in parallel.
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, DurationRound, Utc};
-use common::stack::{Stack, campaign, fast, meta_channel, phase, sandbox_with};
-use disparo::sandbox::{Faults, SandboxHandle};
+use common::stack::{Stack, campaign, fast, meta_channel, phase, recipients, sandbox_with, uid, wait_for_sends};
+use disparo::sandbox::Faults;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 const LONG: Duration = Duration::from_secs(180);
-
-fn uid(object: &Value) -> String {
-    object["metadata"]["uid"].as_str().unwrap().to_owned()
-}
-
-fn recipients(sandbox: &SandboxHandle) -> Vec<String> {
-    sandbox.ledger().entries().into_iter().map(|e| e.recipient).collect()
-}
-
-async fn wait_for_sends(stack: &Stack, sandbox: &SandboxHandle, at_least: usize) {
-    let deadline = Instant::now() + LONG;
-    while sandbox.ledger().accepted_count() < at_least {
-        assert!(Instant::now() < deadline, "fewer than {at_least} sends\n{}", stack.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn sleep_until(at: DateTime<Utc>) {
     if let Ok(wait) = (at - Utc::now()).to_std() {

@@ -3,7 +3,7 @@
 //! channel's cap, a SIGKILL mid-batch neither duplicates nor loses, and a spent day
 //! window exits with the distinct code.
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;

@@ -1,7 +1,7 @@
 //! The store against a real Postgres: forward-only statuses, counters that equal a
 //! recount, audience materialization per kind, tenant isolation, rate windows.
 
-mod common;
+use disparo_testkit as common;
 
 use std::sync::Arc;
 

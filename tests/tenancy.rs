@@ -3,7 +3,7 @@
 //! whatever SQL it runs; a re-created namespace starts empty; importing contacts needs
 //! rights in the namespace.
 
-mod common;
+use disparo_testkit as common;
 
 use std::time::Duration;
 

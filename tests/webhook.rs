@@ -2,15 +2,15 @@
 //! signatures, the handshake, out-of-order and duplicated receipts, Evolution, opt-outs,
 //! Postgres going away and coming back, body limits, and random input.
 
-mod common;
+use disparo_testkit as common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use common::postgres::OwnPostgres;
 use disparo::store::{audience, campaigns, messages};
 use disparo::webhook::signature::{sign_evolution_jwt, sign_meta};
 use disparo::webhook::{ServiceConfig, StaticCredentials, serve};
@@ -799,81 +799,6 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
     }
     assert_eq!(service.get("/healthz").await.0, StatusCode::OK);
     service.stop().await;
-}
-
-/// A Postgres of this test's own (the shared one must stay up for the other tests):
-/// initdb into a temporary directory, started and stopped with pg_ctl, as the
-/// `postgres` user when running as root. Stopped on drop, whatever happens.
-struct OwnPostgres {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-fn pg_bin(name: &str) -> String {
-    for version in ["17", "16", "15", "14"] {
-        let path = format!("/usr/lib/postgresql/{version}/bin/{name}");
-        if std::path::Path::new(&path).exists() {
-            return path;
-        }
-    }
-    name.to_owned()
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
-}
-
-fn as_owner(args: &[&str]) -> std::process::Output {
-    let output = if is_root() {
-        Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output()
-    } else {
-        Command::new(args[0]).args(&args[1..]).output()
-    };
-    output.expect("running a Postgres command")
-}
-
-impl OwnPostgres {
-    fn init() -> OwnPostgres {
-        if is_root() && !Command::new("id").arg("postgres").output().map(|o| o.status.success()).unwrap_or(false) {
-            Command::new("useradd").args(["--system", "--home-dir", "/var/lib/postgresql", "--shell", "/bin/bash", "postgres"]).status().unwrap();
-        }
-        let dir = tempfile::Builder::new().prefix("disparo-webhook-pg").tempdir_in("/tmp").unwrap();
-        if is_root() {
-            Command::new("chown").args(["postgres", dir.path().to_str().unwrap()]).status().unwrap();
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let data = dir.path().join("data");
-        let out = as_owner(&[&pg_bin("initdb"), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]);
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = OwnPostgres { dir, port };
-        pg.start();
-        pg
-    }
-
-    fn start(&self) {
-        let data = self.dir.path().join("data");
-        let log = self.dir.path().join("postgres.log");
-        let options = format!("-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off", self.port, self.dir.path().display());
-        let out =
-            as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "-t", "60", "-o", &options, "start"]);
-        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn stop(&self) {
-        let data = self.dir.path().join("data");
-        let _ = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-m", "fast", "-w", "stop"]);
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for OwnPostgres {
-    fn drop(&mut self) {
-        let data = self.dir.path().join("data");
-        let _ = as_owner(&[&pg_bin("pg_ctl"), "-D", data.to_str().unwrap(), "-m", "immediate", "stop"]);
-    }
 }
 
 #[tokio::test]

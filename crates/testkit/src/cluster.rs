@@ -1,6 +1,5 @@
 //! The real control plane for end-to-end tests: `scripts/test` starts it and exports
 //! `DISPARO_TEST_KUBECONFIG`; tests share it and isolate themselves by namespace.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -40,8 +39,8 @@ pub fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
 pub fn ensure_crds() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/crds");
-        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", dir], None);
+        let dir = crate::bin::workspace_root().join("crds");
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", &dir.to_string_lossy()], None);
         for crd in ["campaigns.disparo.io", "channels.disparo.io"] {
             kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", &format!("crd/{crd}")], None);
         }

@@ -3,7 +3,6 @@
 //! fresh Postgres database, and sandboxes over real HTTP. Tests that use it run in
 //! parallel without seeing each other.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -12,27 +11,8 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 use super::cluster::{ensure_crds, fresh_namespace, kubectl, kubectl_ok};
-
-/// A process of the binary under test, with its log.
-pub struct Proc {
-    pub name: &'static str,
-    pub child: tokio::process::Child,
-    pub log: PathBuf,
-}
-
-impl Proc {
-    /// The last lines of its log.
-    pub fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-/// A free TCP port on loopback.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::process::NodeAgent;
+pub use crate::process::{Proc, free_port};
 
 /// One test's stack.
 pub struct Stack {
@@ -43,6 +23,8 @@ pub struct Stack {
     pub url: String,
     pub dir: tempfile::TempDir,
     pub procs: Vec<Proc>,
+    /// One node agent per namespace of the stack.
+    pub agents: Vec<NodeAgent>,
     /// Namespaces added with [`Stack::add_namespace`], deleted with the stack.
     pub extra_namespaces: Vec<String>,
 }
@@ -63,7 +45,7 @@ impl Stack {
         let (pool, url) = super::fresh_db().await;
         let ns = fresh_namespace(prefix);
         let org = super::cluster::namespace_uid(&ns);
-        let mut stack = Stack { ns: ns.clone(), org, pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new(), extra_namespaces: Vec::new() };
+        let mut stack = Stack { ns: ns.clone(), org, pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new(), agents: Vec::new(), extra_namespaces: Vec::new() };
         stack.kubectl(&[
             "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
             "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
@@ -71,7 +53,7 @@ impl Stack {
         stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
         let metrics = format!("127.0.0.1:{}", free_port());
         stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
-        stack.spawn_program("node-agent", &super::bin::node_agent(), &["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        stack.agents.push(NodeAgent::start(&ns, stack.dir.path()).expect("starting the node agent"));
         stack
     }
 
@@ -87,21 +69,17 @@ impl Stack {
         kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
         let metrics = format!("127.0.0.1:{}", free_port());
         self.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
-        self.spawn_program("node-agent", &super::bin::node_agent(), &["--binary", env!("CARGO_BIN_EXE_disparo"), "--namespace", &ns, "--node-name", &format!("node-{ns}")]);
+        self.agents.push(NodeAgent::start(&ns, self.dir.path()).expect("starting the node agent"));
         self.extra_namespaces.push(ns.clone());
         (ns, org)
     }
 
-    /// Runs the binary under test with the stack's kubeconfig and database.
+    /// Runs the binary under test with the stack's kubeconfig and database; returns its
+    /// index in `procs`.
     pub fn spawn(&mut self, name: &'static str, args: &[&str]) -> usize {
-        self.spawn_program(name, std::path::Path::new(env!("CARGO_BIN_EXE_disparo")), args)
-    }
-
-    /// Runs `program` with the stack's kubeconfig and database.
-    pub fn spawn_program(&mut self, name: &'static str, program: &std::path::Path, args: &[&str]) -> usize {
         let log = self.dir.path().join(format!("{name}-{}.log", self.procs.len()));
         let file = std::fs::File::create(&log).unwrap();
-        let child = tokio::process::Command::new(program)
+        let child = tokio::process::Command::new(super::bin::disparo())
             .args(args)
             .env("KUBECONFIG", super::cluster::kubeconfig())
             .env("DATABASE_URL", &self.url)
@@ -116,9 +94,11 @@ impl Stack {
         self.procs.len() - 1
     }
 
-    /// The logs of every process, and the namespace's pods and events, for a failure.
+    /// The logs of every process and pod, and the namespace's pods and events, for a
+    /// failure.
     pub fn logs(&self) -> String {
         let mut out: String = self.procs.iter().map(|p| format!("----- {} -----\n{}\n", p.name, p.tail())).collect();
+        out.extend(self.agents.iter().map(NodeAgent::diagnostics));
         out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "pods,jobs", "-n", &self.ns, "-o", "wide"], None).stdout));
         out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "events", "-n", &self.ns, "--sort-by=.lastTimestamp"], None).stdout));
         out
@@ -133,7 +113,7 @@ impl Stack {
 
     /// The plugin (`kubectl disparo ...`) in the namespace.
     pub fn plugin(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
+        std::process::Command::new(super::bin::disparo())
             .args(args)
             .args(["-n", &self.ns])
             .env("KUBECONFIG", super::cluster::kubeconfig())
@@ -197,6 +177,31 @@ impl Drop for Stack {
             }
             let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
         }
+        // Gracefully, so no sender process outlives the test; their nodes go when the
+        // agents are dropped.
+        for agent in &mut self.agents {
+            agent.stop();
+        }
+    }
+}
+
+/// `metadata.uid`.
+pub fn uid(object: &Value) -> String {
+    object["metadata"]["uid"].as_str().unwrap().to_owned()
+}
+
+/// Every recipient the sandbox accepted a send to, in order.
+pub fn recipients(sandbox: &SandboxHandle) -> Vec<String> {
+    sandbox.ledger().entries().into_iter().map(|e| e.recipient).collect()
+}
+
+/// Waits until the sandbox accepted at least `at_least` sends, or panics with the
+/// stack's logs after three minutes.
+pub async fn wait_for_sends(stack: &Stack, sandbox: &SandboxHandle, at_least: usize) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while sandbox.ledger().accepted_count() < at_least {
+        assert!(Instant::now() < deadline, "fewer than {at_least} sends\n{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

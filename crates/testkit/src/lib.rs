@@ -1,13 +1,23 @@
-//! Test harness shared by the integration suites: a real Postgres (a throwaway cluster
-//! started by `scripts/pg`, or `DATABASE_URL` when given) with one fresh, migrated
-//! database per test.
-#![allow(dead_code)]
+//! The test harness of the workspace's integration suites (the root package's
+//! `tests/` write `use disparo_testkit as common;`):
+//!
+//! - here: a real Postgres (the throwaway server `scripts/pg` starts, or `DATABASE_URL`
+//!   when given) with one fresh, migrated database per test, and contacts to seed it;
+//! - [`postgres`]: a Postgres server of one test's own, to stop and start;
+//! - [`cluster`]: kubectl, the CRDs and namespaces on the shared control plane;
+//! - [`bin`]: the executables tests spawn (`disparo`, `disparo-nodeagent`);
+//! - [`process`]: processes with their logs, free ports, node agents;
+//! - [`stack`]: the real stack for one test (controller, node agent, database).
+
+// A harness fails the test it serves by panicking, with the reason.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bin;
 pub mod cluster;
+pub mod postgres;
+pub mod process;
 pub mod stack;
 
-use std::process::Command;
 use std::sync::OnceLock;
 
 use sqlx::PgPool;
@@ -20,16 +30,7 @@ pub fn server_url() -> String {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             return url;
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pg");
-        let out = Command::new(script).arg("up").output().expect("running scripts/pg up");
-        assert!(out.status.success(), "scripts/pg up failed (is Postgres installed?):\n{}", String::from_utf8_lossy(&out.stderr));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("export DATABASE_URL="))
-            .expect("scripts/pg printed no DATABASE_URL")
-            .trim()
-            .to_owned()
+        postgres::up(None)
     })
     .clone()
 }

@@ -1,16 +1,17 @@
 //! The executables tests spawn, found where cargo puts them: `disparo` (the product)
-//! and `disparo-nodeagent` (the stand-in kubelet of crates/nodeagent). A test of
-//! another package than the binary's cannot name it with `env!("CARGO_BIN_EXE_...")`,
-//! and `cargo test -p disparo` does not build the node agent, so a missing one is
-//! built here, once per test process.
+//! and `disparo-nodeagent` (the stand-in kubelet of crates/nodeagent). Only a test of
+//! the binary's own package can name it with `env!("CARGO_BIN_EXE_...")`, and
+//! `cargo test -p disparo` does not build the node agent, so a missing binary is built
+//! here, once per test process (`cargo test --workspace` has built both already).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The workspace's root directory.
+/// The workspace's root directory (scripts/, crds/, charts/).
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// Where cargo put this test's profile (`target/debug` unless `CARGO_TARGET_DIR` or a
