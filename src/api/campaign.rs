@@ -9,6 +9,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Desired state of a Campaign.
+// kube-derive's `printcolumn(...)` repeats `type_ = ...` once per column, which clippy
+// reads as a duplicated attribute; the columns are distinct.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "disparo.io",

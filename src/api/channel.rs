@@ -141,6 +141,9 @@ pub struct RateLimitsSpec {
 }
 
 /// Desired state of a Channel.
+// kube-derive's `printcolumn(...)` repeats `type_ = ...` once per column, which clippy
+// reads as a duplicated attribute; the columns are distinct.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "disparo.io",
