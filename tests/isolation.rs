@@ -3,6 +3,9 @@
 //! Secret to a URL of its author's choosing), and the internet-facing webhook holds
 //! only what it needs and stays up under slow or large requests.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::sync::{Arc, Mutex};
@@ -110,4 +113,179 @@ async fn a_channel_naming_an_unlabelled_secret_never_sends_it_anywhere() {
     assert!(connections.iter().all(|c| c.contains("/instance/connectionState/shop") && c.contains("apikey: evolution-key-of-evo")), "{connections:?}");
     assert!(!connections.iter().any(|c| c.contains("postgres")), "{connections:?}");
     assert_eq!(ready(&stack.get("channel", "exfil")).1, "SecretNotMarked");
+}
+
+/// The resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Starts `disparo webhook` of the build under test on a free port with `extra` flags;
+/// returns its address and pid once /readyz answers 200.
+async fn start_webhook(stack: &mut Stack, extra: &[&str]) -> (String, u32) {
+    let addr = format!("127.0.0.1:{}", common::stack::free_port());
+    let mut args = vec!["webhook", "--listen", addr.as_str()];
+    args.extend_from_slice(extra);
+    let index = stack.spawn("webhook", &args);
+    let pid = stack.procs[index].child.id().unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Ok(response) = http.get(format!("http://{addr}/readyz")).send().await
+            && response.status() == 200
+        {
+            return (addr, pid);
+        }
+        assert!(Instant::now() < deadline, "the webhook never got ready\n{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `n` Secrets of `size` bytes each, like Helm release records: nothing Disparo reads.
+async fn unrelated_secrets(ns: &str, prefix: &str, n: usize, size: usize) {
+    use futures::StreamExt;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Api, PostParams};
+    let api: Api<Secret> = Api::namespaced(common::cluster::client().await, ns);
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let api = api.clone();
+            async move {
+                let mut secret = Secret::default();
+                secret.metadata.name = Some(format!("sh.helm.release.v1.{prefix}.v{i}"));
+                secret.metadata.labels = Some([("owner".to_owned(), "helm".to_owned())].into());
+                secret.type_ = Some("helm.sh/release.v1".to_owned());
+                let fill = (i % 251) as u8;
+                secret.data = Some([("release".to_owned(), ByteString(vec![fill; size]))].into());
+                api.create(&PostParams::default(), &secret).await.unwrap();
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+/// Signs and POSTs an empty Meta notification to a channel; returns the status.
+async fn post_meta(http: &reqwest::Client, addr: &str, ns: &str, channel: &str, app_secret: &str) -> u16 {
+    let body = r#"{"object":"whatsapp_business_account","entry":[]}"#;
+    let signature = disparo::webhook::signature::sign_meta(app_secret.as_bytes(), body.as_bytes());
+    let response = http.post(format!("http://{addr}/webhooks/meta/{ns}/{channel}")).header("x-hub-signature-256", signature).body(body).send().await.unwrap();
+    response.status().as_u16()
+}
+
+/// The internet-facing webhook caches the Secrets labelled for Disparo and no other:
+/// with 300 Secrets of 1 MiB in the namespace (250 before it starts, 50 while it runs)
+/// it stays under 64 MiB resident and ready. The bound: the idle process is well under
+/// 64 MiB (a few tens of MiB: runtime, TLS, HTTP and Kubernetes clients, a pool), while
+/// caching the unrelated Secrets would take at least their 300 MiB. A Channel whose
+/// Secret carries the label is verified; one whose Secret does not is refused like an
+/// unknown channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_webhook_holds_only_secrets_labelled_for_disparo() {
+    let mut stack = Stack::start("iso-mem").await;
+    let size = 1024 * 1024 - 4096; // the API server's 1 MiB cap on a Secret's data
+    unrelated_secrets(&stack.ns, "before", 250, size).await;
+    stack.kubectl(&["create", "secret", "generic", "plain-creds", "--from-literal=app-secret=plain-secret", "--from-literal=verify-token=v", "--from-literal=access-token=t"]);
+    stack.apply(&common::stack::meta_channel("main", "http://127.0.0.1:9", "111", &common::stack::fast(0)));
+    stack.apply(&common::stack::meta_channel("plain", "http://127.0.0.1:9", "222", &common::stack::fast(0)).replace("meta-creds", "plain-creds"));
+    // The controller provisions the namespace's organization (with the first Channel).
+    stack.wait_for("channel", "main", "Ready", LONG, |ch| is_true_with(ch, "Ready", "Ready")).await;
+    let (addr, pid) = start_webhook(&mut stack, &[]).await;
+    unrelated_secrets(&stack.ns, "after", 50, size).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let resident = rss(pid);
+    println!("webhook resident with 300 unrelated Secrets of 1 MiB: {} MiB", resident / MIB);
+    assert!(resident < 64 * MIB, "the webhook holds {} MiB", resident / MIB);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    assert_eq!(http.get(format!("http://{addr}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(post_meta(&http, &addr, &stack.ns, "main", "sandbox-app-secret").await, 200, "{}", stack.logs());
+    assert_eq!(post_meta(&http, &addr, &stack.ns, "plain", "plain-secret").await, 401, "an unlabelled Secret is not read");
+    assert_eq!(post_meta(&http, &addr, &stack.ns, "nope", "plain-secret").await, 401);
+
+    // Labelled, the Secret is seen (the watch delivers it) and the channel verified.
+    stack.kubectl(&["label", "secret", "plain-creds", "disparo.io/credentials=true"]);
+    let deadline = Instant::now() + LONG;
+    while post_meta(&http, &addr, &stack.ns, "plain", "plain-secret").await != 200 {
+        assert!(Instant::now() < deadline, "the labelled Secret never reached the webhook\n{}", stack.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Uploads that trickle in (150 clients each sending 3 MiB slowly to a made-up
+/// channel's URL, others trickling their headers) neither exhaust the webhook's memory
+/// nor keep it from answering /healthz; trickled headers are cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_uploads_to_made_up_paths_leave_the_webhook_answering() {
+    use tokio::io::AsyncWriteExt;
+    let mut stack = Stack::start("iso-slow").await;
+    let (addr, pid) = start_webhook(&mut stack, &[]).await;
+    let idle = rss(pid);
+    const BODY: usize = 3 * 1024 * 1024;
+    let mut uploads = Vec::new();
+    for i in 0..150 {
+        let addr = addr.clone();
+        let path = if i % 3 == 0 { "/made/up/path".to_owned() } else { format!("/webhooks/meta/nobody-{i}/nothing") };
+        uploads.push(tokio::spawn(async move {
+            let Ok(mut socket) = tokio::net::TcpStream::connect(&addr).await else { return };
+            let head = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {BODY}\r\n\r\n");
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            // 3 MiB at 64 KiB/s: 48 s, longer than the server waits for a body.
+            let chunk = vec![b'7'; 16 * 1024];
+            for _ in 0..BODY / chunk.len() {
+                if socket.write_all(&chunk).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }));
+    }
+    // Clients that send their headers a byte at a time and never finish them.
+    let mut trickles = Vec::new();
+    for _ in 0..20 {
+        let addr = addr.clone();
+        trickles.push(tokio::spawn(async move {
+            let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let head = format!("POST /webhooks/meta/x/y HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {}", "a".repeat(200));
+            for byte in head.bytes() {
+                if socket.write_all(&[byte]).await.is_err() {
+                    return true;
+                }
+                let mut buf = [0u8; 64];
+                // A read that ends (EOF or reset) means the server closed the connection.
+                match tokio::time::timeout(Duration::from_millis(500), socket.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    _ => {}
+                }
+            }
+            false
+        }));
+    }
+
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let mut peak = 0;
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        let health = http.get(format!("http://{addr}/healthz")).send().await;
+        assert!(health.as_ref().is_ok_and(|r| r.status() == 200), "/healthz: {health:?}");
+        peak = peak.max(rss(pid));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for upload in uploads {
+        upload.await.unwrap();
+    }
+    for trickle in trickles {
+        assert!(trickle.await.unwrap(), "a connection trickling its headers was never cut off");
+    }
+    assert_eq!(http.get(format!("http://{addr}/readyz")).send().await.unwrap().status(), 200);
+    println!("webhook resident: {} MiB idle, {} MiB at most under 150 slow uploads", idle / MIB, peak / MIB);
+    // At most 32 bodies (the default) of at most 3 MiB are held at once.
+    assert!(peak < idle + 32 * 3 * MIB, "resident went from {} MiB to {} MiB", idle / MIB, peak / MIB);
 }

@@ -47,9 +47,6 @@ pub use writer::BatchConfig;
 /// Errors of the webhook service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// Serving HTTP failed (the listener broke).
-    #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
     /// The writer or sweeper task panicked or was cancelled.
     #[error("writer or sweeper task: {0}")]
     Writer(#[source] tokio::task::JoinError),
@@ -179,13 +176,12 @@ pub async fn serve(
         max_bytes: config.max_body_bytes,
     });
     let app = server::router(state, limits);
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    server::serve_http1(listener, app, config.header_read_timeout, shutdown).await;
     // The router (and with it the last writer handle) is gone: the writer drains and ends.
     stop_sweeping.cancel();
     let swept = sweeper_task.await;
     writer_task.await.map_err(Error::Writer)?;
-    swept.map_err(Error::Writer)?;
-    served.map_err(Error::Serve)
+    swept.map_err(Error::Writer)
 }
 
 /// Runs `disparo webhook`: Postgres (connected lazily, so the service starts and answers

@@ -387,3 +387,54 @@ impl AppState {
         }
     }
 }
+
+/// Largest read buffer of a connection, which bounds the size of a request's headers
+/// (hyper's default is about 400 KiB).
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
+
+/// Serves `app` over HTTP/1.1 on `listener` until `shutdown`, then lets in-flight
+/// requests finish. Each connection must deliver a request's headers within
+/// `header_read_timeout` (an idle kept-alive connection is closed after it too), so a
+/// client that opens connections and trickles headers holds each for that long at
+/// most; bodies are bounded by the webhook routes' own limits ([`BodyLimits`]).
+/// Providers and ingress controllers speak HTTP/1.1 to this service.
+pub(crate) async fn serve_http1(listener: tokio::net::TcpListener, app: Router, header_read_timeout: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, or a connection that died before it was
+                    // accepted: the listener itself is fine; give the first a moment.
+                    debug!(%error, "accepting a connection failed");
+                    if !matches!(error.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout).max_buf_size(MAX_CONNECTION_BUFFER);
+            let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
+                debug!(%error, "connection ended");
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+}
