@@ -1,6 +1,9 @@
 //! The CRDs on a real API server: valid campaigns are accepted; invalid ones are
 //! rejected with a message that names the field; every example applies.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use common::cluster::{ensure_crds, fresh_namespace, kubectl, kubectl_ok};

@@ -1,6 +1,9 @@
 //! The CRDs come from the Rust types: `crds/` must equal `disparo crd`, and the generated
 //! schemas must carry the admission rules, printer columns and names users rely on.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo::api::{Campaign, Channel};
 use kube::CustomResourceExt;
 

@@ -5,6 +5,9 @@
 //!
 //! One test drives the scenarios in order, in one namespace.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::collections::HashSet;

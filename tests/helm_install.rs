@@ -10,6 +10,9 @@
 //! per-pod kubeconfig the node agent writes for it), its sender Jobs in another
 //! namespace, and the webhook receiving the sandbox's receipts are all the chart's.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::collections::HashSet;

@@ -1,6 +1,9 @@
 //! `contacts import` against a real Postgres: bad rows are reported with their line
 //! numbers while the good rows load.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::io::Write;

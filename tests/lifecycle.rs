@@ -4,6 +4,9 @@
 //!
 //! Each test has its own namespace, controller and node agent, so they run in parallel.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::collections::HashSet;

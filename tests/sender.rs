@@ -3,6 +3,9 @@
 //! channel's cap, a SIGKILL mid-batch neither duplicates nor loses, and a spent day
 //! window exits with the distinct code.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::collections::BTreeMap;
@@ -275,6 +278,18 @@ async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
     run.abort();
 }
 
+/// A campaign of 40 on a spaced channel whose next 30 s of send slots other senders
+/// hold: a sender's first block waits that long for its turn.
+async fn waiting_for_slots(pool: &PgPool, sandbox: &SandboxHandle) -> (Uuid, SendConfig) {
+    let (uid, _) = campaign(pool, 40, 100).await;
+    sqlx::query("INSERT INTO channel_state (organization, channel, next_slot_at) VALUES ('acme', 'spaced', now() + interval '30 seconds')")
+        .execute(pool)
+        .await
+        .unwrap();
+    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
+    (uid, config(uid, "spaced", sandbox, RetryPolicy::default(), spaced, 16))
+}
+
 /// On a spaced channel, SIGTERM while messages wait for their send slot ends the run
 /// without sending them, and they go back to pending: none is sent late, none is left
 /// `unknown`.
@@ -282,18 +297,10 @@ async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
 async fn sigterm_during_the_slot_wait_requeues_instead_of_sending() {
     let (pool, url) = common::fresh_db().await;
     let sandbox = sandbox(0, Faults::default()).await;
-    let (uid, _) = campaign(&pool, 40, 100).await;
-    // Other senders of the channel hold the next 30 s of slots: this sender's first
-    // block waits that long for its turn.
-    sqlx::query("INSERT INTO channel_state (organization, channel, next_slot_at) VALUES ('acme', 'spaced', now() + interval '30 seconds')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
-    let cfg = config(uid, "spaced", &sandbox, RetryPolicy::default(), spaced, 16);
+    let (uid, cfg) = waiting_for_slots(&pool, &sandbox).await;
     let mut child = sender_process(&url, &cfg, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while statuses(&pool, uid).await.get("sending").is_none() {
+    while !statuses(&pool, uid).await.contains_key("sending") {
         assert!(std::time::Instant::now() < deadline, "the sender claimed nothing");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -434,19 +441,13 @@ async fn a_failing_message_is_retried_after_one_two_four_seconds_then_failed() {
 async fn a_cancel_mid_block_sends_nothing_more() {
     let (pool, _) = common::fresh_db().await;
     let sandbox = sandbox(0, Faults::default()).await;
-    let (uid, _) = campaign(&pool, 40, 100).await;
-    sqlx::query("INSERT INTO channel_state (organization, channel, next_slot_at) VALUES ('acme', 'spaced', now() + interval '30 seconds')")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
-    let cfg = config(uid, "spaced", &sandbox, RetryPolicy::default(), spaced, 16);
+    let (uid, cfg) = waiting_for_slots(&pool, &sandbox).await;
     let run = tokio::spawn({
         let pool = pool.clone();
         async move { run_in_process(&pool, &cfg, 0).await }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while statuses(&pool, uid).await.get("sending").is_none() {
+    while !statuses(&pool, uid).await.contains_key("sending") {
         assert!(std::time::Instant::now() < deadline, "the sender claimed nothing");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

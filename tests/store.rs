@@ -1,6 +1,9 @@
 //! The store against a real Postgres: forward-only statuses, counters that equal a
 //! recount, audience materialization per kind, tenant isolation, rate windows.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::sync::Arc;
@@ -71,7 +74,8 @@ async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
 
     let tags = AudienceQuery::Tags { any_of: vec!["three".into(), "five".into()], all_of: vec!["even".into()], none_of: vec!["five".into()] };
     let (t, _) = freeze(&pool, "acme", &tags, 100).await;
-    assert_eq!(phones_of(&pool, t).await, expect(&|i| (i % 3 == 0 || i % 5 == 0) && i % 2 == 0 && i % 5 != 0));
+    // anyOf three|five, allOf even, noneOf five: multiples of 3 that are even and not of 5.
+    assert_eq!(phones_of(&pool, t).await, expect(&|i| i % 3 == 0 && i % 2 == 0 && i % 5 != 0));
 
     let segment = AudienceQuery::Segment(vec![
         AttributeFilter { key: "city".into(), operator: AttributeOperator::In, values: vec!["SP".into()] },
@@ -283,7 +287,7 @@ async fn concurrent_reservations_never_exceed_the_caps() {
         *per_minute.entry(s.timestamp() / 60).or_default() += 1;
     }
     assert!(per_minute.values().all(|n| *n <= 37), "{per_minute:?}");
-    assert!(slots.len() >= 37.min(480) || per_minute.len() > 1);
+    assert!(slots.len() >= 37 || per_minute.len() > 1);
     let usage = rate::usage(&pool, "acme", "meta-main").await.unwrap();
     assert!(usage[0].used <= 37);
 }

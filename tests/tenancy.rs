@@ -3,6 +3,9 @@
 //! whatever SQL it runs; a re-created namespace starts empty; importing contacts needs
 //! rights in the namespace.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::time::Duration;

@@ -241,7 +241,8 @@ mod tests {
         let ready = ChannelView::Ready;
         let later = now() + chrono::Duration::hours(2);
         let failed_phase = Memory { phase: Some(Phase::Failed), ..running() };
-        let cases: Vec<(&str, CampaignSpec, Memory, ChannelView, Option<JobView>, Option<Counters>, Step)> = vec![
+        type Case = (&'static str, CampaignSpec, Memory, ChannelView, Option<JobView>, Option<Counters>, Step);
+        let cases: Vec<Case> = vec![
             ("new campaign preflights", spec(), fresh.clone(), ready.clone(), None, None, Step::Preflight),
             ("frozen without a job creates it", spec(), running(), ready.clone(), None, Some(counters(10, 0, 0)), Step::CreateJob),
             ("an active job is tracked", spec(), running(), ready.clone(), Some(active.clone()), Some(counters(5, 5, 0)), Step::Track),

@@ -857,7 +857,8 @@ mod tests {
     #[test]
     fn receipts_move_forward_only() {
         // (current, receipts in arrival order, final status, outcomes, history statuses)
-        let cases: Vec<(M, Vec<(R, i64)>, M, Vec<ApplyOutcome>, Vec<&str>)> = vec![
+        type Case = (M, Vec<(R, i64)>, M, Vec<ApplyOutcome>, Vec<&'static str>);
+        let cases: Vec<Case> = vec![
             (M::Sent, vec![(R::Delivered, 2)], M::Delivered, vec![Applied], vec!["delivered"]),
             (M::Sent, vec![(R::Sent, 1)], M::Sent, vec![Duplicate], vec![]),
             (M::Read, vec![(R::Delivered, 2)], M::Read, vec![Stale], vec![]),

@@ -9,6 +9,9 @@
 //! its own agent on its own node, restricted to a fresh namespace, so tests run in
 //! parallel and never pick up each other's pods.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::BTreeSet,
     future::Future,
