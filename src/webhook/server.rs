@@ -172,7 +172,9 @@ fn lookup_failure(metrics: &WebhookMetrics, provider: &'static str, error: Looku
             refused()
         }
         LookupError::Misconfigured(reason) => {
-            warn!(%reason, "channel credentials unusable: its webhooks are refused until they are fixed");
+            // Anyone may post to a channel's URL: at debug level, so that nobody fills the
+            // log; the Channel's Ready condition tells its owner what to fix.
+            debug!(%reason, "channel credentials unusable: its webhooks are refused until they are fixed");
             metrics.count(provider, "none", "rejected_unusable_credentials", 1);
             refused()
         }
