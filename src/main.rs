@@ -76,7 +76,11 @@ fn main() -> ExitCode {
         .next()
         .and_then(|a| PathBuf::from(a).file_name().map(|n| n.to_string_lossy().starts_with("kubectl-")))
         .unwrap_or(false);
-    let cli = if invoked_as_plugin { Cli::parse_from(std::iter::once("kubectl disparo".into()).chain(std::env::args_os().skip(1))) } else { Cli::parse() };
+    let cli = if invoked_as_plugin {
+        Cli::parse_from(std::iter::once("kubectl disparo".into()).chain(std::env::args_os().skip(1)))
+    } else {
+        Cli::parse()
+    };
     telemetry::init(cli.log_format);
     telemetry::install_crypto_provider();
     let runtime = match tokio::runtime::Runtime::new() {

@@ -39,7 +39,8 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> axu
     use axum::response::IntoResponse;
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body).into_response(),
+        Ok(()) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
@@ -52,7 +53,9 @@ pub async fn serve_metrics(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     use axum::{Router, extract::State, routing::get};
-    async fn metrics(State(registry): State<std::sync::Arc<prometheus_client::registry::Registry>>) -> axum::response::Response {
+    async fn metrics(
+        State(registry): State<std::sync::Arc<prometheus_client::registry::Registry>>,
+    ) -> axum::response::Response {
         metrics_response(&registry)
     }
     let app = Router::new().route("/metrics", get(metrics)).with_state(registry);

@@ -43,7 +43,8 @@ fn admission_rules_name_the_field() {
     let err = rejected(&campaign(&ns, "bad-phone", "", "{contacts: [\"5511999999999\"]}"));
     assert!(err.contains("spec.audience.contacts[0]"), "{err}");
 
-    let err = rejected(&campaign(&ns, "too-big", "  execution: {batchSize: 0, parallelism: 500}", "{allContacts: true}"));
+    let err =
+        rejected(&campaign(&ns, "too-big", "  execution: {batchSize: 0, parallelism: 500}", "{allContacts: true}"));
     assert!(err.contains("spec.execution.batchSize") && err.contains("spec.execution.parallelism"), "{err}");
 
     // editing the message of a campaign that is not suspended
@@ -56,7 +57,8 @@ fn admission_rules_name_the_field() {
 
     // cancel cannot be undone
     kubectl_ok(&["-n", &ns, "patch", "campaign", "ok", "--type", "merge", "-p", r#"{"spec":{"cancel":true}}"#], None);
-    let out = kubectl(&["-n", &ns, "patch", "campaign", "ok", "--type", "merge", "-p", r#"{"spec":{"cancel":false}}"#], None);
+    let out =
+        kubectl(&["-n", &ns, "patch", "campaign", "ok", "--type", "merge", "-p", r#"{"spec":{"cancel":false}}"#], None);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spec.cancel") && err.contains("cannot be undone"), "{err}");
@@ -81,7 +83,8 @@ fn every_example_is_accepted() {
     for entry in std::fs::read_dir(dir).expect("examples/") {
         let path = entry.expect("entry").path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            let out = kubectl(&["apply", "--dry-run=server", "-n", "default", "-f", path.to_str().expect("path")], None);
+            let out =
+                kubectl(&["apply", "--dry-run=server", "-n", "default", "-f", path.to_str().expect("path")], None);
             assert!(out.status.success(), "{} rejected:\n{}", path.display(), String::from_utf8_lossy(&out.stderr));
             count += 1;
         }

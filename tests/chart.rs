@@ -15,15 +15,23 @@ fn helm() -> String {
     if let Ok(helm) = std::env::var("HELM") {
         return helm;
     }
-    let cache = std::env::var("DISPARO_CACHE").unwrap_or_else(|_| format!("{}/.cache/disparo", std::env::var("HOME").unwrap_or_default()));
+    let cache = std::env::var("DISPARO_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/disparo", std::env::var("HOME").unwrap_or_default()));
     let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
-    assert!(std::path::Path::new(&cached).exists(), "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)");
+    assert!(
+        std::path::Path::new(&cached).exists(),
+        "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)"
+    );
     cached
 }
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -51,7 +59,12 @@ fn the_values_schema_rejects_typos_and_wrong_types() {
 fn chart_crds_equal_the_generated_ones() {
     let script = format!("{CHART}/sync-crds.sh");
     let out = Command::new("bash").arg(&script).arg("--check").env("HELM", helm()).output().expect("sync-crds.sh");
-    assert!(out.status.success(), "the chart's CRDs drifted from crds/:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the chart's CRDs drifted from crds/:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Who makes a Kubernetes API call, and so whose rights it needs.
@@ -121,19 +134,91 @@ const LEASE: &str = "disparo-controller";
 /// make none (no ServiceAccount token).
 const CALLS: &[Call] = &[
     // Campaigns: the Campaign controller's watch, its finalizer, its status.
-    call(Controller, "disparo.io", "campaigns", "list", Cluster, None, "src/controller/mod.rs", "Controller::new(campaign_api"),
-    call(Controller, "disparo.io", "campaigns", "watch", Cluster, None, "src/controller/mod.rs", "Controller::new(campaign_api"),
-    call(Controller, "disparo.io", "campaigns", "patch", Cluster, None, "src/controller/campaign.rs", "finalizer(&api, FINALIZER"),
-    call(Controller, "disparo.io", "campaigns/status", "patch", Cluster, None, "src/controller/campaign.rs", "api.patch_status("),
+    call(
+        Controller,
+        "disparo.io",
+        "campaigns",
+        "list",
+        Cluster,
+        None,
+        "src/controller/mod.rs",
+        "Controller::new(campaign_api",
+    ),
+    call(
+        Controller,
+        "disparo.io",
+        "campaigns",
+        "watch",
+        Cluster,
+        None,
+        "src/controller/mod.rs",
+        "Controller::new(campaign_api",
+    ),
+    call(
+        Controller,
+        "disparo.io",
+        "campaigns",
+        "patch",
+        Cluster,
+        None,
+        "src/controller/campaign.rs",
+        "finalizer(&api, FINALIZER",
+    ),
+    call(
+        Controller,
+        "disparo.io",
+        "campaigns/status",
+        "patch",
+        Cluster,
+        None,
+        "src/controller/campaign.rs",
+        "api.patch_status(",
+    ),
     // A Job's controller ownerReference sets blockOwnerDeletion, which the
     // OwnerReferencesPermissionEnforcement admission plugin allows only to who may
     // update the owner's finalizers.
-    call(Controller, "disparo.io", "campaigns/finalizers", "update", Cluster, None, "src/controller/job.rs", "controller_owner_ref("),
+    call(
+        Controller,
+        "disparo.io",
+        "campaigns/finalizers",
+        "update",
+        Cluster,
+        None,
+        "src/controller/job.rs",
+        "controller_owner_ref(",
+    ),
     // Channels: the Channel controller's watch and status; a campaign reads its Channel.
-    call(Controller, "disparo.io", "channels", "list", Cluster, None, "src/controller/mod.rs", "Controller::new(channel_api"),
-    call(Controller, "disparo.io", "channels", "watch", Cluster, None, "src/controller/mod.rs", "Controller::new(channel_api"),
+    call(
+        Controller,
+        "disparo.io",
+        "channels",
+        "list",
+        Cluster,
+        None,
+        "src/controller/mod.rs",
+        "Controller::new(channel_api",
+    ),
+    call(
+        Controller,
+        "disparo.io",
+        "channels",
+        "watch",
+        Cluster,
+        None,
+        "src/controller/mod.rs",
+        "Controller::new(channel_api",
+    ),
     call(Controller, "disparo.io", "channels", "get", Cluster, None, "src/controller/observe.rs", "api.get_opt(name)"),
-    call(Controller, "disparo.io", "channels/status", "patch", Cluster, None, "src/controller/channel.rs", "api.patch_status("),
+    call(
+        Controller,
+        "disparo.io",
+        "channels/status",
+        "patch",
+        Cluster,
+        None,
+        "src/controller/channel.rs",
+        "api.patch_status(",
+    ),
     // Sender Jobs in each campaign's namespace.
     call(Controller, "batch", "jobs", "list", Cluster, None, "src/controller/mod.rs", ".owns(job_api"),
     call(Controller, "batch", "jobs", "watch", Cluster, None, "src/controller/mod.rs", ".owns(job_api"),
@@ -148,27 +233,126 @@ const CALLS: &[Call] = &[
     // The Secrets a Channel references (do they exist, did they change, Evolution's key).
     call(Controller, "", "secrets", "get", Cluster, None, "src/controller/channel.rs", "secrets.get_opt("),
     // Each tenant namespace's own database credential.
-    call(Controller, "", "secrets", "get", Cluster, Some("disparo-database"), "src/controller/tenant.rs", "secrets.get_opt(DATABASE_SECRET)"),
+    call(
+        Controller,
+        "",
+        "secrets",
+        "get",
+        Cluster,
+        Some("disparo-database"),
+        "src/controller/tenant.rs",
+        "secrets.get_opt(DATABASE_SECRET)",
+    ),
     call(Controller, "", "secrets", "create", Cluster, None, "src/controller/tenant.rs", "secrets.create("),
-    call(Controller, "", "secrets", "update", Cluster, Some("disparo-database"), "src/controller/tenant.rs", "secrets.replace(DATABASE_SECRET"),
+    call(
+        Controller,
+        "",
+        "secrets",
+        "update",
+        Cluster,
+        Some("disparo-database"),
+        "src/controller/tenant.rs",
+        "secrets.replace(DATABASE_SECRET",
+    ),
     // Events on Campaigns and Channels, in their namespaces.
-    call(Controller, "events.k8s.io", "events", "create", Cluster, None, "src/controller/campaign.rs", "ctx.recorder.publish("),
-    call(Controller, "events.k8s.io", "events", "patch", Cluster, None, "src/controller/campaign.rs", "ctx.recorder.publish("),
+    call(
+        Controller,
+        "events.k8s.io",
+        "events",
+        "create",
+        Cluster,
+        None,
+        "src/controller/campaign.rs",
+        "ctx.recorder.publish(",
+    ),
+    call(
+        Controller,
+        "events.k8s.io",
+        "events",
+        "patch",
+        Cluster,
+        None,
+        "src/controller/campaign.rs",
+        "ctx.recorder.publish(",
+    ),
     // Leader election: the release's Lease in the release namespace.
-    call(Controller, "coordination.k8s.io", "leases", "get", Release, Some(LEASE), "src/controller/leader.rs", "api.get_opt(&cfg.name)"),
-    call(Controller, "coordination.k8s.io", "leases", "create", Release, None, "src/controller/leader.rs", "api.create(&PostParams::default(), &lease)"),
-    call(Controller, "coordination.k8s.io", "leases", "update", Release, Some(LEASE), "src/controller/leader.rs", "api.replace(&cfg.name"),
+    call(
+        Controller,
+        "coordination.k8s.io",
+        "leases",
+        "get",
+        Release,
+        Some(LEASE),
+        "src/controller/leader.rs",
+        "api.get_opt(&cfg.name)",
+    ),
+    call(
+        Controller,
+        "coordination.k8s.io",
+        "leases",
+        "create",
+        Release,
+        None,
+        "src/controller/leader.rs",
+        "api.create(&PostParams::default(), &lease)",
+    ),
+    call(
+        Controller,
+        "coordination.k8s.io",
+        "leases",
+        "update",
+        Release,
+        Some(LEASE),
+        "src/controller/leader.rs",
+        "api.replace(&cfg.name",
+    ),
     // The webhook resolves a callback's Channel and its Secrets from watch caches.
-    call(Webhook, "disparo.io", "channels", "list", Cluster, None, "src/webhook/credentials.rs", "Api::<Channel>::all("),
-    call(Webhook, "disparo.io", "channels", "watch", Cluster, None, "src/webhook/credentials.rs", "Api::<Channel>::all("),
+    call(
+        Webhook,
+        "disparo.io",
+        "channels",
+        "list",
+        Cluster,
+        None,
+        "src/webhook/credentials.rs",
+        "Api::<Channel>::all(",
+    ),
+    call(
+        Webhook,
+        "disparo.io",
+        "channels",
+        "watch",
+        Cluster,
+        None,
+        "src/webhook/credentials.rs",
+        "Api::<Channel>::all(",
+    ),
     call(Webhook, "", "secrets", "list", Cluster, None, "src/webhook/credentials.rs", "Api::<Secret>::all("),
     call(Webhook, "", "secrets", "watch", Cluster, None, "src/webhook/credentials.rs", "Api::<Secret>::all("),
     // The plugin, with the person's rights.
     call(Plugin, "disparo.io", "campaigns", "get", Cluster, None, "src/cli/plugin.rs", "api.get_opt(name)"),
     call(Plugin, "disparo.io", "campaigns", "patch", Cluster, None, "src/cli/plugin.rs", "api.patch(&target.name"),
-    call(Plugin, "disparo.io", "campaigns", "create", Cluster, None, "src/cli/plugin.rs", "api.create(&PostParams::default(), &campaign)"),
+    call(
+        Plugin,
+        "disparo.io",
+        "campaigns",
+        "create",
+        Cluster,
+        None,
+        "src/cli/plugin.rs",
+        "api.create(&PostParams::default(), &campaign)",
+    ),
     call(Plugin, "", "events", "list", Cluster, None, "src/cli/plugin.rs", "api.list(&ListParams::default().fields("),
-    call(Plugin, "", "secrets", "get", Cluster, Some("disparo-database"), "src/cli/import.rs", "secrets.get_opt(DATABASE_SECRET)"),
+    call(
+        Plugin,
+        "",
+        "secrets",
+        "get",
+        Cluster,
+        Some("disparo-database"),
+        "src/cli/import.rs",
+        "secrets.get_opt(DATABASE_SECRET)",
+    ),
 ];
 
 /// One rule of a rendered Role or ClusterRole, flattened: (apiGroup, resource, verb,
@@ -217,7 +401,10 @@ fn roles(rendered: &str) -> Vec<Role> {
         out.push(Role {
             kind: kind.to_owned(),
             name: value["metadata"]["name"].as_str().unwrap_or_default().to_owned(),
-            component: value["metadata"]["labels"]["app.kubernetes.io/component"].as_str().unwrap_or_default().to_owned(),
+            component: value["metadata"]["labels"]["app.kubernetes.io/component"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             grants,
         });
     }
@@ -269,31 +456,54 @@ fn render(extra: &[&str]) -> String {
 /// missing), and each role is bound to its own component's ServiceAccount only.
 #[test]
 fn rbac_grants_exactly_the_api_calls_the_code_makes() {
-    for extra in [&[][..], &["--set", "postgres.bundled.enabled=true", "--set", "monitoring.enabled=true", "--set", "networkPolicy.enabled=true"][..]] {
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "postgres.bundled.enabled=true",
+            "--set",
+            "monitoring.enabled=true",
+            "--set",
+            "networkPolicy.enabled=true",
+        ][..],
+    ] {
         let rendered = render(extra);
         let roles = roles(&rendered);
         let mut unused = Vec::new();
         for role in &roles {
             for grant in &role.grants {
-                assert!(grant.0 != "*" && grant.1 != "*" && grant.2 != "*", "{} grants a wildcard: {grant:?}", role.name);
+                assert!(
+                    grant.0 != "*" && grant.1 != "*" && grant.2 != "*",
+                    "{} grants a wildcard: {grant:?}",
+                    role.name
+                );
             }
             let Some(component) = component_of(&role.component) else { continue };
             for grant in &role.grants {
                 if !CALLS.iter().any(|c| matches(c, component, scope_of(role), grant) && needed_by(c, grant)) {
-                    unused.push(format!("{} {} grants {grant:?}, which no {component:?} call needs", role.kind, role.name));
+                    unused.push(format!(
+                        "{} {} grants {grant:?}, which no {component:?} call needs",
+                        role.kind, role.name
+                    ));
                 }
             }
         }
         let mut missing = Vec::new();
         for c in CALLS.iter().filter(|c| c.component != Plugin) {
             let granted = roles.iter().any(|role| {
-                component_of(&role.component) == Some(c.component) && role.grants.iter().any(|g| matches(c, c.component, scope_of(role), g) && allows(c, g))
+                component_of(&role.component) == Some(c.component)
+                    && role.grants.iter().any(|g| matches(c, c.component, scope_of(role), g) && allows(c, g))
             });
             if !granted {
                 missing.push(format!("{c:?} is not granted"));
             }
         }
-        assert!(unused.is_empty() && missing.is_empty(), "with {extra:?}:\n{}\n{}", unused.join("\n"), missing.join("\n"));
+        assert!(
+            unused.is_empty() && missing.is_empty(),
+            "with {extra:?}:\n{}\n{}",
+            unused.join("\n"),
+            missing.join("\n")
+        );
 
         // Each role is bound to its own component's ServiceAccount, ClusterRoles by a
         // ClusterRoleBinding, Roles by a RoleBinding in the release namespace.
@@ -303,7 +513,10 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
                 continue;
             }
             let role_name = binding["roleRef"]["name"].as_str().unwrap_or_default();
-            let role = roles.iter().find(|r| r.name == role_name).unwrap_or_else(|| panic!("{kind} binds {role_name}, which the chart does not render"));
+            let role = roles
+                .iter()
+                .find(|r| r.name == role_name)
+                .unwrap_or_else(|| panic!("{kind} binds {role_name}, which the chart does not render"));
             assert_eq!(role.kind, binding["roleRef"]["kind"].as_str().unwrap_or_default());
             assert_eq!((kind == "ClusterRoleBinding"), (role.kind == "ClusterRole"), "{kind} of {role_name}");
             if kind == "RoleBinding" {
@@ -312,7 +525,11 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
             let subjects = binding["subjects"].as_sequence().cloned().unwrap_or_default();
             assert_eq!(subjects.len(), 1, "{kind} {role_name}: {subjects:?}");
             assert_eq!(subjects[0]["kind"].as_str(), Some("ServiceAccount"));
-            assert_eq!(subjects[0]["name"].as_str(), Some(format!("disparo-{}", role.component).as_str()), "{kind} {role_name} binds another component's account");
+            assert_eq!(
+                subjects[0]["name"].as_str(),
+                Some(format!("disparo-{}", role.component).as_str()),
+                "{kind} {role_name} binds another component's account"
+            );
             assert_eq!(subjects[0]["namespace"].as_str(), Some("disparo-system"));
         }
     }
@@ -325,7 +542,10 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
 fn aggregated_roles_carry_the_plugins_calls_and_nothing_else() {
     let roles = roles(&render(&[]));
     for suffix in ["-admin", "-edit", "-view"] {
-        let role = roles.iter().find(|r| r.component.is_empty() && r.name.ends_with(suffix)).unwrap_or_else(|| panic!("no aggregated role {suffix}"));
+        let role = roles
+            .iter()
+            .find(|r| r.component.is_empty() && r.name.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no aggregated role {suffix}"));
         for (group, _, verb, _) in &role.grants {
             assert_eq!(group, "disparo.io", "{}: aggregated roles only cover Disparo's kinds", role.name);
             if suffix == "-view" {
@@ -334,7 +554,11 @@ fn aggregated_roles_carry_the_plugins_calls_and_nothing_else() {
         }
         if suffix != "-view" {
             for c in CALLS.iter().filter(|c| c.component == Plugin && c.group == "disparo.io") {
-                assert!(role.grants.iter().any(|g| g.0 == c.group && g.1 == c.resource && g.2 == c.verb && allows(c, g)), "{} does not allow {c:?}", role.name);
+                assert!(
+                    role.grants.iter().any(|g| g.0 == c.group && g.1 == c.resource && g.2 == c.verb && allows(c, g)),
+                    "{} does not allow {c:?}",
+                    role.name
+                );
             }
         }
     }
@@ -368,7 +592,12 @@ fn module_text(root: &str, file: &str) -> String {
 fn the_api_call_list_points_at_real_code() {
     let root = env!("CARGO_MANIFEST_DIR");
     for c in CALLS {
-        assert!(module_text(root, c.file).contains(c.site), "{} no longer contains {:?}: update CALLS (and the chart's RBAC) for {c:?}", c.file, c.site);
+        assert!(
+            module_text(root, c.file).contains(c.site),
+            "{} no longer contains {:?}: update CALLS (and the chart's RBAC) for {c:?}",
+            c.file,
+            c.site
+        );
     }
     let mut files = Vec::new();
     for dir in ["src/controller", "src/webhook", "src/cli"] {
@@ -378,8 +607,11 @@ fn the_api_call_list_points_at_real_code() {
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let relative = path.strip_prefix(root).expect("under the crate").to_string_lossy().replace('\\', "/");
-        let builds_api = ["Api::all(", "Api::namespaced(", "Api::default_namespaced(", "Api::<"].iter().any(|p| text.contains(p));
-        let listed = CALLS.iter().any(|c| relative == c.file || relative.starts_with(&format!("{}/", c.file.trim_end_matches(".rs"))));
+        let builds_api =
+            ["Api::all(", "Api::namespaced(", "Api::default_namespaced(", "Api::<"].iter().any(|p| text.contains(p));
+        let listed = CALLS
+            .iter()
+            .any(|c| relative == c.file || relative.starts_with(&format!("{}/", c.file.trim_end_matches(".rs"))));
         assert!(!builds_api || listed, "{relative} calls the Kubernetes API but has no entry in CALLS");
     }
 }
@@ -400,7 +632,11 @@ fn database_clients(rendered: &str) -> Vec<(String, serde_yaml::Value, serde_yam
 }
 
 fn env_value(container: &serde_yaml::Value, name: &str) -> Option<String> {
-    container["env"].as_sequence()?.iter().find(|e| e["name"].as_str() == Some(name)).and_then(|e| e["value"].as_str().map(str::to_owned))
+    container["env"]
+        .as_sequence()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .and_then(|e| e["value"].as_str().map(str::to_owned))
 }
 
 /// The CA file a container gets: (Secret, key in it, path in the container), from the
@@ -423,8 +659,11 @@ fn mounted_ca(pod: &serde_yaml::Value, container: &serde_yaml::Value) -> Option<
 /// the bundled Postgres plaintext, and no mode that silently falls back to plaintext.
 #[test]
 fn postgres_tls_is_verified_by_default_and_the_ca_is_mounted() {
-    let names = |clients: &[(String, serde_yaml::Value, serde_yaml::Value)]| clients.iter().map(|c| c.0.clone()).collect::<BTreeSet<_>>();
-    let expected: BTreeSet<String> = ["disparo-controller", "disparo-webhook", "disparo-migrate"].into_iter().map(str::to_owned).collect();
+    let names = |clients: &[(String, serde_yaml::Value, serde_yaml::Value)]| {
+        clients.iter().map(|c| c.0.clone()).collect::<BTreeSet<_>>()
+    };
+    let expected: BTreeSet<String> =
+        ["disparo-controller", "disparo-webhook", "disparo-migrate"].into_iter().map(str::to_owned).collect();
 
     let default = database_clients(&render(&[]));
     assert_eq!(names(&default), expected);
@@ -434,17 +673,28 @@ fn postgres_tls_is_verified_by_default_and_the_ca_is_mounted() {
         assert!(!serde_yaml::to_string(pod).expect("yaml").contains("postgres-ca"), "{name} mounts a CA nobody gave");
     }
 
-    let with_ca = database_clients(&render(&["--set", "postgres.tls.caSecret=rds-ca", "--set", "postgres.tls.caKey=global-bundle.pem"]));
+    let with_ca = database_clients(&render(&[
+        "--set",
+        "postgres.tls.caSecret=rds-ca",
+        "--set",
+        "postgres.tls.caKey=global-bundle.pem",
+    ]));
     assert_eq!(names(&with_ca), expected);
     for (name, pod, container) in &with_ca {
         assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("verify-full"), "{name}");
-        let (secret, key, path) = mounted_ca(pod, container).unwrap_or_else(|| panic!("{name}: PGSSLROOTCERT does not name the mounted CA: {container:?}"));
+        let (secret, key, path) = mounted_ca(pod, container)
+            .unwrap_or_else(|| panic!("{name}: PGSSLROOTCERT does not name the mounted CA: {container:?}"));
         assert_eq!((secret.as_str(), key.as_str()), ("rds-ca", "global-bundle.pem"), "{name} mounts {path}");
     }
-    let verify_ca = database_clients(&render(&["--set", "postgres.tls.mode=verify-ca", "--set", "postgres.tls.caSecret=rds-ca"]));
+    let verify_ca =
+        database_clients(&render(&["--set", "postgres.tls.mode=verify-ca", "--set", "postgres.tls.caSecret=rds-ca"]));
     for (name, pod, container) in &verify_ca {
         assert_eq!(env_value(container, "PGSSLMODE").as_deref(), Some("verify-ca"), "{name}");
-        assert_eq!(mounted_ca(pod, container).map(|c| (c.0, c.1)), Some(("rds-ca".to_owned(), "ca.crt".to_owned())), "{name}");
+        assert_eq!(
+            mounted_ca(pod, container).map(|c| (c.0, c.1)),
+            Some(("rds-ca".to_owned(), "ca.crt".to_owned())),
+            "{name}"
+        );
     }
 
     // A URL on the loopback may say so.
@@ -470,7 +720,10 @@ fn postgres_tls_is_verified_by_default_and_the_ca_is_mounted() {
         let (ok, _, err) = run(&helm(), &["template", "disparo", CHART, "--set", set]);
         assert!(!ok && err.contains(needle), "{set} was accepted: {err}");
     }
-    let (ok, _, err) = run(&helm(), &["template", "disparo", CHART, "--set", "postgres.tls.mode=require", "--set", "postgres.tls.caSecret=rds-ca"]);
+    let (ok, _, err) = run(
+        &helm(),
+        &["template", "disparo", CHART, "--set", "postgres.tls.mode=require", "--set", "postgres.tls.caSecret=rds-ca"],
+    );
     assert!(!ok && err.contains("only verify-ca and verify-full"), "{err}");
 }
 

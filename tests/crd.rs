@@ -45,7 +45,10 @@ fn campaign_schema_carries_the_admission_rules() {
     let crd = serde_json::to_value(Campaign::crd()).unwrap();
     let rules = rules(&crd);
     let has = |needle: &str| rules.iter().any(|r| r.contains(needle));
-    assert!(has("has(self.allContacts), has(self.tags), has(self.segment), has(self.contacts), has(self.fromCampaign)"), "exactly one audience");
+    assert!(
+        has("has(self.allContacts), has(self.tags), has(self.segment), has(self.contacts), has(self.fromCampaign)"),
+        "exactly one audience"
+    );
     assert!(has("oldSelf.cancel"), "cancel cannot be undone");
     assert!(has("self.message == oldSelf.message"), "message frozen unless suspended");
     assert!(has("self.audience == oldSelf.audience"), "audience frozen unless suspended");
@@ -75,7 +78,8 @@ fn names_columns_and_categories() {
     assert_eq!(crd.spec.names.short_names, Some(vec!["camp".to_owned()]));
     assert_eq!(crd.spec.names.categories, Some(vec!["disparo".to_owned()]));
     let version = &crd.spec.versions[0];
-    let columns: Vec<&str> = version.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+    let columns: Vec<&str> =
+        version.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
     assert_eq!(columns, ["Phase", "Progress", "Total", "Sent", "Delivered", "Read", "Failed", "Age"]);
     assert!(version.subresources.as_ref().unwrap().status.is_some());
     assert_eq!(Channel::crd().spec.names.short_names, Some(vec!["chan".to_owned()]));

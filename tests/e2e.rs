@@ -20,7 +20,8 @@ use serde_json::{Value, json};
 
 /// A campaign of the `promo` template, in batches of 100, four at a time.
 fn campaign_yaml(name: &str, channel: &str, audience: &str, extra: &str) -> String {
-    campaign(name, channel, "promo", audience, extra).replace("batchSize: 50, parallelism: 2", "batchSize: 100, parallelism: 4")
+    campaign(name, channel, "promo", audience, extra)
+        .replace("batchSize: 50, parallelism: 2", "batchSize: 100, parallelism: 4")
 }
 
 fn channel_yaml(name: &str, base_url: &str, limits: &str) -> String {
@@ -47,10 +48,18 @@ async fn campaign_lifecycle_end_to_end() {
     // --- a missing channel stalls with its name, and recovers when the channel appears
     common::seed_contacts(&stack.pool, &org, 2000, |i| (vec![], json!({"i": i}))).await;
     stack.apply(&campaign_yaml("big", "main", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "big", "Stalled", Duration::from_secs(60), |c| condition(c, "Stalled").is_some_and(|x| x["status"] == "True")).await;
+    let c = stack
+        .wait_for("campaign", "big", "Stalled", Duration::from_secs(60), |c| {
+            condition(c, "Stalled").is_some_and(|x| x["status"] == "True")
+        })
+        .await;
     let stalled = condition(&c, "Stalled").unwrap().clone();
     assert!(stalled["message"].as_str().unwrap().contains("\"main\""), "{stalled}");
-    stack.apply(&channel_yaml("main", &sandbox.base_url(), "{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 0}"));
+    stack.apply(&channel_yaml(
+        "main",
+        &sandbox.base_url(),
+        "{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 0}",
+    ));
 
     // --- 2,000 contacts in 20 batches, parallelism 4, to Completed
     let out = tokio::task::spawn_blocking({
@@ -65,7 +74,11 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(c["status"]["messages"]["total"], 2000);
     // the sandbox fails a few delivered messages by webhook (as Meta does with 131026)
     let m = &c["status"]["messages"];
-    assert_eq!(m["sent"].as_i64().unwrap() + m["failed"].as_i64().unwrap() + m["unknown"].as_i64().unwrap(), 2000, "{m}");
+    assert_eq!(
+        m["sent"].as_i64().unwrap() + m["failed"].as_i64().unwrap() + m["unknown"].as_i64().unwrap(),
+        2000,
+        "{m}"
+    );
     assert_eq!(m["pending"], 0);
     assert_eq!(c["status"]["batches"]["total"], 20);
     let phones = recipients(&sandbox);
@@ -76,11 +89,22 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(counters.at_least_sent() + counters.failed + counters.unknown, 2000);
     assert_eq!(counters.at_least_sent(), m["sent"].as_i64().unwrap(), "status equals Postgres");
     // receipts arrive through the webhook service: delivered/read counts move
-    stack.wait_for("campaign", "big", "receipts", Duration::from_secs(60), |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 1000).await;
+    stack
+        .wait_for("campaign", "big", "receipts", Duration::from_secs(60), |c| {
+            c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 1000
+        })
+        .await;
 
     // --- pause mid-run: nothing is sent while paused, resume finishes without duplicates
-    common::seed_contacts(&stack.pool, &org, 2600, |i| (if i >= 2000 { vec!["late".into()] } else { vec![] }, json!({}))).await;
-    stack.apply(&channel_yaml("slow", &sandbox.base_url(), "{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 40}"));
+    common::seed_contacts(&stack.pool, &org, 2600, |i| {
+        (if i >= 2000 { vec!["late".into()] } else { vec![] }, json!({}))
+    })
+    .await;
+    stack.apply(&channel_yaml(
+        "slow",
+        &sandbox.base_url(),
+        "{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: 40}",
+    ));
     stack.apply(&campaign_yaml("paused", "slow", "{tags: {anyOf: [late]}}", ""));
     let before = phones.len();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -88,16 +112,23 @@ async fn campaign_lifecycle_end_to_end() {
         assert!(Instant::now() < deadline, "the second campaign never started sending\n{}", stack.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    kubectl_ok(&["-n", &ns, "patch", "campaign", "paused", "--type", "merge", "-p", r#"{"spec":{"suspend":true}}"#], None);
+    kubectl_ok(
+        &["-n", &ns, "patch", "campaign", "paused", "--type", "merge", "-p", r#"{"spec":{"suspend":true}}"#],
+        None,
+    );
     let c = stack.wait_for("campaign", "paused", "Paused", Duration::from_secs(60), |c| phase(c) == "Paused").await;
     let paused_uid = c["metadata"]["uid"].as_str().unwrap().to_owned();
     let job_name = c["status"]["batches"]["jobName"].as_str().unwrap().to_owned();
-    let job: Value = serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "job", &job_name, "-o", "json"], None)).unwrap();
+    let job: Value =
+        serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "job", &job_name, "-o", "json"], None)).unwrap();
     assert_eq!(job["spec"]["suspend"], true);
     // wait for the sender pods to be gone, then nothing may arrive
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pods = kubectl_ok(&["-n", &ns, "get", "pods", "-l", &format!("disparo.io/campaign-uid={paused_uid}"), "-o", "name"], None);
+        let pods = kubectl_ok(
+            &["-n", &ns, "get", "pods", "-l", &format!("disparo.io/campaign-uid={paused_uid}"), "-o", "name"],
+            None,
+        );
         if pods.trim().is_empty() {
             break;
         }
@@ -108,19 +139,32 @@ async fn campaign_lifecycle_end_to_end() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sandbox.ledger().accepted_count(), frozen, "messages were sent while paused");
     assert!(frozen < before + 600, "paused before the end");
-    kubectl_ok(&["-n", &ns, "patch", "campaign", "paused", "--type", "merge", "-p", r#"{"spec":{"suspend":false}}"#], None);
+    kubectl_ok(
+        &["-n", &ns, "patch", "campaign", "paused", "--type", "merge", "-p", r#"{"spec":{"suspend":false}}"#],
+        None,
+    );
     stack.wait_for("campaign", "paused", "Completed", Duration::from_secs(180), |c| phase(c) == "Completed").await;
     let phones = recipients(&sandbox);
     assert_eq!(phones.len(), 2600);
     assert_eq!(phones.iter().collect::<HashSet<_>>().len(), 2600, "no duplicates after resume");
 
     // --- cancel stops it for good, and cancel: false is rejected
-    common::seed_contacts(&stack.pool, &org, 3000, |i| (if i >= 2600 { vec!["cancel".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&stack.pool, &org, 3000, |i| {
+        (if i >= 2600 { vec!["cancel".into()] } else { vec![] }, json!({}))
+    })
+    .await;
     stack.apply(&campaign_yaml("stopped", "slow", "{tags: {anyOf: [cancel]}}", ""));
     stack.wait_for("campaign", "stopped", "Running", Duration::from_secs(60), |c| phase(c) == "Running").await;
-    kubectl_ok(&["-n", &ns, "patch", "campaign", "stopped", "--type", "merge", "-p", r#"{"spec":{"cancel":true}}"#], None);
-    let c = stack.wait_for("campaign", "stopped", "Cancelled", Duration::from_secs(60), |c| phase(c) == "Cancelled").await;
-    let out = kubectl(&["-n", &ns, "patch", "campaign", "stopped", "--type", "merge", "-p", r#"{"spec":{"cancel":false}}"#], None);
+    kubectl_ok(
+        &["-n", &ns, "patch", "campaign", "stopped", "--type", "merge", "-p", r#"{"spec":{"cancel":true}}"#],
+        None,
+    );
+    let c =
+        stack.wait_for("campaign", "stopped", "Cancelled", Duration::from_secs(60), |c| phase(c) == "Cancelled").await;
+    let out = kubectl(
+        &["-n", &ns, "patch", "campaign", "stopped", "--type", "merge", "-p", r#"{"spec":{"cancel":false}}"#],
+        None,
+    );
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("spec.cancel"));
     let uid: uuid::Uuid = c["metadata"]["uid"].as_str().unwrap().parse().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -129,10 +173,15 @@ async fn campaign_lifecycle_end_to_end() {
     assert_eq!(counters.pending, 0);
 
     // --- a Hard channel with a tiny day cap goes RateLimited, then resumes on its own
-    common::seed_contacts(&stack.pool, &org, 3020, |i| (if i >= 3000 { vec!["tiny".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&stack.pool, &org, 3020, |i| {
+        (if i >= 3000 { vec!["tiny".into()] } else { vec![] }, json!({}))
+    })
+    .await;
     stack.apply(&channel_yaml("tiny", &sandbox.base_url(), "{perDay: 8, mode: Hard}"));
     stack.apply(&campaign_yaml("limited", "tiny", "{tags: {anyOf: [tiny]}}", ""));
-    let c = stack.wait_for("campaign", "limited", "RateLimited", Duration::from_secs(120), |c| phase(c) == "RateLimited").await;
+    let c = stack
+        .wait_for("campaign", "limited", "RateLimited", Duration::from_secs(120), |c| phase(c) == "RateLimited")
+        .await;
     assert!(c["status"]["rateLimit"]["resumeAt"].is_string(), "{}", c["status"]);
     assert_eq!(c["status"]["rateLimit"]["pauses"], 1);
     // the day window "resets": in the test, move the channel's day window and pause into the past
@@ -146,24 +195,61 @@ async fn campaign_lifecycle_end_to_end() {
         .execute(&stack.pool)
         .await
         .unwrap();
-    stack.wait_for("campaign", "limited", "Running again", Duration::from_secs(60), |c| phase(c) != "RateLimited").await;
+    stack
+        .wait_for("campaign", "limited", "Running again", Duration::from_secs(60), |c| phase(c) != "RateLimited")
+        .await;
     // 20 messages at 8 per day: it pauses again, each pause counted
-    stack.wait_for("campaign", "limited", "second pause", Duration::from_secs(120), |c| c["status"]["rateLimit"]["pauses"].as_i64() == Some(2)).await;
+    stack
+        .wait_for("campaign", "limited", "second pause", Duration::from_secs(120), |c| {
+            c["status"]["rateLimit"]["pauses"].as_i64() == Some(2)
+        })
+        .await;
 
     // --- killing the active controller: the standby takes over and a campaign completes
     let metrics_b = free_port().to_string();
-    stack.spawn("controller-b", &["controller", "--metrics-addr", &format!("127.0.0.1:{metrics_b}"), "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-b", "--lease-seconds", "6"]);
-    common::seed_contacts(&stack.pool, &org, 3400, |i| (if i >= 3020 { vec!["failover".into()] } else { vec![] }, json!({}))).await;
+    stack.spawn(
+        "controller-b",
+        &[
+            "controller",
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_b}"),
+            "--lease-namespace",
+            &ns,
+            "--watch-namespace",
+            &ns,
+            "--identity",
+            "controller-b",
+            "--lease-seconds",
+            "6",
+        ],
+    );
+    common::seed_contacts(&stack.pool, &org, 3400, |i| {
+        (if i >= 3020 { vec!["failover".into()] } else { vec![] }, json!({}))
+    })
+    .await;
     stack.apply(&campaign_yaml("failover", "slow", "{tags: {anyOf: [failover]}}", ""));
-    stack.wait_for("campaign", "failover", "Running", Duration::from_secs(90), |c| phase(c) == "Running" || phase(c) == "Completed").await;
+    stack
+        .wait_for("campaign", "failover", "Running", Duration::from_secs(90), |c| {
+            phase(c) == "Running" || phase(c) == "Completed"
+        })
+        .await;
     stack.procs[0].child.start_kill().unwrap(); // SIGKILL controller-a
     let _ = stack.procs[0].child.wait().await;
-    let c = stack.wait_for("campaign", "failover", "Completed after failover", Duration::from_secs(180), |c| phase(c) == "Completed").await;
+    let c = stack
+        .wait_for("campaign", "failover", "Completed after failover", Duration::from_secs(180), |c| {
+            phase(c) == "Completed"
+        })
+        .await;
     let m = &c["status"]["messages"];
-    assert_eq!(m["sent"].as_i64().unwrap() + m["failed"].as_i64().unwrap() + m["unknown"].as_i64().unwrap(), 380, "{m}");
-    let lease: Value = serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "lease", "disparo-controller", "-o", "json"], None)).unwrap();
+    assert_eq!(
+        m["sent"].as_i64().unwrap() + m["failed"].as_i64().unwrap() + m["unknown"].as_i64().unwrap(),
+        380,
+        "{m}"
+    );
+    let lease: Value =
+        serde_json::from_str(&kubectl_ok(&["-n", &ns, "get", "lease", "disparo-controller", "-o", "json"], None))
+            .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "controller-b");
     let phones = recipients(&sandbox);
     assert_eq!(phones.iter().collect::<HashSet<_>>().len(), phones.len(), "no duplicates across the whole run");
-
 }

@@ -39,7 +39,10 @@ fn helm() -> String {
     let home = std::env::var("HOME").unwrap_or_default();
     let cache = std::env::var("DISPARO_CACHE").unwrap_or_else(|_| format!("{home}/.cache/disparo"));
     let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
-    assert!(Path::new(&cached).exists(), "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)");
+    assert!(
+        Path::new(&cached).exists(),
+        "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)"
+    );
     cached
 }
 
@@ -135,13 +138,32 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     let release = format!("it-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let dir = tempfile::tempdir()?;
     let agents = vec![NodeAgent::start(&release_ns, dir.path())?, NodeAgent::start(&campaign_ns, dir.path())?];
-    let install = Install { release: release.clone(), release_ns: release_ns.clone(), campaign_ns: campaign_ns.clone(), agents, _dir: dir };
+    let install = Install {
+        release: release.clone(),
+        release_ns: release_ns.clone(),
+        campaign_ns: campaign_ns.clone(),
+        agents,
+        _dir: dir,
+    };
 
     // The admin Postgres URL lives in the release namespace only (controller, webhook,
     // hook); the campaign namespace gets its own scoped credential from the controller.
-    kubectl_ok(&["-n", &release_ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")], None);
     kubectl_ok(
-        &["-n", &campaign_ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
+        &["-n", &release_ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")],
+        None,
+    );
+    kubectl_ok(
+        &[
+            "-n",
+            &campaign_ns,
+            "create",
+            "secret",
+            "generic",
+            "meta-creds",
+            "--from-literal=access-token=sandbox-meta-token",
+            "--from-literal=app-secret=sandbox-app-secret",
+            "--from-literal=verify-token=verify",
+        ],
         None,
     );
     kubectl_ok(&["-n", &campaign_ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
@@ -175,7 +197,18 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
         "webhook.replicas=1".to_string(),
         format!("webhook.containerPort={webhook_port}"),
     ];
-    let mut args = vec!["install", &release, CHART, "-n", &release_ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", &timeout];
+    let mut args = vec![
+        "install",
+        &release,
+        CHART,
+        "-n",
+        &release_ns,
+        "--kubeconfig",
+        &kubeconfig,
+        "--wait",
+        "--timeout",
+        &timeout,
+    ];
     for value in &values {
         args.extend(["--set", value.as_str()]);
     }
@@ -192,7 +225,10 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
 
     // The hook migrated the database; the audience goes in after it.
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await?;
-    common::seed_contacts(&pool, &common::cluster::namespace_uid(&campaign_ns), AUDIENCE, |i| (vec![], json!({"i": i}))).await;
+    common::seed_contacts(&pool, &common::cluster::namespace_uid(&campaign_ns), AUDIENCE, |i| {
+        (vec![], json!({"i": i}))
+    })
+    .await;
 
     let apply = |yaml: &str| {
         let out = kubectl(&["apply", "-n", &campaign_ns, "-f", "-"], Some(yaml));
@@ -203,7 +239,9 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
 
     let campaign = install
         .wait_for("Ready", "welcome", |c| {
-            c["status"]["conditions"].as_array().is_some_and(|cs| cs.iter().any(|x| x["type"] == "Ready" && x["status"] == "True"))
+            c["status"]["conditions"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|x| x["type"] == "Ready" && x["status"] == "True"))
         })
         .await?;
     eprintln!("campaign completed {:?} after helm install started", started.elapsed());
@@ -219,13 +257,23 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
 
     // It was the chart's controller (the release's Lease is held by its pod) ...
     let lease_name = format!("{release}-disparo-controller");
-    let lease: Value = serde_json::from_str(&kubectl_ok(&["-n", &release_ns, "get", "lease", &lease_name, "-o", "json"], None))?;
+    let lease: Value =
+        serde_json::from_str(&kubectl_ok(&["-n", &release_ns, "get", "lease", &lease_name, "-o", "json"], None))?;
     let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string();
-    let pods = kubectl_ok(&["-n", &release_ns, "get", "pods", "-l", "app.kubernetes.io/component=controller", "-o", "name"], None);
-    assert!(pods.lines().any(|p| p.trim_start_matches("pod/") == holder), "lease held by {holder:?}, controller pods: {pods}");
+    let pods = kubectl_ok(
+        &["-n", &release_ns, "get", "pods", "-l", "app.kubernetes.io/component=controller", "-o", "name"],
+        None,
+    );
+    assert!(
+        pods.lines().any(|p| p.trim_start_matches("pod/") == holder),
+        "lease held by {holder:?}, controller pods: {pods}"
+    );
     // Its sender pods ran without any API credentials: no token volume for the node
     // agent to fill (tests/nodeagent.rs proves it then grants nothing).
-    let senders: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "pods", "-l", "app.kubernetes.io/component=sender", "-o", "json"], None))?;
+    let senders: Value = serde_json::from_str(&kubectl_ok(
+        &["-n", &campaign_ns, "get", "pods", "-l", "app.kubernetes.io/component=sender", "-o", "json"],
+        None,
+    ))?;
     let senders = senders["items"].as_array().cloned().unwrap_or_default();
     assert!(!senders.is_empty(), "no sender pods in {campaign_ns}");
     for pod in &senders {
@@ -237,18 +285,27 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     let admin = url::Url::parse(&url)?;
     for pod in &senders {
         let env = &pod["spec"]["containers"][0]["env"];
-        let database = env.as_array().and_then(|e| e.iter().find(|v| v["name"] == "DATABASE_URL")).cloned().unwrap_or_default();
-        assert_eq!(database["valueFrom"]["secretKeyRef"]["name"], "disparo-database", "a sender pod reads DATABASE_URL from elsewhere: {database}");
+        let database =
+            env.as_array().and_then(|e| e.iter().find(|v| v["name"] == "DATABASE_URL")).cloned().unwrap_or_default();
+        assert_eq!(
+            database["valueFrom"]["secretKeyRef"]["name"], "disparo-database",
+            "a sender pod reads DATABASE_URL from elsewhere: {database}"
+        );
     }
-    let secrets: Value = serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "secrets", "-o", "json"], None))?;
+    let secrets: Value =
+        serde_json::from_str(&kubectl_ok(&["-n", &campaign_ns, "get", "secrets", "-o", "json"], None))?;
     let mut tenant_url = None;
     for secret in secrets["items"].as_array().cloned().unwrap_or_default() {
         let name = secret["metadata"]["name"].as_str().unwrap_or_default().to_owned();
         for (key, value) in secret["data"].as_object().cloned().unwrap_or_default() {
-            let decoded = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value.as_str().unwrap_or_default())?;
+            let decoded =
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, value.as_str().unwrap_or_default())?;
             let text = String::from_utf8_lossy(&decoded).into_owned();
             let credentials = format!("{}:{}@", admin.username(), admin.password().unwrap_or_default());
-            assert!(!text.contains(&credentials) && !text.contains(url.as_str()), "Secret {name} key {key} holds the admin credentials");
+            assert!(
+                !text.contains(&credentials) && !text.contains(url.as_str()),
+                "Secret {name} key {key} holds the admin credentials"
+            );
             if name == "disparo-database" && key == "url" {
                 tenant_url = Some(url::Url::parse(&text)?);
             }
@@ -258,9 +315,13 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
     assert_ne!(tenant_url.username(), admin.username(), "the campaign namespace got the admin role");
     assert_eq!(tenant_url.host_str(), admin.host_str());
     // ... and the chart's webhook applies the sandbox's receipts.
-    install.wait_for("delivery receipts", "welcome", |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 0).await?;
+    install
+        .wait_for("delivery receipts", "welcome", |c| c["status"]["messages"]["delivered"].as_i64().unwrap_or(0) > 0)
+        .await?;
 
-    let out = Command::new(helm()).args(["uninstall", &release, "-n", &release_ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", &timeout]).output()?;
+    let out = Command::new(helm())
+        .args(["uninstall", &release, "-n", &release_ns, "--kubeconfig", &kubeconfig, "--wait", "--timeout", &timeout])
+        .output()?;
     assert!(out.status.success(), "helm uninstall failed:\n{}", String::from_utf8_lossy(&out.stderr));
     pool.close().await;
     drop(install);

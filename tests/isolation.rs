@@ -35,7 +35,11 @@ impl Listener {
                 let log = log.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 16 * 1024];
-                    let n = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf)).await.ok().and_then(Result::ok).unwrap_or(0);
+                    let n = tokio::time::timeout(Duration::from_secs(2), socket.read(&mut buf))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or(0);
                     log.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
                 });
             }
@@ -76,7 +80,8 @@ async fn a_channel_naming_an_unlabelled_secret_never_sends_it_anywhere() {
     stack.apply(&campaign("on-exfil", "exfil", "promo", "{allContacts: true}", ""));
 
     for (name, secret) in [("exfil", "disparo-database"), ("evo", "evo-creds")] {
-        let channel = stack.wait_for("channel", name, "SecretNotMarked", LONG, |ch| ready(ch).1 == "SecretNotMarked").await;
+        let channel =
+            stack.wait_for("channel", name, "SecretNotMarked", LONG, |ch| ready(ch).1 == "SecretNotMarked").await;
         let (status, _, message) = ready(&channel);
         assert_eq!(status, "False");
         let fix = format!("kubectl label secret {secret} disparo.io/credentials=true -n {}", stack.ns);
@@ -107,10 +112,19 @@ async fn a_channel_naming_an_unlabelled_secret_never_sends_it_anywhere() {
         assert!(Instant::now() < deadline, "the labelled Secret was never used\n{}", stack.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let channel = stack.wait_for("channel", "evo", "another reason", LONG, |ch| !matches!(ready(ch).1.as_str(), "SecretNotMarked" | "")).await;
+    let channel = stack
+        .wait_for("channel", "evo", "another reason", LONG, |ch| {
+            !matches!(ready(ch).1.as_str(), "SecretNotMarked" | "")
+        })
+        .await;
     assert_eq!(ready(&channel).1, "InstanceUnreachable", "{}", channel["status"]);
     let connections = listener.connections();
-    assert!(connections.iter().all(|c| c.contains("/instance/connectionState/shop") && c.contains("apikey: evolution-key-of-evo")), "{connections:?}");
+    assert!(
+        connections
+            .iter()
+            .all(|c| c.contains("/instance/connectionState/shop") && c.contains("apikey: evolution-key-of-evo")),
+        "{connections:?}"
+    );
     assert!(!connections.iter().any(|c| c.contains("postgres")), "{connections:?}");
     assert_eq!(ready(&stack.get("channel", "exfil")).1, "SecretNotMarked");
 }
@@ -174,7 +188,13 @@ async fn unrelated_secrets(ns: &str, prefix: &str, n: usize, size: usize) {
 async fn post_meta(http: &reqwest::Client, addr: &str, ns: &str, channel: &str, app_secret: &str) -> u16 {
     let body = r#"{"object":"whatsapp_business_account","entry":[]}"#;
     let signature = disparo::webhook::signature::sign_meta(app_secret.as_bytes(), body.as_bytes());
-    let response = http.post(format!("http://{addr}/webhooks/meta/{ns}/{channel}")).header("x-hub-signature-256", signature).body(body).send().await.unwrap();
+    let response = http
+        .post(format!("http://{addr}/webhooks/meta/{ns}/{channel}"))
+        .header("x-hub-signature-256", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     response.status().as_u16()
 }
 
@@ -190,9 +210,20 @@ async fn the_webhook_holds_only_secrets_labelled_for_disparo() {
     let mut stack = Stack::start("iso-mem").await;
     let size = 1024 * 1024 - 4096; // the API server's 1 MiB cap on a Secret's data
     unrelated_secrets(&stack.ns, "before", 250, size).await;
-    stack.kubectl(&["create", "secret", "generic", "plain-creds", "--from-literal=app-secret=plain-secret", "--from-literal=verify-token=v", "--from-literal=access-token=t"]);
+    stack.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "plain-creds",
+        "--from-literal=app-secret=plain-secret",
+        "--from-literal=verify-token=v",
+        "--from-literal=access-token=t",
+    ]);
     stack.apply(&common::stack::meta_channel("main", "http://127.0.0.1:9", "111", &common::stack::fast(0)));
-    stack.apply(&common::stack::meta_channel("plain", "http://127.0.0.1:9", "222", &common::stack::fast(0)).replace("meta-creds", "plain-creds"));
+    stack.apply(
+        &common::stack::meta_channel("plain", "http://127.0.0.1:9", "222", &common::stack::fast(0))
+            .replace("meta-creds", "plain-creds"),
+    );
     // The controller provisions the namespace's organization (with the first Channel).
     stack.wait_for("channel", "main", "Ready", LONG, |ch| is_true_with(ch, "Ready", "Ready")).await;
     let (addr, pid) = start_webhook(&mut stack, &[]).await;
@@ -205,7 +236,11 @@ async fn the_webhook_holds_only_secrets_labelled_for_disparo() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     assert_eq!(http.get(format!("http://{addr}/readyz")).send().await.unwrap().status(), 200);
     assert_eq!(post_meta(&http, &addr, &stack.ns, "main", "sandbox-app-secret").await, 200, "{}", stack.logs());
-    assert_eq!(post_meta(&http, &addr, &stack.ns, "plain", "plain-secret").await, 401, "an unlabelled Secret is not read");
+    assert_eq!(
+        post_meta(&http, &addr, &stack.ns, "plain", "plain-secret").await,
+        401,
+        "an unlabelled Secret is not read"
+    );
     assert_eq!(post_meta(&http, &addr, &stack.ns, "nope", "plain-secret").await, 401);
 
     // Labelled, the Secret is seen (the watch delivers it) and the channel verified.

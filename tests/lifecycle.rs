@@ -12,7 +12,9 @@ use disparo_testkit as common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::stack::{Stack, campaign, fast, is_true_with, meta_channel, phase, recipients, sandbox_with, uid, wait_for_sends};
+use common::stack::{
+    Stack, campaign, fast, is_true_with, meta_channel, phase, recipients, sandbox_with, uid, wait_for_sends,
+};
 use disparo::sandbox::TemplateSpec;
 use serde_json::json;
 
@@ -50,7 +52,11 @@ async fn pause_edit_resume_sends_the_edited_message_through_the_edited_channel()
     let c = stack.wait_for("campaign", "spring", "Completed", LONG, |c| phase(c) == "Completed").await;
 
     assert_eq!(old.ledger().accepted_count(), sent_before, "nothing went through the old channel after the resume");
-    assert_eq!(new.ledger().accepted_count() + sent_before, 300, "the rest went through the new channel, with the new template");
+    assert_eq!(
+        new.ledger().accepted_count() + sent_before,
+        300,
+        "the rest went through the new channel, with the new template"
+    );
     assert_eq!(c["status"]["messages"]["failed"], 0, "no message was refused for its template: {}", c["status"]);
     let all: Vec<String> = recipients(&old).into_iter().chain(recipients(&new)).collect();
     assert_eq!(all.iter().collect::<HashSet<_>>().len(), 300, "nobody got two messages");
@@ -65,7 +71,11 @@ async fn edited_channel_caps_reach_running_senders() {
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(50)));
     stack.apply(&campaign("capped", "main", "promo", "{allContacts: true}", ""));
     wait_for_sends(&stack, &sandbox, 20).await;
-    stack.patch("channel", "main", r#"{"spec":{"rateLimits":{"perMinute":5,"perHour":null,"perDay":null,"mode":"Hard","minIntervalMillis":0}}}"#);
+    stack.patch(
+        "channel",
+        "main",
+        r#"{"spec":{"rateLimits":{"perMinute":5,"perHour":null,"perDay":null,"mode":"Hard","minIntervalMillis":0}}}"#,
+    );
     let edited = chrono::Utc::now();
     stack.wait_for("campaign", "capped", "RateLimited", Duration::from_secs(90), |c| phase(c) == "RateLimited").await;
     // Give running senders a few seconds to read the new caps, then no calendar minute
@@ -88,31 +98,60 @@ async fn a_stopped_channel_restarts_when_its_credentials_change_or_a_person_resu
     let stack = Stack::start("stop").await;
     common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|_| {}).await;
-    stack.kubectl(&["create", "secret", "generic", "bad-creds", "--from-literal=access-token=revoked", "--from-literal=app-secret=x", "--from-literal=verify-token=v"]);
+    stack.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bad-creds",
+        "--from-literal=access-token=revoked",
+        "--from-literal=app-secret=x",
+        "--from-literal=verify-token=v",
+    ]);
     stack.kubectl(&["label", "secret", "bad-creds", "disparo.io/credentials=true"]);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(10)).replace("meta-creds", "bad-creds"));
     stack.apply(&campaign("refused", "main", "promo", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "refused", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped")).await;
+    let c = stack
+        .wait_for("campaign", "refused", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped"))
+        .await;
     assert_eq!(phase(&c), "Paused");
     // The Channel says so too, at its next check.
     stack
         .wait_for("channel", "main", "ProviderRefused", Duration::from_secs(60), |ch| {
-            common::stack::condition(ch, "Ready").is_some_and(|r| r["status"] == "False" && r["reason"] == "ProviderRefused")
+            common::stack::condition(ch, "Ready")
+                .is_some_and(|r| r["status"] == "False" && r["reason"] == "ProviderRefused")
         })
         .await;
     assert_eq!(sandbox.ledger().accepted_count(), 0);
 
     // A person replaces the token: the stop lifts without any other action.
-    let fixed = stack.kubectl(&["create", "secret", "generic", "bad-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=x", "--from-literal=verify-token=v", "--dry-run=client", "-o", "yaml"]);
+    let fixed = stack.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "bad-creds",
+        "--from-literal=access-token=sandbox-meta-token",
+        "--from-literal=app-secret=x",
+        "--from-literal=verify-token=v",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
     stack.apply(&fixed);
     stack.wait_for("campaign", "refused", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(sandbox.ledger().accepted_count(), 200);
 
     // A refusal that a person resolved at the provider (same token): `kubectl disparo resume`.
-    common::seed_contacts(&stack.pool, &stack.org, 300, |i| (if i >= 200 { vec!["second".into()] } else { vec![] }, json!({}))).await;
-    disparo::store::pauses::stop_channel(&stack.pool, &stack.org, "main", "131031", "Business account locked").await.unwrap();
+    common::seed_contacts(&stack.pool, &stack.org, 300, |i| {
+        (if i >= 200 { vec!["second".into()] } else { vec![] }, json!({}))
+    })
+    .await;
+    disparo::store::pauses::stop_channel(&stack.pool, &stack.org, "main", "131031", "Business account locked")
+        .await
+        .unwrap();
     stack.apply(&campaign("second", "main", "promo", "{tags: {anyOf: [second]}}", ""));
-    stack.wait_for("campaign", "second", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped")).await;
+    stack
+        .wait_for("campaign", "second", "ChannelStopped", LONG, |c| is_true_with(c, "Stalled", "ChannelStopped"))
+        .await;
     let out = stack.plugin(&["resume", "second"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     stack.wait_for("campaign", "second", "Completed", LONG, |c| phase(c) == "Completed").await;
@@ -144,10 +183,15 @@ async fn stalled_means_not_sending_and_stuck_pods_show() {
     // The sender pods' database credential is broken (a person edited the Secret): their
     // pods crash, the campaign says so; deleting the Secret makes the controller write a
     // new one with a new password (rotation), and the campaign completes.
-    common::seed_contacts(&stack.pool, &stack.org, 320, |i| (if i >= 300 { vec!["late".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 320, |i| {
+        (if i >= 300 { vec!["late".into()] } else { vec![] }, json!({}))
+    })
+    .await;
     break_database_secret(&stack);
     stack.apply(&campaign("stuck", "main", "promo", "{tags: {anyOf: [late]}}", ""));
-    let c = stack.wait_for("campaign", "stuck", "SenderPodsFailing", LONG, |c| is_true_with(c, "Stalled", "SenderPodsFailing")).await;
+    let c = stack
+        .wait_for("campaign", "stuck", "SenderPodsFailing", LONG, |c| is_true_with(c, "Stalled", "SenderPodsFailing"))
+        .await;
     let message = common::stack::condition(&c, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("sender pods crashed"), "{message}");
     stack.kubectl(&["delete", "secret", "disparo-database"]);
@@ -174,8 +218,18 @@ async fn the_failure_threshold_pauses_in_status_and_a_person_resumes() {
     common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|c| c.faults.permanent = 1.0).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(20)));
-    stack.apply(&campaign("burning", "main", "promo", "{allContacts: true}", "  failureThreshold: {maxFailurePercent: 50, minSample: 20}\n"));
-    let c = stack.wait_for("campaign", "burning", "paused for failures", LONG, |c| is_true_with(c, "Stalled", "FailureThresholdExceeded")).await;
+    stack.apply(&campaign(
+        "burning",
+        "main",
+        "promo",
+        "{allContacts: true}",
+        "  failureThreshold: {maxFailurePercent: 50, minSample: 20}\n",
+    ));
+    let c = stack
+        .wait_for("campaign", "burning", "paused for failures", LONG, |c| {
+            is_true_with(c, "Stalled", "FailureThresholdExceeded")
+        })
+        .await;
     assert_eq!(phase(&c), "Paused");
     assert_eq!(c["spec"]["suspend"], false, "the spec is never rewritten");
     assert_eq!(c["status"]["automaticPause"]["reason"], "FailureThresholdExceeded");
@@ -183,7 +237,13 @@ async fn the_failure_threshold_pauses_in_status_and_a_person_resumes() {
     let failed = c["status"]["messages"]["failed"].as_i64().unwrap_or(0);
     assert!(failed < 200, "paused before the whole audience burned: {}", c["status"]);
     // Re-applying the Git manifest (what a GitOps self-heal does) leaves the pause alone.
-    stack.apply(&campaign("burning", "main", "promo", "{allContacts: true}", "  failureThreshold: {maxFailurePercent: 50, minSample: 20}\n"));
+    stack.apply(&campaign(
+        "burning",
+        "main",
+        "promo",
+        "{allContacts: true}",
+        "  failureThreshold: {maxFailurePercent: 50, minSample: 20}\n",
+    ));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(phase(&stack.get("campaign", "burning")), "Paused");
 
@@ -192,7 +252,8 @@ async fn the_failure_threshold_pauses_in_status_and_a_person_resumes() {
     // Everything still fails: it sends the next sample, then pauses again.
     let c = stack
         .wait_for("campaign", "burning", "second pause", LONG, |c| {
-            c["status"]["messages"]["failed"].as_i64().unwrap_or(0) > failed && is_true_with(c, "Stalled", "FailureThresholdExceeded")
+            c["status"]["messages"]["failed"].as_i64().unwrap_or(0) > failed
+                && is_true_with(c, "Stalled", "FailureThresholdExceeded")
         })
         .await;
     assert_eq!(phase(&c), "Paused");
@@ -207,15 +268,23 @@ async fn a_failed_campaign_resumes_and_a_fixable_preflight_waits() {
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     // Nobody to send to yet: Stalled, not Failed.
     stack.apply(&campaign("early", "main", "promo", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "early", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed")).await;
+    let c = stack
+        .wait_for("campaign", "early", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed"))
+        .await;
     assert_ne!(phase(&c), "Failed");
     common::seed_contacts(&stack.pool, &stack.org, 150, |_| (vec![], json!({}))).await;
     stack.wait_for("campaign", "early", "Completed", LONG, |c| phase(c) == "Completed").await;
 
     // Sender pods that cannot reach Postgres crash past their retries: the Job fails.
-    common::seed_contacts(&stack.pool, &stack.org, 300, |i| (if i >= 150 { vec!["late".into()] } else { vec![] }, json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 300, |i| {
+        (if i >= 150 { vec!["late".into()] } else { vec![] }, json!({}))
+    })
+    .await;
     break_database_secret(&stack);
-    stack.apply(&campaign("doomed", "main", "promo", "{tags: {anyOf: [late]}}", "").replace("parallelism: 2}", "parallelism: 2, backoffLimitPerIndex: 0}"));
+    stack.apply(
+        &campaign("doomed", "main", "promo", "{tags: {anyOf: [late]}}", "")
+            .replace("parallelism: 2}", "parallelism: 2, backoffLimitPerIndex: 0}"),
+    );
     stack.wait_for("campaign", "doomed", "Failed", LONG, |c| phase(c) == "Failed").await;
     // Deleting the broken Secret rotates the credential: the controller writes a good one.
     stack.kubectl(&["delete", "secret", "disparo-database"]);
@@ -231,7 +300,10 @@ async fn a_failed_campaign_resumes_and_a_fixable_preflight_waits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn long_campaign_names_get_their_own_jobs() {
     let stack = Stack::start("names").await;
-    common::seed_contacts(&stack.pool, &stack.org, 100, |i| (vec![if i < 50 { "a".into() } else { "b".into() }], json!({}))).await;
+    common::seed_contacts(&stack.pool, &stack.org, 100, |i| {
+        (vec![if i < 50 { "a".into() } else { "b".into() }], json!({}))
+    })
+    .await;
     let sandbox = sandbox_with(|_| {}).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     let prefix = "spring-sale-for-the-customers-who-bought-twice-in-the-last-year";
@@ -260,10 +332,18 @@ async fn a_refused_message_stops_only_its_campaign() {
     .await;
     stack.apply(&meta_channel("main", &paused.base_url(), "111", &fast(0)));
     stack.apply(&campaign("paused-template", "main", "promo", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "paused-template", "MessageRejected", LONG, |c| is_true_with(c, "Stalled", "MessageRejected")).await;
+    let c = stack
+        .wait_for("campaign", "paused-template", "MessageRejected", LONG, |c| {
+            is_true_with(c, "Stalled", "MessageRejected")
+        })
+        .await;
     assert_eq!(phase(&c), "Paused");
     let channel = stack.get("channel", "main");
-    assert!(is_true_with(&channel, "Ready", "Ready"), "the channel stays ready for other campaigns: {}", channel["status"]);
+    assert!(
+        is_true_with(&channel, "Ready", "Ready"),
+        "the channel stays ready for other campaigns: {}",
+        channel["status"]
+    );
     let stopped: Option<(String,)> = sqlx::query_as("SELECT pause_kind::text FROM channel_state WHERE organization = $1 AND channel = 'main' AND pause_kind IS NOT NULL")
         .bind(&stack.org)
         .fetch_optional(&stack.pool)
@@ -271,7 +351,14 @@ async fn a_refused_message_stops_only_its_campaign() {
         .unwrap();
     assert_eq!(stopped, None, "the channel was not paused");
 
-    stack.kubectl(&["create", "secret", "generic", "evo-creds", "--from-literal=api-key=sandbox-api-key", "--from-literal=webhook-token=t"]);
+    stack.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "evo-creds",
+        "--from-literal=api-key=sandbox-api-key",
+        "--from-literal=webhook-token=t",
+    ]);
     stack.kubectl(&["label", "secret", "evo-creds", "disparo.io/credentials=true"]);
     let evolution = format!(
         "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: evo}}\nspec:\n  provider: evolution\n  evolution:\n    baseUrl: {}\n    instance: sandbox\n    apiKey: {{name: evo-creds, key: api-key}}\n    webhookToken: {{name: evo-creds, key: webhook-token}}\n",
@@ -279,7 +366,9 @@ async fn a_refused_message_stops_only_its_campaign() {
     );
     stack.apply(&evolution);
     stack.apply(&campaign("wrong-type", "evo", "promo", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "wrong-type", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed")).await;
+    let c = stack
+        .wait_for("campaign", "wrong-type", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed"))
+        .await;
     let message = common::stack::condition(&c, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
     assert!(message.contains("spec.message.template") && message.contains("Evolution"), "{message}");
 }

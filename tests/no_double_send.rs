@@ -37,12 +37,23 @@ async fn sandbox() -> SandboxHandle {
         gateway_timeout_recipients: (0..CONTACTS).filter(|i| behind_gateway(*i)).map(common::phone).collect(),
         ..Faults::default()
     };
-    let config = SandboxConfig { listen: "127.0.0.1:0".parse().unwrap(), latency: Latency { min_ms: 0, max_ms: 2 }, faults, ..Default::default() };
+    let config = SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Latency { min_ms: 0, max_ms: 2 },
+        faults,
+        ..Default::default()
+    };
     sandbox::start(config).await.unwrap()
 }
 
 fn unlimited() -> RateLimitsSpec {
-    RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(100_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) }
+    RateLimitsSpec {
+        per_minute: None,
+        per_hour: None,
+        per_day: Some(100_000_000),
+        mode: Some(RateLimitMode::Graceful),
+        min_interval_millis: Some(0),
+    }
 }
 
 async fn campaign(pool: &PgPool) -> Uuid {
@@ -72,10 +83,20 @@ async fn rows(pool: &PgPool, campaign: Uuid) -> Vec<Row> {
     .fetch_all(pool)
     .await
     .unwrap();
-    rows.into_iter().map(|(phone, status, attempts, error_message, history)| Row { phone, status, attempts, error_message, history }).collect()
+    rows.into_iter()
+        .map(|(phone, status, attempts, error_message, history)| Row {
+            phone,
+            status,
+            attempts,
+            error_message,
+            history,
+        })
+        .collect()
 }
 
-async fn no_recipient_gets_two_messages(target: impl FnOnce(&SandboxHandle) -> (ProviderTarget, MessageTemplate, &'static str)) {
+async fn no_recipient_gets_two_messages(
+    target: impl FnOnce(&SandboxHandle) -> (ProviderTarget, MessageTemplate, &'static str),
+) {
     let (pool, _) = common::fresh_db().await;
     let sandbox = sandbox().await;
     let uid = campaign(&pool).await;
@@ -108,7 +129,9 @@ async fn no_recipient_gets_two_messages(target: impl FnOnce(&SandboxHandle) -> (
         let seen = per_recipient.get(&row.phone).copied().unwrap_or(0);
         match row.status.as_str() {
             // Accepted once: either the answer came back or a gateway's 504 did.
-            "sent" | "unknown" => assert_eq!(seen, 1, "{} ({}) reached the provider {seen} times", row.phone, row.status),
+            "sent" | "unknown" => {
+                assert_eq!(seen, 1, "{} ({}) reached the provider {seen} times", row.phone, row.status)
+            }
             // Refused by the provider on every attempt: never accepted.
             "failed" => assert_eq!((seen, row.attempts), (0, 4), "{}: {}", row.phone, row.history),
             other => panic!("{} ended {other}: {}", row.phone, row.history),
@@ -138,7 +161,11 @@ async fn no_recipient_gets_two_messages(target: impl FnOnce(&SandboxHandle) -> (
     assert!(unknown_behind_gateway > 0, "the gateway's 504 was exercised");
     assert!(retried > 0, "the provider's own refusals are still retried");
     let counted = |status: &str| rows.iter().filter(|r| r.status == status).count();
-    assert_eq!(ledger.accepted_count(), counted("sent") + counted("unknown"), "every accepted message is sent or unknown");
+    assert_eq!(
+        ledger.accepted_count(),
+        counted("sent") + counted("unknown"),
+        "every accepted message is sent or unknown"
+    );
     sandbox.shutdown().await.unwrap();
 }
 
@@ -146,8 +173,16 @@ async fn no_recipient_gets_two_messages(target: impl FnOnce(&SandboxHandle) -> (
 async fn a_gateway_504_after_meta_accepted_is_never_resent() {
     no_recipient_gets_two_messages(|sandbox| {
         (
-            ProviderTarget::Meta { base_url: sandbox.base_url(), api_version: "v23.0".into(), phone_number_id: "106540352242922".into() },
-            MessageTemplate::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["{{contact.name}}".into()] },
+            ProviderTarget::Meta {
+                base_url: sandbox.base_url(),
+                api_version: "v23.0".into(),
+                phone_number_id: "106540352242922".into(),
+            },
+            MessageTemplate::Template {
+                name: "promo".into(),
+                language: "pt_BR".into(),
+                body_parameters: vec!["{{contact.name}}".into()],
+            },
             "sandbox-meta-token",
         )
     })

@@ -30,7 +30,12 @@ async fn sleep_until(at: DateTime<Utc>) {
 /// Runs the plugin and returns its stdout; panics with its stderr when it fails.
 fn plugin_ok(stack: &Stack, args: &[&str]) -> String {
     let out = stack.plugin(args);
-    assert!(out.status.success(), "kubectl disparo {args:?} failed:\n{}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "kubectl disparo {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -41,7 +46,8 @@ fn help(stack: &Stack, command: &str) -> String {
 
 /// The reasons of the Events whose involved object is `name`, as `kubectl get events` shows them.
 fn event_reasons(stack: &Stack, name: &str) -> Vec<String> {
-    let out = stack.kubectl(&["get", "events", "--field-selector", &format!("involvedObject.name={name}"), "-o", "json"]);
+    let out =
+        stack.kubectl(&["get", "events", "--field-selector", &format!("involvedObject.name={name}"), "-o", "json"]);
     let list: Value = serde_json::from_str(&out).unwrap();
     list["items"].as_array().unwrap().iter().filter_map(|e| e["reason"].as_str().map(str::to_owned)).collect()
 }
@@ -76,11 +82,13 @@ async fn phones_with_status(pool: &PgPool, campaign_uid: &str, status: &str) -> 
 /// Every phone of a campaign's messages.
 async fn audience_phones(pool: &PgPool, campaign_uid: &str) -> BTreeSet<String> {
     let uid: uuid::Uuid = campaign_uid.parse().unwrap();
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT c.phone FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1")
-        .bind(uid)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT c.phone FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1",
+    )
+    .bind(uid)
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter().map(|(p,)| p).collect()
 }
 
@@ -91,7 +99,11 @@ fn count(object: &Value, field: &str) -> i64 {
 /// A daily window `[open, open + 1 min)` in UTC, as spec lines.
 fn one_minute_window(open: DateTime<Utc>) -> String {
     let close = open + chrono::Duration::minutes(1);
-    format!("  schedule:\n    window: {{start: '{}', end: '{}', timeZone: UTC}}\n", open.format("%H:%M"), close.format("%H:%M"))
+    format!(
+        "  schedule:\n    window: {{start: '{}', end: '{}', timeZone: UTC}}\n",
+        open.format("%H:%M"),
+        close.format("%H:%M")
+    )
 }
 
 /// The next whole minute at least `lead` from now.
@@ -121,14 +133,26 @@ async fn a_send_window_stops_sends_when_it_closes_and_the_campaign_goes_on_when_
     let close = open + chrono::Duration::minutes(1);
     stack.apply(&campaign("windowed", "main", "promo", "{allContacts: true}", &one_minute_window(open)));
 
-    let c = stack.wait_for("campaign", "windowed", "Scheduled before the window", Duration::from_secs(30), |c| phase(c) == "Scheduled").await;
+    let c = stack
+        .wait_for("campaign", "windowed", "Scheduled before the window", Duration::from_secs(30), |c| {
+            phase(c) == "Scheduled"
+        })
+        .await;
     assert!(Utc::now() < open, "the test chose the window too close to now");
     assert_eq!(c["spec"]["suspend"], false);
-    stack.wait_for("campaign", "windowed", "Running once the window opens", Duration::from_secs(120), |c| phase(c) == "Running").await;
+    stack
+        .wait_for("campaign", "windowed", "Running once the window opens", Duration::from_secs(120), |c| {
+            phase(c) == "Running"
+        })
+        .await;
     assert!(Utc::now() >= open, "running before the window opened");
 
     sleep_until(close).await;
-    let c = stack.wait_for("campaign", "windowed", "Scheduled when the window closes", Duration::from_secs(30), |c| phase(c) == "Scheduled").await;
+    let c = stack
+        .wait_for("campaign", "windowed", "Scheduled when the window closes", Duration::from_secs(30), |c| {
+            phase(c) == "Scheduled"
+        })
+        .await;
     stack.wait_for_no_pods(&uid(&c)).await;
     sleep_until(close + EDGE + chrono::Duration::seconds(3)).await;
     let first = sandbox.ledger().entries();
@@ -148,11 +172,19 @@ async fn a_send_window_stops_sends_when_it_closes_and_the_campaign_goes_on_when_
     stack.patch("campaign", "windowed", &json!({"spec": {"schedule": {"window": {"start": reopen.format("%H:%M").to_string(), "end": (reopen + chrono::Duration::minutes(1)).format("%H:%M").to_string(), "timeZone": "UTC"}}}}).to_string());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(phase(&stack.get("campaign", "windowed")), "Scheduled", "still waiting for the moved window");
-    stack.wait_for("campaign", "windowed", "Running in the next window", Duration::from_secs(120), |c| phase(c) == "Running").await;
+    stack
+        .wait_for("campaign", "windowed", "Running in the next window", Duration::from_secs(120), |c| {
+            phase(c) == "Running"
+        })
+        .await;
     wait_for_sends(&stack, &sandbox, stopped + 20).await;
     let again: Vec<_> = sandbox.ledger().entries().into_iter().skip(stopped).map(|e| e.at).collect();
     assert!(again.iter().all(|at| *at >= reopen), "sent before the next window opened at {reopen}: {again:?}");
-    assert_eq!(recipients(&sandbox).iter().collect::<HashSet<_>>().len(), sandbox.ledger().accepted_count(), "nobody got two messages");
+    assert_eq!(
+        recipients(&sandbox).iter().collect::<HashSet<_>>().len(),
+        sandbox.ledger().accepted_count(),
+        "nobody got two messages"
+    );
 }
 
 /// A campaign created with `spec.suspend: true` is a Draft: it freezes nothing and
@@ -199,7 +231,11 @@ async fn retention_delete_removes_the_rows_and_the_default_keeps_them() {
     assert!(kept_before.iter().all(|(_, n)| *n > 0), "{kept_before:?}");
 
     stack.kubectl(&["delete", "campaign", "gone", "kept", "--timeout=60s"]);
-    assert!(rows(&stack.pool, &gone_uid).await.iter().all(|(_, n)| *n == 0), "retention: Delete left rows: {:?}", rows(&stack.pool, &gone_uid).await);
+    assert!(
+        rows(&stack.pool, &gone_uid).await.iter().all(|(_, n)| *n == 0),
+        "retention: Delete left rows: {:?}",
+        rows(&stack.pool, &gone_uid).await
+    );
     assert_eq!(rows(&stack.pool, &kept_uid).await, kept_before, "the default retention keeps every row");
 
     // Deleted while its senders are still sending.
@@ -212,7 +248,12 @@ async fn retention_delete_removes_the_rows_and_the_default_keeps_them() {
     stack.kubectl(&["delete", "campaign", "midway", "--timeout=60s"]);
     stack.wait_for_no_pods(&uid(&midway)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(rows(&stack.pool, &uid(&midway)).await.iter().all(|(_, n)| *n == 0), "rows came back after the deletion: {:?}\n{}", rows(&stack.pool, &uid(&midway)).await, stack.logs());
+    assert!(
+        rows(&stack.pool, &uid(&midway)).await.iter().all(|(_, n)| *n == 0),
+        "rows came back after the deletion: {:?}\n{}",
+        rows(&stack.pool, &uid(&midway)).await,
+        stack.logs()
+    );
     let after = sandbox_slow.ledger().accepted_count();
     assert!(after < 200, "sending stopped with the deletion: {after}");
 }
@@ -265,7 +306,9 @@ async fn the_plugin_verbs_pause_resume_and_cancel_do_what_their_help_says() {
     assert!(help(&stack, "status").contains("Keep watching until the campaign reaches a final phase"));
 
     wait_for_sends(&stack, &sandbox, 30).await;
-    let c = stack.wait_for("campaign", "verbs", "progress in status", LONG, |c| phase(c) == "Running" && count(c, "sent") > 0).await;
+    let c = stack
+        .wait_for("campaign", "verbs", "progress in status", LONG, |c| phase(c) == "Running" && count(c, "sent") > 0)
+        .await;
     let view = plugin_ok(&stack, &["status", "verbs"]);
     assert!(view.contains(&format!("Campaign  {}/verbs", stack.ns)), "{view}");
     assert!(view.contains("Phase     Running"), "{view}");
@@ -317,14 +360,27 @@ async fn the_plugin_verbs_pause_resume_and_cancel_do_what_their_help_says() {
     // The final counts add up and match what the provider accepted.
     let c = stack
         .wait_for("campaign", "verbs", "final counts", Duration::from_secs(30), |c| {
-            count(c, "pending") == 0 && count(c, "sent") + count(c, "failed") + count(c, "unknown") + count(c, "cancelled") + count(c, "skipped") == 800
+            count(c, "pending") == 0
+                && count(c, "sent")
+                    + count(c, "failed")
+                    + count(c, "unknown")
+                    + count(c, "cancelled")
+                    + count(c, "skipped")
+                    == 800
         })
         .await;
     assert!(count(&c, "cancelled") > 0, "{}", c["status"]);
     let (sent, unknown) = (count(&c, "sent") as usize, count(&c, "unknown") as usize);
-    assert!(sent <= cancelled_at && cancelled_at <= sent + unknown, "status counts what the provider accepted ({cancelled_at}): {}", c["status"]);
+    assert!(
+        sent <= cancelled_at && cancelled_at <= sent + unknown,
+        "status counts what the provider accepted ({cancelled_at}): {}",
+        c["status"]
+    );
     let view = plugin_ok(&stack, &["status", "verbs"]);
-    assert!(view.contains("Phase     Cancelled") && view.contains(&format!("cancelled {}", count(&c, "cancelled"))), "{view}");
+    assert!(
+        view.contains("Phase     Cancelled") && view.contains(&format!("cancelled {}", count(&c, "cancelled"))),
+        "{view}"
+    );
     // `--watch` waits for a final phase, also off a terminal (a script): this one is final.
     let watched = plugin_ok(&stack, &["status", "verbs", "--watch"]);
     assert!(watched.contains("Phase     Cancelled"), "{watched}");
@@ -344,7 +400,13 @@ async fn status_shows_the_failures_and_retry_failed_sends_to_exactly_those() {
     common::seed_contacts(&stack.pool, &stack.org, 200, |_| (vec![], json!({}))).await;
     let sandbox = sandbox_with(|c| c.faults.permanent = 0.3).await;
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
-    stack.apply(&campaign("flaky", "main", "promo", "{allContacts: true}", "  failureThreshold: {maxFailurePercent: 100, minSample: 1}\n"));
+    stack.apply(&campaign(
+        "flaky",
+        "main",
+        "promo",
+        "{allContacts: true}",
+        "  failureThreshold: {maxFailurePercent: 100, minSample: 1}\n",
+    ));
     let c = stack.wait_for("campaign", "flaky", "Completed", LONG, |c| phase(c) == "Completed").await;
     let failed = phones_with_status(&stack.pool, &uid(&c), "failed").await;
     assert!(!failed.is_empty() && failed.len() < 200, "some failed: {}", failed.len());
@@ -358,7 +420,10 @@ async fn status_shows_the_failures_and_retry_failed_sends_to_exactly_those() {
     assert!(view.contains("Phase     Completed") && view.contains(&counts), "{view}");
     assert!(view.contains(&format!("failed {}", failed.len())), "{view}");
     assert!(view.contains("Rates     delivery") && view.contains("Retries   first attempt"), "{view}");
-    assert!(view.lines().any(|l| l.trim_start().starts_with("131026") && l.trim_end().ends_with(&failed.len().to_string())), "the error breakdown: {view}");
+    assert!(
+        view.lines().any(|l| l.trim_start().starts_with("131026") && l.trim_end().ends_with(&failed.len().to_string())),
+        "the error breakdown: {view}"
+    );
     let as_json: Value = serde_json::from_str(&plugin_ok(&stack, &["status", "flaky", "-o", "json"])).unwrap();
     assert_eq!(as_json["status"]["messages"]["failed"], failed.len());
     let as_yaml: Value = serde_yaml::from_str(&plugin_ok(&stack, &["status", "flaky", "-o", "yaml"])).unwrap();

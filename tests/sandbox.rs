@@ -15,7 +15,9 @@ use axum::routing::post;
 use disparo::providers::evolution::{ConnectionState, EvolutionClient};
 use disparo::providers::meta::MetaClient;
 use disparo::providers::signature::verify_meta_signature;
-use disparo::providers::{Content, ErrorClass, OutboundMessage, ProviderClient, ProviderError, Secret, SendOutcome, Timeouts, http_client};
+use disparo::providers::{
+    Content, ErrorClass, OutboundMessage, ProviderClient, ProviderError, Secret, SendOutcome, Timeouts, http_client,
+};
 use disparo::sandbox::{self, Faults, SandboxConfig, SandboxHandle, TemplateSpec, WebhookBehaviour};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -76,13 +78,21 @@ fn evolution(base_url: String, instance: &str, key: &str) -> EvolutionClient {
 fn template(to: &str, callback: &str) -> OutboundMessage {
     OutboundMessage {
         to: to.into(),
-        content: Content::Template { name: "order_update_v1".into(), language: "en_US".into(), body_parameters: vec!["Alex".into(), "A12345".into()] },
+        content: Content::Template {
+            name: "order_update_v1".into(),
+            language: "en_US".into(),
+            body_parameters: vec!["Alex".into(), "A12345".into()],
+        },
         callback_data: callback.into(),
     }
 }
 
 fn text(to: &str) -> OutboundMessage {
-    OutboundMessage { to: to.into(), content: Content::Text("Olá! Sua promoção chegou.".into()), callback_data: "m-1".into() }
+    OutboundMessage {
+        to: to.into(),
+        content: Content::Text("Olá! Sua promoção chegou.".into()),
+        callback_data: "m-1".into(),
+    }
 }
 
 fn rejected(outcome: SendOutcome) -> ProviderError {
@@ -132,7 +142,10 @@ impl Receiver {
 
     /// The next POST, or a failure after a few seconds.
     async fn next(&mut self) -> (HeaderMap, Bytes) {
-        tokio::time::timeout(Duration::from_secs(5), self.posts.recv()).await.expect("a webhook within 5 s").expect("receiver open")
+        tokio::time::timeout(Duration::from_secs(5), self.posts.recv())
+            .await
+            .expect("a webhook within 5 s")
+            .expect("receiver open")
     }
 }
 
@@ -155,7 +168,8 @@ async fn meta_accepts_with_wamids_and_the_ledger_counts_per_recipient() {
     assert_eq!(ledger.max_in_any_minute_window(), 4);
     assert_eq!(ledger.entries()[1].callback_data.as_deref(), Some("m-2"));
 
-    let summary: Value = reqwest::get(format!("{}/_sandbox/ledger", sandbox.base_url())).await.unwrap().json().await.unwrap();
+    let summary: Value =
+        reqwest::get(format!("{}/_sandbox/ledger", sandbox.base_url())).await.unwrap().json().await.unwrap();
     assert_eq!(summary["total_accepted"], 4);
     assert_eq!(summary["duplicates"][0], "+15551234567");
     assert_eq!(summary["accepted"].as_array().map(Vec::len), Some(4));
@@ -170,7 +184,9 @@ async fn meta_accepts_with_wamids_and_the_ledger_counts_per_recipient() {
 #[tokio::test]
 async fn a_wrong_meta_token_stops_the_channel() {
     let sandbox = start(config()).await;
-    let error = rejected(meta(sandbox.base_url(), "not-the-token", Duration::from_secs(5)).send(&template("+15551234567", "m")).await);
+    let error = rejected(
+        meta(sandbox.base_url(), "not-the-token", Duration::from_secs(5)).send(&template("+15551234567", "m")).await,
+    );
     assert_eq!((error.class, error.code.as_str()), (ErrorClass::StopChannel, "190"));
     assert_eq!(sandbox.ledger().accepted_count(), 0);
     sandbox.shutdown().await.unwrap();
@@ -200,7 +216,12 @@ async fn injected_meta_errors_arrive_classified() {
     assert_eq!(sandbox.ledger().accepted_count(), 0);
 
     // Faults can also be changed over HTTP, as a rehearsal script would.
-    let put = reqwest::Client::new().put(format!("{}/_sandbox/faults", sandbox.base_url())).json(&serde_json::json!({ "retryable": 0.0 })).send().await.unwrap();
+    let put = reqwest::Client::new()
+        .put(format!("{}/_sandbox/faults", sandbox.base_url()))
+        .json(&serde_json::json!({ "retryable": 0.0 }))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(put.status(), 204);
     accepted(client.send(&template("+15551234567", "m")).await);
     sandbox.shutdown().await.unwrap();
@@ -223,7 +244,11 @@ async fn the_per_minute_cap_answers_130429() {
 #[tokio::test]
 async fn meta_templates_are_checked_when_configured() {
     let mut config = config();
-    config.meta.templates = vec![TemplateSpec { name: "order_update_v1".into(), languages: vec!["en_US".into()], body_parameters: Some(2) }];
+    config.meta.templates = vec![TemplateSpec {
+        name: "order_update_v1".into(),
+        languages: vec!["en_US".into()],
+        body_parameters: Some(2),
+    }];
     let sandbox = start(config).await;
     let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
     accepted(client.send(&template("+15551234567", "m")).await);
@@ -234,7 +259,11 @@ async fn meta_templates_are_checked_when_configured() {
     assert_eq!((error.class, error.code.as_str()), (ErrorClass::Permanent, "132001"));
 
     let mut short = template("+15551234567", "m");
-    short.content = Content::Template { name: "order_update_v1".into(), language: "en_US".into(), body_parameters: vec!["Alex".into()] };
+    short.content = Content::Template {
+        name: "order_update_v1".into(),
+        language: "en_US".into(),
+        body_parameters: vec!["Alex".into()],
+    };
     let error = rejected(client.send(&short).await);
     assert_eq!((error.class, error.code.as_str()), (ErrorClass::Permanent, "132000"));
     sandbox.shutdown().await.unwrap();
@@ -259,7 +288,8 @@ async fn a_gateway_504_after_acceptance_is_unknown_for_both_providers() {
     config.faults.gateway_timeout_recipients = vec!["+15551234567".into(), "5511999999999".into()];
     let sandbox = start(config).await;
 
-    let outcome = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234567", "m")).await;
+    let outcome =
+        meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234567", "m")).await;
     assert!(matches!(outcome, SendOutcome::Unknown { ref reason } if reason.contains("504")), "{outcome:?}");
     let outcome = evolution(sandbox.base_url(), INSTANCE, API_KEY).send(&text("+5511999999999")).await;
     assert!(matches!(outcome, SendOutcome::Unknown { ref reason } if reason.contains("504")), "{outcome:?}");
@@ -268,7 +298,8 @@ async fn a_gateway_504_after_acceptance_is_unknown_for_both_providers() {
     // Others are answered normally; the probability form reaches everyone.
     accepted(meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234568", "m")).await);
     sandbox.set_faults(Faults { gateway_timeout: 1.0, ..Faults::default() }).unwrap();
-    let outcome = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234569", "m")).await;
+    let outcome =
+        meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234569", "m")).await;
     assert!(matches!(outcome, SendOutcome::Unknown { .. }), "{outcome:?}");
     assert_eq!(sandbox.ledger().accepted_count(), 4);
     sandbox.shutdown().await.unwrap();
@@ -300,7 +331,9 @@ async fn a_refused_connection_is_a_retryable_network_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let error = rejected(meta(format!("http://{addr}"), META_TOKEN, Duration::from_secs(2)).send(&template("+15551234567", "m")).await);
+    let error = rejected(
+        meta(format!("http://{addr}"), META_TOKEN, Duration::from_secs(2)).send(&template("+15551234567", "m")).await,
+    );
     assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "network"));
     let error = rejected(evolution(format!("http://{addr}"), INSTANCE, API_KEY).send(&text("+5511999999999")).await);
     assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "network"));
@@ -374,7 +407,10 @@ async fn meta_webhooks_are_signed_and_follow_the_message() {
     for _ in 0..3 {
         let (headers, body) = receiver.next().await;
         let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok()).expect("signed");
-        assert!(verify_meta_signature(APP_SECRET.as_bytes(), &body, signature), "signature verifies with the app secret");
+        assert!(
+            verify_meta_signature(APP_SECRET.as_bytes(), &body, signature),
+            "signature verifies with the app secret"
+        );
         assert!(!verify_meta_signature(b"another secret", &body, signature));
         let payload: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(payload["object"], "whatsapp_business_account");
@@ -399,7 +435,9 @@ async fn meta_numbers_not_on_whatsapp_are_accepted_then_fail_by_webhook() {
     config.webhooks = orderly_webhooks();
     config.not_on_whatsapp = vec!["15550199999".into()];
     let sandbox = start(config).await;
-    let wamid = accepted(meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15550199999", "m-9")).await);
+    let wamid = accepted(
+        meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15550199999", "m-9")).await,
+    );
     let (_, body) = receiver.next().await;
     let payload: Value = serde_json::from_slice(&body).unwrap();
     let status = &payload["entry"][0]["changes"][0]["value"]["statuses"][0];

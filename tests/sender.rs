@@ -35,13 +35,28 @@ async fn sandbox(latency_ms: u64, faults: Faults) -> SandboxHandle {
     sandbox::start(config).await.unwrap()
 }
 
-fn config(campaign: Uuid, channel: &str, sandbox: &SandboxHandle, retry: RetryPolicy, limits: RateLimitsSpec, block: u32) -> SendConfig {
+fn config(
+    campaign: Uuid,
+    channel: &str,
+    sandbox: &SandboxHandle,
+    retry: RetryPolicy,
+    limits: RateLimitsSpec,
+    block: u32,
+) -> SendConfig {
     SendConfig {
         campaign_uid: campaign,
         organization: "acme".into(),
         channel: channel.into(),
-        target: ProviderTarget::Meta { base_url: sandbox.base_url(), api_version: "v23.0".into(), phone_number_id: "106540352242922".into() },
-        message: MessageTemplate::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["{{contact.name}}".into()] },
+        target: ProviderTarget::Meta {
+            base_url: sandbox.base_url(),
+            api_version: "v23.0".into(),
+            phone_number_id: "106540352242922".into(),
+        },
+        message: MessageTemplate::Template {
+            name: "promo".into(),
+            language: "pt_BR".into(),
+            body_parameters: vec!["{{contact.name}}".into()],
+        },
         retry,
         rate_limits: limits,
         block_size: block,
@@ -50,7 +65,13 @@ fn config(campaign: Uuid, channel: &str, sandbox: &SandboxHandle, retry: RetryPo
 }
 
 fn unlimited() -> RateLimitsSpec {
-    RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(100_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) }
+    RateLimitsSpec {
+        per_minute: None,
+        per_hour: None,
+        per_day: Some(100_000_000),
+        mode: Some(RateLimitMode::Graceful),
+        min_interval_millis: Some(0),
+    }
 }
 
 async fn campaign(pool: &PgPool, n: usize, batch_size: u32) -> (Uuid, i32) {
@@ -62,17 +83,20 @@ async fn campaign(pool: &PgPool, n: usize, batch_size: u32) -> (Uuid, i32) {
 }
 
 async fn run_in_process(pool: &PgPool, cfg: &SendConfig, batch: i32) -> sender::BatchEnd {
-    let client = sender::build_client(&cfg.target, "sandbox-meta-token", Duration::from_millis(cfg.request_timeout_millis)).unwrap();
+    let client =
+        sender::build_client(&cfg.target, "sandbox-meta-token", Duration::from_millis(cfg.request_timeout_millis))
+            .unwrap();
     let metrics = sender::metrics::SenderMetrics::new(&mut Registry::default());
     sender::run_batch(pool, &cfg.batch_job(batch), client, &metrics, &CancellationToken::new()).await.unwrap()
 }
 
 async fn statuses(pool: &PgPool, campaign: Uuid) -> BTreeMap<String, i64> {
-    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status::text, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1")
-        .bind(campaign)
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status::text, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1")
+            .bind(campaign)
+            .fetch_all(pool)
+            .await
+            .unwrap();
     rows.into_iter().collect()
 }
 
@@ -90,11 +114,12 @@ async fn ten_thousand_messages_match_the_ledger() {
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     assert_eq!((counters.sent, counters.pending, counters.failed), (10_000, 0, 0));
     // every recorded provider id is one the sandbox handed out
-    let (distinct,): (i64,) = sqlx::query_as("SELECT count(DISTINCT provider_message_id) FROM campaign_messages WHERE campaign_uid = $1")
-        .bind(uid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (distinct,): (i64,) =
+        sqlx::query_as("SELECT count(DISTINCT provider_message_id) FROM campaign_messages WHERE campaign_uid = $1")
+            .bind(uid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(distinct, 10_000);
 }
 
@@ -113,21 +138,28 @@ async fn retryable_errors_retry_with_the_delays_and_permanent_ones_fail_at_once(
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     assert_eq!(counters.failed, 40, "every message ends failed");
     // permanent failures: one attempt and code 131026; retried ones: up to three attempts
-    let rows: Vec<(i32, String, serde_json::Value)> =
-        sqlx::query_as("SELECT attempts, last_error_code, status_history FROM campaign_messages WHERE campaign_uid = $1")
-            .bind(uid)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let rows: Vec<(i32, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT attempts, last_error_code, status_history FROM campaign_messages WHERE campaign_uid = $1",
+    )
+    .bind(uid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     for (attempts, code, history) in &rows {
         assert!(*attempts >= 1 && *attempts <= 3, "attempts {attempts}");
         if *attempts == 3 && code == "131000" {
             // one history entry per attempt, numbered; the delays between attempts follow
             // the policy: ≥ half of 1 s, then ≥ half of 2 s
-            let entries: Vec<&serde_json::Value> = history.as_array().unwrap().iter().filter(|h| h.get("startedAt").is_some()).collect();
-            assert_eq!(entries.iter().map(|h| h["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3], "{history}");
+            let entries: Vec<&serde_json::Value> =
+                history.as_array().unwrap().iter().filter(|h| h.get("startedAt").is_some()).collect();
+            assert_eq!(
+                entries.iter().map(|h| h["attempt"].as_i64().unwrap()).collect::<Vec<_>>(),
+                vec![1, 2, 3],
+                "{history}"
+            );
             assert!(entries.iter().all(|h| h["run"].is_string() && h["status"] != "sent"), "{history}");
-            let at: Vec<chrono::DateTime<chrono::Utc>> = entries.iter().map(|h| h["startedAt"].as_str().unwrap().parse().unwrap()).collect();
+            let at: Vec<chrono::DateTime<chrono::Utc>> =
+                entries.iter().map(|h| h["startedAt"].as_str().unwrap().parse().unwrap()).collect();
             assert!(at[1] - at[0] >= chrono::Duration::milliseconds(500), "{at:?}");
             assert!(at[2] - at[1] >= chrono::Duration::milliseconds(1000), "{at:?}");
         }
@@ -151,7 +183,13 @@ async fn four_senders_on_a_hard_channel_respect_its_minute_cap() {
     let sandbox = Arc::new(sandbox(5, Faults::default()).await);
     let (uid, batches) = campaign(&pool, 48, 12).await;
     assert_eq!(batches, 4);
-    let limits = RateLimitsSpec { per_minute: Some(20), per_hour: Some(1000), per_day: Some(5000), mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let limits = RateLimitsSpec {
+        per_minute: Some(20),
+        per_hour: Some(1000),
+        per_day: Some(5000),
+        mode: Some(RateLimitMode::Hard),
+        min_interval_millis: Some(0),
+    };
     let cfg = config(uid, "hard", &sandbox, RetryPolicy::default(), limits, 4);
     let mut tasks = Vec::new();
     for batch in 0..4 {
@@ -223,12 +261,19 @@ async fn a_spent_day_window_exits_with_the_rate_limit_code() {
     let (pool, url) = common::fresh_db().await;
     let sandbox = sandbox(0, Faults::default()).await;
     let (uid, _) = campaign(&pool, 10, 100).await;
-    let limits = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(4), mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let limits = RateLimitsSpec {
+        per_minute: None,
+        per_hour: None,
+        per_day: Some(4),
+        mode: Some(RateLimitMode::Hard),
+        min_interval_millis: Some(0),
+    };
     let cfg = config(uid, "tiny", &sandbox, RetryPolicy::default(), limits, 8);
     let status = sender_process(&url, &cfg, 0).wait().await.unwrap();
     assert_eq!(status.code(), Some(sender::EXIT_RATE_LIMITED));
     assert_eq!(sandbox.ledger().accepted_count(), 4);
-    let pause = disparo::store::pauses::channel_pause(&pool, "acme", "tiny").await.unwrap().expect("the channel is paused");
+    let pause =
+        disparo::store::pauses::channel_pause(&pool, "acme", "tiny").await.unwrap().expect("the channel is paused");
     let until = disparo::store::rate::WindowKind::Day.start_of(chrono::Utc::now()) + chrono::Duration::days(1);
     assert_eq!(pause, disparo::store::pauses::ChannelPause::WindowSpent { until });
     assert_eq!(statuses(&pool, uid).await.get("pending"), Some(&6));
@@ -241,7 +286,13 @@ async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
     let (pool, _) = common::fresh_db().await;
     let sandbox = sandbox(0, Faults::default()).await;
     let (uid, _) = campaign(&pool, 10, 100).await;
-    let graceful = RateLimitsSpec { per_minute: Some(3), per_hour: None, per_day: None, mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(0) };
+    let graceful = RateLimitsSpec {
+        per_minute: Some(3),
+        per_hour: None,
+        per_day: None,
+        mode: Some(RateLimitMode::Graceful),
+        min_interval_millis: Some(0),
+    };
     let cfg = config(uid, "soft", &sandbox, RetryPolicy::default(), graceful, 8);
     let run = tokio::spawn({
         let pool = pool.clone();
@@ -255,11 +306,21 @@ async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!run.is_finished(), "a Graceful sender waits for the next token");
-    assert_eq!(disparo::store::pauses::channel_pause(&pool, "acme", "soft").await.unwrap(), None, "Graceful never pauses the channel");
+    assert_eq!(
+        disparo::store::pauses::channel_pause(&pool, "acme", "soft").await.unwrap(),
+        None,
+        "Graceful never pauses the channel"
+    );
     run.abort();
 
     let (uid, _) = campaign(&pool, 10, 100).await;
-    let hard = RateLimitsSpec { per_minute: Some(3), per_hour: None, per_day: None, mode: Some(RateLimitMode::Hard), min_interval_millis: Some(0) };
+    let hard = RateLimitsSpec {
+        per_minute: Some(3),
+        per_hour: None,
+        per_day: None,
+        mode: Some(RateLimitMode::Hard),
+        min_interval_millis: Some(0),
+    };
     let cfg = config(uid, "strict", &sandbox, RetryPolicy::default(), hard, 8);
     let run = tokio::spawn({
         let pool = pool.clone();
@@ -273,8 +334,12 @@ async fn graceful_waits_for_the_next_token_and_hard_pauses_the_channel() {
         assert!(std::time::Instant::now() < deadline, "a Hard channel whose cap is spent pauses");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let minute_end = disparo::store::rate::WindowKind::Minute.start_of(chrono::Utc::now()) + chrono::Duration::minutes(1);
-    assert!(matches!(pause, disparo::store::pauses::ChannelPause::WindowSpent { until } if until <= minute_end), "{pause:?}");
+    let minute_end =
+        disparo::store::rate::WindowKind::Minute.start_of(chrono::Utc::now()) + chrono::Duration::minutes(1);
+    assert!(
+        matches!(pause, disparo::store::pauses::ChannelPause::WindowSpent { until } if until <= minute_end),
+        "{pause:?}"
+    );
     run.abort();
 }
 
@@ -286,7 +351,13 @@ async fn waiting_for_slots(pool: &PgPool, sandbox: &SandboxHandle) -> (Uuid, Sen
         .execute(pool)
         .await
         .unwrap();
-    let spaced = RateLimitsSpec { per_minute: None, per_hour: None, per_day: Some(1_000_000), mode: Some(RateLimitMode::Graceful), min_interval_millis: Some(400) };
+    let spaced = RateLimitsSpec {
+        per_minute: None,
+        per_hour: None,
+        per_day: Some(1_000_000),
+        mode: Some(RateLimitMode::Graceful),
+        min_interval_millis: Some(400),
+    };
     (uid, config(uid, "spaced", sandbox, RetryPolicy::default(), spaced, 16))
 }
 
@@ -311,7 +382,11 @@ async fn sigterm_during_the_slot_wait_requeues_instead_of_sending() {
     assert_eq!(sandbox.ledger().accepted_count(), 0, "a message waiting for its slot is not sent after SIGTERM");
     let by_status = statuses(&pool, uid).await;
     assert_eq!(by_status.get("pending"), Some(&40), "every message is pending again: {by_status:?}");
-    let (attempts,): (i64,) = sqlx::query_as("SELECT sum(attempts) FROM campaign_messages WHERE campaign_uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    let (attempts,): (i64,) = sqlx::query_as("SELECT sum(attempts) FROM campaign_messages WHERE campaign_uid = $1")
+        .bind(uid)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(attempts, 0, "a requeued wait spends no attempt");
 }
 
@@ -389,9 +464,14 @@ async fn a_postgres_outage_mid_batch_is_retried_without_duplicates() {
     let unknown = by_status.get("unknown").copied().unwrap_or(0);
     assert_eq!(sent + unknown, 600, "{by_status:?}");
     assert!(ledger.accepted_count() as i64 >= sent && ledger.accepted_count() as i64 <= sent + unknown);
-    let by_status = |c: &campaigns::Counters| (c.total, c.pending, c.sending, c.unknown, c.sent, c.failed, c.cancelled, c.skipped);
+    let by_status =
+        |c: &campaigns::Counters| (c.total, c.pending, c.sending, c.unknown, c.sent, c.failed, c.cancelled, c.skipped);
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
-    assert_eq!(by_status(&counters), by_status(&campaigns::recount(&pool, uid).await.unwrap()), "counters equal a recount");
+    assert_eq!(
+        by_status(&counters),
+        by_status(&campaigns::recount(&pool, uid).await.unwrap()),
+        "counters equal a recount"
+    );
 }
 
 /// The retry schedule as a real sender runs it: with base 1 s, a message that keeps
@@ -409,7 +489,11 @@ async fn a_failing_message_is_retried_after_one_two_four_seconds_then_failed() {
     assert_eq!(run_in_process(&pool, &cfg, 0).await, sender::BatchEnd::Done);
 
     let rows: Vec<(String, i32, serde_json::Value)> =
-        sqlx::query_as("SELECT status::text, attempts, status_history FROM campaign_messages WHERE campaign_uid = $1").bind(uid).fetch_all(&pool).await.unwrap();
+        sqlx::query_as("SELECT status::text, attempts, status_history FROM campaign_messages WHERE campaign_uid = $1")
+            .bind(uid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(rows.len(), 3);
     let time = |entry: &serde_json::Value, field: &str| -> chrono::DateTime<chrono::Utc> {
         entry[field].as_str().unwrap_or_else(|| panic!("no {field} in {entry}")).parse().unwrap()
@@ -417,14 +501,19 @@ async fn a_failing_message_is_retried_after_one_two_four_seconds_then_failed() {
     let slack = chrono::Duration::milliseconds(750);
     for (status, attempts, history) in &rows {
         assert_eq!((status.as_str(), *attempts), ("failed", 4), "{history}");
-        let sends: Vec<&serde_json::Value> = history.as_array().unwrap().iter().filter(|h| h.get("startedAt").is_some()).collect();
+        let sends: Vec<&serde_json::Value> =
+            history.as_array().unwrap().iter().filter(|h| h.get("startedAt").is_some()).collect();
         assert_eq!(sends.len(), 4, "{history}");
         for (i, delay_ms) in [1_000i64, 2_000, 4_000].into_iter().enumerate() {
             let (previous, next) = (sends[i], sends[i + 1]);
             let delay = chrono::Duration::milliseconds(delay_ms);
             // The retry was decided after the previous send started: no sooner than the
             // un-jittered delay after that start.
-            assert!(time(next, "startedAt") - time(previous, "startedAt") >= delay, "retry {} too early: {history}", i + 1);
+            assert!(
+                time(next, "startedAt") - time(previous, "startedAt") >= delay,
+                "retry {} too early: {history}",
+                i + 1
+            );
             assert!(time(next, "startedAt") >= time(previous, "retryAt"), "sent before its retry time: {history}");
             // And no later than the jittered delay after the failure was recorded.
             let max = chrono::Duration::milliseconds(delay_ms * 6 / 5) + slack;

@@ -38,7 +38,11 @@ async fn phones_of(pool: &PgPool, campaign: Uuid) -> Vec<String> {
 }
 
 async fn status_of(pool: &PgPool, id: i64) -> String {
-    let (s,): (String,) = sqlx::query_as("SELECT status::text FROM campaign_messages WHERE id = $1").bind(id).fetch_one(pool).await.unwrap();
+    let (s,): (String,) = sqlx::query_as("SELECT status::text FROM campaign_messages WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     s
 }
 
@@ -72,7 +76,11 @@ async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
     assert_eq!(phones_of(&pool, all).await, expect(&|_| true));
     assert_eq!((frozen.messages, frozen.batches), (19, 3));
 
-    let tags = AudienceQuery::Tags { any_of: vec!["three".into(), "five".into()], all_of: vec!["even".into()], none_of: vec!["five".into()] };
+    let tags = AudienceQuery::Tags {
+        any_of: vec!["three".into(), "five".into()],
+        all_of: vec!["even".into()],
+        none_of: vec!["five".into()],
+    };
     let (t, _) = freeze(&pool, "acme", &tags, 100).await;
     // anyOf three|five, allOf even, noneOf five: multiples of 3 that are even and not of 5.
     assert_eq!(phones_of(&pool, t).await, expect(&|i| i % 3 == 0 && i % 2 == 0 && i % 5 != 0));
@@ -85,31 +93,58 @@ async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
     let (s, _) = freeze(&pool, "acme", &segment, 100).await;
     assert_eq!(phones_of(&pool, s).await, expect(&|i| i % 4 == 0 && i != 8));
 
-    let no_tier = AudienceQuery::Segment(vec![AttributeFilter { key: "tier".into(), operator: AttributeOperator::DoesNotExist, values: vec![] }]);
+    let no_tier = AudienceQuery::Segment(vec![AttributeFilter {
+        key: "tier".into(),
+        operator: AttributeOperator::DoesNotExist,
+        values: vec![],
+    }]);
     let (nt, _) = freeze(&pool, "acme", &no_tier, 100).await;
     assert_eq!(phones_of(&pool, nt).await, expect(&|i| i % 4 != 0));
 
-    let explicit = AudienceQuery::Contacts(vec![phones[1].clone(), phones[2].clone(), phones[19].clone(), "+5511988887777".into()]);
+    let explicit = AudienceQuery::Contacts(vec![
+        phones[1].clone(),
+        phones[2].clone(),
+        phones[19].clone(),
+        "+5511988887777".into(),
+    ]);
     let (e, frozen) = freeze(&pool, "acme", &explicit, 100).await;
-    assert_eq!(phones_of(&pool, e).await, vec![phones[1].clone(), phones[2].clone()], "opted-out and unknown numbers are excluded");
+    assert_eq!(
+        phones_of(&pool, e).await,
+        vec![phones[1].clone(), phones[2].clone()],
+        "opted-out and unknown numbers are excluded"
+    );
     assert_eq!(frozen.messages, 2);
 
     // fromCampaign: fail two messages of the explicit campaign, then target its failures
     let claimed = messages::claim_due(&pool, e, 0, 10).await.unwrap();
     let outcomes: Vec<(i64, Outcome)> = claimed
         .iter()
-        .map(|m| (m.id, if m.phone == phones[1] { Outcome::Failed { code: "131026".into(), message: "undeliverable".into() } } else { Outcome::Sent { provider_message_id: "wamid.x".into() } }))
+        .map(|m| {
+            (
+                m.id,
+                if m.phone == phones[1] {
+                    Outcome::Failed { code: "131026".into(), message: "undeliverable".into() }
+                } else {
+                    Outcome::Sent { provider_message_id: "wamid.x".into() }
+                },
+            )
+        })
         .collect();
     messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
-    let name: (String,) = sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(e).fetch_one(&pool).await.unwrap();
+    let name: (String,) =
+        sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(e).fetch_one(&pool).await.unwrap();
     let from = AudienceQuery::FromCampaign { name: name.0, statuses: vec!["failed"] };
     let (f, _) = freeze(&pool, "acme", &from, 100).await;
     assert_eq!(phones_of(&pool, f).await, vec![phones[1].clone()]);
 
     let missing = AudienceQuery::FromCampaign { name: "never-ran".into(), statuses: vec!["failed"] };
-    let err = audience::materialize(&pool, &CampaignKey { uid: Uuid::new_v4(), organization: "acme", name: "x", channel: "ch", batch_size: 10 }, &missing)
-        .await
-        .unwrap_err();
+    let err = audience::materialize(
+        &pool,
+        &CampaignKey { uid: Uuid::new_v4(), organization: "acme", name: "x", channel: "ch", batch_size: 10 },
+        &missing,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("never-ran"), "{err}");
 }
 
@@ -125,11 +160,13 @@ async fn materializing_twice_changes_nothing() {
     assert!(first.newly_frozen && !second.newly_frozen);
     assert_eq!((second.messages, second.batches), (30, 3));
     assert_eq!(campaigns::recount(&pool, uid).await.unwrap().total, 30);
-    let batches: Vec<(i32, i64)> = sqlx::query_as("SELECT batch_index, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1 ORDER BY 1")
-        .bind(uid)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let batches: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT batch_index, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(uid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(batches, vec![(0, 10), (1, 10), (2, 10)]);
 }
 
@@ -142,7 +179,11 @@ async fn a_campaign_never_reaches_another_namespace() {
     for query in [
         AudienceQuery::AllContacts,
         AudienceQuery::Tags { any_of: vec!["vip".into()], all_of: vec![], none_of: vec![] },
-        AudienceQuery::Segment(vec![AttributeFilter { key: "city".into(), operator: AttributeOperator::In, values: vec!["SP".into()] }]),
+        AudienceQuery::Segment(vec![AttributeFilter {
+            key: "city".into(),
+            operator: AttributeOperator::In,
+            values: vec!["SP".into()],
+        }]),
         AudienceQuery::Contacts((0..8).map(common::phone).collect()),
     ] {
         let (uid, frozen) = freeze(&pool, "team-a", &query, 100).await;
@@ -165,13 +206,25 @@ async fn statuses_only_move_forward() {
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
     let claimed = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
     let id = claimed[0].id;
-    messages::record_outcomes(&pool, &[(id, Outcome::Sent { provider_message_id: "wamid.1".into() })], "test-run").await.unwrap();
+    messages::record_outcomes(&pool, &[(id, Outcome::Sent { provider_message_id: "wamid.1".into() })], "test-run")
+        .await
+        .unwrap();
     sqlx::query("UPDATE campaign_messages SET status = 'read' WHERE id = $1").bind(id).execute(&pool).await.unwrap();
     // a late 'delivered' after 'read' is refused by the database itself
-    let err = sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1").bind(id).execute(&pool).await.unwrap_err();
+    let err = sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("cannot move from read to delivered"), "{err}");
     // and a second outcome for a message no longer 'sending' changes nothing
-    let changed = messages::record_outcomes(&pool, &[(id, Outcome::Failed { code: "x".into(), message: "late".into() })], "test-run").await.unwrap();
+    let changed = messages::record_outcomes(
+        &pool,
+        &[(id, Outcome::Failed { code: "x".into(), message: "late".into() })],
+        "test-run",
+    )
+    .await
+    .unwrap();
     assert_eq!(changed, 0);
     assert_eq!(status_of(&pool, id).await, "read");
     let recount = campaigns::recount(&pool, uid).await.unwrap();
@@ -223,8 +276,30 @@ async fn counters_equal_a_recount_after_random_changes() {
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     let recount = campaigns::recount(&pool, uid).await.unwrap();
     assert_eq!(
-        (counters.total, counters.pending, counters.sending, counters.unknown, counters.sent, counters.delivered, counters.read, counters.failed, counters.cancelled, counters.skipped),
-        (recount.total, recount.pending, recount.sending, recount.unknown, recount.sent, recount.delivered, recount.read, recount.failed, recount.cancelled, recount.skipped)
+        (
+            counters.total,
+            counters.pending,
+            counters.sending,
+            counters.unknown,
+            counters.sent,
+            counters.delivered,
+            counters.read,
+            counters.failed,
+            counters.cancelled,
+            counters.skipped
+        ),
+        (
+            recount.total,
+            recount.pending,
+            recount.sending,
+            recount.unknown,
+            recount.sent,
+            recount.delivered,
+            recount.read,
+            recount.failed,
+            recount.cancelled,
+            recount.skipped
+        )
     );
     assert!(counters.cancelled > 0 && counters.failed > 0 && counters.read > 0 && counters.skipped > 0);
     let errors = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
@@ -263,7 +338,13 @@ async fn parallel_claims_never_overlap() {
 #[tokio::test]
 async fn concurrent_reservations_never_exceed_the_caps() {
     let (pool, _) = common::fresh_db().await;
-    let limits = Limits { per_minute: Some(37), per_hour: Some(1000), per_day: Some(5000), mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let limits = Limits {
+        per_minute: Some(37),
+        per_hour: Some(1000),
+        per_day: Some(5000),
+        mode: RateLimitMode::Hard,
+        min_interval: std::time::Duration::ZERO,
+    };
     let pool = Arc::new(pool);
     let mut tasks = Vec::new();
     for _ in 0..16 {
@@ -295,7 +376,13 @@ async fn concurrent_reservations_never_exceed_the_caps() {
 #[tokio::test]
 async fn a_spent_day_window_reports_its_reset() {
     let (pool, _) = common::fresh_db().await;
-    let limits = Limits { per_minute: None, per_hour: None, per_day: Some(3), mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let limits = Limits {
+        per_minute: None,
+        per_hour: None,
+        per_day: Some(3),
+        mode: RateLimitMode::Hard,
+        min_interval: std::time::Duration::ZERO,
+    };
     let first = rate::reserve(&pool, "acme", "tiny", &limits, 5).await.unwrap();
     assert_eq!(first.granted(), 3);
     let second = rate::reserve(&pool, "acme", "tiny", &limits, 1).await.unwrap();
@@ -308,7 +395,13 @@ async fn a_spent_day_window_reports_its_reset() {
 #[tokio::test]
 async fn spaced_channels_get_spaced_slots_across_senders() {
     let (pool, _) = common::fresh_db().await;
-    let limits = Limits { per_minute: None, per_hour: Some(1000), per_day: None, mode: RateLimitMode::Graceful, min_interval: std::time::Duration::from_millis(500) };
+    let limits = Limits {
+        per_minute: None,
+        per_hour: Some(1000),
+        per_day: None,
+        mode: RateLimitMode::Graceful,
+        min_interval: std::time::Duration::from_millis(500),
+    };
     let a = rate::reserve(&pool, "acme", "evo", &limits, 10).await.unwrap();
     let b = rate::reserve(&pool, "acme", "evo", &limits, 10).await.unwrap();
     assert_eq!(a.granted(), 4, "2 s of lookahead at 500 ms");
@@ -322,7 +415,13 @@ async fn spaced_channels_get_spaced_slots_across_senders() {
 #[tokio::test]
 async fn unused_tokens_go_back_to_their_window() {
     let (pool, _) = common::fresh_db().await;
-    let limits = Limits { per_minute: None, per_hour: Some(10), per_day: None, mode: RateLimitMode::Hard, min_interval: std::time::Duration::ZERO };
+    let limits = Limits {
+        per_minute: None,
+        per_hour: Some(10),
+        per_day: None,
+        mode: RateLimitMode::Hard,
+        min_interval: std::time::Duration::ZERO,
+    };
     let first = rate::reserve(&pool, "acme", "meta-main", &limits, 10).await.unwrap();
     assert_eq!(first.granted(), 10);
     assert_eq!(rate::reserve(&pool, "acme", "meta-main", &limits, 1).await.unwrap().granted(), 0, "the hour is spent");
@@ -383,14 +482,16 @@ async fn contacts_who_opted_out_after_the_freeze_are_skipped_not_sent() {
     let statuses = statuses_by_phone(&pool, uid).await;
     assert_eq!(statuses[1], (phones[1].clone(), "skipped".to_owned()));
     assert_eq!(statuses[3], (phones[3].clone(), "skipped".to_owned()));
-    let (attempts,): (i32,) = sqlx::query_as("SELECT max(attempts) FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
-        .bind(uid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let (attempts,): (i32,) =
+        sqlx::query_as("SELECT max(attempts) FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
+            .bind(uid)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(attempts, 0, "a skipped message was never attempted");
 
-    let outcomes: Vec<(i64, Outcome)> = claimed.iter().map(|m| (m.id, Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
+    let outcomes: Vec<(i64, Outcome)> =
+        claimed.iter().map(|m| (m.id, Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
     messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
     let counters = assert_counters_equal_recount(&pool, uid).await;
     assert_eq!((counters.skipped, counters.sent, counters.pending), (2, 3, 0));
@@ -410,7 +511,10 @@ async fn a_batch_whose_remaining_contacts_all_opted_out_finishes() {
     assert_eq!(messages::batch_remaining(&pool, uid, 1).await.unwrap().pending, 0);
     let first = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
     assert_eq!(first.len(), 2);
-    let outcomes: Vec<(i64, Outcome)> = first.iter().map(|m| (m.id, Outcome::Failed { code: "131026".into(), message: "undeliverable".into() })).collect();
+    let outcomes: Vec<(i64, Outcome)> = first
+        .iter()
+        .map(|m| (m.id, Outcome::Failed { code: "131026".into(), message: "undeliverable".into() }))
+        .collect();
     messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
     let counters = assert_counters_equal_recount(&pool, uid).await;
     assert_eq!((counters.skipped, counters.failed, counters.pending + counters.sending), (2, 2, 0));
@@ -424,17 +528,19 @@ async fn skipped_is_terminal_and_counted_through_every_change() {
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
     disparo::store::contacts::opt_out(&pool, "acme", &phones[0]).await.unwrap();
     messages::claim_due(&pool, uid, 0, 1).await.unwrap();
-    let (id,): (i64,) = sqlx::query_as("SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
-        .bind(uid)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    for to in ["pending", "sending", "sent", "cancelled"] {
-        let err = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET status = '{to}' WHERE id = $1")))
-            .bind(id)
-            .execute(&pool)
+    let (id,): (i64,) =
+        sqlx::query_as("SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'skipped'")
+            .bind(uid)
+            .fetch_one(&pool)
             .await
-            .unwrap_err();
+            .unwrap();
+    for to in ["pending", "sending", "sent", "cancelled"] {
+        let err =
+            sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET status = '{to}' WHERE id = $1")))
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap_err();
         assert!(err.to_string().contains(&format!("cannot move from skipped to {to}")), "{err}");
     }
     // pending -> skipped by hand is allowed, and the counters follow it and a delete
@@ -466,8 +572,16 @@ async fn a_cancelled_campaign_claims_nothing_and_its_retries_are_cancelled() {
     ];
     assert_eq!(messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap(), 3);
     assert_eq!(status_of(&pool, claimed[0].id).await, "sent", "a message in flight finishes normally");
-    assert_eq!(status_of(&pool, claimed[1].id).await, "cancelled", "a retry of a cancelled campaign is never scheduled");
-    assert_eq!(status_of(&pool, claimed[2].id).await, "cancelled", "a requeue of a cancelled campaign is never scheduled");
+    assert_eq!(
+        status_of(&pool, claimed[1].id).await,
+        "cancelled",
+        "a retry of a cancelled campaign is never scheduled"
+    );
+    assert_eq!(
+        status_of(&pool, claimed[2].id).await,
+        "cancelled",
+        "a requeue of a cancelled campaign is never scheduled"
+    );
     assert!(messages::claim_due(&pool, uid, 0, 10).await.unwrap().is_empty());
     // even a pending message written afterwards by hand is never claimed
     let seventh = common::seed_contacts(&pool, "acme", 7, |_| (vec![], json!({}))).await;
@@ -481,9 +595,11 @@ async fn a_cancelled_campaign_claims_nothing_and_its_retries_are_cancelled() {
     let counters = assert_counters_equal_recount(&pool, uid).await;
     assert_eq!((counters.sent, counters.cancelled, counters.sending), (1, 5, 0));
     // cancelling again changes nothing and keeps the first instant
-    let first: (Option<chrono::DateTime<Utc>>,) = sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    let first: (Option<chrono::DateTime<Utc>>,) =
+        sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
     messages::cancel_pending(&pool, uid).await.unwrap();
-    let again: (Option<chrono::DateTime<Utc>>,) = sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
+    let again: (Option<chrono::DateTime<Utc>>,) =
+        sqlx::query_as("SELECT cancelled_at FROM campaigns WHERE uid = $1").bind(uid).fetch_one(&pool).await.unwrap();
     assert_eq!(first, again);
 }
 
@@ -515,7 +631,11 @@ async fn a_retry_recorded_while_the_cancel_commits_is_cancelled() {
     // A cancel is under way: the campaign is marked and its pending messages cancelled,
     // but not committed yet.
     let mut cancel = pool.begin().await.unwrap();
-    sqlx::query("UPDATE campaigns SET cancelled_at = now() WHERE uid = $1").bind(uid).execute(&mut *cancel).await.unwrap();
+    sqlx::query("UPDATE campaigns SET cancelled_at = now() WHERE uid = $1")
+        .bind(uid)
+        .execute(&mut *cancel)
+        .await
+        .unwrap();
     sqlx::query("UPDATE campaign_messages SET status = 'cancelled' WHERE campaign_uid = $1 AND status = 'pending'")
         .bind(uid)
         .execute(&mut *cancel)
@@ -525,7 +645,12 @@ async fn a_retry_recorded_while_the_cancel_commits_is_cancelled() {
         let pool = pool.clone();
         let id = claimed[0].id;
         tokio::spawn(async move {
-            messages::record_outcomes(&pool, &[(id, Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() })], "test-run").await
+            messages::record_outcomes(
+                &pool,
+                &[(id, Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() })],
+                "test-run",
+            )
+            .await
         })
     };
     // the recording has started (it waits for a lock) or finished before the commit
@@ -545,7 +670,11 @@ async fn recording_outcomes_locks_rows_in_ascending_id_order() {
     let (low, high) = (claimed[0].id.min(claimed[1].id), claimed[0].id.max(claimed[1].id));
     // another writer holds the higher row
     let mut other = pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE").bind(high).execute(&mut *other).await.unwrap();
+    sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE")
+        .bind(high)
+        .execute(&mut *other)
+        .await
+        .unwrap();
     let recording = {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -556,7 +685,8 @@ async fn recording_outcomes_locks_rows_in_ascending_id_order() {
     assert!(blocked_on_a_lock(&pool, &recording).await);
     // the recording took the lower row first, so that is locked now: a writer that
     // also goes in ascending order waits here instead of deadlocking
-    let probe = sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE NOWAIT").bind(low).execute(&pool).await;
+    let probe =
+        sqlx::query("SELECT id FROM campaign_messages WHERE id = $1 FOR UPDATE NOWAIT").bind(low).execute(&pool).await;
     assert!(probe.is_err(), "the lower row is locked before the higher one");
     other.commit().await.unwrap();
     assert_eq!(recording.await.unwrap().unwrap(), 2);

@@ -19,7 +19,9 @@ const LONG: Duration = Duration::from_secs(180);
 
 /// The namespace's own database URL, as a pod there gets it.
 fn namespace_url(stack: &Stack, ns: &str) -> String {
-    let secret: serde_json::Value = serde_json::from_str(&kubectl_ok(&["-n", ns, "get", "secret", "disparo-database", "-o", "json"], None)).unwrap();
+    let secret: serde_json::Value =
+        serde_json::from_str(&kubectl_ok(&["-n", ns, "get", "secret", "disparo-database", "-o", "json"], None))
+            .unwrap();
     use base64::Engine;
     let encoded = secret["data"]["url"].as_str().unwrap();
     let url = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).unwrap()).unwrap();
@@ -37,7 +39,11 @@ async fn wait_for_secret(ns: &str) {
 
 /// Rows a statement changed, or the error Postgres gave.
 async fn rows(conn: &mut sqlx::PgConnection, sql: &str) -> Result<u64, String> {
-    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.map(|r| r.rows_affected()).map_err(|e| e.to_string())
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
+        .execute(conn)
+        .await
+        .map(|r| r.rows_affected())
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -49,19 +55,28 @@ async fn a_namespace_credential_reaches_its_own_rows_only() {
     common::seed_contacts(&stack.pool, &b_org, 40, |_| (vec!["b".into()], json!({"secret": "b's"}))).await;
     for ns in [&stack.ns, &b] {
         kubectl_ok(&["-n", ns, "apply", "-f", "-"], Some(&meta_channel("main", &sandbox.base_url(), "111", &fast(0))));
-        kubectl_ok(&["-n", ns, "apply", "-f", "-"], Some(&campaign("hello", "main", "promo", "{allContacts: true}", "")));
+        kubectl_ok(
+            &["-n", ns, "apply", "-f", "-"],
+            Some(&campaign("hello", "main", "promo", "{allContacts: true}", "")),
+        );
     }
     // Both organizations' campaigns complete with their scoped credentials.
     let a = stack.wait_for("campaign", "hello", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(a["status"]["messages"]["sent"], 60);
     let deadline = std::time::Instant::now() + LONG;
     loop {
-        let c: serde_json::Value = serde_json::from_str(&kubectl_ok(&["-n", &b, "get", "campaign", "hello", "-o", "json"], None)).unwrap();
+        let c: serde_json::Value =
+            serde_json::from_str(&kubectl_ok(&["-n", &b, "get", "campaign", "hello", "-o", "json"], None)).unwrap();
         if phase(&c) == "Completed" {
             assert_eq!(c["status"]["messages"]["sent"], 40);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "B's campaign never completed: {}\n{}", c["status"], stack.logs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B's campaign never completed: {}\n{}",
+            c["status"],
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
@@ -69,25 +84,49 @@ async fn a_namespace_credential_reaches_its_own_rows_only() {
     let mut conn = sqlx::PgConnection::connect(&namespace_url(&stack, &stack.ns)).await.unwrap();
     let (contacts,): (i64,) = sqlx::query_as("SELECT count(*) FROM contacts").fetch_one(&mut conn).await.unwrap();
     assert_eq!(contacts, 60, "A sees its own contacts only");
-    let (messages,): (i64,) = sqlx::query_as("SELECT count(*) FROM campaign_messages").fetch_one(&mut conn).await.unwrap();
+    let (messages,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM campaign_messages").fetch_one(&mut conn).await.unwrap();
     assert_eq!(messages, 60);
-    let (counters,): (i64,) = sqlx::query_as("SELECT count(*) FROM campaign_counters").fetch_one(&mut conn).await.unwrap();
+    let (counters,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM campaign_counters").fetch_one(&mut conn).await.unwrap();
     assert_eq!(counters, 1, "A sees its own campaign's counters only");
     let b_lit = format!("'{b_org}'");
-    assert_eq!(rows(&mut conn, &format!("UPDATE contacts SET name = 'pwned' WHERE organization = {b_lit}")).await, Ok(0));
+    assert_eq!(
+        rows(&mut conn, &format!("UPDATE contacts SET name = 'pwned' WHERE organization = {b_lit}")).await,
+        Ok(0)
+    );
     assert_eq!(rows(&mut conn, &format!("DELETE FROM contacts WHERE organization = {b_lit}")).await, Ok(0));
-    assert_eq!(rows(&mut conn, &format!("UPDATE campaign_messages SET status = 'failed' WHERE organization = {b_lit}")).await, Ok(0));
+    assert_eq!(
+        rows(&mut conn, &format!("UPDATE campaign_messages SET status = 'failed' WHERE organization = {b_lit}")).await,
+        Ok(0)
+    );
     assert_eq!(rows(&mut conn, "UPDATE channel_state SET pause_kind = 'provider_refused' WHERE organization <> (SELECT current_organization())").await, Ok(0));
-    let insert = rows(&mut conn, &format!("INSERT INTO contacts (organization, phone) VALUES ({b_lit}, '+5511911112222')")).await;
+    let insert =
+        rows(&mut conn, &format!("INSERT INTO contacts (organization, phone) VALUES ({b_lit}, '+5511911112222')"))
+            .await;
     assert!(insert.as_ref().is_err_and(|e| e.contains("row-level security")), "{insert:?}");
-    for denied in ["DELETE FROM campaign_messages", "UPDATE campaign_counters SET sent = 0", "DELETE FROM campaigns", "SELECT * FROM unmatched_receipts", "DROP TABLE contacts"] {
+    for denied in [
+        "DELETE FROM campaign_messages",
+        "UPDATE campaign_counters SET sent = 0",
+        "DELETE FROM campaigns",
+        "SELECT * FROM unmatched_receipts",
+        "DROP TABLE contacts",
+    ] {
         let result = rows(&mut conn, denied).await;
-        assert!(result.as_ref().is_err_and(|e| e.contains("permission denied") || e.contains("must be owner")), "{denied}: {result:?}");
+        assert!(
+            result.as_ref().is_err_and(|e| e.contains("permission denied") || e.contains("must be owner")),
+            "{denied}: {result:?}"
+        );
     }
     let (orgs,): (i64,) = sqlx::query_as("SELECT count(*) FROM organizations").fetch_one(&mut conn).await.unwrap();
     assert_eq!(orgs, 1, "A does not even learn B exists");
     // ... and B's data is untouched.
-    let (b_contacts,): (i64,) = sqlx::query_as("SELECT count(*) FROM contacts WHERE organization = $1 AND name <> 'pwned'").bind(&b_org).fetch_one(&stack.pool).await.unwrap();
+    let (b_contacts,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM contacts WHERE organization = $1 AND name <> 'pwned'")
+            .bind(&b_org)
+            .fetch_one(&stack.pool)
+            .await
+            .unwrap();
     assert_eq!(b_contacts, 40);
 }
 
@@ -107,16 +146,42 @@ async fn a_recreated_namespace_starts_empty() {
     // The first controller's Lease went with the namespace: a new one takes over.
     let metrics = format!("127.0.0.1:{}", common::stack::free_port());
     let ns = stack.ns.clone();
-    stack.spawn("controller-2", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller-2", "--lease-seconds", "6"]);
+    stack.spawn(
+        "controller-2",
+        &[
+            "controller",
+            "--metrics-addr",
+            &metrics,
+            "--lease-namespace",
+            &ns,
+            "--watch-namespace",
+            &ns,
+            "--identity",
+            "controller-2",
+            "--lease-seconds",
+            "6",
+        ],
+    );
     stack.kubectl(&[
-        "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
-        "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
+        "create",
+        "secret",
+        "generic",
+        "meta-creds",
+        "--from-literal=access-token=sandbox-meta-token",
+        "--from-literal=app-secret=sandbox-app-secret",
+        "--from-literal=verify-token=verify",
     ]);
     stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     stack.apply(&campaign("fresh", "main", "promo", "{allContacts: true}", ""));
-    let c = stack.wait_for("campaign", "fresh", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed")).await;
-    assert_eq!(c["status"]["preflight"]["audienceSize"], 0, "the old tenant's contacts are not this one's: {}", c["status"]);
+    let c = stack
+        .wait_for("campaign", "fresh", "PreflightFailed", LONG, |c| is_true_with(c, "Stalled", "PreflightFailed"))
+        .await;
+    assert_eq!(
+        c["status"]["preflight"]["audienceSize"], 0,
+        "the old tenant's contacts are not this one's: {}",
+        c["status"]
+    );
     let channel = stack.wait_for("channel", "main", "Ready", LONG, |ch| is_true_with(ch, "Ready", "Ready")).await;
     assert!(channel["status"]["rateLimitedUntil"].is_null(), "the old tenant's channel stop is not this one's");
     assert_eq!(sandbox.ledger().accepted_count(), 0);
@@ -135,9 +200,16 @@ async fn contacts_import_needs_rights_in_the_namespace() {
     }
     // A person who may edit A only.
     stack.kubectl(&["create", "serviceaccount", "alice"]);
-    stack.kubectl(&["create", "rolebinding", "alice-edit", "--clusterrole=edit", &format!("--serviceaccount={}:alice", stack.ns)]);
+    stack.kubectl(&[
+        "create",
+        "rolebinding",
+        "alice-edit",
+        "--clusterrole=edit",
+        &format!("--serviceaccount={}:alice", stack.ns),
+    ]);
     let token = stack.kubectl(&["create", "token", "alice"]).trim().to_owned();
-    let admin: serde_json::Value = serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"], None)).unwrap();
+    let admin: serde_json::Value =
+        serde_json::from_str(&kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"], None)).unwrap();
     let cluster = &admin["clusters"][0]["cluster"];
     let kubeconfig = json!({
         "apiVersion": "v1", "kind": "Config", "current-context": "alice",
@@ -165,7 +237,14 @@ async fn contacts_import_needs_rights_in_the_namespace() {
     assert!(stderr.contains("may not read Secret disparo-database"), "{stderr}");
     let count = |org: String| {
         let pool = stack.pool.clone();
-        async move { sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM contacts WHERE organization = $1").bind(org).fetch_one(&pool).await.unwrap().0 }
+        async move {
+            sqlx::query_as::<_, (i64,)>("SELECT count(*) FROM contacts WHERE organization = $1")
+                .bind(org)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                .0
+        }
     };
     assert_eq!(count(stack.org.clone()).await, 2);
     assert_eq!(count(b_org).await, 0);

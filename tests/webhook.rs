@@ -2,6 +2,9 @@
 //! signatures, the handshake, out-of-order and duplicated receipts, Evolution, opt-outs,
 //! Postgres going away and coming back, body limits, and random input.
 
+// A panic is how a test fails: tests may unwrap.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use disparo_testkit as common;
 
 use std::collections::{BTreeMap, HashMap};
@@ -92,8 +95,11 @@ impl Service {
 
     /// POSTs a Meta body signed with `secret` (None: unsigned) to org/channel.
     async fn meta_post(&self, org: &str, body: &str, secret: Option<&str>) -> (StatusCode, String) {
-        let mut request =
-            self.http.post(self.url(&format!("/webhooks/meta/{org}/wa"))).header("content-type", "application/json").body(body.to_owned());
+        let mut request = self
+            .http
+            .post(self.url(&format!("/webhooks/meta/{org}/wa")))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
         if let Some(secret) = secret {
             request = request.header("x-hub-signature-256", sign_meta(secret.as_bytes(), body.as_bytes()));
         }
@@ -108,7 +114,8 @@ impl Service {
     }
 
     async fn evolution_post(&self, path: &str, body: &str, headers: &[(&str, String)]) -> (StatusCode, String) {
-        let mut request = self.http.post(self.url(path)).header("content-type", "application/json").body(body.to_owned());
+        let mut request =
+            self.http.post(self.url(path)).header("content-type", "application/json").body(body.to_owned());
         for (name, value) in headers {
             request = request.header(*name, value);
         }
@@ -121,8 +128,13 @@ impl Service {
     }
 
     async fn evolution_on(&self, org: &str, channel: &str, body: &str) -> Value {
-        let (status, text) =
-            self.evolution_post(&format!("/webhooks/evolution/{org}/{channel}"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+        let (status, text) = self
+            .evolution_post(
+                &format!("/webhooks/evolution/{org}/{channel}"),
+                body,
+                &[("x-disparo-token", EVOLUTION_TOKEN.into())],
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{text}");
         serde_json::from_str(&text).unwrap()
     }
@@ -156,20 +168,34 @@ async fn campaign(pool: &PgPool, org: &str, phones: &[&str]) -> (Uuid, Vec<i64>)
 async fn campaign_on(pool: &PgPool, org: &str, channel: &str, phones: &[&str]) -> (Uuid, Vec<i64>) {
     let contacts: Vec<disparo::store::contacts::NewContact> = phones
         .iter()
-        .map(|p| disparo::store::contacts::NewContact { phone: (*p).to_owned(), name: None, tags: vec![], attributes: json!({}), whatsapp_id: None })
+        .map(|p| disparo::store::contacts::NewContact {
+            phone: (*p).to_owned(),
+            name: None,
+            tags: vec![],
+            attributes: json!({}),
+            whatsapp_id: None,
+        })
         .collect();
     disparo::store::contacts::upsert(pool, org, &contacts).await.unwrap();
     let uid = Uuid::new_v4();
     let key = audience::CampaignKey { uid, organization: org, name: &format!("c-{uid}"), channel, batch_size: 100_000 };
-    audience::materialize(pool, &key, &audience::AudienceQuery::Contacts(phones.iter().map(|p| (*p).to_owned()).collect())).await.unwrap();
+    audience::materialize(
+        pool,
+        &key,
+        &audience::AudienceQuery::Contacts(phones.iter().map(|p| (*p).to_owned()).collect()),
+    )
+    .await
+    .unwrap();
     let claimed = messages::claim_due(pool, uid, 0, 100_000).await.unwrap();
     let by_phone: HashMap<String, i64> = claimed.iter().map(|m| (m.phone.clone(), m.id)).collect();
     (uid, phones.iter().map(|p| by_phone[*p]).collect())
 }
 
 async fn mark_sent(pool: &PgPool, pairs: &[(i64, &str)]) {
-    let outcomes: Vec<(i64, messages::Outcome)> =
-        pairs.iter().map(|(id, pid)| (*id, messages::Outcome::Sent { provider_message_id: (*pid).to_owned() })).collect();
+    let outcomes: Vec<(i64, messages::Outcome)> = pairs
+        .iter()
+        .map(|(id, pid)| (*id, messages::Outcome::Sent { provider_message_id: (*pid).to_owned() }))
+        .collect();
     assert_eq!(messages::record_outcomes(pool, &outcomes, "test-run").await.unwrap(), pairs.len() as u64);
 }
 
@@ -218,7 +244,9 @@ async fn snapshot(pool: &PgPool) -> Value {
 async fn assert_counters_match(pool: &PgPool, uid: Uuid) {
     let counters = campaigns::counters(pool, uid).await.unwrap().unwrap();
     let recount = campaigns::recount(pool, uid).await.unwrap();
-    let pick = |c: &campaigns::Counters| (c.total, c.pending, c.sending, c.unknown, c.sent, c.delivered, c.read, c.failed, c.cancelled);
+    let pick = |c: &campaigns::Counters| {
+        (c.total, c.pending, c.sending, c.unknown, c.sent, c.delivered, c.read, c.failed, c.cancelled)
+    };
     assert_eq!(pick(&counters), pick(&recount), "counters equal a recount");
 }
 
@@ -251,8 +279,12 @@ fn sweeping() -> ServiceConfig {
 }
 
 async fn opted_out(pool: &PgPool, org: &str, phone: &str) -> bool {
-    let (o,): (bool,) =
-        sqlx::query_as("SELECT opted_out FROM contacts WHERE organization = $1 AND phone = $2").bind(org).bind(phone).fetch_one(pool).await.unwrap();
+    let (o,): (bool,) = sqlx::query_as("SELECT opted_out FROM contacts WHERE organization = $1 AND phone = $2")
+        .bind(org)
+        .bind(phone)
+        .fetch_one(pool)
+        .await
+        .unwrap();
     o
 }
 
@@ -265,8 +297,13 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     // the same WAMIDs in another organization must never be touched by acme's webhooks
     let (beta_uid, beta_ids) = campaign(&pool, "beta", &phones).await;
     mark_sent(&pool, &[(beta_ids[0], RTCA), (beta_ids[2], MJAA), (beta_ids[3], NZEA)]).await;
-    let beta_before =
-        snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
+    let beta_before = snapshot(&pool).await["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["organization"] == "beta")
+        .cloned()
+        .collect::<Vec<_>>();
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
 
     // A5.1 sent: the message is already sent
@@ -281,20 +318,31 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     assert_eq!(service.meta("acme", fixture("meta_read")).await["applied"], 1);
     let m0 = row(&pool, ids[0]).await;
     assert_eq!(m0.status, "read");
-    assert_eq!(m0.webhook_history(), vec![entry("delivered", "2025-06-18T16:22:59Z"), entry("read", "2025-06-18T16:25:01Z")]);
+    assert_eq!(
+        m0.webhook_history(),
+        vec![entry("delivered", "2025-06-18T16:22:59Z"), entry("read", "2025-06-18T16:25:01Z")]
+    );
 
     // A5.4 failed with its error code and title
     assert_eq!(service.meta("acme", fixture("meta_failed")).await["applied"], 1);
     let m1 = row(&pool, ids[1]).await;
-    assert_eq!((m1.status.as_str(), m1.code.as_deref(), m1.error.as_deref()), ("failed", Some("131026"), Some("Message undeliverable")));
+    assert_eq!(
+        (m1.status.as_str(), m1.code.as_deref(), m1.error.as_deref()),
+        ("failed", Some("131026"), Some("Message undeliverable"))
+    );
     assert_eq!(
         m1.webhook_history(),
-        vec![json!({"status": "failed", "at": "2025-06-18T16:23:05Z", "source": "webhook", "code": "131026", "title": "Message undeliverable"})]
+        vec![
+            json!({"status": "failed", "at": "2025-06-18T16:23:05Z", "source": "webhook", "code": "131026", "title": "Message undeliverable"})
+        ]
     );
 
     // A5.5 batch: RTcA stays read (read duplicate, delivered and sent stale), MjAA delivered, NzEA failed 131049
     let summary = service.meta("acme", fixture("meta_batch")).await;
-    assert_eq!(summary, json!({"applied": 2, "duplicate": 1, "stale": 2, "unknown_id": 0, "opted_out": 0, "ignored": 0}));
+    assert_eq!(
+        summary,
+        json!({"applied": 2, "duplicate": 1, "stale": 2, "unknown_id": 0, "opted_out": 0, "ignored": 0})
+    );
     assert_eq!(row(&pool, ids[0]).await, m0, "nothing about RTcA changed");
     assert_eq!(row(&pool, ids[2]).await.status, "delivered");
     let m3 = row(&pool, ids[3]).await;
@@ -304,7 +352,10 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     assert_eq!((counters.sent, counters.delivered, counters.read, counters.failed), (0, 1, 1, 2));
     let breakdown = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
-    assert_eq!(breakdown.iter().map(|(c, n)| (c.as_str(), *n)).collect::<BTreeMap<_, _>>(), BTreeMap::from([("131026", 1), ("131049", 1)]));
+    assert_eq!(
+        breakdown.iter().map(|(c, n)| (c.as_str(), *n)).collect::<BTreeMap<_, _>>(),
+        BTreeMap::from([("131026", 1), ("131049", 1)])
+    );
 
     // replaying everything changes nothing
     let before = snapshot(&pool).await;
@@ -315,10 +366,19 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     assert_eq!(snapshot(&pool).await, before, "duplicates change nothing");
 
     // beta was untouched; A5.5 alone on beta's fresh `sent` messages ends in the same state
-    let after = snapshot(&pool).await["messages"].as_array().unwrap().iter().filter(|m| m["organization"] == "beta").cloned().collect::<Vec<_>>();
+    let after = snapshot(&pool).await["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["organization"] == "beta")
+        .cloned()
+        .collect::<Vec<_>>();
     assert_eq!(after, beta_before);
     let summary = service.meta("beta", fixture("meta_batch")).await;
-    assert_eq!(summary, json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0}));
+    assert_eq!(
+        summary,
+        json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0})
+    );
     let b0 = row(&pool, beta_ids[0]).await;
     assert_eq!(b0.status, "read");
     assert_eq!(
@@ -353,9 +413,13 @@ async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
     let (pool, _) = common::fresh_db().await;
     let (uid, ids) = campaign(&pool, "acme", &["+5511900000001", "+5511900000002"]).await;
     // the sender died after the provider call: `unknown`, no provider id
-    messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
+    messages::record_outcomes(&pool, &[(ids[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run")
+        .await
+        .unwrap();
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
-    let body = fixture("meta_sent").replace(RTCA, "wamid.recovered").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
+    let body = fixture("meta_sent")
+        .replace(RTCA, "wamid.recovered")
+        .replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[0]));
     // posted for another organization, our id does not reach across
     assert_eq!(service.meta("beta", &body).await["unknown_id"], 1);
     assert_eq!(row(&pool, ids[0]).await.status, "unknown");
@@ -368,8 +432,9 @@ async fn a_status_finds_a_message_whose_provider_id_was_never_recorded() {
     assert_eq!(row(&pool, ids[0]).await.status, "delivered");
     // a message that already has a provider id is never taken over through our id
     mark_sent(&pool, &[(ids[1], "wamid.original")]).await;
-    let hijack =
-        fixture("meta_delivered").replace(RTCA, "wamid.other").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[1]));
+    let hijack = fixture("meta_delivered")
+        .replace(RTCA, "wamid.other")
+        .replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", ids[1]));
     assert_eq!(service.meta("acme", &hijack).await["unknown_id"], 1);
     assert_eq!(row(&pool, ids[1]).await.status, "sent");
     assert_counters_match(&pool, uid).await;
@@ -390,9 +455,17 @@ async fn a_forged_or_missing_signature_gets_401_and_changes_nothing() {
     assert_eq!(service.meta_post("acme", body, Some("wrong_secret")).await.0, StatusCode::UNAUTHORIZED, "forged");
     // a valid signature of another body
     let other_signature = sign_meta(APP_SECRET.as_bytes(), fixture("meta_read").as_bytes());
-    for signature in [other_signature.as_str(), "sha256=", "sha256=00", "garbage", &other_signature.replace("sha256=", "sha1=")] {
-        let response =
-            service.http.post(service.url("/webhooks/meta/acme/wa")).header("x-hub-signature-256", signature).body(body).send().await.unwrap();
+    for signature in
+        [other_signature.as_str(), "sha256=", "sha256=00", "garbage", &other_signature.replace("sha256=", "sha1=")]
+    {
+        let response = service
+            .http
+            .post(service.url("/webhooks/meta/acme/wa"))
+            .header("x-hub-signature-256", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{signature}");
     }
     // re-serialized JSON (whitespace changed) no longer matches the signature of the original
@@ -413,7 +486,11 @@ async fn a_forged_or_missing_signature_gets_401_and_changes_nothing() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "an Evolution channel is not a Meta channel");
     assert_eq!(snapshot(&pool).await, before);
     let (_, metrics) = service.get("/metrics").await;
-    assert!(metrics.contains(r#"disparo_webhook_events_total{provider="meta",status="none",outcome="rejected_signature"} 8"#), "{metrics}");
+    assert!(
+        metrics
+            .contains(r#"disparo_webhook_events_total{provider="meta",status="none",outcome="rejected_signature"} 8"#),
+        "{metrics}"
+    );
     // the right signature still works
     assert_eq!(service.meta("acme", body).await["applied"], 1);
     service.stop().await;
@@ -426,7 +503,10 @@ async fn the_verification_handshake_echoes_the_challenge_only_for_the_right_toke
     let path = |org: &str, channel: &str, mode: &str, token: &str| {
         format!("/webhooks/meta/{org}/{channel}?hub.mode={mode}&hub.challenge=1158201444&hub.verify_token={token}")
     };
-    assert_eq!(service.get(&path("acme", "wa", "subscribe", VERIFY_TOKEN)).await, (StatusCode::OK, "1158201444".to_owned()));
+    assert_eq!(
+        service.get(&path("acme", "wa", "subscribe", VERIFY_TOKEN)).await,
+        (StatusCode::OK, "1158201444".to_owned())
+    );
     assert_eq!(service.get(&path("acme", "wa", "subscribe", "wrong")).await.0, StatusCode::FORBIDDEN);
     assert_eq!(service.get(&path("acme", "wa", "subscribe", "")).await.0, StatusCode::FORBIDDEN);
     assert_eq!(service.get(&path("acme", "wa", "unsubscribe", VERIFY_TOKEN)).await.0, StatusCode::FORBIDDEN);
@@ -518,9 +598,13 @@ async fn out_of_order_and_duplicated_receipts_end_in_the_right_state() {
     assert_counters_match(&pool, uid).await;
     let (_, metrics) = service.get("/metrics").await;
     let value = |name: &str| -> f64 {
-        metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} in {metrics}"))
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
     };
-    let (batches, grouped) = (value("disparo_webhook_batch_requests_count"), value("disparo_webhook_batch_requests_sum"));
+    let (batches, grouped) =
+        (value("disparo_webhook_batch_requests_count"), value("disparo_webhook_batch_requests_sum"));
     assert_eq!(grouped as usize, requests);
     assert!(batches < grouped, "concurrent requests share transactions ({batches} batches for {grouped} requests)");
     Arc::try_unwrap(service).ok().unwrap().stop().await;
@@ -531,7 +615,12 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
     let (pool, _) = common::fresh_db().await;
     let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+5511977776666"]).await;
     // The provider id is known while the message is still `sending` (the webhook beat the sender's record).
-    sqlx::query("UPDATE campaign_messages SET provider_message_id = $1 WHERE id = $2").bind(EVO_SENT_ID).bind(ids[0]).execute(&pool).await.unwrap();
+    sqlx::query("UPDATE campaign_messages SET provider_message_id = $1 WHERE id = $2")
+        .bind(EVO_SENT_ID)
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
     mark_sent(&pool, &[(ids[1], EVO_FAILED_ID)]).await;
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
 
@@ -539,7 +628,8 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
         assert_eq!(service.evolution("acme", fixture(name)).await["applied"], 1, "{name}");
         assert_eq!(row(&pool, ids[0]).await.status, status);
     }
-    let statuses: Vec<String> = row(&pool, ids[0]).await.webhook_history().iter().map(|e| e["status"].as_str().unwrap().to_owned()).collect();
+    let statuses: Vec<String> =
+        row(&pool, ids[0]).await.webhook_history().iter().map(|e| e["status"].as_str().unwrap().to_owned()).collect();
     assert_eq!(statuses, ["sent", "delivered", "read"]);
     // a late SERVER_ACK, and the same READ again
     assert_eq!(service.evolution("acme", fixture("evo_sent")).await["stale"], 1);
@@ -561,7 +651,8 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
     let body = fixture("evo_delivered");
     let bearer = format!("Bearer {}", sign_evolution_jwt(EVOLUTION_TOKEN.as_bytes(), Utc::now()));
     let forged = format!("Bearer {}", sign_evolution_jwt(b"not-the-token", Utc::now()));
-    let expired = format!("Bearer {}", sign_evolution_jwt(EVOLUTION_TOKEN.as_bytes(), Utc::now() - chrono::Duration::hours(1)));
+    let expired =
+        format!("Bearer {}", sign_evolution_jwt(EVOLUTION_TOKEN.as_bytes(), Utc::now() - chrono::Duration::hours(1)));
     for (headers, expected) in [
         (vec![], StatusCode::UNAUTHORIZED),
         (vec![("x-disparo-token", "wrong".to_owned())], StatusCode::UNAUTHORIZED),
@@ -573,17 +664,26 @@ async fn an_evolution_update_sequence_maps_to_sent_delivered_read() {
         assert_eq!(service.evolution_post(path, body, &headers).await.0, expected, "{headers:?}");
     }
     assert_eq!(
-        service.evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        service
+            .evolution_post("/webhooks/evolution/acme/nope", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())])
+            .await
+            .0,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        service.evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        service
+            .evolution_post("/webhooks/evolution/acme/wa", body, &[("x-disparo-token", EVOLUTION_TOKEN.into())])
+            .await
+            .0,
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(snapshot(&pool).await, before);
     assert_eq!(service.evolution_post(path, body, &[("authorization", bearer.clone())]).await.0, StatusCode::OK);
     assert_eq!(
-        service.evolution_post(&format!("{path}/messages-update"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        service
+            .evolution_post(&format!("{path}/messages-update"), body, &[("x-disparo-token", EVOLUTION_TOKEN.into())])
+            .await
+            .0,
         StatusCode::OK
     );
     service.stop().await;
@@ -607,7 +707,9 @@ async fn an_opt_out_message_marks_the_contact() {
     assert_eq!(service.meta("acme", &parar).await["opted_out"], 1);
     assert!(opted_out(&pool, "acme", "+5511988886666").await);
     // a conversation is not an opt-out; a stranger's STOP is acknowledged
-    let chat = fixture("meta_inbound_stop").replace("15550123456", "5511900000009").replace("\"STOP\"", "\"can you stop by tomorrow?\"");
+    let chat = fixture("meta_inbound_stop")
+        .replace("15550123456", "5511900000009")
+        .replace("\"STOP\"", "\"can you stop by tomorrow?\"");
     assert_eq!(service.meta("acme", &chat).await["opted_out"], 0);
     assert!(!opted_out(&pool, "acme", "+5511900000009").await);
     let stranger = fixture("meta_inbound_stop").replace("15550123456", "4915112345678");
@@ -617,7 +719,8 @@ async fn an_opt_out_message_marks_the_contact() {
     service.stop().await;
 
     // configured keywords replace the defaults
-    let config = ServiceConfig { keywords: disparo::webhook::OptOutKeywords::new(["BASTA"]), ..ServiceConfig::default() };
+    let config =
+        ServiceConfig { keywords: disparo::webhook::OptOutKeywords::new(["BASTA"]), ..ServiceConfig::default() };
     let service = Service::start(pool.clone(), config).await;
     let stop = fixture("meta_inbound_stop").replace("15550123456", "5511900000009");
     assert_eq!(service.meta("acme", &stop).await["opted_out"], 0);
@@ -629,11 +732,15 @@ async fn an_opt_out_message_marks_the_contact() {
 #[tokio::test]
 async fn bodies_are_capped_and_malformed_json_gets_a_reason() {
     let (pool, _) = common::fresh_db().await;
-    let service = Service::start(pool.clone(), ServiceConfig { max_body_bytes: 4096, ..ServiceConfig::default() }).await;
+    let service =
+        Service::start(pool.clone(), ServiceConfig { max_body_bytes: 4096, ..ServiceConfig::default() }).await;
     let big = format!("{{\"object\":\"whatsapp_business_account\",\"entry\":[],\"pad\":\"{}\"}}", "x".repeat(8192));
     assert_eq!(service.meta_post("acme", &big, Some(APP_SECRET)).await.0, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(
-        service.evolution_post("/webhooks/evolution/acme/evo", &big, &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await.0,
+        service
+            .evolution_post("/webhooks/evolution/acme/evo", &big, &[("x-disparo-token", EVOLUTION_TOKEN.into())])
+            .await
+            .0,
         StatusCode::PAYLOAD_TOO_LARGE
     );
     let (status, reason) = service.meta_post("acme", "{\"object\": ", Some(APP_SECRET)).await;
@@ -641,7 +748,9 @@ async fn bodies_are_capped_and_malformed_json_gets_a_reason() {
     assert!(reason.contains("invalid JSON"), "{reason}");
     let (status, reason) = service.meta_post("acme", "[1,2]", Some(APP_SECRET)).await;
     assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "the body must be a JSON object"));
-    let (status, reason) = service.evolution_post("/webhooks/evolution/acme/evo", "{}", &[("x-disparo-token", EVOLUTION_TOKEN.into())]).await;
+    let (status, reason) = service
+        .evolution_post("/webhooks/evolution/acme/evo", "{}", &[("x-disparo-token", EVOLUTION_TOKEN.into())])
+        .await;
     assert_eq!((status, reason.as_str()), (StatusCode::BAD_REQUEST, "missing \"event\""));
     // unsigned malformed JSON is a 401: nothing is parsed before authentication
     assert_eq!(service.meta_post("acme", "{", None).await.0, StatusCode::UNAUTHORIZED);
@@ -712,7 +821,8 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
     let (pool, _) = common::fresh_db().await;
     let (_, ids) = campaign(&pool, "acme", &["+15550123456", "+5511999999999"]).await;
     mark_sent(&pool, &[(ids[0], RTCA), (ids[1], EVO_SENT_ID)]).await;
-    let service = Service::start(pool.clone(), ServiceConfig { max_body_bytes: 64 * 1024, ..ServiceConfig::default() }).await;
+    let service =
+        Service::start(pool.clone(), ServiceConfig { max_body_bytes: 64 * 1024, ..ServiceConfig::default() }).await;
     let before = snapshot(&pool).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0xd15ba60);
     let fixtures = ["meta_batch", "meta_inbound_stop", "meta_failed", "evo_read", "evo_upsert_sair"];
@@ -735,8 +845,17 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
             }
             _ => {
                 // structurally plausible, with odd leaves
-                let leaf =
-                    [json!(null), json!(1.5), json!(-1), json!("x"), json!([]), json!({}), json!("\u{0}"), json!(u64::MAX), json!("1".repeat(300))];
+                let leaf = [
+                    json!(null),
+                    json!(1.5),
+                    json!(-1),
+                    json!("x"),
+                    json!([]),
+                    json!({}),
+                    json!("\u{0}"),
+                    json!(u64::MAX),
+                    json!("1".repeat(300)),
+                ];
                 let mut pick = || leaf[rng.random_range(0..leaf.len())].clone();
                 let event = ["messages.update", "messages.upsert", "x"][i % 3];
                 let status = ["sent", "read", "failed", "played", "x"][i % 5];
@@ -750,7 +869,8 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         };
         bodies.push(body);
     }
-    let paths = ["/webhooks/meta/acme/wa", "/webhooks/evolution/acme/evo", "/webhooks/evolution/acme/evo/messages-upsert"];
+    let paths =
+        ["/webhooks/meta/acme/wa", "/webhooks/evolution/acme/evo", "/webhooks/evolution/acme/evo/messages-upsert"];
     let mut answered = HashMap::<u16, usize>::new();
     for (i, body) in bodies.iter().enumerate() {
         let path = if i % 17 == 0 {
@@ -760,10 +880,16 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         };
         let mut request = service.http.post(service.url(&path)).body(body.clone());
         for _ in 0..rng.random_range(0..4) {
-            let name = ["x-hub-signature-256", "x-disparo-token", "authorization", "content-type", "x-random"][rng.random_range(0..5)];
+            let name = ["x-hub-signature-256", "x-disparo-token", "authorization", "content-type", "x-random"]
+                [rng.random_range(0..5)];
             let value = match rng.random_range(0..3) {
                 0 => format!("sha256={}", hex::encode(random_bytes(&mut rng, 40))),
-                1 => format!("Bearer {}.{}.{}", random_header_value(&mut rng), random_header_value(&mut rng), random_header_value(&mut rng)),
+                1 => format!(
+                    "Bearer {}.{}.{}",
+                    random_header_value(&mut rng),
+                    random_header_value(&mut rng),
+                    random_header_value(&mut rng)
+                ),
                 _ => random_header_value(&mut rng),
             };
             request = request.header(name, value);
@@ -771,12 +897,19 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         let response = request.send().await.expect("every request is answered (a panic would drop the connection)");
         let status = response.status();
         assert!(
-            [StatusCode::UNAUTHORIZED, StatusCode::NOT_FOUND, StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE].contains(&status),
+            [StatusCode::UNAUTHORIZED, StatusCode::NOT_FOUND, StatusCode::BAD_REQUEST, StatusCode::PAYLOAD_TOO_LARGE]
+                .contains(&status),
             "unsigned request answered {status}"
         );
         *answered.entry(status.as_u16()).or_default() += 1;
     }
-    for query in ["hub.mode=subscribe&hub.verify_token=x&hub.challenge=1", "hub.mode=%FF&hub.challenge=%00", "a=b=c&&&", "hub.challenge=", "%"] {
+    for query in [
+        "hub.mode=subscribe&hub.verify_token=x&hub.challenge=1",
+        "hub.mode=%FF&hub.challenge=%00",
+        "a=b=c&&&",
+        "hub.challenge=",
+        "%",
+    ] {
         let (status, _) = service.get(&format!("/webhooks/meta/acme/wa?{query}")).await;
         assert!(status == StatusCode::FORBIDDEN || status == StatusCode::BAD_REQUEST, "{query}: {status}");
     }
@@ -790,7 +923,14 @@ async fn arbitrary_bodies_and_headers_never_panic_nor_change_anything_unsigned()
         } else {
             ("/webhooks/evolution/acme/evo", "x-disparo-token", EVOLUTION_TOKEN.to_owned())
         };
-        let response = service.http.post(service.url(path)).header(header, value).body(body.clone()).send().await.expect("answered");
+        let response = service
+            .http
+            .post(service.url(path))
+            .header(header, value)
+            .body(body.clone())
+            .send()
+            .await
+            .expect("answered");
         let status = response.status();
         assert!(
             status == StatusCode::OK || status == StatusCode::BAD_REQUEST || status == StatusCode::PAYLOAD_TOO_LARGE,
@@ -860,7 +1000,8 @@ async fn with_postgres_down_the_service_answers_503_and_applies_the_retry_once_i
 #[tokio::test]
 async fn the_benchmark_runs() {
     let (pool, _) = common::fresh_db().await;
-    let options = disparo::bench::webhook::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
+    let options =
+        disparo::bench::webhook::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
     let report = disparo::bench::webhook::bench(pool.clone(), options).await.unwrap();
     assert_eq!(report.scenarios.len(), 2);
     assert!(report.scenarios.iter().all(|s| s.events == 200 && s.events_per_second() > 0.0));
@@ -896,7 +1037,11 @@ async fn a_receipt_that_beats_the_provider_id_is_applied_once_the_id_is_recorded
     assert_eq!(statuses, ["sent", "delivered", "read"], "the sender's entry, then the receipts in order");
     let meta = row(&pool, ids[1]).await;
     assert_eq!(meta.status, "delivered");
-    assert_eq!(meta.webhook_history(), vec![entry("delivered", "2025-06-18T16:22:59Z")], "with the provider's own time");
+    assert_eq!(
+        meta.webhook_history(),
+        vec![entry("delivered", "2025-06-18T16:22:59Z")],
+        "with the provider's own time"
+    );
     assert_counters_match(&pool, uid).await;
     assert_counters_match(&pool, meta_uid).await;
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
@@ -918,7 +1063,10 @@ async fn a_kept_receipt_older_than_a_day_is_dropped() {
     let (uid, ids) = campaign_on(&pool, "acme", "evo", &["+5511999999999", "+5511977776666"]).await;
     let service = Service::start(pool.clone(), sweeping()).await;
     assert_eq!(service.evolution("acme", fixture("evo_delivered")).await["unknown_id"], 1);
-    sqlx::query("UPDATE unmatched_receipts SET received_at = now() - interval '25 hours'").execute(&pool).await.unwrap();
+    sqlx::query("UPDATE unmatched_receipts SET received_at = now() - interval '25 hours'")
+        .execute(&pool)
+        .await
+        .unwrap();
     // a receipt of the other message, kept just now, is still applied: the sweep ran
     assert_eq!(service.evolution("acme", fixture("evo_failed")).await["unknown_id"], 1);
     mark_sent(&pool, &[(ids[0], EVO_SENT_ID), (ids[1], EVO_FAILED_ID)]).await;
@@ -959,16 +1107,26 @@ async fn an_unknown_evolution_message_is_resolved_by_a_later_receipt() {
 
     // two unknown messages to 5511977776666 on `evo`: which one is meant cannot be told
     assert_eq!(service.evolution("acme", fixture("evo_failed")).await["unknown_id"], 1);
-    assert_eq!((row(&pool, ids[1]).await.status, row(&pool, other[0]).await.status), ("unknown".into(), "unknown".into()));
+    assert_eq!(
+        (row(&pool, ids[1]).await.status, row(&pool, other[0]).await.status),
+        ("unknown".into(), "unknown".into())
+    );
 
     // a message still `sending` is not taken by its contact: its sender records the id
     let to_third = fixture("evo_delivered").replace(EVO_SENT_ID, "3EB0THIRD").replace("5511999999999", "5511955554444");
     assert_eq!(service.evolution("acme", &to_third).await["unknown_id"], 1);
     assert_eq!(row(&pool, ids[2]).await.provider_message_id, None);
     // ...but once its sender is known dead (`unknown`), the kept receipt resolves it
-    let (batch,): (i32,) = sqlx::query_as("SELECT batch_index FROM campaign_messages WHERE id = $1").bind(ids[2]).fetch_one(&pool).await.unwrap();
+    let (batch,): (i32,) = sqlx::query_as("SELECT batch_index FROM campaign_messages WHERE id = $1")
+        .bind(ids[2])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(messages::recover_interrupted(&pool, uid, batch).await.unwrap(), 1);
-    eventually("the kept receipt resolving the unknown message", || async { row(&pool, ids[2]).await.status == "delivered" }).await;
+    eventually("the kept receipt resolving the unknown message", || async {
+        row(&pool, ids[2]).await.status == "delivered"
+    })
+    .await;
     assert_eq!(row(&pool, ids[2]).await.provider_message_id.as_deref(), Some("3EB0THIRD"));
     assert_counters_match(&pool, uid).await;
     assert_counters_match(&pool, other_uid).await;
@@ -986,7 +1144,9 @@ async fn a_user_who_stopped_marketing_messages_is_opted_out() {
     let (uid, ids) = campaign(&pool, "acme", &["+15550199999", "+15550123456", "+5511900000009"]).await;
     mark_sent(&pool, &[(ids[0], NDGA), (ids[1], RTCA)]).await;
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
-    let stopped = fixture("meta_failed").replace("131026", "131050").replace("Message undeliverable", "User has stopped marketing messages");
+    let stopped = fixture("meta_failed")
+        .replace("131026", "131050")
+        .replace("Message undeliverable", "User has stopped marketing messages");
     assert_eq!(service.meta("acme", &stopped).await["applied"], 1);
     let m = row(&pool, ids[0]).await;
     assert_eq!((m.status.as_str(), m.code.as_deref()), ("failed", Some("131050")));
@@ -1025,8 +1185,10 @@ async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
     for block in ids.chunks(1000) {
         let mut shuffled = block.to_vec();
         shuffled.shuffle(&mut rng);
-        let outcomes: Vec<(i64, messages::Outcome)> =
-            shuffled.iter().map(|id| (*id, messages::Outcome::Sent { provider_message_id: format!("wamid.d.{id}") })).collect();
+        let outcomes: Vec<(i64, messages::Outcome)> = shuffled
+            .iter()
+            .map(|id| (*id, messages::Outcome::Sent { provider_message_id: format!("wamid.d.{id}") }))
+            .collect();
         shuffled.shuffle(&mut rng);
         let events: Vec<disparo::store::receipts::StatusEvent> = shuffled
             .iter()
@@ -1070,14 +1232,19 @@ async fn kept_receipts_beyond_one_sweep_page_are_all_applied() {
     let (uid, ids) = campaign_on(&pool, "acme", "evo", &phone_refs).await;
     let service = Service::start(pool.clone(), ServiceConfig::default()).await;
     // one Evolution request may carry many updates; none finds its message yet
-    let items: Vec<Value> = ids.iter().map(|id| json!({"keyId": format!("3EB0{id:016}"), "fromMe": true, "status": "DELIVERY_ACK"})).collect();
+    let items: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"keyId": format!("3EB0{id:016}"), "fromMe": true, "status": "DELIVERY_ACK"}))
+        .collect();
     let body = json!({"event": "messages.update", "instance": "i", "data": items}).to_string();
     assert_eq!(service.evolution("acme", &body).await["unknown_id"], n);
     service.stop().await;
     assert_eq!(kept(&pool).await, n as i64);
     let sent: Vec<(i64, String)> = ids.iter().map(|id| (*id, format!("3EB0{id:016}"))).collect();
     mark_sent(&pool, &sent.iter().map(|(id, pid)| (*id, pid.as_str())).collect::<Vec<_>>()).await;
-    let report = disparo::store::receipts::sweep_unmatched(&pool, disparo::store::receipts::UNMATCHED_RECEIPT_TTL).await.unwrap();
+    let report = disparo::store::receipts::sweep_unmatched(&pool, disparo::store::receipts::UNMATCHED_RECEIPT_TTL)
+        .await
+        .unwrap();
     assert_eq!((report.applied, report.expired), (n as u64, 0));
     assert_eq!(kept(&pool).await, 0);
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
@@ -1103,7 +1270,8 @@ async fn unknown_and_real_channels_answer_unauthenticated_requests_alike() {
     let signed = sign_meta(APP_SECRET.as_bytes(), body.as_bytes());
     let forged = sign_meta(b"not-the-app-secret", body.as_bytes());
     let post = |path: &str, headers: Vec<(&'static str, String)>| {
-        let mut request = service.http.post(service.url(path)).header("content-type", "application/json").body(body.to_owned());
+        let mut request =
+            service.http.post(service.url(path)).header("content-type", "application/json").body(body.to_owned());
         for (name, value) in headers {
             request = request.header(name, value);
         }
@@ -1114,11 +1282,26 @@ async fn unknown_and_real_channels_answer_unauthenticated_requests_alike() {
     let token = || vec![("x-disparo-token", EVOLUTION_TOKEN.to_owned())];
     let cases = [
         ("real Meta channel, no signature", post("/webhooks/meta/acme/wa", vec![]).await),
-        ("unknown namespace, valid signature", post("/webhooks/meta/nobody/wa", vec![("x-hub-signature-256", signed.clone())]).await),
-        ("unknown channel, valid signature", post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", signed.clone())]).await),
-        ("unknown channel, forged signature", post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", forged.clone())]).await),
-        ("an Evolution channel on the Meta path", post("/webhooks/meta/acme/evo", vec![("x-hub-signature-256", signed.clone())]).await),
-        ("real Evolution channel, wrong token", post("/webhooks/evolution/acme/evo", vec![("x-disparo-token", "wrong".into())]).await),
+        (
+            "unknown namespace, valid signature",
+            post("/webhooks/meta/nobody/wa", vec![("x-hub-signature-256", signed.clone())]).await,
+        ),
+        (
+            "unknown channel, valid signature",
+            post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", signed.clone())]).await,
+        ),
+        (
+            "unknown channel, forged signature",
+            post("/webhooks/meta/acme/nope", vec![("x-hub-signature-256", forged.clone())]).await,
+        ),
+        (
+            "an Evolution channel on the Meta path",
+            post("/webhooks/meta/acme/evo", vec![("x-hub-signature-256", signed.clone())]).await,
+        ),
+        (
+            "real Evolution channel, wrong token",
+            post("/webhooks/evolution/acme/evo", vec![("x-disparo-token", "wrong".into())]).await,
+        ),
         ("real Evolution channel, no token", post("/webhooks/evolution/acme/evo/messages-update", vec![]).await),
         ("unknown namespace, Evolution", post("/webhooks/evolution/nobody/evo", token()).await),
         ("unknown channel, Evolution", post("/webhooks/evolution/acme/nope", token()).await),
@@ -1131,7 +1314,9 @@ async fn unknown_and_real_channels_answer_unauthenticated_requests_alike() {
 
     // The subscription handshake likewise.
     let handshake = |org: &str, channel: &str, token: &str| {
-        let url = service.url(&format!("/webhooks/meta/{org}/{channel}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}"));
+        let url = service.url(&format!(
+            "/webhooks/meta/{org}/{channel}?hub.mode=subscribe&hub.challenge=1158201444&hub.verify_token={token}"
+        ));
         let request = service.http.get(url);
         async move { answer(request.send().await.unwrap()).await }
     };
@@ -1169,16 +1354,30 @@ async fn a_receipt_posted_at_one_channel_never_changes_another_channels_messages
     // Sent through wa2 (Meta): one with its provider id, one whose id was never recorded.
     let (meta_uid, on_wa2) = campaign_on(&pool, "acme", "wa2", &phones[..2]).await;
     mark_sent(&pool, &[(on_wa2[0], RTCA)]).await;
-    messages::record_outcomes(&pool, &[(on_wa2[1], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
+    messages::record_outcomes(
+        &pool,
+        &[(on_wa2[1], messages::Outcome::Unknown { reason: "timeout".into() })],
+        "test-run",
+    )
+    .await
+    .unwrap();
     // Sent through evo2 (Evolution): one with its id, one left unknown.
     let (evo_uid, on_evo2) = campaign_on(&pool, "acme", "evo2", &phones[1..]).await;
     mark_sent(&pool, &[(on_evo2[1], EVO_SENT_ID)]).await;
-    messages::record_outcomes(&pool, &[(on_evo2[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run").await.unwrap();
+    messages::record_outcomes(
+        &pool,
+        &[(on_evo2[0], messages::Outcome::Unknown { reason: "timeout".into() })],
+        "test-run",
+    )
+    .await
+    .unwrap();
     let service = Service::start(pool.clone(), sweeping()).await;
     let before = snapshot(&pool).await;
 
     // At channel wa: by provider id, and by our id.
-    let by_our_id = fixture("meta_sent").replace(RTCA, "wamid.recovered").replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", on_wa2[1]));
+    let by_our_id = fixture("meta_sent")
+        .replace(RTCA, "wamid.recovered")
+        .replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{}", on_wa2[1]));
     assert_eq!(meta_at(&service, "acme", "wa", fixture("meta_delivered")).await["unknown_id"], 1);
     assert_eq!(meta_at(&service, "acme", "wa", &by_our_id).await["unknown_id"], 1);
     // At channel evo: by provider id, and by contact (5511900000001's unknown message).

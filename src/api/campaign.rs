@@ -377,7 +377,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { max_attempts: default_max_attempts(), base_delay_seconds: default_base_delay(), max_delay_seconds: default_max_delay() }
+        Self {
+            max_attempts: default_max_attempts(),
+            base_delay_seconds: default_base_delay(),
+            max_delay_seconds: default_max_delay(),
+        }
     }
 }
 

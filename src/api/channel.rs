@@ -156,7 +156,12 @@ pub struct RateLimitsSpec {
     doc = "A WhatsApp sending identity (Meta Cloud API number or Evolution instance) and its rate limits, shared by the campaigns that use it.",
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Today", type_ = "integer", json_path = ".status.usage.day", description = "messages sent in the current day window"),
+    printcolumn(
+        name = "Today",
+        type_ = "integer",
+        json_path = ".status.usage.day",
+        description = "messages sent in the current day window"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("self.provider == 'meta' ? has(self.meta) && !has(self.evolution) : has(self.evolution) && !has(self.meta)").message("set exactly the settings block matching spec.provider (meta or evolution)").field_path(".provider"))]

@@ -58,7 +58,12 @@ impl DesiredCondition {
 
 /// Merges `desired` into `existing`: conditions keep their `lastTransitionTime` unless
 /// their status flips; types not in `desired` are kept as they are.
-pub fn merge_conditions(existing: &[Condition], desired: &[DesiredCondition], generation: Option<i64>, now: &Time) -> Vec<Condition> {
+pub fn merge_conditions(
+    existing: &[Condition],
+    desired: &[DesiredCondition],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
     let mut merged: Vec<Condition> = existing.to_vec();
     for want in desired {
         let status = if want.status { "True" } else { "False" }.to_owned();
@@ -99,20 +104,45 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let first = merge_conditions(&[], &[DesiredCondition::falsy(ConditionType::Ready, "Sending", "sending")], Some(1), &at(100));
-        let same = merge_conditions(&first, &[DesiredCondition::falsy(ConditionType::Ready, "Sending", "50% sent")], Some(2), &at(200));
+        let first = merge_conditions(
+            &[],
+            &[DesiredCondition::falsy(ConditionType::Ready, "Sending", "sending")],
+            Some(1),
+            &at(100),
+        );
+        let same = merge_conditions(
+            &first,
+            &[DesiredCondition::falsy(ConditionType::Ready, "Sending", "50% sent")],
+            Some(2),
+            &at(200),
+        );
         assert_eq!(same[0].last_transition_time, at(100));
         assert_eq!(same[0].message, "50% sent");
         assert_eq!(same[0].observed_generation, Some(2));
-        let flipped = merge_conditions(&same, &[DesiredCondition::truthy(ConditionType::Ready, "Completed", "done")], Some(2), &at(300));
+        let flipped = merge_conditions(
+            &same,
+            &[DesiredCondition::truthy(ConditionType::Ready, "Completed", "done")],
+            Some(2),
+            &at(300),
+        );
         assert_eq!(flipped[0].last_transition_time, at(300));
         assert_eq!(flipped[0].status, "True");
     }
 
     #[test]
     fn unrelated_conditions_are_kept() {
-        let first = merge_conditions(&[], &[DesiredCondition::truthy(ConditionType::AudienceFrozen, "Frozen", "10 messages")], None, &at(1));
-        let both = merge_conditions(&first, &[DesiredCondition::truthy(ConditionType::Ready, "Completed", "done")], None, &at(2));
+        let first = merge_conditions(
+            &[],
+            &[DesiredCondition::truthy(ConditionType::AudienceFrozen, "Frozen", "10 messages")],
+            None,
+            &at(1),
+        );
+        let both = merge_conditions(
+            &first,
+            &[DesiredCondition::truthy(ConditionType::Ready, "Completed", "done")],
+            None,
+            &at(2),
+        );
         assert_eq!(both.len(), 2);
         assert!(find(&both, ConditionType::AudienceFrozen).is_some());
     }

@@ -5,8 +5,8 @@
 mod campaign;
 mod channel;
 pub mod condition;
-pub mod time;
 mod phase;
+pub mod time;
 
 pub use campaign::*;
 pub use channel::*;
@@ -50,7 +50,9 @@ fn kubernetes_formats(value: &mut serde_json::Value) {
     }
 }
 
-fn to_yaml(crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> Result<String, serde_yaml::Error> {
+fn to_yaml(
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Result<String, serde_yaml::Error> {
     let mut value = serde_json::to_value(crd).map_err(<serde_yaml::Error as serde::ser::Error>::custom)?;
     kubernetes_formats(&mut value);
     serde_yaml::to_string(&value)
@@ -69,5 +71,8 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
 
 /// File name under `crds/` for each CRD, with its YAML.
 pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_yaml::Error> {
-    Ok(vec![("campaigns.disparo.io.yaml", to_yaml(&Campaign::crd())?), ("channels.disparo.io.yaml", to_yaml(&Channel::crd())?)])
+    Ok(vec![
+        ("campaigns.disparo.io.yaml", to_yaml(&Campaign::crd())?),
+        ("channels.disparo.io.yaml", to_yaml(&Channel::crd())?),
+    ])
 }

@@ -181,8 +181,17 @@ mod tests {
     #[test]
     fn terminal_phases_never_change() {
         let events = [
-            CreatedSuspended, AwaitStart, Start, Suspend, Resume, FailureThresholdExceeded,
-            RateLimitHit, RateWindowReset, JobSucceeded, Fail, Cancel,
+            CreatedSuspended,
+            AwaitStart,
+            Start,
+            Suspend,
+            Resume,
+            FailureThresholdExceeded,
+            RateLimitHit,
+            RateWindowReset,
+            JobSucceeded,
+            Fail,
+            Cancel,
         ];
         assert_eq!(transition(Some(Failed), Restart), Ok(Running), "a person may resume a failed campaign");
         assert!(transition(Some(Completed), Restart).is_err() && transition(Some(Cancelled), Restart).is_err());

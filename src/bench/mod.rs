@@ -73,11 +73,15 @@ pub async fn seed(pool: &PgPool, n: usize) -> anyhow::Result<String> {
 /// without triggers, in blocks of `block`.
 pub async fn raw_batched_update_rate(pool: &PgPool, n: usize, block: usize) -> anyhow::Result<f64> {
     let table = format!("bench_raw_{}", Uuid::new_v4().simple());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, status TEXT, note TEXT)"))).execute(pool).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} SELECT g, 'pending', NULL FROM generate_series(1, $1) g")))
-        .bind(n as i64)
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, status TEXT, note TEXT)")))
         .execute(pool)
         .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO {table} SELECT g, 'pending', NULL FROM generate_series(1, $1) g"
+    )))
+    .bind(n as i64)
+    .execute(pool)
+    .await?;
     let started = Instant::now();
     let ids: Vec<i64> = (1..=n as i64).collect();
     for chunk in ids.chunks(block) {
@@ -99,11 +103,18 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     println!("seeding {n} contacts ...");
     let organization = seed(pool, n).await?;
     let uid = Uuid::new_v4();
-    let key = audience::CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: 1000 };
+    let key =
+        audience::CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: 1000 };
     let started = Instant::now();
     let frozen = audience::materialize(pool, &key, &audience::AudienceQuery::AllContacts).await?;
     let materialize = started.elapsed();
-    println!("materialization: {} messages in {} batches in {:.2?} ({:.0} rows/s)", frozen.messages, frozen.batches, materialize, per_second(frozen.messages as usize, materialize));
+    println!(
+        "materialization: {} messages in {} batches in {:.2?} ({:.0} rows/s)",
+        frozen.messages,
+        frozen.batches,
+        materialize,
+        per_second(frozen.messages as usize, materialize)
+    );
 
     // batched: claim + record in blocks of 500 (what a sender does)
     let started = Instant::now();
@@ -114,8 +125,10 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
             if claimed.is_empty() {
                 break;
             }
-            let outcomes: Vec<(i64, messages::Outcome)> =
-                claimed.iter().map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
+            let outcomes: Vec<(i64, messages::Outcome)> = claimed
+                .iter()
+                .map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) }))
+                .collect();
             messages::record_outcomes(pool, &outcomes, "bench").await?;
             done += outcomes.len();
             if done >= n / 2 {
@@ -135,7 +148,12 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
         loop {
             let claimed = messages::claim_due(pool, uid, batch, 1).await?;
             let Some(m) = claimed.first() else { break };
-            messages::record_outcomes(pool, &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })], "bench").await?;
+            messages::record_outcomes(
+                pool,
+                &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })],
+                "bench",
+            )
+            .await?;
             rows += 1;
             if rows >= row_target {
                 break 'outer;
@@ -144,8 +162,12 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
     }
     let row_by_row = per_second(rows, started.elapsed());
     let raw = raw_batched_update_rate(pool, n, 500).await?;
-    println!("status updates, batched (claim + record, blocks of 500, counters in the same transaction): {batched:.0} msg/s");
-    println!("status updates, row by row ({rows} messages):                                          {row_by_row:.0} msg/s");
+    println!(
+        "status updates, batched (claim + record, blocks of 500, counters in the same transaction): {batched:.0} msg/s"
+    );
+    println!(
+        "status updates, row by row ({rows} messages):                                          {row_by_row:.0} msg/s"
+    );
     println!("raw Postgres baseline, batched UPDATE ... FROM unnest of a plain table:               {raw:.0} rows/s");
     let counters = store::campaigns::counters(pool, uid).await?.unwrap_or_default();
     let recount = store::campaigns::recount(pool, uid).await?;

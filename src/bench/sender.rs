@@ -15,10 +15,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::sender::{BatchEnd, MessageTemplate, ProviderTarget, SENDER_CONNECTIONS, SendConfig, build_client, lanes_for, metrics::SenderMetrics, run_batch};
 use crate::api::{MAX_BATCH_SIZE, RateLimitsSpec, RetryPolicy};
 use crate::providers::{Content, OutboundMessage, ProviderClient};
 use crate::sandbox::{self, Latency, SandboxConfig};
+use crate::sender::{
+    BatchEnd, MessageTemplate, ProviderTarget, SENDER_CONNECTIONS, SendConfig, build_client, lanes_for,
+    metrics::SenderMetrics, run_batch,
+};
 use crate::store::audience::{self, AudienceQuery, CampaignKey};
 use crate::store::rate::Limits;
 
@@ -52,7 +55,11 @@ async fn raw_http_rate(client: Arc<dyn ProviderClient>, n: usize) -> f64 {
             async move {
                 let msg = OutboundMessage {
                     to: format!("+55119{:08}", i),
-                    content: Content::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["x".into()] },
+                    content: Content::Template {
+                        name: "promo".into(),
+                        language: "pt_BR".into(),
+                        body_parameters: vec!["x".into()],
+                    },
                     callback_data: format!("disparo:{i}"),
                 };
                 client.send(&msg).await
@@ -66,7 +73,9 @@ async fn raw_http_rate(client: Arc<dyn ProviderClient>, n: usize) -> f64 {
 
 /// Messages of the campaign the provider accepted.
 async fn sent_so_far(pool: &PgPool, campaign: Uuid) -> anyhow::Result<usize> {
-    let counters = crate::store::campaigns::counters(pool, campaign).await?.ok_or_else(|| anyhow::anyhow!("the bench campaign has no counters"))?;
+    let counters = crate::store::campaigns::counters(pool, campaign)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the bench campaign has no counters"))?;
     Ok(usize::try_from(counters.sent)?)
 }
 
@@ -77,23 +86,36 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 /// Runs the benchmark with `n` messages.
 pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>) -> anyhow::Result<()> {
-    let config = SandboxConfig { listen: "127.0.0.1:0".parse()?, latency: Latency { min_ms: 0, max_ms: 0 }, ..Default::default() };
+    let config = SandboxConfig {
+        listen: "127.0.0.1:0".parse()?,
+        latency: Latency { min_ms: 0, max_ms: 0 },
+        ..Default::default()
+    };
     let sandbox = sandbox::start(config).await?;
-    let target = ProviderTarget::Meta { base_url: sandbox.base_url(), api_version: "v23.0".into(), phone_number_id: "106540352242922".into() };
+    let target = ProviderTarget::Meta {
+        base_url: sandbox.base_url(),
+        api_version: "v23.0".into(),
+        phone_number_id: "106540352242922".into(),
+    };
     let client = build_client(&target, "sandbox-meta-token", Duration::from_secs(10))?;
 
     // the pipeline's campaign: batches of the largest size a Campaign allows
     println!("seeding {n} contacts ...");
     let organization = super::seed(pool, n).await?;
     let uid = Uuid::new_v4();
-    let key = CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: MAX_BATCH_SIZE };
+    let key =
+        CampaignKey { uid, organization: &organization, name: "bench", channel: "bench", batch_size: MAX_BATCH_SIZE };
     let frozen = audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
     let send = SendConfig {
         campaign_uid: uid,
         organization: organization.clone(),
         channel: "bench".into(),
         target,
-        message: MessageTemplate::Template { name: "promo".into(), language: "pt_BR".into(), body_parameters: vec!["{{contact.name}}".into()] },
+        message: MessageTemplate::Template {
+            name: "promo".into(),
+            language: "pt_BR".into(),
+            body_parameters: vec!["{{contact.name}}".into()],
+        },
         retry: RetryPolicy::default(),
         rate_limits: RateLimitsSpec::default(),
         block_size: BLOCK,
@@ -109,7 +131,8 @@ pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>
     for round in 0..rounds {
         let http = raw_http_rate(client.clone(), BASELINE_SIZE).await;
         let postgres = super::raw_batched_update_rate(pool, BASELINE_SIZE, BLOCK as usize).await?;
-        let batches = (round as i32 * frozen.batches / rounds as i32)..((round as i32 + 1) * frozen.batches / rounds as i32);
+        let batches =
+            (round as i32 * frozen.batches / rounds as i32)..((round as i32 + 1) * frozen.batches / rounds as i32);
         let started = Instant::now();
         for batch in batches {
             // limits lifted: the channel's tokens are only counted
@@ -133,11 +156,27 @@ pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>
     }
     anyhow::ensure!(sent_before == n, "{sent_before} of the {n} messages were sent");
     let accepted = sandbox.ledger().accepted_count();
-    anyhow::ensure!(accepted == n + rounds * BASELINE_SIZE, "the sandbox accepted {accepted} requests, not one per message and baseline request");
-    println!("sender pipeline (claim, render, send, record; {lanes} lanes of {BLOCK}, {} batches of up to {MAX_BATCH_SIZE}): {:>8.0} msg/s (median of {rounds} rounds)", frozen.batches, median(figures.iter().map(|r| r.pipeline).collect()));
-    println!("baseline: raw HTTP sends, same client, concurrency {BLOCK}:          {:>8.0} req/s", median(figures.iter().map(|r| r.http).collect()));
-    println!("baseline: raw Postgres batched UPDATE (blocks of {BLOCK}):             {:>8.0} rows/s", median(figures.iter().map(|r| r.postgres).collect()));
-    println!("pipeline / lower baseline, median of the rounds: {:.0}% (target: at least 50%)", median(figures.iter().map(Round::ratio).collect()) * 100.0);
+    anyhow::ensure!(
+        accepted == n + rounds * BASELINE_SIZE,
+        "the sandbox accepted {accepted} requests, not one per message and baseline request"
+    );
+    println!(
+        "sender pipeline (claim, render, send, record; {lanes} lanes of {BLOCK}, {} batches of up to {MAX_BATCH_SIZE}): {:>8.0} msg/s (median of {rounds} rounds)",
+        frozen.batches,
+        median(figures.iter().map(|r| r.pipeline).collect())
+    );
+    println!(
+        "baseline: raw HTTP sends, same client, concurrency {BLOCK}:          {:>8.0} req/s",
+        median(figures.iter().map(|r| r.http).collect())
+    );
+    println!(
+        "baseline: raw Postgres batched UPDATE (blocks of {BLOCK}):             {:>8.0} rows/s",
+        median(figures.iter().map(|r| r.postgres).collect())
+    );
+    println!(
+        "pipeline / lower baseline, median of the rounds: {:.0}% (target: at least 50%)",
+        median(figures.iter().map(Round::ratio).collect()) * 100.0
+    );
     sandbox.shutdown().await?;
     Ok(())
 }

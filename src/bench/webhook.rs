@@ -18,12 +18,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::webhook::credentials::StaticCredentials;
-use crate::webhook::signature;
-use crate::webhook::{ServiceConfig, serve};
 use crate::store::audience::{self, AudienceQuery, CampaignKey};
 use crate::store::receipts::{self, Provider, ReceiptStatus, StatusEvent};
 use crate::store::{self, campaigns, contacts, messages};
+use crate::webhook::credentials::StaticCredentials;
+use crate::webhook::signature;
+use crate::webhook::{ServiceConfig, serve};
 
 /// What went wrong running the benchmark.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,13 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { events: 20_000, statuses_per_request: vec![1, 50], clients: 16, baseline_batch: 500, service: ServiceConfig::default() }
+        Self {
+            events: 20_000,
+            statuses_per_request: vec![1, 50],
+            clients: 16,
+            baseline_batch: 500,
+            service: ServiceConfig::default(),
+        }
     }
 }
 
@@ -178,7 +184,8 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
         for chunk in bare_ids.chunks(options.baseline_batch.max(1)) {
             receipts::baseline_update(&pool, &organization, chunk, ReceiptStatus::Delivered).await?;
         }
-        let bare_update = BaselineReport { batch: options.baseline_batch, events: bare_ids.len(), elapsed: started.elapsed() };
+        let bare_update =
+            BaselineReport { batch: options.baseline_batch, events: bare_ids.len(), elapsed: started.elapsed() };
 
         // Baseline: the store's apply, no HTTP, one transaction per batch.
         let store_ids = next_slice();
@@ -201,7 +208,8 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
                 .collect();
             receipts::apply(&pool, &events, &[]).await?;
         }
-        let store_apply = BaselineReport { batch: options.baseline_batch, events: store_ids.len(), elapsed: started.elapsed() };
+        let store_apply =
+            BaselineReport { batch: options.baseline_batch, events: store_ids.len(), elapsed: started.elapsed() };
 
         // The service, over HTTP.
         let credentials = Arc::new(StaticCredentials::new());
@@ -209,7 +217,8 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/webhooks/meta/{organization}/{CHANNEL}", listener.local_addr()?);
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, pool.clone(), credentials, options.service.clone(), shutdown.clone()));
+        let server =
+            tokio::spawn(serve(listener, pool.clone(), credentials, options.service.clone(), shutdown.clone()));
         let mut scenarios = Vec::new();
         for &per_request in &options.statuses_per_request {
             let ids = next_slice();
@@ -235,14 +244,26 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
 /// Contacts, one campaign, all messages `sent` with provider ids `wamid.bench.<id>`.
 async fn seed(pool: &PgPool, organization: &str, campaign: Uuid, n: usize) -> Result<Vec<String>, BenchError> {
     let people: Vec<contacts::NewContact> = (0..n)
-        .map(|i| contacts::NewContact { phone: format!("+55219{i:08}"), name: None, tags: vec![], attributes: json!({}), whatsapp_id: None })
+        .map(|i| contacts::NewContact {
+            phone: format!("+55219{i:08}"),
+            name: None,
+            tags: vec![],
+            attributes: json!({}),
+            whatsapp_id: None,
+        })
         .collect();
     for chunk in people.chunks(5000) {
         contacts::upsert(pool, organization, chunk).await?;
     }
     // The webhook URL names the organization as its namespace.
     crate::store::tenancy::record(pool, organization, organization, &format!("bench_{organization}")).await?;
-    let key = CampaignKey { uid: campaign, organization, name: "bench", channel: CHANNEL, batch_size: u32::try_from(n.max(1)).unwrap_or(u32::MAX) };
+    let key = CampaignKey {
+        uid: campaign,
+        organization,
+        name: "bench",
+        channel: CHANNEL,
+        batch_size: u32::try_from(n.max(1)).unwrap_or(u32::MAX),
+    };
     audience::materialize(pool, &key, &AudienceQuery::AllContacts).await?;
     let mut provider_ids = Vec::with_capacity(n);
     loop {
@@ -250,8 +271,10 @@ async fn seed(pool: &PgPool, organization: &str, campaign: Uuid, n: usize) -> Re
         if claimed.is_empty() {
             break;
         }
-        let outcomes: Vec<(i64, messages::Outcome)> =
-            claimed.iter().map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.bench.{}", m.id) })).collect();
+        let outcomes: Vec<(i64, messages::Outcome)> = claimed
+            .iter()
+            .map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.bench.{}", m.id) }))
+            .collect();
         messages::record_outcomes(pool, &outcomes, "bench").await?;
         provider_ids.extend(claimed.iter().map(|m| format!("wamid.bench.{}", m.id)));
     }
@@ -288,7 +311,12 @@ fn payload(ids: &[String]) -> (Vec<u8>, String) {
     (body, signature)
 }
 
-async fn run_scenario(url: &str, ids: &[String], per_request: usize, clients: usize) -> Result<ScenarioReport, BenchError> {
+async fn run_scenario(
+    url: &str,
+    ids: &[String],
+    per_request: usize,
+    clients: usize,
+) -> Result<ScenarioReport, BenchError> {
     let requests: Vec<(Vec<u8>, String)> = ids.chunks(per_request).map(payload).collect();
     let mut queues: Vec<Vec<(Vec<u8>, String)>> = vec![Vec::new(); clients];
     for (i, request) in requests.into_iter().enumerate() {
@@ -318,7 +346,8 @@ async fn run_scenario(url: &str, ids: &[String], per_request: usize, clients: us
                     if !status.is_success() {
                         return Err(BenchError::Unexpected(format!("{status}: {text}")));
                     }
-                    let summary: serde_json::Value = serde_json::from_str(&text).map_err(|e| BenchError::Unexpected(e.to_string()))?;
+                    let summary: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| BenchError::Unexpected(e.to_string()))?;
                     applied += summary["applied"].as_u64().unwrap_or(0);
                 }
                 Ok::<_, BenchError>((latencies, applied))
@@ -337,7 +366,9 @@ async fn run_scenario(url: &str, ids: &[String], per_request: usize, clients: us
         return Err(BenchError::Unexpected(format!("{applied} of {} events applied", ids.len())));
     }
     latencies.sort_unstable();
-    let percentile = |p: f64| latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
+    let percentile = |p: f64| {
+        latencies.get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default()
+    };
     Ok(ScenarioReport {
         statuses_per_request: per_request,
         clients,

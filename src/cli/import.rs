@@ -97,7 +97,8 @@ pub fn normalize_phone(raw: &str, default_region: Option<phonenumber::country::I
     if trimmed.is_empty() {
         return Err("phone is empty".into());
     }
-    let number = phonenumber::parse(default_region, trimmed).map_err(|e| format!("phone {trimmed:?} is not a phone number ({e})"))?;
+    let number = phonenumber::parse(default_region, trimmed)
+        .map_err(|e| format!("phone {trimmed:?} is not a phone number ({e})"))?;
     if !phonenumber::is_valid(&number) {
         return Err(format!("phone {trimmed:?} is not a valid number for its country"));
     }
@@ -130,10 +131,7 @@ fn whatsapp_id(raw: &str) -> Result<Option<String>, String> {
 }
 
 fn split_tags(raw: &str) -> Vec<String> {
-    raw.split(['|', ';', ','])
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty())
-        .collect()
+    raw.split(['|', ';', ',']).map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect()
 }
 
 fn row_from_json(line: &str) -> Result<RawRow, String> {
@@ -206,7 +204,13 @@ impl<'a> Loader<'a> {
                 return Ok(());
             }
         };
-        let contact = ContactUpdate { phone: phone.clone(), name: row.name, tags: row.tags, attributes: row.attributes, whatsapp_id: row.whatsapp_id };
+        let contact = ContactUpdate {
+            phone: phone.clone(),
+            name: row.name,
+            tags: row.tags,
+            attributes: row.attributes,
+            whatsapp_id: row.whatsapp_id,
+        };
         // One statement cannot upsert the same row twice: a phone repeated within a batch
         // is folded into its earlier row (what the later row gives wins), and counts as
         // an update.
@@ -227,7 +231,8 @@ impl<'a> Loader<'a> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let done = contacts::upsert_given(self.pool, self.organization, &self.batch).await.context("upserting contacts")?;
+        let done =
+            contacts::upsert_given(self.pool, self.organization, &self.batch).await.context("upserting contacts")?;
         self.report.inserted += done.inserted;
         self.report.updated += done.updated;
         self.batch.clear();
@@ -353,7 +358,8 @@ fn progress_bar(len: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} importing [{bar:40}] {bytes}/{total_bytes} ({eta} left)") {
+    if let Ok(style) = ProgressStyle::with_template("{spinner} importing [{bar:40}] {bytes}/{total_bytes} ({eta} left)")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
@@ -377,7 +383,11 @@ pub async fn import_file(
     batch_size: usize,
 ) -> anyhow::Result<ImportReport> {
     let region = match default_region {
-        Some(code) => Some(code.to_ascii_uppercase().parse::<phonenumber::country::Id>().map_err(|_| anyhow::anyhow!("unknown region {code:?}"))?),
+        Some(code) => Some(
+            code.to_ascii_uppercase()
+                .parse::<phonenumber::country::Id>()
+                .map_err(|_| anyhow::anyhow!("unknown region {code:?}"))?,
+        ),
         None => None,
     };
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -405,7 +415,8 @@ pub async fn import_file(
         }
         InputFormat::Csv => {
             let mut csv = csv::ReaderBuilder::new().flexible(true).trim(csv::Trim::All).from_reader(reader);
-            let headers: Vec<String> = csv.headers().context("reading the CSV header")?.iter().map(|h| h.to_ascii_lowercase()).collect();
+            let headers: Vec<String> =
+                csv.headers().context("reading the CSV header")?.iter().map(|h| h.to_ascii_lowercase()).collect();
             let Some(phone_col) = headers.iter().position(|h| h == "phone") else {
                 bail!("the CSV header has no 'phone' column (found: {})", headers.join(", "));
             };
@@ -465,12 +476,20 @@ async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String
             "namespace {namespace:?} has no Disparo database credential yet (Secret {DATABASE_SECRET}): create a Channel there first; the controller writes it within seconds"
         ),
         Err(kube::Error::Api(e)) if e.code == 403 => {
-            bail!("you may not read Secret {DATABASE_SECRET} in namespace {namespace:?}, so you may not import contacts there ({})", e.message)
+            bail!(
+                "you may not read Secret {DATABASE_SECRET} in namespace {namespace:?}, so you may not import contacts there ({})",
+                e.message
+            )
         }
         Err(e) => return Err(e).context(format!("reading Secret {DATABASE_SECRET} in namespace {namespace:?}")),
     };
     let value = |key: &str| {
-        secret.data.as_ref().and_then(|d| d.get(key)).map(|v| String::from_utf8_lossy(&v.0).into_owned()).with_context(|| format!("Secret {DATABASE_SECRET} in {namespace:?} has no key {key:?}"))
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .with_context(|| format!("Secret {DATABASE_SECRET} in {namespace:?} has no key {key:?}"))
     };
     Ok((value(URL_KEY)?, value(ORGANIZATION_KEY)?, value(CA_KEY).ok()))
 }
@@ -479,9 +498,10 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let (url, organization, ca) = match &args.admin_database_url {
         Some(url) => {
             let pool = crate::store::connect(url, 1).await.context("connecting to Postgres")?;
-            let organization = crate::store::tenancy::organization_of(&pool, &args.namespace)
-                .await?
-                .with_context(|| format!("namespace {:?} has no organization yet: create a Channel there first", args.namespace))?;
+            let organization =
+                crate::store::tenancy::organization_of(&pool, &args.namespace).await?.with_context(|| {
+                    format!("namespace {:?} has no organization yet: create a Channel there first", args.namespace)
+                })?;
             (url.clone(), organization, None)
         }
         None => namespace_credential(&args.namespace).await?,
@@ -491,7 +511,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         None => crate::store::connect(&url, 4).await,
     }
     .context("connecting to Postgres")?;
-    let report = import_file(&pool, &organization, &args.file, args.format, args.default_region.as_deref(), args.batch_size).await?;
+    let report =
+        import_file(&pool, &organization, &args.file, args.format, args.default_region.as_deref(), args.batch_size)
+            .await?;
     print!("{report}");
     if !report.rejected.is_empty() {
         bail!("{} row(s) rejected; the other rows were imported", report.rejected.len());
@@ -521,13 +543,19 @@ mod tests {
 
     #[test]
     fn json_rows_parse_and_reject_clearly() {
-        let row = row_from_json(r#"{"phone":"+5511999999999","name":"Ana","tags":["vip"],"attributes":{"city":"SP"}}"#).unwrap();
+        let row = row_from_json(r#"{"phone":"+5511999999999","name":"Ana","tags":["vip"],"attributes":{"city":"SP"}}"#)
+            .unwrap();
         assert_eq!(row.tags, Some(vec!["vip".to_owned()]));
         assert_eq!(row.attributes["city"], "SP");
         assert_eq!(row_from_json(r#"{"name":"x"}"#).unwrap_err(), "missing field phone");
         assert!(row_from_json("{").unwrap_err().starts_with("invalid JSON"));
-        let bare = row_from_json(r#"{"phone":"+5511999999999","tags":null,"whatsapp_id":"+55 11 99999-9999"}"#).unwrap();
-        assert_eq!((bare.name, bare.tags, bare.whatsapp_id.as_deref()), (None, None, Some("5511999999999")), "absent fields are not given");
+        let bare =
+            row_from_json(r#"{"phone":"+5511999999999","tags":null,"whatsapp_id":"+55 11 99999-9999"}"#).unwrap();
+        assert_eq!(
+            (bare.name, bare.tags, bare.whatsapp_id.as_deref()),
+            (None, None, Some("5511999999999")),
+            "absent fields are not given"
+        );
         assert!(row_from_json(r#"{"phone":"1","whatsapp_id":"abc"}"#).unwrap_err().contains("whatsapp_id"));
     }
 
@@ -562,7 +590,12 @@ mod tests {
                 (b"", b""),
                 (b"\r", b"\n"),
             ] {
-                assert_eq!(editor_text(input, chunk), expected, "{:?} in reads of {chunk}", String::from_utf8_lossy(input));
+                assert_eq!(
+                    editor_text(input, chunk),
+                    expected,
+                    "{:?} in reads of {chunk}",
+                    String::from_utf8_lossy(input)
+                );
             }
         }
     }

@@ -109,7 +109,12 @@ pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
         counts.total, counts.pending, counts.sent, counts.delivered, counts.read, counts.failed, counts.unknown, counts.skipped, counts.cancelled
     ));
     if let Some(r) = &status.rates {
-        out.push_str(&format!("Rates     delivery {:.1}%  read {:.1}%  failure {:.1}%\n", r.delivery * 100.0, r.read * 100.0, r.failure * 100.0));
+        out.push_str(&format!(
+            "Rates     delivery {:.1}%  read {:.1}%  failure {:.1}%\n",
+            r.delivery * 100.0,
+            r.read * 100.0,
+            r.failure * 100.0
+        ));
     }
     if let Some(r) = &status.retries {
         out.push_str(&format!(
@@ -218,7 +223,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         let total = campaign.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
         let progress = bar(total);
         progress.set_position(finished(&campaign));
-        progress.set_message(campaign.status.as_ref().and_then(|s| s.phase).map_or("Pending".into(), |p| p.to_string()));
+        progress
+            .set_message(campaign.status.as_ref().and_then(|s| s.phase).map_or("Pending".into(), |p| p.to_string()));
         progress.abandon();
     }
     print!("{}", render_status(&campaign, &events));
@@ -232,19 +238,22 @@ async fn set_spec(target: &Target, patch: serde_json::Value, done: &str) -> anyh
 async fn patch_campaign(target: &Target, patch: serde_json::Value, done: &str) -> anyhow::Result<()> {
     let api = api(target.namespace.as_deref()).await?;
     get(&api, &target.name).await?;
-    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map_err(|e| match e {
-            kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
-            other => other.into(),
-        })?;
+    api.patch(&target.name, &PatchParams::default(), &Patch::Merge(patch)).await.map_err(|e| match e {
+        kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
+        other => other.into(),
+    })?;
     println!("campaign {} {done}", target.name);
     Ok(())
 }
 
 /// `pause`.
 pub async fn pause(target: Target) -> anyhow::Result<()> {
-    set_spec(&target, json!({"suspend": true}), "paused (the sending Job is suspended; `kubectl disparo resume` continues it)").await
+    set_spec(
+        &target,
+        json!({"suspend": true}),
+        "paused (the sending Job is suspended; `kubectl disparo resume` continues it)",
+    )
+    .await
 }
 
 /// `resume`: clears `spec.suspend` and sets the resume annotation, which lifts what the
@@ -257,7 +266,12 @@ pub async fn resume(target: Target) -> anyhow::Result<()> {
         "metadata": {"annotations": {crate::api::RESUME_ANNOTATION: requested}},
         "spec": {"suspend": false},
     });
-    patch_campaign(&target, patch, "resumed (automatic pauses and provider stops are lifted; a failed campaign sends what is left)").await
+    patch_campaign(
+        &target,
+        patch,
+        "resumed (automatic pauses and provider stops are lifted; a failed campaign sends what is left)",
+    )
+    .await
 }
 
 /// `cancel`.
@@ -266,7 +280,10 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
         if !std::io::stdin().is_terminal() {
             bail!("cancel is irreversible: pass --yes to confirm when not on a terminal");
         }
-        print!("Cancel campaign {}? Unsent messages will never be sent. This cannot be undone. [y/N] ", args.target.name);
+        print!(
+            "Cancel campaign {}? Unsent messages will never be sent. This cannot be undone. [y/N] ",
+            args.target.name
+        );
         std::io::stdout().flush()?;
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;

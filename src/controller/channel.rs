@@ -17,7 +17,9 @@ use tracing::instrument;
 use super::campaign::FIELD_MANAGER;
 use super::{Context, Error, Result};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
-use crate::api::{Channel, ChannelStatus, EffectiveLimits, Provider, RESUME_ANNOTATION, SecretKeyRef, WindowUsage, time};
+use crate::api::{
+    Channel, ChannelStatus, EffectiveLimits, Provider, RESUME_ANNOTATION, SecretKeyRef, WindowUsage, time,
+};
 use crate::store::pauses::{self, ChannelPause};
 use crate::store::rate::{Limits, WindowKind};
 
@@ -27,7 +29,11 @@ const RECHECK: Duration = Duration::from_secs(15);
 fn secret_refs(channel: &Channel) -> Vec<(&'static str, &SecretKeyRef)> {
     let mut refs = Vec::new();
     if let Some(meta) = &channel.spec.meta {
-        refs.extend([("meta.accessToken", &meta.access_token), ("meta.appSecret", &meta.app_secret), ("meta.verifyToken", &meta.verify_token)]);
+        refs.extend([
+            ("meta.accessToken", &meta.access_token),
+            ("meta.appSecret", &meta.app_secret),
+            ("meta.verifyToken", &meta.verify_token),
+        ]);
     }
     if let Some(evo) = &channel.spec.evolution {
         refs.extend([("evolution.apiKey", &evo.api_key), ("evolution.webhookToken", &evo.webhook_token)]);
@@ -50,7 +56,12 @@ enum SecretRead {
 
 /// Whether a Secret is labelled as meant for Disparo.
 fn is_marked(secret: &Secret) -> bool {
-    secret.metadata.labels.as_ref().and_then(|labels| labels.get(crate::api::CREDENTIALS_LABEL)).is_some_and(|value| value == "true")
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(crate::api::CREDENTIALS_LABEL))
+        .is_some_and(|value| value == "true")
 }
 
 /// What `r` finds in `secret`. Only a Secret labelled for Disparo is read: otherwise a
@@ -75,9 +86,10 @@ async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRe
 fn unusable(field: &str, r: &SecretKeyRef, read: &SecretRead, namespace: &str) -> Option<(&'static str, String)> {
     match read {
         SecretRead::Value(_) => None,
-        SecretRead::NoSecret | SecretRead::NoKey => {
-            Some(("SecretMissing", format!("spec.{field} refers to key {:?} of Secret {:?}, which does not exist", r.key, r.name)))
-        }
+        SecretRead::NoSecret | SecretRead::NoKey => Some((
+            "SecretMissing",
+            format!("spec.{field} refers to key {:?} of Secret {:?}, which does not exist", r.key, r.name),
+        )),
         SecretRead::NotMarked => Some((
             "SecretNotMarked",
             format!(
@@ -118,10 +130,18 @@ async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<
             Ok(state) => {
                 return Ok(Some((
                     "InstanceNotConnected",
-                    format!("Evolution instance {:?} is {state:?}, not Open: scan the QR code in Evolution to connect the WhatsApp number", evo.instance),
+                    format!(
+                        "Evolution instance {:?} is {state:?}, not Open: scan the QR code in Evolution to connect the WhatsApp number",
+                        evo.instance
+                    ),
                 )));
             }
-            Err(error) => return Ok(Some(("InstanceUnreachable", format!("cannot ask Evolution for the instance's state: {error}")))),
+            Err(error) => {
+                return Ok(Some((
+                    "InstanceUnreachable",
+                    format!("cannot ask Evolution for the instance's state: {error}"),
+                )));
+            }
         }
     }
     Ok(None)
@@ -144,13 +164,26 @@ async fn credentials_version(channel: &Channel, ctx: &Context, namespace: &str) 
 
 /// A person's `kubectl disparo resume` on the Channel (a new resume annotation value):
 /// lifts its pause. Returns the value taken, if a new one.
-async fn take_resume_request(channel: &Channel, ctx: &Context, organization: &str, name: &str, old: &ChannelStatus) -> Result<Option<String>> {
+async fn take_resume_request(
+    channel: &Channel,
+    ctx: &Context,
+    organization: &str,
+    name: &str,
+    old: &ChannelStatus,
+) -> Result<Option<String>> {
     let Some(value) = channel.annotations().get(RESUME_ANNOTATION) else { return Ok(None) };
     if old.last_resume_request.as_deref() == Some(value.as_str()) {
         return Ok(None);
     }
     if pauses::clear_channel_pause(&ctx.pool, organization, name).await? {
-        publish(ctx, channel, EventType::Normal, "Resumed", "a person resumed the channel: its campaigns send again".into()).await;
+        publish(
+            ctx,
+            channel,
+            EventType::Normal,
+            "Resumed",
+            "a person resumed the channel: its campaigns send again".into(),
+        )
+        .await;
     }
     Ok(Some(value.clone()))
 }
@@ -169,8 +202,23 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     let not_ready = readiness(&channel, &ctx, &namespace).await?;
     let limits = Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
     // The caps reach running senders through Postgres; new credentials lift a stop.
-    if pauses::observe_channel(&ctx.pool, &organization, &name, &limits, &credentials_version(&channel, &ctx, &namespace).await?).await? {
-        publish(&ctx, &channel, EventType::Normal, "CredentialsChanged", "the channel's credentials changed: the provider's refusal is lifted and its campaigns send again".into()).await;
+    if pauses::observe_channel(
+        &ctx.pool,
+        &organization,
+        &name,
+        &limits,
+        &credentials_version(&channel, &ctx, &namespace).await?,
+    )
+    .await?
+    {
+        publish(
+            &ctx,
+            &channel,
+            EventType::Normal,
+            "CredentialsChanged",
+            "the channel's credentials changed: the provider's refusal is lifted and its campaigns send again".into(),
+        )
+        .await;
     }
     let windows = crate::store::rate::usage(&ctx.pool, &organization, &name).await?;
     let used = |k: WindowKind| windows.iter().find(|w| w.kind == k).map_or(0, |w| w.used);
@@ -180,7 +228,9 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
         (None, Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(
             ConditionType::Ready,
             "ProviderRefused",
-            format!("sending stopped: the provider refused the channel (error {code}: {message}); fix the credentials or account, then `kubectl disparo resume` a campaign of this channel or replace the credentials' Secret"),
+            format!(
+                "sending stopped: the provider refused the channel (error {code}: {message}); fix the credentials or account, then `kubectl disparo resume` a campaign of this channel or replace the credentials' Secret"
+            ),
         ),
         (None, _) => DesiredCondition::truthy(ConditionType::Ready, "Ready", "credentials found; the channel can send"),
     };
@@ -212,11 +262,21 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     // A refused channel is looked at more often, so new credentials take effect soon.
-    Ok(Action::requeue(if matches!(pause, Some(ChannelPause::ProviderRefused { .. })) { Duration::from_secs(5) } else { RECHECK }))
+    Ok(Action::requeue(if matches!(pause, Some(ChannelPause::ProviderRefused { .. })) {
+        Duration::from_secs(5)
+    } else {
+        RECHECK
+    }))
 }
 
 async fn publish(ctx: &Context, channel: &Channel, type_: EventType, reason: &str, note: String) {
-    let event = KubeEvent { type_, reason: reason.to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
     if let Err(error) = ctx.recorder.publish(&event, &channel.object_ref(&())).await {
         tracing::warn!(%error, reason, "could not publish an Event");
     }
@@ -233,7 +293,9 @@ mod tests {
     fn secret(labels: &[(&str, &str)], data: &[(&str, &str)]) -> Secret {
         let mut s = Secret::default();
         s.metadata.labels = Some(labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect());
-        s.data = Some(data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect::<BTreeMap<_, _>>());
+        s.data = Some(
+            data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect::<BTreeMap<_, _>>(),
+        );
         s
     }
 
@@ -248,7 +310,12 @@ mod tests {
         assert_eq!(read_key(Some(&marked), &r), SecretRead::Value("k".into()));
         assert_eq!(read_key(Some(&marked), &key("creds", "other")), SecretRead::NoKey);
         assert_eq!(read_key(None, &r), SecretRead::NoSecret);
-        for labels in [&[][..], &[("disparo.io/credentials", "false")][..], &[("disparo.io/credentials", "True")][..], &[("app", "disparo")][..]] {
+        for labels in [
+            &[][..],
+            &[("disparo.io/credentials", "false")][..],
+            &[("disparo.io/credentials", "True")][..],
+            &[("app", "disparo")][..],
+        ] {
             assert_eq!(read_key(Some(&secret(labels, &[("api-key", "k")])), &r), SecretRead::NotMarked, "{labels:?}");
         }
     }
@@ -258,9 +325,15 @@ mod tests {
         let r = key("disparo-database", "url");
         let (reason, message) = unusable("evolution.apiKey", &r, &SecretRead::NotMarked, "shop").unwrap_or_default();
         assert_eq!(reason, "SecretNotMarked");
-        assert!(message.contains("`kubectl label secret disparo-database disparo.io/credentials=true -n shop`"), "{message}");
+        assert!(
+            message.contains("`kubectl label secret disparo-database disparo.io/credentials=true -n shop`"),
+            "{message}"
+        );
         assert!(message.contains("spec.evolution.apiKey"), "{message}");
-        assert_eq!(unusable("meta.appSecret", &r, &SecretRead::NoKey, "shop").map(|(reason, _)| reason), Some("SecretMissing"));
+        assert_eq!(
+            unusable("meta.appSecret", &r, &SecretRead::NoKey, "shop").map(|(reason, _)| reason),
+            Some("SecretMissing")
+        );
         assert_eq!(unusable("meta.appSecret", &r, &SecretRead::Value("v".into()), "shop"), None);
     }
 }

@@ -157,7 +157,11 @@ pub fn next_step(
         }
     }
     if spec.suspend {
-        return if memory.audience_frozen || matches!(memory.phase, Some(Phase::Paused)) { Step::Pause } else { Step::Draft };
+        return if memory.audience_frozen || matches!(memory.phase, Some(Phase::Paused)) {
+            Step::Pause
+        } else {
+            Step::Draft
+        };
     }
     if let Some(why) = &memory.automatic_pause {
         return Step::HoldAutomaticPause(why.clone());
@@ -174,7 +178,9 @@ pub fn next_step(
         }
     }
     match channel {
-        ChannelView::Missing => return Step::Stall(format!("channel {:?} not found in this namespace", spec.channel_ref.name)),
+        ChannelView::Missing => {
+            return Step::Stall(format!("channel {:?} not found in this namespace", spec.channel_ref.name));
+        }
         ChannelView::NotReady(why) => return Step::Stall(why.clone()),
         ChannelView::Stopped(why) => return Step::ChannelStopped(why.clone()),
         ChannelView::RateLimited(until) if *until > now => return Step::RateLimit(*until),
@@ -279,8 +285,19 @@ mod tests {
         let mut s = spec();
         let start = now() + chrono::Duration::minutes(30);
         s.schedule = Some(Schedule { start_at: Some(crate::api::time::k8s(start)), window: None });
-        assert_eq!(next_step(&s, &Memory::default(), &ChannelView::Ready, None, None, now()), Step::WaitForSchedule(start));
-        s.schedule = Some(Schedule { start_at: None, window: Some(SendWindow { start: "13:00".into(), end: "14:00".into(), time_zone: "UTC".into(), days: vec![] }) });
+        assert_eq!(
+            next_step(&s, &Memory::default(), &ChannelView::Ready, None, None, now()),
+            Step::WaitForSchedule(start)
+        );
+        s.schedule = Some(Schedule {
+            start_at: None,
+            window: Some(SendWindow {
+                start: "13:00".into(),
+                end: "14:00".into(),
+                time_zone: "UTC".into(),
+                days: vec![],
+            }),
+        });
         assert_eq!(
             next_step(&s, &running(), &ChannelView::Ready, Some(&JobView::default()), None, now()),
             Step::WaitForSchedule(Utc.with_ymd_and_hms(2026, 11, 25, 13, 0, 0).unwrap())
@@ -293,7 +310,14 @@ mod tests {
         assert_eq!(failure_threshold_exceeded(&s, &counters(0, 10, 30), (0, 0)), None, "sample too small");
         assert!(failure_threshold_exceeded(&s, &counters(0, 20, 40), (0, 0)).is_some());
         assert_eq!(failure_threshold_exceeded(&s, &counters(0, 20, 40), (40, 60)), None, "nothing new since resume");
-        let step = next_step(&s, &running(), &ChannelView::Ready, Some(&JobView::default()), Some(&counters(10, 20, 40)), now());
+        let step = next_step(
+            &s,
+            &running(),
+            &ChannelView::Ready,
+            Some(&JobView::default()),
+            Some(&counters(10, 20, 40)),
+            now(),
+        );
         assert!(matches!(step, Step::PauseForFailures(ref why) if why.contains("40 of the last 60")), "{step:?}");
     }
 }

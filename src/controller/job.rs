@@ -4,9 +4,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector,
+    SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
@@ -57,15 +61,27 @@ pub fn job_name(campaign: &str, uid: &str) -> String {
 
 /// Why a Job found under the campaign's Job name is not the campaign's own, if it is not.
 pub fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
-    let owned = job.metadata.owner_references.as_ref().is_some_and(|refs| refs.iter().any(|r| r.uid == campaign_uid && r.controller == Some(true)));
+    let owned = job
+        .metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|refs| refs.iter().any(|r| r.uid == campaign_uid && r.controller == Some(true)));
     (!owned).then(|| {
-        format!("a Job named {:?} exists and is not owned by this campaign; delete or rename it", job.metadata.name.as_deref().unwrap_or_default())
+        format!(
+            "a Job named {:?} exists and is not owned by this campaign; delete or rename it",
+            job.metadata.name.as_deref().unwrap_or_default()
+        )
     })
 }
 
 /// The digest of what a Job is built from, as stored in [`SEND_CONFIG_ANNOTATION`].
 /// The channel's caps are left out: senders read them live from Postgres.
-pub fn send_config_digest(campaign: &Campaign, channel: &Channel, organization: &str, settings: &SenderSettings) -> Result<String> {
+pub fn send_config_digest(
+    campaign: &Campaign,
+    channel: &Channel,
+    organization: &str,
+    settings: &SenderSettings,
+) -> Result<String> {
     use sha2::Digest;
     let mut config = send_config(campaign, channel, organization, settings)?;
     config.rate_limits = Default::default();
@@ -76,7 +92,8 @@ pub fn send_config_digest(campaign: &Campaign, channel: &Channel, organization: 
         "database": [settings.database_secret.as_str(), settings.database_secret_key.as_str()],
         "resources": campaign.spec.execution.resources,
     });
-    let bytes = serde_json::to_vec(&material).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
+    let bytes = serde_json::to_vec(&material)
+        .map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
     Ok(hex::encode(&sha2::Sha256::digest(&bytes)[..12]))
 }
 
@@ -90,7 +107,11 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
-            secret_key_ref: Some(SecretKeySelector { name: secret.name.clone(), key: secret.key.clone(), optional: Some(false) }),
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.name.clone(),
+                key: secret.key.clone(),
+                optional: Some(false),
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -98,16 +119,30 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
 }
 
 /// The send configuration for a campaign on a channel.
-pub fn send_config(campaign: &Campaign, channel: &Channel, organization: &str, settings: &SenderSettings) -> Result<SendConfig> {
+pub fn send_config(
+    campaign: &Campaign,
+    channel: &Channel,
+    organization: &str,
+    settings: &SenderSettings,
+) -> Result<SendConfig> {
     let uid = campaign.meta().uid.as_deref().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let campaign_uid = uid.parse().map_err(|_| Error::MissingObjectKey("metadata.uid (not a UUID)"))?;
     let target = match channel.spec.provider {
         Provider::Meta => {
-            let meta = channel.spec.meta.as_ref().ok_or(Error::InvalidChannel("provider meta without spec.meta".into()))?;
-            ProviderTarget::Meta { base_url: meta.base_url.clone(), api_version: meta.api_version.clone(), phone_number_id: meta.phone_number_id.clone() }
+            let meta =
+                channel.spec.meta.as_ref().ok_or(Error::InvalidChannel("provider meta without spec.meta".into()))?;
+            ProviderTarget::Meta {
+                base_url: meta.base_url.clone(),
+                api_version: meta.api_version.clone(),
+                phone_number_id: meta.phone_number_id.clone(),
+            }
         }
         Provider::Evolution => {
-            let evo = channel.spec.evolution.as_ref().ok_or(Error::InvalidChannel("provider evolution without spec.evolution".into()))?;
+            let evo = channel
+                .spec
+                .evolution
+                .as_ref()
+                .ok_or(Error::InvalidChannel("provider evolution without spec.evolution".into()))?;
             ProviderTarget::Evolution { base_url: evo.base_url.clone(), instance: evo.instance.clone() }
         }
     };
@@ -136,12 +171,20 @@ pub fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
 }
 
 /// Builds the sending Job.
-pub fn build_job(campaign: &Campaign, channel: &Channel, organization: &str, batches: i32, suspend: bool, settings: &SenderSettings) -> Result<Job> {
+pub fn build_job(
+    campaign: &Campaign,
+    channel: &Channel,
+    organization: &str,
+    batches: i32,
+    suspend: bool,
+    settings: &SenderSettings,
+) -> Result<Job> {
     let name = campaign.meta().name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
     let namespace = campaign.meta().namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let owner: OwnerReference = campaign.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let config = send_config(campaign, channel, organization, settings)?;
-    let config_json = serde_json::to_string(&config).map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
+    let config_json = serde_json::to_string(&config)
+        .map_err(|e| Error::InvalidCampaign(format!("serializing the send configuration: {e}")))?;
     let uid = campaign.meta().uid.clone().ok_or(Error::MissingObjectKey("metadata.uid"))?;
     let labels = BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "disparo".to_owned()),
@@ -159,7 +202,10 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, organization: &str, bat
         image: Some(settings.image.clone()),
         command: Some(vec!["disparo".to_owned(), "send".to_owned()]),
         env: Some(vec![
-            secret_env("DATABASE_URL", &SecretKeyRef { name: settings.database_secret.clone(), key: settings.database_secret_key.clone() }),
+            secret_env(
+                "DATABASE_URL",
+                &SecretKeyRef { name: settings.database_secret.clone(), key: settings.database_secret_key.clone() },
+            ),
             secret_env("DISPARO_PROVIDER_TOKEN", provider_credential(channel)?),
             // The CA that verifies Postgres, when the operator's connection uses one:
             // Postgres' client settings take the PEM itself.
@@ -231,7 +277,11 @@ pub fn build_job(campaign: &Campaign, channel: &Channel, organization: &str, bat
             suspend: Some(suspend),
             ttl_seconds_after_finished: Some(settings.ttl_seconds_after_finished),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(labels), annotations: Some(annotations), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
                 spec: Some(PodSpec {
                     restart_policy: Some("Never".to_owned()),
                     automount_service_account_token: Some(false),
@@ -312,9 +362,13 @@ mod tests {
         let token = env.iter().find(|e| e.name == "DISPARO_PROVIDER_TOKEN").unwrap();
         assert!(token.value.is_none());
         assert_eq!(token.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "meta");
-        let config: SendConfig = serde_json::from_str(env.iter().find(|e| e.name == "DISPARO_SEND_CONFIG").unwrap().value.as_ref().unwrap()).unwrap();
+        let config: SendConfig =
+            serde_json::from_str(env.iter().find(|e| e.name == "DISPARO_SEND_CONFIG").unwrap().value.as_ref().unwrap())
+                .unwrap();
         assert_eq!(config.organization, "acme");
-        assert!(matches!(config.message, MessageTemplate::Template { ref body_parameters, .. } if body_parameters == &["{{contact.name}}"]));
+        assert!(
+            matches!(config.message, MessageTemplate::Template { ref body_parameters, .. } if body_parameters == &["{{contact.name}}"])
+        );
     }
 
     #[test]
@@ -349,7 +403,10 @@ mod tests {
         assert!(is_stale(&job, &send_config_digest(&campaign(), &other, "acme", &settings()).unwrap()));
         let mut capped = channel();
         capped.spec.rate_limits.per_minute = Some(5);
-        assert!(!is_stale(&job, &send_config_digest(&campaign(), &capped, "acme", &settings()).unwrap()), "caps reach senders live, not by a new Job");
+        assert!(
+            !is_stale(&job, &send_config_digest(&campaign(), &capped, "acme", &settings()).unwrap()),
+            "caps reach senders live, not by a new Job"
+        );
     }
 
     #[test]

@@ -50,7 +50,11 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> kube::Resu
     let existing = api.get_opt(&cfg.name).await?;
     let Some(mut lease) = existing else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(cfg.name.clone()), namespace: Some(cfg.namespace.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(cfg.name.clone()),
+                namespace: Some(cfg.namespace.clone()),
+                ..Default::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: Some(cfg.identity.clone()),
                 lease_duration_seconds: Some(cfg.duration.as_secs() as i32),

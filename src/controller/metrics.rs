@@ -60,8 +60,16 @@ impl Metrics {
             known: Mutex::new(HashMap::new()),
         };
         registry.register("disparo_controller_reconciles", "Reconciles run", metrics.reconciles.clone());
-        registry.register("disparo_controller_reconcile_failures", "Reconcile failures by cause", metrics.failures.clone());
-        registry.register("disparo_controller_reconcile_duration_seconds", "Reconcile duration", metrics.duration.clone());
+        registry.register(
+            "disparo_controller_reconcile_failures",
+            "Reconcile failures by cause",
+            metrics.failures.clone(),
+        );
+        registry.register(
+            "disparo_controller_reconcile_duration_seconds",
+            "Reconcile duration",
+            metrics.duration.clone(),
+        );
         registry.register("disparo_campaigns", "Campaigns by phase", metrics.phases.clone());
         for phase in Phase::ALL {
             metrics.phases.get_or_create(&PhaseLabels { phase: phase.to_string() }).set(0);
@@ -103,7 +111,10 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.duration.get_or_create(&KindLabels { kind: self.kind.clone() }).observe(self.started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .get_or_create(&KindLabels { kind: self.kind.clone() })
+            .observe(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -72,7 +72,8 @@ impl Error {
             Error::Store(e) => e.is_transient(),
             Error::MissingObjectKey(_) | Error::InvalidChannel(_) | Error::InvalidCampaign(_) => false,
             Error::Finalizer(e) => match e.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner) | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.is_retryable(),
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.is_retryable(),
                 _ => true,
             },
         }
@@ -120,8 +121,15 @@ pub struct Context {
 fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("object");
     warn!(%error, retryable = error.is_retryable(), name = %object.name_any(), namespace = ?object.namespace(), "reconcile failed");
-    ctx.metrics.failures.get_or_create(&metrics::ErrorLabels { kind: kind.to_owned(), error: error.metric_label().to_owned() }).inc();
-    if error.is_retryable() { Action::requeue(Duration::from_secs(5)) } else { Action::requeue(Duration::from_secs(300)) }
+    ctx.metrics
+        .failures
+        .get_or_create(&metrics::ErrorLabels { kind: kind.to_owned(), error: error.metric_label().to_owned() })
+        .inc();
+    if error.is_retryable() {
+        Action::requeue(Duration::from_secs(5))
+    } else {
+        Action::requeue(Duration::from_secs(300))
+    }
 }
 
 /// Arguments of `disparo controller`.
@@ -176,7 +184,10 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     match crate::store::ping(&health.pool).await {
-        Ok(()) => (StatusCode::OK, if health.leading.load(Ordering::Relaxed) { "ready (leader)" } else { "ready (standby)" }).into_response(),
+        Ok(()) => {
+            (StatusCode::OK, if health.leading.load(Ordering::Relaxed) { "ready (leader)" } else { "ready (standby)" })
+                .into_response()
+        }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "postgres unreachable").into_response(),
     }
 }
@@ -193,7 +204,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
     if args.migrate {
         crate::store::migrate(&pool).await.context("applying migrations")?;
     }
-    let identity = args.identity.clone().unwrap_or_else(|| format!("disparo-controller-{}", uuid::Uuid::new_v4().simple()));
+    let identity =
+        args.identity.clone().unwrap_or_else(|| format!("disparo-controller-{}", uuid::Uuid::new_v4().simple()));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let leading = Arc::new(AtomicBool::new(false));
@@ -203,9 +215,13 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await.with_context(|| format!("binding {}", args.metrics_addr))?;
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding {}", args.metrics_addr))?;
     let server_stop = shutdown.clone();
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).with_graceful_shutdown(async move { server_stop.cancelled().await }).await
+    });
 
     let leases: Api<Lease> = Api::namespaced(client.clone(), &args.lease_namespace);
     let lease = leader::LeaseConfig {
@@ -227,7 +243,10 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
     let ctx = Arc::new(Context {
         client: client.clone(),
         pool,
-        recorder: Recorder::new(client.clone(), Reporter { controller: "disparo-controller".into(), instance: Some(identity) }),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter { controller: "disparo-controller".into(), instance: Some(identity) },
+        ),
         metrics,
         sender: job::SenderSettings {
             image: args.sender_image,
@@ -237,7 +256,11 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
             request_timeout_millis: args.sender_timeout_ms,
             ttl_seconds_after_finished: 3600,
         },
-        http: crate::providers::http_client(crate::providers::Timeouts { connect: Duration::from_secs(2), request: Duration::from_secs(5) }).context("building the HTTP client")?,
+        http: crate::providers::http_client(crate::providers::Timeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_secs(5),
+        })
+        .context("building the HTTP client")?,
         database_url: args.database_url.clone(),
         tenancy: tokio::sync::Mutex::new(()),
     });
@@ -253,7 +276,11 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
     };
     let stop = futures::future::FutureExt::shared(Box::pin(stop));
     let (campaign_api, job_api, channel_api): (Api<Campaign>, Api<Job>, Api<Channel>) = match &args.watch_namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
         None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
     };
     let campaigns = Controller::new(campaign_api, watcher::Config::default())

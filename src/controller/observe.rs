@@ -15,7 +15,12 @@ use crate::sender::IGNORED_EXIT_CODES;
 use crate::store::pauses::{self, ChannelPause};
 
 /// Observes the Channel as the decision needs it.
-pub async fn channel(ctx: &Context, namespace: &str, organization: &str, name: &str) -> Result<(ChannelView, Option<Channel>)> {
+pub async fn channel(
+    ctx: &Context,
+    namespace: &str,
+    organization: &str,
+    name: &str,
+) -> Result<(ChannelView, Option<Channel>)> {
     let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(channel) = api.get_opt(name).await? else { return Ok((ChannelView::Missing, None)) };
     let ready = channel.status.as_ref().and_then(|s| find(&s.conditions, ConditionType::Ready).cloned());
@@ -26,7 +31,9 @@ pub async fn channel(ctx: &Context, namespace: &str, organization: &str, name: &
             "channel {name:?} stopped: the provider refused it (error {code}: {message}); fix the credentials or account, then `kubectl disparo resume` (or change the credentials' Secret)"
         )),
         (_, None) => ChannelView::NotReady(format!("channel {name:?} has not been checked yet")),
-        (_, Some(c)) if c.status != "True" => ChannelView::NotReady(format!("channel {name:?} is not ready: {}", c.message)),
+        (_, Some(c)) if c.status != "True" => {
+            ChannelView::NotReady(format!("channel {name:?} is not ready: {}", c.message))
+        }
         (Some(ChannelPause::WindowSpent { until }), _) => ChannelView::RateLimited(until),
         (None, _) => ChannelView::Ready,
     };
@@ -34,8 +41,15 @@ pub async fn channel(ctx: &Context, namespace: &str, organization: &str, name: &
 }
 
 /// Pod waiting reasons that mean the sender cannot start or keeps crashing.
-const STUCK_REASONS: [&str; 7] =
-    ["CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff", "RunContainerError"];
+const STUCK_REASONS: [&str; 7] = [
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CrashLoopBackOff",
+    "RunContainerError",
+];
 
 /// Failed sender pods (not counting exits the Job ignores) before the campaign says
 /// its senders are crashing.
@@ -59,7 +73,12 @@ pub fn pods_failing(pods: &[Pod]) -> Option<String> {
                 && done.exit_code != 0
                 && !IGNORED_EXIT_CODES.contains(&done.exit_code)
             {
-                crashed.push((name.to_owned(), done.exit_code, done.reason.clone().unwrap_or_default(), done.message.clone().unwrap_or_default()));
+                crashed.push((
+                    name.to_owned(),
+                    done.exit_code,
+                    done.reason.clone().unwrap_or_default(),
+                    done.message.clone().unwrap_or_default(),
+                ));
             }
         }
     }
@@ -67,11 +86,21 @@ pub fn pods_failing(pods: &[Pod]) -> Option<String> {
         return None;
     }
     let (pod, code, reason, message) = crashed.last()?;
-    Some(format!("{} sender pods crashed; the last, {pod}, exited with code {code} {reason} {message}", crashed.len()).trim_end().to_owned())
+    Some(
+        format!("{} sender pods crashed; the last, {pod}, exited with code {code} {reason} {message}", crashed.len())
+            .trim_end()
+            .to_owned(),
+    )
 }
 
 /// Observes the campaign's Job (and, while it runs, its pods).
-pub async fn job(ctx: &Context, jobs: &Api<Job>, name: &str, campaign_uid: &str, digest: Option<&str>) -> Result<Option<(Job, JobView)>> {
+pub async fn job(
+    ctx: &Context,
+    jobs: &Api<Job>,
+    name: &str,
+    campaign_uid: &str,
+    digest: Option<&str>,
+) -> Result<Option<(Job, JobView)>> {
     let Some(job) = jobs.get_opt(name).await? else { return Ok(None) };
     let conditions = job.status.as_ref().and_then(|s| s.conditions.clone()).unwrap_or_default();
     let has = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
@@ -103,17 +132,26 @@ mod tests {
 
     #[test]
     fn a_pod_that_cannot_start_is_named_with_its_reason() {
-        let stuck = pod("x-0", serde_json::json!({"containerStatuses": [{"name": "sender", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"disparo-postgres\" not found"}}}]}));
+        let stuck = pod(
+            "x-0",
+            serde_json::json!({"containerStatuses": [{"name": "sender", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": "secret \"disparo-postgres\" not found"}}}]}),
+        );
         let why = pods_failing(&[stuck]).unwrap();
-        assert!(why.contains("x-0") && why.contains("CreateContainerConfigError") && why.contains("disparo-postgres"), "{why}");
+        assert!(
+            why.contains("x-0") && why.contains("CreateContainerConfigError") && why.contains("disparo-postgres"),
+            "{why}"
+        );
     }
 
     #[test]
     fn one_crash_is_retried_quietly_two_are_reported_and_ignored_exits_never() {
         let crashed = |name: &str, code: i32| {
-            pod(name, serde_json::json!({"containerStatuses": [{"name": "sender", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
-                "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]}))
+            pod(
+                name,
+                serde_json::json!({"containerStatuses": [{"name": "sender", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]}),
+            )
         };
         assert_eq!(pods_failing(&[crashed("a", 1)]), None);
         assert_eq!(pods_failing(&[crashed("a", 75), crashed("b", 77), crashed("c", 0)]), None);

@@ -67,7 +67,9 @@ pub fn window_gate(window: &SendWindow, now: DateTime<Utc>) -> Result<Gate, Sche
         let close_date = if end > start { date } else { date + Duration::days(1) };
         let close_local = close_date.and_time(end);
         // Around DST changes a local time may not exist; take the earliest valid mapping.
-        let (Some(open), Some(close)) = (tz.from_local_datetime(&open_local).earliest(), tz.from_local_datetime(&close_local).earliest()) else {
+        let (Some(open), Some(close)) =
+            (tz.from_local_datetime(&open_local).earliest(), tz.from_local_datetime(&close_local).earliest())
+        else {
             continue;
         };
         let (open, close) = (open.with_timezone(&Utc), close.with_timezone(&Utc));
@@ -101,7 +103,7 @@ pub fn gate(schedule: Option<&Schedule>, now: DateTime<Utc>) -> Result<Gate, Sch
 #[cfg(test)]
 mod tests {
     use super::*;
-    
+
     fn window(start: &str, end: &str, tz: &str, days: Vec<Weekday>) -> SendWindow {
         SendWindow { start: start.into(), end: end.into(), time_zone: tz.into(), days }
     }
@@ -114,7 +116,10 @@ mod tests {
     fn inside_a_sao_paulo_window() {
         // 2026-11-25 is a Wednesday; São Paulo is UTC-3
         let w = window("09:00", "18:00", "America/Sao_Paulo", vec![]);
-        assert_eq!(window_gate(&w, utc(2026, 11, 25, 13, 0)).unwrap(), Gate::Open { closes_at: Some(utc(2026, 11, 25, 21, 0)) });
+        assert_eq!(
+            window_gate(&w, utc(2026, 11, 25, 13, 0)).unwrap(),
+            Gate::Open { closes_at: Some(utc(2026, 11, 25, 21, 0)) }
+        );
     }
 
     #[test]
@@ -126,7 +131,8 @@ mod tests {
 
     #[test]
     fn weekdays_skip_the_weekend() {
-        let w = window("09:00", "18:00", "UTC", vec![Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri]);
+        let w =
+            window("09:00", "18:00", "UTC", vec![Weekday::Mon, Weekday::Tue, Weekday::Wed, Weekday::Thu, Weekday::Fri]);
         // Friday 2026-11-27 19:00 → Monday 2026-11-30 09:00
         assert_eq!(window_gate(&w, utc(2026, 11, 27, 19, 0)).unwrap(), Gate::OpensAt(utc(2026, 11, 30, 9, 0)));
     }
@@ -134,13 +140,19 @@ mod tests {
     #[test]
     fn a_window_spanning_midnight() {
         let w = window("22:00", "02:00", "UTC", vec![]);
-        assert_eq!(window_gate(&w, utc(2026, 11, 25, 1, 0)).unwrap(), Gate::Open { closes_at: Some(utc(2026, 11, 25, 2, 0)) });
+        assert_eq!(
+            window_gate(&w, utc(2026, 11, 25, 1, 0)).unwrap(),
+            Gate::Open { closes_at: Some(utc(2026, 11, 25, 2, 0)) }
+        );
         assert_eq!(window_gate(&w, utc(2026, 11, 25, 3, 0)).unwrap(), Gate::OpensAt(utc(2026, 11, 25, 22, 0)));
     }
 
     #[test]
     fn start_at_in_the_future_waits_then_the_window_applies() {
-        let schedule = Schedule { start_at: Some(crate::api::time::k8s(utc(2026, 12, 1, 3, 0))), window: Some(window("09:00", "18:00", "UTC", vec![])) };
+        let schedule = Schedule {
+            start_at: Some(crate::api::time::k8s(utc(2026, 12, 1, 3, 0))),
+            window: Some(window("09:00", "18:00", "UTC", vec![])),
+        };
         assert_eq!(gate(Some(&schedule), utc(2026, 11, 25, 10, 0)).unwrap(), Gate::OpensAt(utc(2026, 12, 1, 9, 0)));
         let no_window = Schedule { start_at: Some(crate::api::time::k8s(utc(2026, 12, 1, 3, 0))), window: None };
         assert_eq!(gate(Some(&no_window), utc(2026, 11, 25, 10, 0)).unwrap(), Gate::OpensAt(utc(2026, 12, 1, 3, 0)));

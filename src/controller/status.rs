@@ -81,7 +81,12 @@ pub fn batch_counts(job_name: &str, completions: i32, status: Option<&JobStatus>
 /// Estimated sending time of `messages` on a channel with `limits`, shared equally with
 /// `sharing` other campaigns, sending only `window_fraction` of the day (1.0: no window).
 /// None when nothing caps the rate (the estimate would be meaningless).
-pub fn estimated_duration_seconds(messages: i64, limits: &crate::store::rate::Limits, sharing: i64, window_fraction: f64) -> Option<i64> {
+pub fn estimated_duration_seconds(
+    messages: i64,
+    limits: &crate::store::rate::Limits,
+    sharing: i64,
+    window_fraction: f64,
+) -> Option<i64> {
     let interval_rate = (!limits.min_interval.is_zero()).then(|| 1.0 / limits.min_interval.as_secs_f64());
     let per_second = [
         limits.per_minute.map(|c| f64::from(c) / 60.0),
@@ -134,7 +139,17 @@ mod tests {
 
     #[test]
     fn counts_are_cumulative_for_people() {
-        let c = Counters { total: 10, pending: 2, sending: 1, sent: 2, delivered: 2, read: 1, failed: 1, unknown: 1, ..Default::default() };
+        let c = Counters {
+            total: 10,
+            pending: 2,
+            sending: 1,
+            sent: 2,
+            delivered: 2,
+            read: 1,
+            failed: 1,
+            unknown: 1,
+            ..Default::default()
+        };
         let m = message_counts(&c);
         assert_eq!((m.pending, m.sent, m.delivered, m.read), (3, 5, 3, 1));
     }
@@ -142,7 +157,14 @@ mod tests {
     #[test]
     fn progress_rate_and_eta() {
         let t0 = Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap();
-        let c = Counters { total: 200, pending: 100, sent: 100, first_sent_at: Some(t0), last_sent_at: Some(t0 + chrono::Duration::minutes(10)), ..Default::default() };
+        let c = Counters {
+            total: 200,
+            pending: 100,
+            sent: 100,
+            first_sent_at: Some(t0),
+            last_sent_at: Some(t0 + chrono::Duration::minutes(10)),
+            ..Default::default()
+        };
         let p = progress(&c, t0 + chrono::Duration::minutes(10));
         assert_eq!(p.percentage, "50%");
         assert_eq!(p.rate_per_minute, 10.0);
@@ -171,7 +193,12 @@ mod tests {
         // 500/day is the tightest: 1,000 messages take two days
         assert_eq!(estimated_duration_seconds(1000, &meta, 0, 1.0), Some(172_800));
         assert_eq!(estimated_duration_seconds(1000, &meta, 1, 1.0), Some(345_600), "shared with one other campaign");
-        let w = crate::api::SendWindow { start: "09:00".into(), end: "21:00".into(), time_zone: "UTC".into(), days: vec![] };
+        let w = crate::api::SendWindow {
+            start: "09:00".into(),
+            end: "21:00".into(),
+            time_zone: "UTC".into(),
+            days: vec![],
+        };
         assert_eq!(window_fraction(Some(&w)), 0.5);
         assert_eq!(estimated_duration_seconds(10, &crate::store::rate::Limits::unlimited(), 0, 1.0), None);
     }

@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use tracing::info;
 
@@ -63,7 +63,9 @@ pub async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let existing = secrets.get_opt(DATABASE_SECRET).await?;
     let ca = admin_ca();
-    if let Some(current) = existing.as_ref().filter(|s| secret_value(s, ORGANIZATION_KEY).as_deref() == Some(organization.as_str())) {
+    if let Some(current) =
+        existing.as_ref().filter(|s| secret_value(s, ORGANIZATION_KEY).as_deref() == Some(organization.as_str()))
+    {
         if secret_value(current, CA_KEY) == ca {
             return Ok(organization);
         }

@@ -185,8 +185,15 @@ pub fn classify_bare_answer(http_status: u16, body: &[u8]) -> Answer {
     let text = text.trim();
     let said = if text.is_empty() { format!("HTTP {http_status}") } else { format!("HTTP {http_status}: {text}") };
     match classify_http_status(http_status) {
-        Some(class) => Answer::Refused(ProviderError { class, code: format!("http_{http_status}"), message: truncate(said), retry_after: None }),
-        None => Answer::Inconclusive(truncate(format!("{said} (not the provider's error body: the message may have been accepted)"))),
+        Some(class) => Answer::Refused(ProviderError {
+            class,
+            code: format!("http_{http_status}"),
+            message: truncate(said),
+            retry_after: None,
+        }),
+        None => Answer::Inconclusive(truncate(format!(
+            "{said} (not the provider's error body: the message may have been accepted)"
+        ))),
     }
 }
 
@@ -225,7 +232,12 @@ pub fn classify_evolution(http_status: u16, body: &[u8]) -> Answer {
         })
     };
     let waiting = |class: ErrorClass, code: &str, wait: Duration| {
-        Answer::Refused(ProviderError { class, code: code.to_owned(), message: truncate(text.clone()), retry_after: Some(wait) })
+        Answer::Refused(ProviderError {
+            class,
+            code: code.to_owned(),
+            message: truncate(text.clone()),
+            retry_after: Some(wait),
+        })
     };
 
     if says_not_on_whatsapp(message) {
@@ -244,7 +256,9 @@ pub fn classify_evolution(http_status: u16, body: &[u8]) -> Answer {
         return waiting(RateLimitedChannel, "evolution_rate_overlimit", Duration::from_secs(60));
     }
     if contains("Timed Out") {
-        return Answer::Inconclusive(truncate(format!("Evolution answered HTTP {http_status} \"{text}\": the message may have been relayed")));
+        return Answer::Inconclusive(truncate(format!(
+            "Evolution answered HTTP {http_status} \"{text}\": the message may have been relayed"
+        )));
     }
     match http_status {
         404 if contains("does not exist") => error(StopChannel, "evolution_instance_not_found", text),
@@ -417,9 +431,13 @@ mod tests {
         for status in 100..600 {
             assert_ne!(classify_http_status(status), Some(StopChannel), "HTTP {status}");
         }
-        let Answer::Refused(error) = classify_bare_answer(401, b"<html>401 Authorization Required</html>") else { panic!("refused") };
+        let Answer::Refused(error) = classify_bare_answer(401, b"<html>401 Authorization Required</html>") else {
+            panic!("refused")
+        };
         assert_eq!((error.class, error.code.as_str()), (Retryable, "http_401"));
-        assert!(matches!(classify_bare_answer(504, b"<html>504 Gateway Time-out</html>"), Answer::Inconclusive(ref r) if r.contains("504")));
+        assert!(
+            matches!(classify_bare_answer(504, b"<html>504 Gateway Time-out</html>"), Answer::Inconclusive(ref r) if r.contains("504"))
+        );
         assert!(matches!(classify_bare_answer(502, b""), Answer::Inconclusive(_)));
     }
 
@@ -443,7 +461,10 @@ mod tests {
             (503, r#"{"message":"upstream unavailable"}"#),
         ];
         for (status, body) in cases {
-            assert!(matches!(classify_evolution(*status, body.as_bytes()), Answer::Inconclusive(_)), "HTTP {status} {body}");
+            assert!(
+                matches!(classify_evolution(*status, body.as_bytes()), Answer::Inconclusive(_)),
+                "HTTP {status} {body}"
+            );
         }
     }
 
@@ -462,7 +483,12 @@ mod tests {
                 Permanent,
                 "evolution_invalid_request",
             ),
-            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Text is required"]}}"#, Permanent, "evolution_invalid_request"),
+            (
+                400,
+                r#"{"status":400,"error":"Bad Request","response":{"message":["Text is required"]}}"#,
+                Permanent,
+                "evolution_invalid_request",
+            ),
             (
                 500,
                 r#"{"status":500,"error":"Internal Server Error","response":{"message":"Connection Closed"}}"#,
@@ -481,23 +507,58 @@ mod tests {
                 RateLimitedChannel,
                 "evolution_connection_closed",
             ),
-            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: Stream Errored (conflict)"]}}"#, Retryable, "evolution_send_error"),
-            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Error: rate-overlimit"]}}"#, RateLimitedChannel, "evolution_rate_overlimit"),
+            (
+                400,
+                r#"{"status":400,"error":"Bad Request","response":{"message":["Error: Stream Errored (conflict)"]}}"#,
+                Retryable,
+                "evolution_send_error",
+            ),
+            (
+                400,
+                r#"{"status":400,"error":"Bad Request","response":{"message":["Error: rate-overlimit"]}}"#,
+                RateLimitedChannel,
+                "evolution_rate_overlimit",
+            ),
             (
                 404,
                 r#"{"status":404,"error":"Not Found","response":{"message":["The \"my-instance\" instance does not exist"]}}"#,
                 StopChannel,
                 "evolution_instance_not_found",
             ),
-            (404, r#"{"status":404,"error":"Not Found","response":{"message":["Group not found"]}}"#, Permanent, "evolution_group_not_found"),
-            (401, r#"{"status":401,"error":"Unauthorized","response":{"message":"Unauthorized"}}"#, StopChannel, "evolution_unauthorized"),
-            (403, r#"{"status":403,"error":"Forbidden","response":{"message":"Forbidden"}}"#, StopChannel, "evolution_forbidden"),
-            (500, r#"{"status":500,"error":"Internal Server Error","response":{"message":"boom"}}"#, Retryable, "http_500"),
+            (
+                404,
+                r#"{"status":404,"error":"Not Found","response":{"message":["Group not found"]}}"#,
+                Permanent,
+                "evolution_group_not_found",
+            ),
+            (
+                401,
+                r#"{"status":401,"error":"Unauthorized","response":{"message":"Unauthorized"}}"#,
+                StopChannel,
+                "evolution_unauthorized",
+            ),
+            (
+                403,
+                r#"{"status":403,"error":"Forbidden","response":{"message":"Forbidden"}}"#,
+                StopChannel,
+                "evolution_forbidden",
+            ),
+            (
+                500,
+                r#"{"status":500,"error":"Internal Server Error","response":{"message":"boom"}}"#,
+                Retryable,
+                "http_500",
+            ),
             // A proxy's or ingress' answer is not Evolution's: it proves nothing about the channel.
             (404, "", Retryable, "http_404"),
             (401, "<html>401 Authorization Required</html>", Retryable, "http_401"),
             (403, r#"{"message":"Forbidden"}"#, Retryable, "http_403"),
-            (400, r#"{"status":400,"error":"Bad Request","response":{"message":["Owned media must be a url"]}}"#, Permanent, "evolution_bad_request"),
+            (
+                400,
+                r#"{"status":400,"error":"Bad Request","response":{"message":["Owned media must be a url"]}}"#,
+                Permanent,
+                "evolution_bad_request",
+            ),
         ];
         for (status, body, class, code) in cases {
             let error = evolution(*status, body);
@@ -516,7 +577,10 @@ mod tests {
 
     #[test]
     fn evolution_disconnection_hints_a_wait() {
-        let error = evolution(500, r#"{"status":500,"error":"Internal Server Error","response":{"message":"Connection Closed"}}"#);
+        let error = evolution(
+            500,
+            r#"{"status":500,"error":"Internal Server Error","response":{"message":"Connection Closed"}}"#,
+        );
         assert_eq!(error.retry_after, Some(EVOLUTION_RECONNECT_WAIT));
         assert_eq!(error.message, "Connection Closed");
     }

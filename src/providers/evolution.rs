@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::classify::{Answer, classify_evolution};
 use super::transport::{self, Wire};
-use super::{Content, Error, ErrorClass, OutboundMessage, Provider, ProviderClient, ProviderError, Result, Secret, SendOutcome};
+use super::{
+    Content, Error, ErrorClass, OutboundMessage, Provider, ProviderClient, ProviderError, Result, Secret, SendOutcome,
+};
 
 /// The header Evolution reads its api key from.
 pub const API_KEY_HEADER: &str = "apikey";
@@ -49,13 +51,13 @@ impl EvolutionClient {
         if !reply.is_success() {
             return Err(match classify_evolution(reply.status, &reply.body) {
                 Answer::Refused(error) => Error::Rejected { provider: Provider::Evolution, error },
-                Answer::Inconclusive(reason) => Error::UnexpectedResponse { provider: Provider::Evolution, status: reply.status, reason },
+                Answer::Inconclusive(reason) => {
+                    Error::UnexpectedResponse { provider: Provider::Evolution, status: reply.status, reason }
+                }
             });
         }
-        serde_json::from_slice::<StateBody>(&reply.body).map(|body| body.instance.state).map_err(|e| Error::UnexpectedResponse {
-            provider: Provider::Evolution,
-            status: reply.status,
-            reason: e.to_string(),
+        serde_json::from_slice::<StateBody>(&reply.body).map(|body| body.instance.state).map_err(|e| {
+            Error::UnexpectedResponse { provider: Provider::Evolution, status: reply.status, reason: e.to_string() }
         })
     }
 
@@ -187,7 +189,10 @@ mod tests {
     fn send_text_body_matches_providers_md() {
         let msg = text("+5511999999999", "Olá! Sua promoção chegou.");
         let body = request_body(&msg).ok().and_then(|b| serde_json::to_value(b).ok());
-        assert_eq!(body, Some(json!({ "number": "5511999999999", "text": "Olá! Sua promoção chegou.", "linkPreview": false })));
+        assert_eq!(
+            body,
+            Some(json!({ "number": "5511999999999", "text": "Olá! Sua promoção chegou.", "linkPreview": false }))
+        );
     }
 
     #[test]
@@ -213,7 +218,12 @@ mod tests {
 
     #[test]
     fn connection_states_parse() {
-        for (state, expected) in [("open", ConnectionState::Open), ("connecting", ConnectionState::Connecting), ("close", ConnectionState::Close), ("refused", ConnectionState::Unknown)] {
+        for (state, expected) in [
+            ("open", ConnectionState::Open),
+            ("connecting", ConnectionState::Connecting),
+            ("close", ConnectionState::Close),
+            ("refused", ConnectionState::Unknown),
+        ] {
             let body = format!(r#"{{"instance":{{"instanceName":"my-instance","state":"{state}"}}}}"#);
             let parsed = serde_json::from_str::<StateBody>(&body).map(|b| b.instance.state).ok();
             assert_eq!(parsed, Some(expected));
@@ -234,7 +244,11 @@ mod tests {
             async move {
                 let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
                 if let Ok(mut log) = log.lock() {
-                    log.push((header("host").unwrap_or_default(), request.uri().path().to_owned(), header(API_KEY_HEADER)));
+                    log.push((
+                        header("host").unwrap_or_default(),
+                        request.uri().path().to_owned(),
+                        header(API_KEY_HEADER),
+                    ));
                 }
                 answer(request.uri().path(), addr)
             }
@@ -259,14 +273,27 @@ mod tests {
         let (elsewhere, reached) = recording_server(|_, _| open_state()).await;
         let (evolution, asked) = recording_server(move |path, own| match path {
             // Another host name for the same loopback address, and another port.
-            p if p.ends_with("/by-name") => redirect(format!("http://localhost:{}/instance/connectionState/by-name", own.port())),
-            p if p.ends_with("/by-port") => redirect(format!("http://127.0.0.1:{}/instance/connectionState/by-port", elsewhere.port())),
-            p if p.ends_with("/by-scheme") => redirect(format!("https://127.0.0.1:{}/instance/connectionState/by-scheme", own.port())),
+            p if p.ends_with("/by-name") => {
+                redirect(format!("http://localhost:{}/instance/connectionState/by-name", own.port()))
+            }
+            p if p.ends_with("/by-port") => {
+                redirect(format!("http://127.0.0.1:{}/instance/connectionState/by-port", elsewhere.port()))
+            }
+            p if p.ends_with("/by-scheme") => {
+                redirect(format!("https://127.0.0.1:{}/instance/connectionState/by-scheme", own.port()))
+            }
             p if p.starts_with("/moved/") => open_state(),
             p => redirect(format!("/moved{p}")),
         })
         .await;
-        let client = |instance: &str| EvolutionClient::new(http.clone(), format!("http://127.0.0.1:{}", evolution.port()), instance.into(), Secret::new("B6D9-key"));
+        let client = |instance: &str| {
+            EvolutionClient::new(
+                http.clone(),
+                format!("http://127.0.0.1:{}", evolution.port()),
+                instance.into(),
+                Secret::new("B6D9-key"),
+            )
+        };
 
         for instance in ["by-name", "by-port", "by-scheme"] {
             match client(instance).connection_state().await {
@@ -278,16 +305,31 @@ mod tests {
                 other => panic!("{instance}: {other:?}"),
             }
             let outcome = client(instance).send(&text("+5511999999999", "hi")).await;
-            assert!(matches!(&outcome, SendOutcome::Rejected(ProviderError { class: ErrorClass::StopChannel, .. })), "{instance}: {outcome:?}");
+            assert!(
+                matches!(&outcome, SendOutcome::Rejected(ProviderError { class: ErrorClass::StopChannel, .. })),
+                "{instance}: {outcome:?}"
+            );
         }
-        let by_name = asked.lock().map(|l| l.iter().filter(|(_, p, _)| p.ends_with("/by-name")).cloned().collect::<Vec<_>>()).unwrap_or_default();
+        let by_name = asked
+            .lock()
+            .map(|l| l.iter().filter(|(_, p, _)| p.ends_with("/by-name")).cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
         assert_eq!(by_name.len(), 2, "the two requests made, none followed: {by_name:?}");
-        assert!(by_name.iter().all(|(host, _, _)| host.starts_with("127.0.0.1:")), "nothing reached it as localhost: {by_name:?}");
+        assert!(
+            by_name.iter().all(|(host, _, _)| host.starts_with("127.0.0.1:")),
+            "nothing reached it as localhost: {by_name:?}"
+        );
         assert!(reached.lock().map(|l| l.is_empty()).unwrap_or(false), "nothing reached the other port: {reached:?}");
 
         // A redirect within the same origin is followed, with the key.
         assert!(matches!(client("same").connection_state().await, Ok(ConnectionState::Open)));
-        let followed = asked.lock().map(|l| l.iter().any(|(_, p, k)| p == "/moved/instance/connectionState/same" && k.as_deref() == Some("B6D9-key"))).unwrap_or(false);
+        let followed = asked
+            .lock()
+            .map(|l| {
+                l.iter()
+                    .any(|(_, p, k)| p == "/moved/instance/connectionState/same" && k.as_deref() == Some("B6D9-key"))
+            })
+            .unwrap_or(false);
         assert!(followed, "{asked:?}");
     }
 
@@ -295,7 +337,8 @@ mod tests {
     fn urls_and_debug_output() {
         crate::telemetry::install_crypto_provider();
         let Ok(http) = super::super::http_client(super::super::Timeouts::default()) else { panic!("http client") };
-        let client = EvolutionClient::new(http, "http://evo:8080/".into(), "my-instance".into(), Secret::new("B6D9-key"));
+        let client =
+            EvolutionClient::new(http, "http://evo:8080/".into(), "my-instance".into(), Secret::new("B6D9-key"));
         assert_eq!(client.send_url, "http://evo:8080/message/sendText/my-instance");
         assert_eq!(client.state_url, "http://evo:8080/instance/connectionState/my-instance");
         assert!(!format!("{client:?}").contains("B6D9-key"));

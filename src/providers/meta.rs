@@ -27,7 +27,13 @@ impl MetaClient {
     /// production or a `disparo sandbox` address; `api_version` looks like `v23.0`.
     /// A malformed URL is not an error here: every send then ends `StopChannel`
     /// (`invalid_request`), which pauses the channel for a person to fix.
-    pub fn new(http: reqwest::Client, base_url: String, api_version: String, phone_number_id: String, token: Secret) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        base_url: String,
+        api_version: String,
+        phone_number_id: String,
+        token: Secret,
+    ) -> Self {
         let endpoint = transport::endpoint(&base_url, &[&api_version, &phone_number_id, "messages"]);
         MetaClient { http, endpoint, token }
     }
@@ -114,7 +120,10 @@ pub fn request_body(msg: &OutboundMessage) -> Result<SendBody<'_>, ProviderError
         return Err(ProviderError {
             class: ErrorClass::Permanent,
             code: "invalid_callback_data".to_owned(),
-            message: format!("callback data is {} bytes; Meta accepts at most {MAX_CALLBACK_DATA}", msg.callback_data.len()),
+            message: format!(
+                "callback data is {} bytes; Meta accepts at most {MAX_CALLBACK_DATA}",
+                msg.callback_data.len()
+            ),
             retry_after: None,
         });
     }
@@ -195,7 +204,10 @@ impl Wire for MetaWire {
             _ => error.message,
         };
         if meta_code(error.code).is_none() && status >= 500 {
-            return Answer::Inconclusive(truncate(format!("HTTP {status} with unknown code {}: {message}", error.code)));
+            return Answer::Inconclusive(truncate(format!(
+                "HTTP {status} with unknown code {}: {message}",
+                error.code
+            )));
         }
         Answer::Refused(ProviderError {
             class: classify_meta(error.code, status),
@@ -259,7 +271,11 @@ mod tests {
 
     #[test]
     fn templates_without_variables_have_no_components() {
-        let msg = message(Content::Template { name: "hello_world".into(), language: "en_US".into(), body_parameters: vec![] });
+        let msg = message(Content::Template {
+            name: "hello_world".into(),
+            language: "en_US".into(),
+            body_parameters: vec![],
+        });
         assert_eq!(body_json(&msg)["template"], json!({ "name": "hello_world", "language": { "code": "en_US" } }));
     }
 
@@ -267,7 +283,9 @@ mod tests {
     fn unsendable_messages_are_refused_before_any_request() {
         let mut msg = message(Content::Text("hi".into()));
         msg.to = "+55 11 9999-9999".into();
-        assert!(matches!(request_body(&msg), Err(ProviderError { class: ErrorClass::Permanent, ref code, .. }) if code == "invalid_recipient"));
+        assert!(
+            matches!(request_body(&msg), Err(ProviderError { class: ErrorClass::Permanent, ref code, .. }) if code == "invalid_recipient")
+        );
         let mut msg = message(Content::Text("hi".into()));
         msg.callback_data = "x".repeat(513);
         assert!(matches!(request_body(&msg), Err(ProviderError { ref code, .. }) if code == "invalid_callback_data"));
@@ -276,7 +294,10 @@ mod tests {
     #[test]
     fn success_answers_give_the_wamid() {
         let body = br#"{"messaging_product":"whatsapp","contacts":[{"input":"15551234567","wa_id":"15551234567"}],"messages":[{"id":"wamid.HBgLMTU1NTEyMzQ1NjcVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA","message_status":"accepted"}]}"#;
-        assert_eq!(MetaWire.accepted_id(body).as_deref(), Some("wamid.HBgLMTU1NTEyMzQ1NjcVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA"));
+        assert_eq!(
+            MetaWire.accepted_id(body).as_deref(),
+            Some("wamid.HBgLMTU1NTEyMzQ1NjcVAgARGBI5QTNDQTVCM0Q0Q0Q2RTY3RTcA")
+        );
         assert_eq!(MetaWire.accepted_id(br#"{"messages":[]}"#), None);
         assert_eq!(MetaWire.accepted_id(b"<html>"), None);
     }
@@ -296,7 +317,9 @@ mod tests {
         assert_eq!(error.code, "130429");
         assert!(error.message.starts_with("(#130429) Rate limit hit: Message failed to send"));
 
-        let error = refused(MetaWire.rejection(500, br#"{"error":{"message":"(#131057) Account in maintenance mode","code":131057}}"#));
+        let error = refused(
+            MetaWire.rejection(500, br#"{"error":{"message":"(#131057) Account in maintenance mode","code":131057}}"#),
+        );
         assert_eq!((error.class, error.retry_after), (ErrorClass::Retryable, Some(std::time::Duration::from_secs(60))));
 
         let error = refused(MetaWire.rejection(401, br#"{"error":{"message":"Invalid OAuth access token - Cannot parse access token","type":"OAuthException","code":190,"fbtrace_id":"x"}}"#));
@@ -306,7 +329,9 @@ mod tests {
     #[test]
     fn paused_and_disabled_templates_stop_the_campaign_not_the_channel() {
         for code in [132015, 132016] {
-            let body = format!(r#"{{"error":{{"message":"(#{code}) Template is Paused","type":"OAuthException","code":{code},"fbtrace_id":"x"}}}}"#);
+            let body = format!(
+                r#"{{"error":{{"message":"(#{code}) Template is Paused","type":"OAuthException","code":{code},"fbtrace_id":"x"}}}}"#
+            );
             let error = refused(MetaWire.rejection(400, body.as_bytes()));
             assert_eq!((error.class, error.code), (ErrorClass::StopCampaign, code.to_string()));
         }
@@ -317,7 +342,11 @@ mod tests {
         let error = refused(MetaWire.rejection(404, b"<html>Not Found</html>"));
         assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_404"));
         let error = refused(MetaWire.rejection(401, b""));
-        assert_eq!((error.class, error.code.as_str()), (ErrorClass::Retryable, "http_401"), "a proxy's 401 proves nothing about the token");
+        assert_eq!(
+            (error.class, error.code.as_str()),
+            (ErrorClass::Retryable, "http_401"),
+            "a proxy's 401 proves nothing about the token"
+        );
     }
 
     #[test]
@@ -325,16 +354,27 @@ mod tests {
         assert!(matches!(MetaWire.rejection(502, b"<html>Bad Gateway</html>"), Answer::Inconclusive(_)));
         assert!(matches!(MetaWire.rejection(504, b""), Answer::Inconclusive(_)));
         // A gateway's own JSON, shaped like Graph's by chance.
-        assert!(matches!(MetaWire.rejection(504, br#"{"error":{"code":504,"message":"Gateway Timeout"}}"#), Answer::Inconclusive(_)));
+        assert!(matches!(
+            MetaWire.rejection(504, br#"{"error":{"code":504,"message":"Gateway Timeout"}}"#),
+            Answer::Inconclusive(_)
+        ));
         // Meta's documented server errors are retried.
-        let error = refused(MetaWire.rejection(500, br#"{"error":{"message":"(#131000) Something went wrong","code":131000}}"#));
+        let error = refused(
+            MetaWire.rejection(500, br#"{"error":{"message":"(#131000) Something went wrong","code":131000}}"#),
+        );
         assert_eq!(error.class, ErrorClass::Retryable);
     }
 
     #[test]
     fn debug_output_hides_the_token() {
         let Ok(http) = super::super::http_client(super::super::Timeouts::default()) else { panic!("http client") };
-        let client = MetaClient::new(http, "https://graph.facebook.com/".into(), "v23.0".into(), "106540352242922".into(), Secret::new("EAAG-secret"));
+        let client = MetaClient::new(
+            http,
+            "https://graph.facebook.com/".into(),
+            "v23.0".into(),
+            "106540352242922".into(),
+            Secret::new("EAAG-secret"),
+        );
         assert_eq!(client.endpoint(), "https://graph.facebook.com/v23.0/106540352242922/messages");
         assert!(!format!("{client:?}").contains("EAAG-secret"));
     }

@@ -151,7 +151,12 @@ impl ProviderError {
     /// A request that provably never reached the provider (connect refused, DNS
     /// failure, connect timeout): safe to retry.
     pub fn network(message: impl Into<String>) -> Self {
-        ProviderError { class: ErrorClass::Retryable, code: "network".to_owned(), message: message.into(), retry_after: None }
+        ProviderError {
+            class: ErrorClass::Retryable,
+            code: "network".to_owned(),
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 

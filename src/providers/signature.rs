@@ -51,9 +51,15 @@ mod tests {
 
     #[test]
     fn matches_the_test_vector_of_providers_md() {
-        assert_eq!(meta_signature(b"test_app_secret", BODY), "sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756");
+        assert_eq!(
+            meta_signature(b"test_app_secret", BODY),
+            "sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756"
+        );
         let spaced = br#"{"object":"whatsapp_business_account","entry":[] }"#;
-        assert_eq!(meta_signature(b"test_app_secret", spaced), "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b");
+        assert_eq!(
+            meta_signature(b"test_app_secret", spaced),
+            "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b"
+        );
     }
 
     #[test]

@@ -168,8 +168,13 @@ pub(crate) async fn exchange(request: reqwest::RequestBuilder) -> std::result::R
         source,
     })?;
     let status = response.status().as_u16();
-    let retry_after = response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(|v| v.chars().take(200).collect());
+    let retry_after =
+        response.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(200).collect());
     let body = response.bytes().await.map_err(|source| Failure { never_sent: false, source })?;
     Ok(Reply { status, retry_after, location, body: body.to_vec() })
 }
@@ -211,7 +216,9 @@ pub(crate) async fn send(request: reqwest::RequestBuilder, wire: &impl Wire) -> 
             retry_after: None,
         }),
         Err(failure) if failure.never_sent => SendOutcome::Rejected(ProviderError::network(failure.describe())),
-        Err(failure) => SendOutcome::Unknown { reason: format!("no answer after the request was sent: {}", failure.describe()) },
+        Err(failure) => {
+            SendOutcome::Unknown { reason: format!("no answer after the request was sent: {}", failure.describe()) }
+        }
         Ok(reply) if reply.is_success() => match wire.accepted_id(&reply.body) {
             Some(id) => SendOutcome::Accepted { provider_message_id: id },
             None => SendOutcome::Unknown { reason: format!("HTTP {} with an unreadable body", reply.status) },
@@ -238,8 +245,14 @@ mod tests {
 
     #[test]
     fn endpoints_encode_their_segments() {
-        assert_eq!(endpoint("https://graph.facebook.com/", &["v23.0", "1065", "messages"]), "https://graph.facebook.com/v23.0/1065/messages");
-        assert_eq!(endpoint("http://evo:8080/api", &["message", "sendText", "my instance"]), "http://evo:8080/api/message/sendText/my%20instance");
+        assert_eq!(
+            endpoint("https://graph.facebook.com/", &["v23.0", "1065", "messages"]),
+            "https://graph.facebook.com/v23.0/1065/messages"
+        );
+        assert_eq!(
+            endpoint("http://evo:8080/api", &["message", "sendText", "my instance"]),
+            "http://evo:8080/api/message/sendText/my%20instance"
+        );
         assert_eq!(endpoint("not a url", &["a"]), "not a url/a");
     }
 

@@ -30,7 +30,12 @@ pub enum Fault {
 /// The fault for one request, from a uniform draw in [0, 1): the classes and codes
 /// cover consecutive slices of the unit interval, the rest means no fault.
 pub fn choose_fault(faults: &Faults, draw: f64) -> Option<Fault> {
-    let classes = [(Fault::Retryable, faults.retryable), (Fault::RateLimit, faults.rate_limit), (Fault::PairRate, faults.pair_rate), (Fault::Permanent, faults.permanent)];
+    let classes = [
+        (Fault::Retryable, faults.retryable),
+        (Fault::RateLimit, faults.rate_limit),
+        (Fault::PairRate, faults.pair_rate),
+        (Fault::Permanent, faults.permanent),
+    ];
     let codes = faults.codes.iter().map(|(code, p)| (Fault::Code(*code), *p));
     let mut edge = 0.0;
     for (fault, p) in classes.into_iter().chain(codes) {
@@ -187,8 +192,23 @@ mod tests {
 
     #[test]
     fn faults_take_consecutive_slices_of_the_draw() {
-        let faults = Faults { retryable: 0.1, rate_limit: 0.1, pair_rate: 0.1, permanent: 0.1, codes: BTreeMap::from([(131049, 0.1)]), ..Faults::default() };
-        let cases = [(0.05, Some(Fault::Retryable)), (0.15, Some(Fault::RateLimit)), (0.25, Some(Fault::PairRate)), (0.35, Some(Fault::Permanent)), (0.45, Some(Fault::Code(131049))), (0.55, None), (0.99, None)];
+        let faults = Faults {
+            retryable: 0.1,
+            rate_limit: 0.1,
+            pair_rate: 0.1,
+            permanent: 0.1,
+            codes: BTreeMap::from([(131049, 0.1)]),
+            ..Faults::default()
+        };
+        let cases = [
+            (0.05, Some(Fault::Retryable)),
+            (0.15, Some(Fault::RateLimit)),
+            (0.25, Some(Fault::PairRate)),
+            (0.35, Some(Fault::Permanent)),
+            (0.45, Some(Fault::Code(131049))),
+            (0.55, None),
+            (0.99, None),
+        ];
         for (draw, expected) in cases {
             assert_eq!(choose_fault(&faults, draw), expected, "draw {draw}");
         }
@@ -197,7 +217,11 @@ mod tests {
 
     #[test]
     fn gateway_timeouts_by_probability_or_recipient() {
-        let faults = Faults { gateway_timeout: 0.25, gateway_timeout_recipients: vec!["+55 11 90000-0001".into()], ..Faults::default() };
+        let faults = Faults {
+            gateway_timeout: 0.25,
+            gateway_timeout_recipients: vec!["+55 11 90000-0001".into()],
+            ..Faults::default()
+        };
         assert!(behind_gateway(&faults, "15551234567", 0.1));
         assert!(!behind_gateway(&faults, "15551234567", 0.3));
         assert!(behind_gateway(&faults, "5511900000001", 0.99));
@@ -205,7 +229,17 @@ mod tests {
     }
 
     fn quiet() -> WebhookBehaviour {
-        WebhookBehaviour { failed: 0.0, delivered: 1.0, read: 1.0, duplicate: 0.0, out_of_order: 0.0, batch: 0.0, delay_min_ms: 10, delay_max_ms: 10, ..WebhookBehaviour::default() }
+        WebhookBehaviour {
+            failed: 0.0,
+            delivered: 1.0,
+            read: 1.0,
+            duplicate: 0.0,
+            out_of_order: 0.0,
+            batch: 0.0,
+            delay_min_ms: 10,
+            delay_max_ms: 10,
+            ..WebhookBehaviour::default()
+        }
     }
 
     #[test]
@@ -238,7 +272,8 @@ mod tests {
     #[test]
     fn duplicates_and_reordering_keep_every_status() {
         let mut rng = StdRng::seed_from_u64(11);
-        let behaviour = WebhookBehaviour { duplicate: 1.0, out_of_order: 1.0, delay_min_ms: 10, delay_max_ms: 50, ..quiet() };
+        let behaviour =
+            WebhookBehaviour { duplicate: 1.0, out_of_order: 1.0, delay_min_ms: 10, delay_max_ms: 50, ..quiet() };
         for _ in 0..50 {
             let posts = plan(&mut rng, &behaviour, false, Batching::Never);
             assert_eq!(posts.len(), 4);

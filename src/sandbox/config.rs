@@ -218,11 +218,19 @@ impl Default for Faults {
 impl Faults {
     /// Checks that every probability is in [0, 1] and that the shared draw adds up.
     pub fn validate(&self) -> Result<()> {
-        let named = [("retryable", self.retryable), ("rate_limit", self.rate_limit), ("pair_rate", self.pair_rate), ("permanent", self.permanent), ("timeout", self.timeout), ("gateway_timeout", self.gateway_timeout)];
+        let named = [
+            ("retryable", self.retryable),
+            ("rate_limit", self.rate_limit),
+            ("pair_rate", self.pair_rate),
+            ("permanent", self.permanent),
+            ("timeout", self.timeout),
+            ("gateway_timeout", self.gateway_timeout),
+        ];
         for (name, p) in named.iter().copied().chain(self.codes.values().map(|p| ("codes", *p))) {
             probability(&format!("faults.{name}"), p)?;
         }
-        let total = self.retryable + self.rate_limit + self.pair_rate + self.permanent + self.codes.values().sum::<f64>();
+        let total =
+            self.retryable + self.rate_limit + self.pair_rate + self.permanent + self.codes.values().sum::<f64>();
         if total > 1.0 + f64::EPSILON {
             return Err(Error::Config(format!("fault probabilities add up to {total}, more than 1")));
         }
@@ -286,7 +294,8 @@ impl Default for WebhookBehaviour {
 impl SandboxConfig {
     /// Reads a YAML file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ReadConfig { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::ReadConfig { path: path.to_owned(), source })?;
         serde_yaml::from_str(&text).map_err(|source| Error::ParseConfig { path: path.to_owned(), source })
     }
 
@@ -294,7 +303,14 @@ impl SandboxConfig {
     pub fn validate(&self) -> Result<()> {
         self.faults.validate()?;
         let w = &self.webhooks;
-        for (name, p) in [("failed", w.failed), ("delivered", w.delivered), ("read", w.read), ("duplicate", w.duplicate), ("out_of_order", w.out_of_order), ("batch", w.batch)] {
+        for (name, p) in [
+            ("failed", w.failed),
+            ("delivered", w.delivered),
+            ("read", w.read),
+            ("duplicate", w.duplicate),
+            ("out_of_order", w.out_of_order),
+            ("batch", w.batch),
+        ] {
             probability(&format!("webhooks.{name}"), p)?;
         }
         if self.latency.min_ms > self.latency.max_ms {
@@ -304,9 +320,13 @@ impl SandboxConfig {
             return Err(Error::Config("webhooks.delay_min_ms is above webhooks.delay_max_ms".to_owned()));
         }
         if w.max_attempts == 0 || w.max_in_flight == 0 || w.request_timeout_ms == 0 {
-            return Err(Error::Config("webhooks.max_attempts, max_in_flight and request_timeout_ms must be positive".to_owned()));
+            return Err(Error::Config(
+                "webhooks.max_attempts, max_in_flight and request_timeout_ms must be positive".to_owned(),
+            ));
         }
-        for (name, url) in [("meta.webhook_url", &self.meta.webhook_url), ("evolution.webhook_url", &self.evolution.webhook_url)] {
+        for (name, url) in
+            [("meta.webhook_url", &self.meta.webhook_url), ("evolution.webhook_url", &self.evolution.webhook_url)]
+        {
             if let Some(url) = url
                 && reqwest::Url::parse(url).is_err()
             {
@@ -314,7 +334,10 @@ impl SandboxConfig {
             }
         }
         if reqwest::header::HeaderName::from_bytes(self.evolution.webhook_header.as_bytes()).is_err() {
-            return Err(Error::Config(format!("evolution.webhook_header {:?} is not a header name", self.evolution.webhook_header)));
+            return Err(Error::Config(format!(
+                "evolution.webhook_header {:?} is not a header name",
+                self.evolution.webhook_header
+            )));
         }
         if self.meta.access_token.is_empty() || self.evolution.api_key.is_empty() {
             return Err(Error::Config("meta.access_token and evolution.api_key must not be empty".to_owned()));
@@ -424,8 +447,11 @@ impl SandboxArgs {
             config.evolution.webhook_url.clone_from(&self.evolution_webhook_url);
         }
         if !self.evolution_instances.is_empty() {
-            config.evolution.instances =
-                self.evolution_instances.iter().map(|name| InstanceSpec { name: name.clone(), state: ConnectionState::Open }).collect();
+            config.evolution.instances = self
+                .evolution_instances
+                .iter()
+                .map(|name| InstanceSpec { name: name.clone(), state: ConnectionState::Open })
+                .collect();
         }
         set(&mut config.latency.min_ms, &self.latency_min_ms);
         set(&mut config.latency.max_ms, &self.latency_max_ms);

@@ -34,7 +34,12 @@ struct Sent {
 
 /// `POST /message/sendText/{instance}`. Guards run in Evolution's order: the instance
 /// must exist, then the api key must match.
-pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn send_text(
+    State(shared): State<Arc<Shared>>,
+    Path(instance): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Some(state) = shared.instance_state(&instance) else {
         return error(StatusCode::NOT_FOUND, json!([format!("The \"{instance}\" instance does not exist")]));
     };
@@ -62,18 +67,27 @@ pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<S
     match state {
         ConnectionState::Open => {}
         // The number check fails first when the socket is down (issue #1286)...
-        ConnectionState::Close | ConnectionState::Unknown => return error(StatusCode::INTERNAL_SERVER_ERROR, json!("Connection Closed")),
+        ConnectionState::Close | ConnectionState::Unknown => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, json!("Connection Closed"));
+        }
         // ...or the relay does, wrapped as "Error: ..." (issue #2229).
         ConnectionState::Connecting => return error(StatusCode::BAD_REQUEST, json!(["Error: Connection Closed"])),
     }
     let digits = behaviour::digits(number);
     let not_on_whatsapp = || {
-        error(StatusCode::BAD_REQUEST, json!([{ "jid": format!("{digits}@s.whatsapp.net"), "exists": false, "number": digits }]))
+        error(
+            StatusCode::BAD_REQUEST,
+            json!([{ "jid": format!("{digits}@s.whatsapp.net"), "exists": false, "number": digits }]),
+        )
     };
     match dice.fault {
-        Some(Fault::Retryable) => return error(StatusCode::INTERNAL_SERVER_ERROR, json!("Internal Server Error (injected by the sandbox)")),
+        Some(Fault::Retryable) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, json!("Internal Server Error (injected by the sandbox)"));
+        }
         // Evolution has no pair limit; Baileys' rate-overlimit stands for both.
-        Some(Fault::RateLimit | Fault::PairRate) => return error(StatusCode::BAD_REQUEST, json!(["Error: rate-overlimit"])),
+        Some(Fault::RateLimit | Fault::PairRate) => {
+            return error(StatusCode::BAD_REQUEST, json!(["Error: rate-overlimit"]));
+        }
         Some(Fault::Permanent) => return not_on_whatsapp(),
         Some(Fault::Code(_)) | None => {}
     }
@@ -86,7 +100,13 @@ pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<S
         (behaviour::evolution_key_id(&mut rng), behaviour::evolution_row_id(&mut rng))
     };
     let recipient = format!("+{digits}");
-    let entry = Accepted { at: Utc::now(), provider: Provider::Evolution, recipient: recipient.clone(), message_id: key_id.clone(), callback_data: None };
+    let entry = Accepted {
+        at: Utc::now(),
+        provider: Provider::Evolution,
+        recipient: recipient.clone(),
+        message_id: key_id.clone(),
+        callback_data: None,
+    };
     if !shared.accept(entry) {
         return error(StatusCode::BAD_REQUEST, json!(["Error: rate-overlimit"]));
     }
@@ -130,7 +150,11 @@ pub async fn send_text(State(shared): State<Arc<Shared>>, Path(instance): Path<S
 }
 
 /// `GET /instance/connectionState/{instance}`.
-pub async fn connection_state(State(shared): State<Arc<Shared>>, Path(instance): Path<String>, headers: HeaderMap) -> Response {
+pub async fn connection_state(
+    State(shared): State<Arc<Shared>>,
+    Path(instance): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let Some(state) = shared.instance_state(&instance) else {
         return error(StatusCode::NOT_FOUND, json!([format!("The \"{instance}\" instance does not exist")]));
     };
@@ -208,7 +232,12 @@ mod tests {
             owner_jid: "5511988887777@s.whatsapp.net".into(),
             server_url: "http://sandbox".into(),
         };
-        for (status, expected) in [(Status::Sent, "SERVER_ACK"), (Status::Delivered, "DELIVERY_ACK"), (Status::Read, "READ"), (Status::Failed(0), "ERROR")] {
+        for (status, expected) in [
+            (Status::Sent, "SERVER_ACK"),
+            (Status::Delivered, "DELIVERY_ACK"),
+            (Status::Read, "READ"),
+            (Status::Failed(0), "ERROR"),
+        ] {
             let body: Value = serde_json::from_slice(&update_body(&sent, &[status])).unwrap_or_default();
             assert_eq!(body["event"], "messages.update");
             assert_eq!(body["data"]["keyId"], "3EB0A1");

@@ -157,7 +157,13 @@ mod tests {
     }
 
     fn entry(secs: i64, recipient: &str) -> Accepted {
-        Accepted { at: at(secs), provider: Provider::Meta, recipient: recipient.into(), message_id: format!("wamid.{secs}"), callback_data: None }
+        Accepted {
+            at: at(secs),
+            provider: Provider::Meta,
+            recipient: recipient.into(),
+            message_id: format!("wamid.{secs}"),
+            callback_data: None,
+        }
     }
 
     #[test]

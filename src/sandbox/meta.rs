@@ -32,7 +32,12 @@ struct Sent {
 }
 
 /// `POST /{version}/{phone_number_id}/messages`.
-pub async fn send(State(shared): State<Arc<Shared>>, Path((_version, phone_number_id)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn send(
+    State(shared): State<Arc<Shared>>,
+    Path((_version, phone_number_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if !authorized(&shared, &headers) {
         return oauth_error();
     }
@@ -65,7 +70,13 @@ pub async fn send(State(shared): State<Arc<Shared>>, Path((_version, phone_numbe
 
     let wamid = behaviour::wamid(&mut rand::rng());
     let recipient = format!("+{}", request.digits);
-    let entry = Accepted { at: Utc::now(), provider: Provider::Meta, recipient: recipient.clone(), message_id: wamid.clone(), callback_data: request.callback_data.clone() };
+    let entry = Accepted {
+        at: Utc::now(),
+        provider: Provider::Meta,
+        recipient: recipient.clone(),
+        message_id: wamid.clone(),
+        callback_data: request.callback_data.clone(),
+    };
     if !shared.accept(entry) {
         return error(130429, "Message failed to send because there were too many messages sent from this phone number in a short period of time").into_response();
     }
@@ -106,7 +117,11 @@ pub async fn send(State(shared): State<Arc<Shared>>, Path((_version, phone_numbe
 }
 
 fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
-    let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
     presented.is_some_and(|token| credential_matches(token, shared.config.meta.access_token.expose()))
 }
 
@@ -121,7 +136,9 @@ struct Request {
 
 /// Checks the body as Graph does, answering with Graph's errors.
 fn validate(shared: &Shared, body: &[u8]) -> Result<Request, GraphError> {
-    let invalid = |details: &str| GraphError::new(StatusCode::BAD_REQUEST, 100, "(#100) Invalid parameter".to_owned(), Some(details));
+    let invalid = |details: &str| {
+        GraphError::new(StatusCode::BAD_REQUEST, 100, "(#100) Invalid parameter".to_owned(), Some(details))
+    };
     let value: Value = serde_json::from_slice(body).map_err(|_| invalid("The request body is not valid JSON"))?;
     if value.get("messaging_product").and_then(Value::as_str) != Some("whatsapp") {
         return Err(invalid("The parameter messaging_product is required and must be 'whatsapp'."));
@@ -159,12 +176,18 @@ fn validate(shared: &Shared, body: &[u8]) -> Result<Request, GraphError> {
 fn validate_template(shared: &Shared, value: &Value) -> Result<(), GraphError> {
     let missing = |what: &str| error(131008, &format!("The parameter {what} is required."));
     let name = value.pointer("/template/name").and_then(Value::as_str).ok_or_else(|| missing("template['name']"))?;
-    let language = value.pointer("/template/language/code").and_then(Value::as_str).ok_or_else(|| missing("template['language']['code']"))?;
+    let language = value
+        .pointer("/template/language/code")
+        .and_then(Value::as_str)
+        .ok_or_else(|| missing("template['language']['code']"))?;
     let templates = &shared.config.meta.templates;
     if templates.is_empty() {
         return Ok(());
     }
-    let Some(spec) = templates.iter().find(|t| t.name == name && (t.languages.is_empty() || t.languages.iter().any(|l| l == language))) else {
+    let Some(spec) = templates
+        .iter()
+        .find(|t| t.name == name && (t.languages.is_empty() || t.languages.iter().any(|l| l == language)))
+    else {
         return Err(error(132001, &format!("template name ({name}) does not exist in {language}")));
     };
     let parameters = value
@@ -176,9 +199,12 @@ fn validate_template(shared: &Shared, value: &Value) -> Result<(), GraphError> {
         .map(|c| c.get("parameters").and_then(Value::as_array).map_or(0, Vec::len))
         .sum::<usize>();
     match spec.body_parameters {
-        Some(expected) if expected != parameters => {
-            Err(error(132000, &format!("body: number of localizable_params ({parameters}) does not match the expected number of params ({expected})")))
-        }
+        Some(expected) if expected != parameters => Err(error(
+            132000,
+            &format!(
+                "body: number of localizable_params ({parameters}) does not match the expected number of params ({expected})"
+            ),
+        )),
         _ => Ok(()),
     }
 }
@@ -221,7 +247,13 @@ fn error(code: i64, details: &str) -> GraphError {
 
 /// 401 with code 190, as Graph answers a missing or wrong token.
 fn oauth_error() -> Response {
-    GraphError::new(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token - Cannot parse access token".to_owned(), None).into_response()
+    GraphError::new(
+        StatusCode::UNAUTHORIZED,
+        190,
+        "Invalid OAuth access token - Cannot parse access token".to_owned(),
+        None,
+    )
+    .into_response()
 }
 
 /// The webhook body for some statuses of one message (A5 shape).
@@ -292,7 +324,8 @@ mod tests {
             callback_data: Some("msg-42".into()),
             category: "marketing",
         };
-        let body: Value = serde_json::from_slice(&status_body(&sent, &[Status::Read, Status::Delivered])).unwrap_or_default();
+        let body: Value =
+            serde_json::from_slice(&status_body(&sent, &[Status::Read, Status::Delivered])).unwrap_or_default();
         let value = &body["entry"][0]["changes"][0]["value"];
         assert_eq!(body["object"], "whatsapp_business_account");
         assert_eq!(value["metadata"]["phone_number_id"], "106540352242922");

@@ -32,7 +32,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{EvolutionSandbox, Faults, InstanceSpec, Latency, MetaSandbox, SandboxArgs, SandboxConfig, TemplateSpec, WebhookBehaviour};
+pub use config::{
+    EvolutionSandbox, Faults, InstanceSpec, Latency, MetaSandbox, SandboxArgs, SandboxConfig, TemplateSpec,
+    WebhookBehaviour,
+};
 pub use ledger::{Accepted, Ledger, LedgerSummary};
 pub use webhooks::WebhookCounts;
 
@@ -101,12 +104,16 @@ pub struct SandboxHandle {
 /// background.
 pub async fn start(config: SandboxConfig) -> Result<SandboxHandle> {
     config.validate()?;
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| Error::Bind { addr: config.listen, source })?;
     let addr = listener.local_addr().map_err(|source| Error::Bind { addr: config.listen, source })?;
     let shutdown = CancellationToken::new();
     let shared = Arc::new(server::Shared::new(config, format!("http://{addr}"), shutdown.clone())?);
     let app = server::router(shared.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await });
+    let server =
+        tokio::spawn(
+            async move { axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await },
+        );
     Ok(SandboxHandle { addr, shared, server })
 }
 

@@ -76,17 +76,26 @@ impl Shared {
         });
         let evolution_target = match &config.evolution.webhook_url {
             Some(url) => {
-                let name = HeaderName::from_bytes(config.evolution.webhook_header.as_bytes())
-                    .map_err(|_| Error::Config(format!("evolution.webhook_header {:?} is not a header name", config.evolution.webhook_header)))?;
+                let name = HeaderName::from_bytes(config.evolution.webhook_header.as_bytes()).map_err(|_| {
+                    Error::Config(format!(
+                        "evolution.webhook_header {:?} is not a header name",
+                        config.evolution.webhook_header
+                    ))
+                })?;
                 let mut value = HeaderValue::from_str(config.evolution.webhook_secret.expose())
                     .map_err(|_| Error::Config("evolution.webhook_secret cannot be sent in a header".to_owned()))?;
                 value.set_sensitive(true);
-                Some(Arc::new(Target { url: url.clone(), auth: Auth::Header(name, value), give_up_on: EVOLUTION_FINAL_STATUSES }))
+                Some(Arc::new(Target {
+                    url: url.clone(),
+                    auth: Auth::Header(name, value),
+                    give_up_on: EVOLUTION_FINAL_STATUSES,
+                }))
             }
             None => None,
         };
         let instance_states = config.evolution.instances.iter().map(|i| (i.name.clone(), i.state)).collect();
-        let instance_ids = config.evolution.instances.iter().map(|i| (i.name.clone(), uuid::Uuid::new_v4().to_string())).collect();
+        let instance_ids =
+            config.evolution.instances.iter().map(|i| (i.name.clone(), uuid::Uuid::new_v4().to_string())).collect();
         let not_on_whatsapp = config.not_on_whatsapp.iter().map(|n| behaviour::digits(n)).collect();
         Ok(Shared {
             faults: RwLock::new(config.faults.clone()),
@@ -222,7 +231,11 @@ struct StateChange {
     state: ConnectionState,
 }
 
-async fn put_instance_state(State(shared): State<Arc<Shared>>, Path(instance): Path<String>, body: axum::body::Bytes) -> Response {
+async fn put_instance_state(
+    State(shared): State<Arc<Shared>>,
+    Path(instance): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
     let change = match serde_json::from_slice::<StateChange>(&body) {
         Ok(change) => change,
         Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),

@@ -89,7 +89,13 @@ impl Webhooks {
     pub fn new(behaviour: WebhookBehaviour, shutdown: CancellationToken) -> Result<Self> {
         let request = Duration::from_millis(behaviour.request_timeout_ms);
         let http = crate::providers::http_client(Timeouts::from(request)).map_err(Error::HttpClient)?;
-        Ok(Webhooks { http, permits: Arc::new(Semaphore::new(behaviour.max_in_flight as usize)), behaviour, shutdown, stats: Arc::default() })
+        Ok(Webhooks {
+            http,
+            permits: Arc::new(Semaphore::new(behaviour.max_in_flight as usize)),
+            behaviour,
+            shutdown,
+            stats: Arc::default(),
+        })
     }
 
     /// Counters so far.
@@ -111,7 +117,8 @@ impl Webhooks {
             warn!("too many pending webhooks; this message gets none");
             return;
         };
-        let (http, behaviour, shutdown, stats) = (self.http.clone(), self.behaviour.clone(), self.shutdown.clone(), self.stats.clone());
+        let (http, behaviour, shutdown, stats) =
+            (self.http.clone(), self.behaviour.clone(), self.shutdown.clone(), self.stats.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let start = tokio::time::Instant::now();
@@ -134,12 +141,21 @@ impl Webhooks {
 }
 
 /// One POST with the provider's retries.
-async fn deliver(http: &reqwest::Client, target: &Target, body: Vec<u8>, behaviour: &WebhookBehaviour, shutdown: &CancellationToken, stats: &Stats) {
+async fn deliver(
+    http: &reqwest::Client,
+    target: &Target,
+    body: Vec<u8>,
+    behaviour: &WebhookBehaviour,
+    shutdown: &CancellationToken,
+    stats: &Stats,
+) {
     let mut wait = Duration::from_millis(behaviour.retry_base_ms);
     for attempt in 1..=behaviour.max_attempts {
         let mut request = http.post(&target.url).header(CONTENT_TYPE, "application/json").body(body.clone());
         request = match &target.auth {
-            Auth::MetaSignature(secret) => request.header(META_SIGNATURE_HEADER, meta_signature(secret.expose().as_bytes(), &body)),
+            Auth::MetaSignature(secret) => {
+                request.header(META_SIGNATURE_HEADER, meta_signature(secret.expose().as_bytes(), &body))
+            }
             Auth::Header(name, value) => request.header(name.clone(), value.clone()),
         };
         let outcome = tokio::select! {

@@ -23,7 +23,11 @@ pub struct Backoff {
 
 impl From<&RetryPolicy> for Backoff {
     fn from(p: &RetryPolicy) -> Self {
-        Backoff { max_attempts: p.max_attempts, base: Duration::from_secs(p.base_delay_seconds.into()), cap: Duration::from_secs(p.max_delay_seconds.into()) }
+        Backoff {
+            max_attempts: p.max_attempts,
+            base: Duration::from_secs(p.base_delay_seconds.into()),
+            cap: Duration::from_secs(p.max_delay_seconds.into()),
+        }
     }
 }
 

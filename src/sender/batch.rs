@@ -19,8 +19,8 @@ use super::decide::{Effect, decide};
 use super::metrics::SenderMetrics;
 use super::render::{ContactView, render};
 use super::{Error, Result};
-use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
 use crate::api::RateLimitMode;
+use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
 use crate::store::{self, messages, pauses, rate};
 
 /// The message as configured (before per-contact rendering).
@@ -116,12 +116,18 @@ async fn sleep_until(until: DateTime<Utc>, shutdown: &CancellationToken) -> bool
     }
 }
 
-fn render_content(template: &MessageTemplate, contact: &ContactView<'_>) -> std::result::Result<Content, super::render::RenderError> {
+fn render_content(
+    template: &MessageTemplate,
+    contact: &ContactView<'_>,
+) -> std::result::Result<Content, super::render::RenderError> {
     Ok(match template {
         MessageTemplate::Template { name, language, body_parameters } => Content::Template {
             name: name.clone(),
             language: language.clone(),
-            body_parameters: body_parameters.iter().map(|p| render(p, contact)).collect::<std::result::Result<_, _>>()?,
+            body_parameters: body_parameters
+                .iter()
+                .map(|p| render(p, contact))
+                .collect::<std::result::Result<_, _>>()?,
         },
         MessageTemplate::Text(text) => Content::Text(render(text, contact)?),
     })
@@ -136,14 +142,17 @@ pub async fn run_batch(
     shutdown: &CancellationToken,
 ) -> Result<BatchEnd> {
     let run_id = Uuid::new_v4().simple().to_string();
-    let interrupted = retrying("recovering interrupted sends", || messages::recover_interrupted(pool, job.campaign, job.batch)).await?;
+    let interrupted =
+        retrying("recovering interrupted sends", || messages::recover_interrupted(pool, job.campaign, job.batch))
+            .await?;
     if interrupted > 0 {
         warn!(interrupted, "messages left mid-send by a previous run are now unknown (never re-sent)");
     }
     loop {
         let outcome = run_lanes(pool, job, client.clone(), metrics, shutdown, &run_id).await?;
         if shutdown.is_cancelled() && outcome == BatchEnd::Done {
-            let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+            let remaining =
+                retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
             if remaining.pending > 0 {
                 return Ok(BatchEnd::Interrupted);
             }
@@ -153,7 +162,8 @@ pub async fn run_batch(
         }
         // Nothing is in flight now: a row still `sending` was claimed by a statement whose
         // answer was lost to a dropped connection, and never sent.
-        let lost = retrying("releasing lost claims", || messages::release_lost_claims(pool, job.campaign, job.batch)).await?;
+        let lost =
+            retrying("releasing lost claims", || messages::release_lost_claims(pool, job.campaign, job.batch)).await?;
         if lost == 0 {
             return Ok(BatchEnd::Done);
         }
@@ -276,7 +286,9 @@ enum Look {
 /// person), a stop of this campaign, a cancel, and the channel's current caps (an edited
 /// Channel reaches running senders here).
 async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown: &CancellationToken) -> Result<Look> {
-    let state = retrying("reading the send state", || pauses::send_state(pool, &job.organization, &job.channel, job.campaign)).await?;
+    let state =
+        retrying("reading the send state", || pauses::send_state(pool, &job.organization, &job.channel, job.campaign))
+            .await?;
     if let Some(new) = state.limits
         && new != *limits
     {
@@ -398,12 +410,20 @@ async fn take_block(
     usage: &mut UsageTally,
 ) -> Result<Taken> {
     let (reservation, claimed) = if limits.is_unlimited() {
-        let claimed = retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))).await?;
+        let claimed = retrying("claiming messages", || {
+            messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))
+        })
+        .await?;
         usage.add(pool, job, claimed.len()).await?;
         let counted = claimed.len() as u32;
-        (retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, counted)).await?, claimed)
+        (
+            retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, counted))
+                .await?,
+            claimed,
+        )
     } else {
-        let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+        let remaining =
+            retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
         if remaining.pending == 0 {
             return Ok(Taken::End(BatchEnd::Done));
         }
@@ -413,23 +433,27 @@ async fn take_block(
         // Reserving no more than is pending leaves the rest of a window to the
         // channel's other senders, even for the moment before unused tokens go back.
         let want = (job.block_size as i64).min(remaining.pending).max(1) as u32;
-        let reservation = retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, want)).await?;
+        let reservation =
+            retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, want)).await?;
         if reservation.granted() == 0 {
             let until = reservation.blocked_until.unwrap_or_else(|| Utc::now() + chrono::Duration::seconds(1));
             return blocked(pool, job, limits, metrics, shutdown, until).await;
         }
         let granted = reservation.granted() as i64;
-        let claimed = retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
+        let claimed =
+            retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
         (reservation, claimed)
     };
     if claimed.len() < reservation.granted() {
         let unused = (reservation.granted() - claimed.len()) as u32;
-        retrying("giving back tokens", || rate::release(pool, &job.organization, &job.channel, &reservation, unused)).await?;
+        retrying("giving back tokens", || rate::release(pool, &job.organization, &job.channel, &reservation, unused))
+            .await?;
     }
     if !claimed.is_empty() {
         return Ok(Taken::Block(reservation, claimed));
     }
-    let remaining = retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+    let remaining =
+        retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
     if remaining.pending == 0 {
         return Ok(Taken::End(BatchEnd::Done));
     }
@@ -455,7 +479,8 @@ async fn blocked(
 ) -> Result<Taken> {
     metrics.rate_limit_waits.inc();
     if limits.mode == RateLimitMode::Hard {
-        retrying("pausing the channel", || pauses::pause_for_window(pool, &job.organization, &job.channel, until)).await?;
+        retrying("pausing the channel", || pauses::pause_for_window(pool, &job.organization, &job.channel, until))
+            .await?;
         if until - Utc::now() > WAIT_IN_PLACE {
             return Ok(Taken::End(BatchEnd::RateLimited(until)));
         }
@@ -507,13 +532,21 @@ async fn send_one(
     let contact = ContactView { name: message.name.as_deref(), phone: &message.phone, attributes: &message.attributes };
     let content = match render_content(&job.message, &contact) {
         Ok(content) => content,
-        Err(error) => return (message.id, messages::Outcome::Failed { code: "render".into(), message: error.to_string() }, Effect::Continue),
+        Err(error) => {
+            return (
+                message.id,
+                messages::Outcome::Failed { code: "render".into(), message: error.to_string() },
+                Effect::Continue,
+            );
+        }
     };
-    let outbound = OutboundMessage { to: message.phone.clone(), content, callback_data: format!("disparo:{}", message.id) };
+    let outbound =
+        OutboundMessage { to: message.phone.clone(), content, callback_data: format!("disparo:{}", message.id) };
     let started = std::time::Instant::now();
     let answer = client.send(&outbound).await;
     metrics.provider_latency.observe(started.elapsed().as_secs_f64());
-    let (outcome, effect) = decide(&answer, message.attempts.max(1) as u32, &job.backoff, Utc::now(), rand::random::<f64>());
+    let (outcome, effect) =
+        decide(&answer, message.attempts.max(1) as u32, &job.backoff, Utc::now(), rand::random::<f64>());
     let code = match &answer {
         SendOutcome::Rejected(e) => e.code.as_str(),
         _ => "",
@@ -537,7 +570,10 @@ async fn apply_effects(
             Effect::Continue => {}
             Effect::SlowDown(d) => slow_down = slow_down.max(*d),
             Effect::StopChannel { code, message } => {
-                retrying("stopping the channel", || pauses::stop_channel(pool, &job.organization, &job.channel, code, message)).await?;
+                retrying("stopping the channel", || {
+                    pauses::stop_channel(pool, &job.organization, &job.channel, code, message)
+                })
+                .await?;
                 return Ok(Some(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))));
             }
             Effect::StopCampaign { code, message } => {

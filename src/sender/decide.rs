@@ -41,22 +41,35 @@ pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Maps one answer to the outcome to record and the effect on the batch. `attempt` is
 /// the attempt that just ran (1-based); `unit` is a random number in [0, 1) for jitter.
-pub fn decide(answer: &SendOutcome, attempt: u32, backoff: &Backoff, now: DateTime<Utc>, unit: f64) -> (Outcome, Effect) {
+pub fn decide(
+    answer: &SendOutcome,
+    attempt: u32,
+    backoff: &Backoff,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> (Outcome, Effect) {
     // Every wait is clamped to a day and the date computed with checked arithmetic, so
     // no answer can make the sender panic (only a clock near the end of chrono's
     // calendar falls back on `now`).
-    let later = |d: Duration| chrono::Duration::from_std(d.min(MAX_WAIT)).ok().and_then(|d| now.checked_add_signed(d)).unwrap_or(now);
+    let later = |d: Duration| {
+        chrono::Duration::from_std(d.min(MAX_WAIT)).ok().and_then(|d| now.checked_add_signed(d)).unwrap_or(now)
+    };
     match answer {
         SendOutcome::Accepted { provider_message_id } => {
             (Outcome::Sent { provider_message_id: provider_message_id.clone() }, Effect::Continue)
         }
         SendOutcome::Unknown { reason } => (Outcome::Unknown { reason: reason.clone() }, Effect::Continue),
         SendOutcome::Rejected(error) => match error.class {
-            ErrorClass::Permanent => (Outcome::Failed { code: error.code.clone(), message: error.message.clone() }, Effect::Continue),
+            ErrorClass::Permanent => {
+                (Outcome::Failed { code: error.code.clone(), message: error.message.clone() }, Effect::Continue)
+            }
             ErrorClass::Retryable => {
                 if backoff.may_retry(attempt) {
                     let delay = error.retry_after.unwrap_or_else(|| backoff.jittered(attempt, unit));
-                    (Outcome::RetryAt { at: later(delay), code: error.code.clone(), message: error.message.clone() }, Effect::Continue)
+                    (
+                        Outcome::RetryAt { at: later(delay), code: error.code.clone(), message: error.message.clone() },
+                        Effect::Continue,
+                    )
                 } else {
                     let message = format!("{} (gave up after {attempt} attempts)", error.message);
                     (Outcome::Failed { code: error.code.clone(), message }, Effect::Continue)
@@ -69,9 +82,13 @@ pub fn decide(answer: &SendOutcome, attempt: u32, backoff: &Backoff, now: DateTi
             }
             // A pair-rate limit holds back this recipient only; other messages go on.
             ErrorClass::RateLimitedRecipient => {
-                let wait = error.retry_after.unwrap_or_else(|| crate::providers::pair_rate_backoff(attempt.saturating_sub(1)));
+                let wait =
+                    error.retry_after.unwrap_or_else(|| crate::providers::pair_rate_backoff(attempt.saturating_sub(1)));
                 if backoff.may_retry(attempt) {
-                    (Outcome::RetryAt { at: later(wait), code: error.code.clone(), message: error.message.clone() }, Effect::Continue)
+                    (
+                        Outcome::RetryAt { at: later(wait), code: error.code.clone(), message: error.message.clone() },
+                        Effect::Continue,
+                    )
                 } else {
                     (Outcome::Failed { code: error.code.clone(), message: error.message.clone() }, Effect::Continue)
                 }
@@ -108,14 +125,23 @@ mod tests {
 
     #[test]
     fn accepted_is_sent_with_its_id() {
-        let (o, e) = decide(&SendOutcome::Accepted { provider_message_id: "wamid.1".into() }, 1, &backoff(), now(), 0.5);
+        let (o, e) =
+            decide(&SendOutcome::Accepted { provider_message_id: "wamid.1".into() }, 1, &backoff(), now(), 0.5);
         assert_eq!(o, Outcome::Sent { provider_message_id: "wamid.1".into() });
         assert_eq!(e, Effect::Continue);
     }
 
     #[test]
     fn retryable_errors_back_off_60_120_240_then_fail() {
-        let retry_at = |attempt: u32, unit: f64| match decide(&rejected(ErrorClass::Retryable, "131000"), attempt, &backoff(), now(), unit).0 {
+        let retry_at = |attempt: u32, unit: f64| match decide(
+            &rejected(ErrorClass::Retryable, "131000"),
+            attempt,
+            &backoff(),
+            now(),
+            unit,
+        )
+        .0
+        {
             Outcome::RetryAt { at, code, .. } => {
                 assert_eq!(code, "131000");
                 Some((at - now()).num_seconds())
@@ -134,7 +160,12 @@ mod tests {
 
     #[test]
     fn a_provider_wait_hint_replaces_the_schedule() {
-        let answer = SendOutcome::Rejected(ProviderError { class: ErrorClass::Retryable, code: "131057".into(), message: "m".into(), retry_after: Some(Duration::from_secs(60)) });
+        let answer = SendOutcome::Rejected(ProviderError {
+            class: ErrorClass::Retryable,
+            code: "131057".into(),
+            message: "m".into(),
+            retry_after: Some(Duration::from_secs(60)),
+        });
         let (o, _) = decide(&answer, 3, &backoff(), now(), 0.9);
         assert!(matches!(o, Outcome::RetryAt { at, .. } if at == now() + chrono::Duration::seconds(60)), "{o:?}");
     }
@@ -178,7 +209,12 @@ mod tests {
         for secs in [10_000_000_000_000u64, 9_000_000_000_000, u64::MAX] {
             let wait = Some(Duration::from_secs(secs));
             for class in [ErrorClass::Retryable, ErrorClass::RateLimitedChannel, ErrorClass::RateLimitedRecipient] {
-                let answer = SendOutcome::Rejected(ProviderError { class, code: "x".into(), message: "m".into(), retry_after: wait });
+                let answer = SendOutcome::Rejected(ProviderError {
+                    class,
+                    code: "x".into(),
+                    message: "m".into(),
+                    retry_after: wait,
+                });
                 let (o, e) = decide(&answer, 1, &backoff(), now(), 0.0);
                 let at = match o {
                     Outcome::RetryAt { at, .. } | Outcome::Requeue { at } => at,

@@ -36,8 +36,16 @@ impl SenderMetrics {
             rate_limit_waits: Counter::default(),
         };
         registry.register("disparo_sender_messages", "Messages by outcome and provider code", metrics.messages.clone());
-        registry.register("disparo_sender_provider_latency_seconds", "Provider call latency", metrics.provider_latency.clone());
-        registry.register("disparo_sender_rate_limit_waits", "Waits for a rate-limit window", metrics.rate_limit_waits.clone());
+        registry.register(
+            "disparo_sender_provider_latency_seconds",
+            "Provider call latency",
+            metrics.provider_latency.clone(),
+        );
+        registry.register(
+            "disparo_sender_rate_limit_waits",
+            "Waits for a rate-limit window",
+            metrics.rate_limit_waits.clone(),
+        );
         metrics
     }
 

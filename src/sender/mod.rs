@@ -76,7 +76,8 @@ pub fn lanes_for(limits: &crate::store::rate::Limits) -> u32 {
 }
 
 /// Exit codes the Job's pod failure policy must not count as failures.
-pub const IGNORED_EXIT_CODES: [i32; 4] = [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED, EXIT_CAMPAIGN_STOPPED];
+pub const IGNORED_EXIT_CODES: [i32; 4] =
+    [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED, EXIT_CAMPAIGN_STOPPED];
 
 /// Where the provider lives (no secrets here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,23 +158,34 @@ pub struct SendArgs {
 }
 
 /// Builds the provider client for a target.
-pub fn build_client(target: &ProviderTarget, token: &str, timeout: Duration) -> anyhow::Result<Arc<dyn ProviderClient>> {
-    let http = crate::providers::http_client(crate::providers::Timeouts { connect: (timeout / 3).min(Duration::from_secs(3)), request: timeout })
-        .context("building the HTTP client")?;
+pub fn build_client(
+    target: &ProviderTarget,
+    token: &str,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn ProviderClient>> {
+    let http = crate::providers::http_client(crate::providers::Timeouts {
+        connect: (timeout / 3).min(Duration::from_secs(3)),
+        request: timeout,
+    })
+    .context("building the HTTP client")?;
     Ok(match target {
-        ProviderTarget::Meta { base_url, api_version, phone_number_id } => Arc::new(crate::providers::meta::MetaClient::new(
-            http,
-            base_url.clone(),
-            api_version.clone(),
-            phone_number_id.clone(),
-            crate::providers::Secret::new(token.to_owned()),
-        )),
-        ProviderTarget::Evolution { base_url, instance } => Arc::new(crate::providers::evolution::EvolutionClient::new(
-            http,
-            base_url.clone(),
-            instance.clone(),
-            crate::providers::Secret::new(token.to_owned()),
-        )),
+        ProviderTarget::Meta { base_url, api_version, phone_number_id } => {
+            Arc::new(crate::providers::meta::MetaClient::new(
+                http,
+                base_url.clone(),
+                api_version.clone(),
+                phone_number_id.clone(),
+                crate::providers::Secret::new(token.to_owned()),
+            ))
+        }
+        ProviderTarget::Evolution { base_url, instance } => {
+            Arc::new(crate::providers::evolution::EvolutionClient::new(
+                http,
+                base_url.clone(),
+                instance.clone(),
+                crate::providers::Secret::new(token.to_owned()),
+            ))
+        }
     })
 }
 
@@ -196,12 +208,16 @@ impl SendConfig {
 
 /// Runs `disparo send` and returns the process exit code.
 pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<i32> {
-    let config: SendConfig = serde_json::from_str(&args.config).context("DISPARO_SEND_CONFIG is not a valid send configuration")?;
+    let config: SendConfig =
+        serde_json::from_str(&args.config).context("DISPARO_SEND_CONFIG is not a valid send configuration")?;
     let job = config.batch_job(args.batch);
-    let span = info_span!("send", namespace = %config.organization, campaign = %config.campaign_uid, batch = args.batch);
+    let span =
+        info_span!("send", namespace = %config.organization, campaign = %config.campaign_uid, batch = args.batch);
     async move {
-        let pool = crate::store::connect(&args.database_url, SENDER_CONNECTIONS).await.context("connecting to Postgres")?;
-        let client = build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
+        let pool =
+            crate::store::connect(&args.database_url, SENDER_CONNECTIONS).await.context("connecting to Postgres")?;
+        let client =
+            build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
         let mut registry = Registry::default();
         let metrics = metrics::SenderMetrics::new(&mut registry);
         if let Some(addr) = args.metrics_addr {

@@ -50,7 +50,9 @@ impl Variable {
         let missing = || RenderError::MissingVariable { variable: self.clone() };
         match self {
             Variable::Name => contact.name.filter(|n| !n.trim().is_empty()).map(str::to_owned).ok_or_else(missing),
-            Variable::Phone => Some(contact.phone).filter(|p| !p.trim().is_empty()).map(str::to_owned).ok_or_else(missing),
+            Variable::Phone => {
+                Some(contact.phone).filter(|p| !p.trim().is_empty()).map(str::to_owned).ok_or_else(missing)
+            }
             Variable::Attribute(key) => match contact.attributes.get(key) {
                 None | Some(Value::Null) => Err(missing()),
                 Some(Value::String(s)) if s.trim().is_empty() => Err(missing()),
@@ -235,19 +237,31 @@ mod tests {
         assert_eq!(message.as_deref(), Some("contact has no attribute 'city' (used as {{contact.attributes.city}})"));
 
         for attrs in [json!({ "city": null }), json!({ "city": "  " }), json!({ "city": "" })] {
-            assert!(matches!(render_for("{{contact.attributes.city}}", None, attrs), Err(RenderError::MissingVariable { .. })));
+            assert!(matches!(
+                render_for("{{contact.attributes.city}}", None, attrs),
+                Err(RenderError::MissingVariable { .. })
+            ));
         }
         for name in [None, Some(""), Some("  ")] {
             let err = render_for("Olá {{contact.name}}", name, json!({}));
-            assert_eq!(err.err().map(|e| e.to_string()).as_deref(), Some("contact has no name (used as {{contact.name}})"));
+            assert_eq!(
+                err.err().map(|e| e.to_string()).as_deref(),
+                Some("contact has no name (used as {{contact.name}})")
+            );
         }
     }
 
     #[test]
     fn nested_values_are_not_text() {
         let err = render_for("{{contact.attributes.address}}", None, json!({ "address": { "city": "Recife" } }));
-        assert_eq!(err.err().map(|e| e.to_string()).as_deref(), Some("the contact's value for {{contact.attributes.address}} is an object, not text"));
-        assert!(matches!(render_for("{{contact.attributes.tags}}", None, json!({ "tags": ["a"] })), Err(RenderError::NotText { kind: "a list", .. })));
+        assert_eq!(
+            err.err().map(|e| e.to_string()).as_deref(),
+            Some("the contact's value for {{contact.attributes.address}} is an object, not text")
+        );
+        assert!(matches!(
+            render_for("{{contact.attributes.tags}}", None, json!({ "tags": ["a"] })),
+            Err(RenderError::NotText { kind: "a list", .. })
+        ));
     }
 
     #[test]
@@ -259,8 +273,14 @@ mod tests {
             Some("unknown variable {{contact.email}}: use contact.name, contact.phone or contact.attributes.KEY")
         );
         assert!(matches!(render_for("{{1}}", None, json!({})), Err(RenderError::UnknownVariable { .. })));
-        assert!(matches!(render_for("{{contact.attributes.}}", None, json!({})), Err(RenderError::UnknownVariable { .. })));
-        assert!(matches!(render_for("{{contact.attributes.my key}}", None, json!({})), Err(RenderError::UnknownVariable { .. })));
+        assert!(matches!(
+            render_for("{{contact.attributes.}}", None, json!({})),
+            Err(RenderError::UnknownVariable { .. })
+        ));
+        assert!(matches!(
+            render_for("{{contact.attributes.my key}}", None, json!({})),
+            Err(RenderError::UnknownVariable { .. })
+        ));
         assert_eq!(render_for("ok {{contact.name", Some("Ana"), json!({})), Err(RenderError::Unclosed { offset: 3 }));
         assert_eq!(validate("{{contact.name}} then {{oops"), Err(RenderError::Unclosed { offset: 22 }));
         assert_eq!(validate("{{ contact.attributes.city }}"), Ok(()));
@@ -268,7 +288,9 @@ mod tests {
 
     #[test]
     fn variables_lists_distinct_valid_variables_in_order() {
-        let vars = variables("{{contact.attributes.city}} {{ contact.name }} {{contact.attributes.city}} {{bogus}} {{contact.phone}}");
+        let vars = variables(
+            "{{contact.attributes.city}} {{ contact.name }} {{contact.attributes.city}} {{bogus}} {{contact.phone}}",
+        );
         assert_eq!(vars, vec![Variable::Attribute("city".into()), Variable::Name, Variable::Phone]);
         assert_eq!(vars[0].attribute_key(), Some("city"));
         assert!(variables("plain").is_empty());

@@ -66,7 +66,11 @@ impl AudienceQuery {
                 segment
                     .attributes
                     .iter()
-                    .map(|f| AttributeFilter { key: f.key.clone(), operator: f.operator, values: f.values.iter().map(|v| v.0.clone()).collect() })
+                    .map(|f| AttributeFilter {
+                        key: f.key.clone(),
+                        operator: f.operator,
+                        values: f.values.iter().map(|v| v.0.clone()).collect(),
+                    })
                     .collect(),
             ));
         }
@@ -81,7 +85,9 @@ impl AudienceQuery {
         }
         match kinds.len() {
             1 => Ok(kinds.remove(0)),
-            0 => Err(Error::Invalid("the audience selects nothing: set one of allContacts, tags, segment, contacts, fromCampaign".into())),
+            0 => Err(Error::Invalid(
+                "the audience selects nothing: set one of allContacts, tags, segment, contacts, fromCampaign".into(),
+            )),
             _ => Err(Error::Invalid("the audience sets more than one kind".into())),
         }
     }
@@ -101,7 +107,12 @@ fn source_status(status: SourceMessageStatus) -> &'static str {
 /// Appends `SELECT c.id, c.phone FROM contacts c WHERE ...` for `audience` in `organization`.
 /// Opted-out contacts are always excluded; contacts are unique per organization, so the
 /// selection has no duplicates.
-fn push_selection(qb: &mut QueryBuilder<Postgres>, organization: &str, audience: &AudienceQuery, source_uid: Option<Uuid>) {
+fn push_selection(
+    qb: &mut QueryBuilder<Postgres>,
+    organization: &str,
+    audience: &AudienceQuery,
+    source_uid: Option<Uuid>,
+) {
     qb.push("SELECT c.id FROM contacts c WHERE c.organization = ");
     qb.push_bind(organization);
     qb.push(" AND NOT c.opted_out");
@@ -122,7 +133,11 @@ fn push_selection(qb: &mut QueryBuilder<Postgres>, organization: &str, audience:
             for filter in filters {
                 match filter.operator {
                     AttributeOperator::In => {
-                        qb.push(" AND (c.attributes ->> ").push_bind(&filter.key).push(") = ANY(").push_bind(&filter.values).push("::text[])");
+                        qb.push(" AND (c.attributes ->> ")
+                            .push_bind(&filter.key)
+                            .push(") = ANY(")
+                            .push_bind(&filter.values)
+                            .push("::text[])");
                     }
                     AttributeOperator::NotIn => {
                         qb.push(" AND NOT coalesce((c.attributes ->> ")
@@ -160,12 +175,13 @@ fn push_selection(qb: &mut QueryBuilder<Postgres>, organization: &str, audience:
 /// organization.
 async fn resolve_source(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<Option<Uuid>> {
     let AudienceQuery::FromCampaign { name, .. } = audience else { return Ok(None) };
-    let row: Option<(Uuid,)> =
-        sqlx::query_as("SELECT uid FROM campaigns WHERE organization = $1 AND name = $2 ORDER BY created_at DESC LIMIT 1")
-            .bind(organization)
-            .bind(name)
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT uid FROM campaigns WHERE organization = $1 AND name = $2 ORDER BY created_at DESC LIMIT 1",
+    )
+    .bind(organization)
+    .bind(name)
+    .fetch_optional(pool)
+    .await?;
     match row {
         Some((uid,)) => Ok(Some(uid)),
         None => Err(Error::SourceCampaignNotFound { organization: organization.to_owned(), name: name.clone() }),
@@ -259,15 +275,21 @@ pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &Audien
             .fetch_one(&mut *tx)
             .await?;
     if frozen_at.is_some() {
-        let (messages,): (i64,) = sqlx::query_as("SELECT coalesce((SELECT total FROM campaign_counters WHERE campaign_uid = $1), 0)")
-            .bind(key.uid)
-            .fetch_one(&mut *tx)
-            .await?;
+        let (messages,): (i64,) =
+            sqlx::query_as("SELECT coalesce((SELECT total FROM campaign_counters WHERE campaign_uid = $1), 0)")
+                .bind(key.uid)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         return Ok(Frozen { messages, batches, newly_frozen: false });
     }
-    let mut qb = QueryBuilder::new("INSERT INTO campaign_messages (campaign_uid, organization, contact_id, batch_index) SELECT ");
-    qb.push_bind(key.uid).push(", ").push_bind(key.organization).push(", s.id, ((row_number() OVER (ORDER BY s.id)) - 1) / ");
+    let mut qb = QueryBuilder::new(
+        "INSERT INTO campaign_messages (campaign_uid, organization, contact_id, batch_index) SELECT ",
+    );
+    qb.push_bind(key.uid)
+        .push(", ")
+        .push_bind(key.organization)
+        .push(", s.id, ((row_number() OVER (ORDER BY s.id)) - 1) / ");
     qb.push_bind(key.batch_size as i64).push(" FROM (");
     push_selection(&mut qb, key.organization, audience, source);
     qb.push(") s ON CONFLICT (campaign_uid, contact_id) DO NOTHING");
@@ -289,7 +311,7 @@ pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &Audien
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{Audience, TagSelector, Tag};
+    use crate::api::{Audience, Tag, TagSelector};
 
     fn empty() -> Audience {
         Audience { all_contacts: None, tags: None, segment: None, contacts: None, from_campaign: None }
@@ -297,7 +319,8 @@ mod tests {
 
     #[test]
     fn converts_exactly_one_kind() {
-        let audience = Audience { tags: Some(TagSelector { any_of: vec![Tag("vip".into())], ..Default::default() }), ..empty() };
+        let audience =
+            Audience { tags: Some(TagSelector { any_of: vec![Tag("vip".into())], ..Default::default() }), ..empty() };
         assert_eq!(
             AudienceQuery::from_spec(&audience).unwrap(),
             AudienceQuery::Tags { any_of: vec!["vip".into()], all_of: vec![], none_of: vec![] }

@@ -100,18 +100,24 @@ pub async fn recount(pool: &PgPool, campaign: Uuid) -> Result<Counters> {
 
 /// Failures by error code, most frequent first.
 pub async fn error_breakdown(pool: &PgPool, campaign: Uuid, limit: i64) -> Result<Vec<(String, i64)>> {
-    let rows = sqlx::query_as("SELECT code, count FROM campaign_error_counts WHERE campaign_uid = $1 ORDER BY count DESC, code LIMIT $2")
-        .bind(campaign)
-        .bind(limit)
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query_as(
+        "SELECT code, count FROM campaign_error_counts WHERE campaign_uid = $1 ORDER BY count DESC, code LIMIT $2",
+    )
+    .bind(campaign)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
     Ok(rows)
 }
 
 /// Deletes everything Postgres holds for a campaign (retention: Delete).
 pub async fn delete(pool: &PgPool, campaign: Uuid) -> Result<u64> {
     let mut tx = pool.begin().await?;
-    let deleted = sqlx::query("DELETE FROM campaign_messages WHERE campaign_uid = $1").bind(campaign).execute(&mut *tx).await?.rows_affected();
+    let deleted = sqlx::query("DELETE FROM campaign_messages WHERE campaign_uid = $1")
+        .bind(campaign)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
     sqlx::query("DELETE FROM campaigns WHERE uid = $1").bind(campaign).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(deleted)
@@ -133,10 +139,11 @@ pub async fn active_on_channel(pool: &PgPool, organization: &str, channel: &str,
 
 /// The frozen campaign's batch count, if its audience was frozen.
 pub async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Option<i32>> {
-    let row: Option<(i32,)> = sqlx::query_as("SELECT batches FROM campaigns WHERE uid = $1 AND audience_frozen_at IS NOT NULL")
-        .bind(campaign)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<(i32,)> =
+        sqlx::query_as("SELECT batches FROM campaigns WHERE uid = $1 AND audience_frozen_at IS NOT NULL")
+            .bind(campaign)
+            .fetch_optional(pool)
+            .await?;
     Ok(row.map(|(b,)| b))
 }
 

@@ -112,7 +112,10 @@ pub async fn upsert_given(pool: &PgPool, organization: &str, contacts: &[Contact
     if todo.is_empty() {
         return Ok(report);
     }
-    Err(super::Error::Invalid(format!("{} contact(s) kept changing under concurrent writers; import them again", todo.len())))
+    Err(super::Error::Invalid(format!(
+        "{} contact(s) kept changing under concurrent writers; import them again",
+        todo.len()
+    )))
 }
 
 /// One statement of [`upsert_given`]: the phones it inserted (`true`) or updated.

@@ -164,7 +164,9 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         statuses.push(outcome.status());
         let (pid, code, msg, at, give_back) = match outcome {
             Outcome::Sent { provider_message_id } => (Some(provider_message_id.clone()), None, None, None, false),
-            Outcome::RetryAt { at, code, message } => (None, Some(code.clone()), Some(message.clone()), Some(*at), false),
+            Outcome::RetryAt { at, code, message } => {
+                (None, Some(code.clone()), Some(message.clone()), Some(*at), false)
+            }
             Outcome::Requeue { at } => (None, None, None, Some(*at), true),
             Outcome::Failed { code, message } => (None, Some(code.clone()), Some(message.clone()), None, false),
             Outcome::Unknown { reason } => (None, Some("unknown".to_owned()), Some(reason.clone()), None, false),

@@ -48,11 +48,16 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
-                matches!(code.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300") || code.starts_with("08")
+                matches!(code.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
+                    || code.starts_with("08")
             }),
             Error::Database(e) => matches!(
                 e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_)
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::Tls(_)
             ),
             _ => false,
         }
@@ -80,7 +85,11 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 pub async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &str) -> Result<PgPool> {
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
     let options = options.ssl_root_cert_from_pem(ca_pem.as_bytes().to_vec());
-    let pool = PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await?;
     Ok(pool)
 }
 
@@ -161,7 +170,9 @@ mod tests {
             assert!(!reported(code).is_transient(), "{code}");
         }
         assert!(Error::Database(sqlx::Error::PoolTimedOut).is_transient());
-        assert!(Error::Database(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))).is_transient());
+        assert!(
+            Error::Database(sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset))).is_transient()
+        );
         assert!(!Error::Database(sqlx::Error::RowNotFound).is_transient());
         assert!(!Error::Invalid("batch size".into()).is_transient());
     }

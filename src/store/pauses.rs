@@ -36,7 +36,9 @@ impl ChannelPause {
     pub fn describe(&self) -> String {
         match self {
             ChannelPause::WindowSpent { until } => format!("a cap of the channel is spent until {until}"),
-            ChannelPause::ProviderRefused { code, message } => format!("the provider refused the channel (error {code}: {message})"),
+            ChannelPause::ProviderRefused { code, message } => {
+                format!("the provider refused the channel (error {code}: {message})")
+            }
         }
     }
 }
@@ -83,7 +85,9 @@ type PauseRow = (Option<String>, Option<DateTime<Utc>>, Option<String>, Option<S
 
 fn pause_of(row: PauseRow) -> Option<ChannelPause> {
     match row {
-        (Some(kind), Some(until), _, _) if kind == "window_spent" && until > Utc::now() => Some(ChannelPause::WindowSpent { until }),
+        (Some(kind), Some(until), _, _) if kind == "window_spent" && until > Utc::now() => {
+            Some(ChannelPause::WindowSpent { until })
+        }
         (Some(kind), _, code, message) if kind == "provider_refused" => {
             Some(ChannelPause::ProviderRefused { code: code.unwrap_or_default(), message: message.unwrap_or_default() })
         }
@@ -155,8 +159,15 @@ impl From<StoredLimits> for Limits {
 /// logic: the caps in force and the version of the credentials. A stop whose credentials
 /// version differs from the new one is lifted (a person replaced the credentials).
 /// Returns whether a provider refusal was lifted.
-pub async fn observe_channel(pool: &PgPool, organization: &str, channel: &str, limits: &Limits, credentials_version: &str) -> Result<bool> {
-    let stored = serde_json::to_value(StoredLimits::from(limits)).map_err(|e| super::Error::Invalid(format!("channel limits: {e}")))?;
+pub async fn observe_channel(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    limits: &Limits,
+    credentials_version: &str,
+) -> Result<bool> {
+    let stored = serde_json::to_value(StoredLimits::from(limits))
+        .map_err(|e| super::Error::Invalid(format!("channel limits: {e}")))?;
     let lifted: Option<(bool,)> = sqlx::query_as(
         r#"WITH before AS (
                SELECT pause_kind FROM channel_state WHERE organization = $1 AND channel = $2
@@ -200,7 +211,16 @@ pub struct SendState {
 
 /// Reads the channel's and the campaign's state in one round trip.
 pub async fn send_state(pool: &PgPool, organization: &str, channel: &str, campaign: Uuid) -> Result<SendState> {
-    type Row = (Option<String>, Option<DateTime<Utc>>, Option<String>, Option<String>, Option<serde_json::Value>, Option<String>, Option<String>, bool);
+    type Row = (
+        Option<String>,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<String>,
+        Option<serde_json::Value>,
+        Option<String>,
+        Option<String>,
+        bool,
+    );
     let row: Option<Row> = sqlx::query_as(
         r#"SELECT s.pause_kind::text, s.paused_until, s.pause_code, s.pause_reason, s.limits, c.stop_code, c.stop_message,
                   coalesce(c.cancelled, false)
@@ -216,7 +236,9 @@ pub async fn send_state(pool: &PgPool, organization: &str, channel: &str, campai
     .bind(campaign)
     .fetch_optional(pool)
     .await?;
-    let Some((kind, until, code, reason, limits, stop_code, stop_message, cancelled)) = row else { return Ok(SendState::default()) };
+    let Some((kind, until, code, reason, limits, stop_code, stop_message, cancelled)) = row else {
+        return Ok(SendState::default());
+    };
     Ok(SendState {
         channel_pause: pause_of((kind, until, code, reason)),
         limits: limits.and_then(|v| serde_json::from_value::<StoredLimits>(v).ok()).map(Limits::from),
@@ -239,7 +261,10 @@ pub async fn stop_campaign(pool: &PgPool, campaign: Uuid, code: &str, message: &
 /// The campaign's stop, if any (code, message).
 pub async fn campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<Option<(String, String)>> {
     let row: Option<(Option<String>, Option<String>)> =
-        sqlx::query_as("SELECT stop_code, stop_message FROM campaigns WHERE uid = $1").bind(campaign).fetch_optional(pool).await?;
+        sqlx::query_as("SELECT stop_code, stop_message FROM campaigns WHERE uid = $1")
+            .bind(campaign)
+            .fetch_optional(pool)
+            .await?;
     Ok(row.and_then(|(code, message)| code.map(|c| (c, message.unwrap_or_default()))))
 }
 

@@ -65,13 +65,22 @@ impl Limits {
             per_hour: if any_cap { spec.per_hour } else { base.per_hour },
             per_day: if any_cap { spec.per_day } else { base.per_day },
             mode: spec.mode.unwrap_or(base.mode),
-            min_interval: spec.min_interval_millis.map(|ms| Duration::from_millis(ms.into())).unwrap_or(base.min_interval),
+            min_interval: spec
+                .min_interval_millis
+                .map(|ms| Duration::from_millis(ms.into()))
+                .unwrap_or(base.min_interval),
         }
     }
 
     /// No caps and no spacing (benchmarks, trusted sandboxes).
     pub fn unlimited() -> Self {
-        Limits { per_minute: None, per_hour: None, per_day: None, mode: RateLimitMode::Graceful, min_interval: Duration::ZERO }
+        Limits {
+            per_minute: None,
+            per_hour: None,
+            per_day: None,
+            mode: RateLimitMode::Graceful,
+            min_interval: Duration::ZERO,
+        }
     }
 
     /// Whether nothing limits the channel (its tokens are only counted, never withheld).
@@ -239,9 +248,21 @@ const LOCK_ORDER: [&str; 3] = ["day", "hour", "minute"];
 /// An uncapped channel grants everything without touching the database: nothing can be
 /// refused, so its senders only tally what they sent and add it with [`count_usage`]
 /// now and then, keeping the send path free of a statement per block.
-pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &Limits, wanted: u32) -> Result<Reservation> {
+pub async fn reserve(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    limits: &Limits,
+    wanted: u32,
+) -> Result<Reservation> {
     if limits.is_unlimited() {
-        return Ok(Reservation { slots: vec![Utc::now(); wanted as usize], expires_at: None, blocked_until: None, day_spent: false, taken_from: Vec::new() });
+        return Ok(Reservation {
+            slots: vec![Utc::now(); wanted as usize],
+            expires_at: None,
+            blocked_until: None,
+            day_spent: false,
+            taken_from: Vec::new(),
+        });
     }
     let wanted = if limits.min_interval.is_zero() {
         wanted
@@ -273,7 +294,9 @@ pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &
     let now = rows.first().map(|row| row.3).unwrap_or_else(Utc::now);
     let stored: Vec<WindowState> = rows
         .iter()
-        .filter_map(|(kind, start, used, _)| Some(WindowState { kind: WindowKind::parse(kind)?, start: *start, used: (*used).max(0) as u32 }))
+        .filter_map(|(kind, start, used, _)| {
+            Some(WindowState { kind: WindowKind::parse(kind)?, start: *start, used: (*used).max(0) as u32 })
+        })
         .collect();
     let decided = plan(&stored, limits, wanted, now);
     if decided.granted > 0 {
@@ -301,26 +324,36 @@ pub async fn reserve(pool: &PgPool, organization: &str, channel: &str, limits: &
             .bind(channel)
             .execute(&mut *tx)
             .await?;
-        let (next_slot,): (DateTime<Utc>,) =
-            sqlx::query_as("SELECT greatest(next_slot_at, $3) FROM channel_state WHERE organization = $1 AND channel = $2 FOR UPDATE")
-                .bind(organization)
-                .bind(channel)
-                .bind(now)
-                .fetch_one(&mut *tx)
-                .await?;
+        let (next_slot,): (DateTime<Utc>,) = sqlx::query_as(
+            "SELECT greatest(next_slot_at, $3) FROM channel_state WHERE organization = $1 AND channel = $2 FOR UPDATE",
+        )
+        .bind(organization)
+        .bind(channel)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
         for (i, slot) in slots.iter_mut().enumerate() {
             *slot = next_slot + interval * i as i32;
         }
-        sqlx::query("UPDATE channel_state SET next_slot_at = $3, updated_at = now() WHERE organization = $1 AND channel = $2")
-            .bind(organization)
-            .bind(channel)
-            .bind(next_slot + interval * decided.granted as i32)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE channel_state SET next_slot_at = $3, updated_at = now() WHERE organization = $1 AND channel = $2",
+        )
+        .bind(organization)
+        .bind(channel)
+        .bind(next_slot + interval * decided.granted as i32)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
-    let taken_from = if decided.granted > 0 { decided.windows.iter().map(|w| (w.kind, w.start)).collect() } else { Vec::new() };
-    Ok(Reservation { slots, expires_at: decided.expires_at, blocked_until: decided.blocked_until, day_spent: decided.day_spent, taken_from })
+    let taken_from =
+        if decided.granted > 0 { decided.windows.iter().map(|w| (w.kind, w.start)).collect() } else { Vec::new() };
+    Ok(Reservation {
+        slots,
+        expires_at: decided.expires_at,
+        blocked_until: decided.blocked_until,
+        day_spent: decided.day_spent,
+        taken_from,
+    })
 }
 
 /// Adds `sent` messages to the channel's current windows (a rolled-over window restarts
@@ -348,7 +381,13 @@ pub async fn count_usage(pool: &PgPool, organization: &str, channel: &str, sent:
 /// Gives back `unused` tokens of a reservation (fewer messages were due than tokens
 /// taken), in the windows they came from if those are still current. Spaced send slots
 /// are not given back: they only leave a gap of at most the slot lookahead.
-pub async fn release(pool: &PgPool, organization: &str, channel: &str, reservation: &Reservation, unused: u32) -> Result<()> {
+pub async fn release(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    reservation: &Reservation,
+    unused: u32,
+) -> Result<()> {
     if unused == 0 || reservation.taken_from.is_empty() {
         return Ok(());
     }
@@ -377,12 +416,13 @@ pub async fn release(pool: &PgPool, organization: &str, channel: &str, reservati
 /// Current usage of a channel's windows (zero for windows that rolled over).
 pub async fn usage(pool: &PgPool, organization: &str, channel: &str) -> Result<Vec<WindowState>> {
     let (now,): (DateTime<Utc>,) = sqlx::query_as("SELECT clock_timestamp()").fetch_one(pool).await?;
-    let rows: Vec<(String, DateTime<Utc>, i32)> =
-        sqlx::query_as("SELECT window_kind, window_start, used FROM channel_rate_windows WHERE organization = $1 AND channel = $2")
-            .bind(organization)
-            .bind(channel)
-            .fetch_all(pool)
-            .await?;
+    let rows: Vec<(String, DateTime<Utc>, i32)> = sqlx::query_as(
+        "SELECT window_kind, window_start, used FROM channel_rate_windows WHERE organization = $1 AND channel = $2",
+    )
+    .bind(organization)
+    .bind(channel)
+    .fetch_all(pool)
+    .await?;
     Ok(WindowKind::ALL
         .iter()
         .map(|kind| {

@@ -337,13 +337,19 @@ pub fn plan(current: MessageStatus, events: &[&StatusEvent]) -> (Option<PlannedC
         return (None, outcomes);
     }
     accepted.sort_by_key(|(at, _)| *at);
-    let change =
-        PlannedChange { status: (running != current).then_some(running), entries: accepted.into_iter().map(|(_, entry)| entry).collect(), error };
+    let change = PlannedChange {
+        status: (running != current).then_some(running),
+        entries: accepted.into_iter().map(|(_, entry)| entry).collect(),
+        error,
+    };
     (Some(change), outcomes)
 }
 
 fn failure_of(event: &StatusEvent) -> ProviderError {
-    event.error.clone().unwrap_or_else(|| ProviderError { code: UNSPECIFIED_ERROR_CODE.to_owned(), title: String::new() })
+    event
+        .error
+        .clone()
+        .unwrap_or_else(|| ProviderError { code: UNSPECIFIED_ERROR_CODE.to_owned(), title: String::new() })
 }
 
 /// `{"status", "at", "source": "webhook", "code"?, "title"?, "note"?}`.
@@ -624,7 +630,8 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
     let mut after: Option<(DateTime<Utc>, String, String, String, String, String)> = None;
     loop {
         let mut tx = pool.begin().await?;
-        let (locked,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(SWEEP_LOCK).fetch_one(&mut *tx).await?;
+        let (locked,): (bool,) =
+            sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(SWEEP_LOCK).fetch_one(&mut *tx).await?;
         if !locked {
             return Ok(report);
         }
@@ -674,11 +681,16 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
                 last.status.clone(),
             ));
         }
-        let kept: Vec<(&KeptRow, StatusEvent)> = rows.iter().filter_map(|row| row.event().map(|event| (row, event))).collect();
+        let kept: Vec<(&KeptRow, StatusEvent)> =
+            rows.iter().filter_map(|row| row.event().map(|event| (row, event))).collect();
         let events: Vec<StatusEvent> = kept.iter().map(|(_, event)| event.clone()).collect();
         let applied = apply_events(&mut tx, &events).await?;
-        let done: Vec<&KeptRow> =
-            kept.iter().zip(&applied.outcomes).filter(|(_, outcome)| **outcome != ApplyOutcome::UnknownId).map(|((row, _), _)| *row).collect();
+        let done: Vec<&KeptRow> = kept
+            .iter()
+            .zip(&applied.outcomes)
+            .filter(|(_, outcome)| **outcome != ApplyOutcome::UnknownId)
+            .map(|((row, _), _)| *row)
+            .collect();
         apply_opt_outs(&mut tx, &[], &applied.opting_out).await?;
         if !done.is_empty() {
             let key = |f: fn(&KeptRow) -> &str| done.iter().map(|row| f(row)).collect::<Vec<&str>>();
@@ -733,7 +745,10 @@ impl KeptRow {
             message_id: self.message_id,
             status: ReceiptStatus::parse(&self.status)?,
             at: self.at,
-            error: self.error_code.clone().map(|code| ProviderError { code, title: self.error_title.clone().unwrap_or_default() }),
+            error: self
+                .error_code
+                .clone()
+                .map(|code| ProviderError { code, title: self.error_title.clone().unwrap_or_default() }),
             recipient: self.recipient.clone(),
             opts_out: self.opts_out,
         })
@@ -747,7 +762,9 @@ pub fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
     let digits: String = wa_id.chars().filter(char::is_ascii_digit).collect();
     let primary = format!("+{digits}");
     let alternative = match digits.strip_prefix("55") {
-        Some(rest) if rest.len() == 10 && rest[2..].starts_with(['6', '7', '8', '9']) => Some(format!("+55{}9{}", &rest[..2], &rest[2..])),
+        Some(rest) if rest.len() == 10 && rest[2..].starts_with(['6', '7', '8', '9']) => {
+            Some(format!("+55{}9{}", &rest[..2], &rest[2..]))
+        }
         _ => None,
     };
     (primary, alternative)
@@ -813,7 +830,12 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
 /// locking read, the history or the ordering rules of [`apply`]. For the benchmark only,
 /// to show what the schema itself costs beside what `apply` adds; it trusts that every
 /// move is allowed (the schema still refuses any that is not).
-pub async fn baseline_update(pool: &PgPool, organization: &str, provider_ids: &[String], status: ReceiptStatus) -> Result<u64> {
+pub async fn baseline_update(
+    pool: &PgPool,
+    organization: &str,
+    provider_ids: &[String],
+    status: ReceiptStatus,
+) -> Result<u64> {
     let result = sqlx::query(
         r#"
         UPDATE campaign_messages m SET status = $3::message_status, updated_at = now()
@@ -844,7 +866,8 @@ mod tests {
             message_id: None,
             status,
             at: Utc.timestamp_opt(at, 0).single().unwrap_or_default(),
-            error: (status == ReceiptStatus::Failed).then(|| ProviderError { code: "131026".into(), title: "Message undeliverable".into() }),
+            error: (status == ReceiptStatus::Failed)
+                .then(|| ProviderError { code: "131026".into(), title: "Message undeliverable".into() }),
             recipient: None,
             opts_out: false,
         }
@@ -865,7 +888,13 @@ mod tests {
             (M::Sending, vec![(R::Read, 3)], M::Read, vec![Applied], vec!["read"]),
             (M::Unknown, vec![(R::Failed, 3)], M::Failed, vec![Applied], vec!["failed"]),
             // A5.5: read, delivered, sent for one WAMID, currently sent
-            (M::Sent, vec![(R::Read, 10), (R::Delivered, 2), (R::Sent, 1)], M::Read, vec![Applied, Applied, Duplicate], vec!["delivered", "read"]),
+            (
+                M::Sent,
+                vec![(R::Read, 10), (R::Delivered, 2), (R::Sent, 1)],
+                M::Read,
+                vec![Applied, Applied, Duplicate],
+                vec!["delivered", "read"],
+            ),
             (
                 M::Sending,
                 vec![(R::Read, 10), (R::Delivered, 2), (R::Sent, 1)],
@@ -874,10 +903,22 @@ mod tests {
                 vec!["sent", "delivered", "read"],
             ),
             // duplicates within one batch
-            (M::Sent, vec![(R::Delivered, 2), (R::Delivered, 2)], M::Delivered, vec![Applied, Duplicate], vec!["delivered"]),
+            (
+                M::Sent,
+                vec![(R::Delivered, 2), (R::Delivered, 2)],
+                M::Delivered,
+                vec![Applied, Duplicate],
+                vec!["delivered"],
+            ),
             // failed after delivered: noted, not moved
             (M::Delivered, vec![(R::Failed, 5)], M::Delivered, vec![Stale], vec!["failed"]),
-            (M::Sent, vec![(R::Failed, 5), (R::Delivered, 4)], M::Delivered, vec![Stale, Applied], vec!["delivered", "failed"]),
+            (
+                M::Sent,
+                vec![(R::Failed, 5), (R::Delivered, 4)],
+                M::Delivered,
+                vec![Stale, Applied],
+                vec!["delivered", "failed"],
+            ),
             (M::Sent, vec![(R::Failed, 5), (R::Sent, 4)], M::Failed, vec![Applied, Duplicate], vec!["failed"]),
             // terminal and never-sent messages do not move
             (M::Failed, vec![(R::Delivered, 5)], M::Failed, vec![Stale], vec![]),
@@ -892,7 +933,10 @@ mod tests {
             assert_eq!(outcomes, expected_outcomes, "{current:?} {receipts:?}");
             let final_status = change.as_ref().and_then(|c| c.status).unwrap_or(current);
             assert_eq!(final_status, expected, "{current:?} {receipts:?}");
-            let recorded: Vec<&str> = change.as_ref().map(|c| c.entries.iter().filter_map(|e| e["status"].as_str()).collect()).unwrap_or_default();
+            let recorded: Vec<&str> = change
+                .as_ref()
+                .map(|c| c.entries.iter().filter_map(|e| e["status"].as_str()).collect())
+                .unwrap_or_default();
             assert_eq!(recorded, history, "{current:?} {receipts:?}");
             if let Some(change) = &change {
                 assert_eq!(change.status.is_none(), final_status == current);

@@ -30,9 +30,11 @@ pub fn new_password() -> String {
 /// protected than the admin's: without it, a sender would use `prefer`, which falls back
 /// to plaintext.
 pub fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<&str>) -> Result<String> {
-    let mut url = url::Url::parse(admin_url).map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
+    let mut url = url::Url::parse(admin_url)
+        .map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
     url.set_username(role).map_err(|()| Error::Invalid("the admin database URL cannot carry a user name".into()))?;
-    url.set_password(Some(password)).map_err(|()| Error::Invalid("the admin database URL cannot carry a password".into()))?;
+    url.set_password(Some(password))
+        .map_err(|()| Error::Invalid("the admin database URL cannot carry a password".into()))?;
     let named = url.query_pairs().any(|(k, _)| k == "sslmode" || k == "ssl-mode");
     if let (false, Some(mode)) = (named, ssl_mode.filter(|m| !m.is_empty())) {
         url.query_pairs_mut().append_pair("sslmode", mode);
@@ -49,8 +51,14 @@ pub async fn provision(pool: &PgPool, organization: &str, namespace: &str, passw
         return Err(Error::Invalid("a role password must be letters and digits".into()));
     }
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('disparo.tenancy'), hashtext($1))").bind(organization).execute(&mut *tx).await?;
-    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)").bind(&role).fetch_one(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('disparo.tenancy'), hashtext($1))")
+        .bind(organization)
+        .execute(&mut *tx)
+        .await?;
+    let (exists,): (bool,) = sqlx::query_as("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(&role)
+        .fetch_one(&mut *tx)
+        .await?;
     // DDL takes no bind parameters; the role name is hex digits and the password letters
     // and digits, both checked above.
     let ddl = if exists {
@@ -66,7 +74,12 @@ pub async fn provision(pool: &PgPool, organization: &str, namespace: &str, passw
 
 /// Records that `namespace` is organization `organization`, served by `role` (the
 /// benchmarks record organizations that have no role of their own).
-pub async fn record<'e>(executor: impl sqlx::PgExecutor<'e>, organization: &str, namespace: &str, role: &str) -> Result<()> {
+pub async fn record<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    organization: &str,
+    namespace: &str,
+    role: &str,
+) -> Result<()> {
     sqlx::query(
         r#"INSERT INTO organizations (id, namespace, role_name) VALUES ($1, $2, $3)
            ON CONFLICT (id) DO UPDATE SET namespace = EXCLUDED.namespace"#,
@@ -82,10 +95,11 @@ pub async fn record<'e>(executor: impl sqlx::PgExecutor<'e>, organization: &str,
 /// The current organization id of a namespace name (the most recently provisioned one:
 /// a re-created namespace is a new organization).
 pub async fn organization_of(pool: &PgPool, namespace: &str) -> Result<Option<String>> {
-    let row: Option<(String,)> = sqlx::query_as("SELECT id FROM organizations WHERE namespace = $1 ORDER BY created_at DESC LIMIT 1")
-        .bind(namespace)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT id FROM organizations WHERE namespace = $1 ORDER BY created_at DESC LIMIT 1")
+            .bind(namespace)
+            .fetch_optional(pool)
+            .await?;
     Ok(row.map(|(id,)| id))
 }
 
@@ -95,20 +109,33 @@ mod tests {
 
     #[test]
     fn role_names_come_from_the_namespace_uid() {
-        assert_eq!(role_name("6B1F7C1E-9a4e-4c2b-8f55-0c8b5d8f2a11").unwrap(), "disparo_org_6b1f7c1e9a4e4c2b8f550c8b5d8f2a11");
+        assert_eq!(
+            role_name("6B1F7C1E-9a4e-4c2b-8f55-0c8b5d8f2a11").unwrap(),
+            "disparo_org_6b1f7c1e9a4e4c2b8f550c8b5d8f2a11"
+        );
         assert!(role_name("acme").is_err());
         assert!(role_name("x'; DROP TABLE contacts; --").is_err());
     }
 
     #[test]
     fn the_scoped_url_keeps_host_database_and_options() {
-        let url = scoped_url("postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full", "disparo_org_ab", "pw123", Some("disable")).unwrap();
-        assert_eq!(url, "postgres://disparo_org_ab:pw123@db.example:5432/disparo?sslmode=verify-full", "the URL's own mode wins");
+        let url = scoped_url(
+            "postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full",
+            "disparo_org_ab",
+            "pw123",
+            Some("disable"),
+        )
+        .unwrap();
+        assert_eq!(
+            url, "postgres://disparo_org_ab:pw123@db.example:5432/disparo?sslmode=verify-full",
+            "the URL's own mode wins"
+        );
     }
 
     #[test]
     fn the_admin_tls_mode_reaches_the_scoped_url() {
-        let url = scoped_url("postgres://admin:secret@db.example/disparo", "disparo_org_ab", "pw", Some("verify-full")).unwrap();
+        let url = scoped_url("postgres://admin:secret@db.example/disparo", "disparo_org_ab", "pw", Some("verify-full"))
+            .unwrap();
         assert_eq!(url, "postgres://disparo_org_ab:pw@db.example/disparo?sslmode=verify-full");
         let url = scoped_url("postgres://admin:secret@127.0.0.1/disparo", "disparo_org_ab", "pw", None).unwrap();
         assert_eq!(url, "postgres://disparo_org_ab:pw@127.0.0.1/disparo");

@@ -115,7 +115,8 @@ impl StaticCredentials {
 
     /// Adds or replaces a Meta channel.
     pub fn set_meta(&self, namespace: &str, channel: &str, app_secret: &str, verify_token: &str) {
-        let secrets = MetaSecrets { app_secret: SecretValue::new(app_secret), verify_token: SecretValue::new(verify_token) };
+        let secrets =
+            MetaSecrets { app_secret: SecretValue::new(app_secret), verify_token: SecretValue::new(verify_token) };
         if let Ok(mut map) = self.meta.write() {
             map.insert((namespace.to_owned(), channel.to_owned()), secrets);
         }
@@ -173,21 +174,22 @@ impl KubeCredentials {
             }),
         )
         .default_backoff()
-            .for_each(|event| async move {
-                if let Err(error) = event {
-                    warn!(%error, "watching Channels");
-                }
-            });
+        .for_each(|event| async move {
+            if let Err(error) = event {
+                warn!(%error, "watching Channels");
+            }
+        });
         // Only Secrets meant for Disparo, selected by the API server; of those only the
         // data is needed: drop what only costs memory (and, for the last-applied
         // annotation, would keep a second copy of the secret values).
         let secret_stream = reflector::reflector(
             secret_writer,
-            watcher(Api::<Secret>::all(client), watcher::Config::default().labels(crate::api::CREDENTIALS_SELECTOR)).modify(|secret: &mut Secret| {
-                secret.managed_fields_mut().clear();
-                secret.annotations_mut().clear();
-                secret.labels_mut().clear();
-            }),
+            watcher(Api::<Secret>::all(client), watcher::Config::default().labels(crate::api::CREDENTIALS_SELECTOR))
+                .modify(|secret: &mut Secret| {
+                    secret.managed_fields_mut().clear();
+                    secret.annotations_mut().clear();
+                    secret.labels_mut().clear();
+                }),
         )
         .default_backoff()
         .for_each(|event| async move {
@@ -220,29 +222,30 @@ impl KubeCredentials {
         if !self.is_ready() {
             return Err(LookupError::Unavailable("caches not synced yet".into()));
         }
-        self.channels.get(&ObjectRef::new(name).within(namespace)).filter(|channel| channel.spec.provider == provider).ok_or(LookupError::NotFound)
+        self.channels
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|channel| channel.spec.provider == provider)
+            .ok_or(LookupError::NotFound)
     }
 
     fn secret(&self, namespace: &str, key_ref: &SecretKeyRef) -> Result<SecretValue, LookupError> {
-        let secret = self
-            .secrets
-            .get(&ObjectRef::new(&key_ref.name).within(namespace))
-            .ok_or_else(|| {
-                LookupError::Misconfigured(format!(
-                    "Secret {}/{} not found, or not labelled {}=true",
-                    namespace,
-                    key_ref.name,
-                    crate::api::CREDENTIALS_LABEL
-                ))
-            })?;
-        let value = secret
-            .data
-            .as_ref()
-            .and_then(|data| data.get(&key_ref.key))
-            .ok_or_else(|| LookupError::Misconfigured(format!("Secret {}/{} has no key {:?}", namespace, key_ref.name, key_ref.key)))?;
+        let secret = self.secrets.get(&ObjectRef::new(&key_ref.name).within(namespace)).ok_or_else(|| {
+            LookupError::Misconfigured(format!(
+                "Secret {}/{} not found, or not labelled {}=true",
+                namespace,
+                key_ref.name,
+                crate::api::CREDENTIALS_LABEL
+            ))
+        })?;
+        let value = secret.data.as_ref().and_then(|data| data.get(&key_ref.key)).ok_or_else(|| {
+            LookupError::Misconfigured(format!("Secret {}/{} has no key {:?}", namespace, key_ref.name, key_ref.key))
+        })?;
         let value = SecretValue::new(&value.0);
         if value.expose().is_empty() {
-            return Err(LookupError::Misconfigured(format!("Secret {}/{} key {:?} is empty", namespace, key_ref.name, key_ref.key)));
+            return Err(LookupError::Misconfigured(format!(
+                "Secret {}/{} key {:?} is empty",
+                namespace, key_ref.name, key_ref.key
+            )));
         }
         Ok(value)
     }
@@ -253,14 +256,21 @@ impl ChannelCredentials for KubeCredentials {
     async fn meta(&self, namespace: &str, channel: &str) -> Result<MetaSecrets, LookupError> {
         let found = self.channel(namespace, channel, Provider::Meta)?;
         let settings = found.spec.meta.as_ref().ok_or(LookupError::NotFound)?;
-        Ok(MetaSecrets { app_secret: self.secret(namespace, &settings.app_secret)?, verify_token: self.secret(namespace, &settings.verify_token)? })
+        Ok(MetaSecrets {
+            app_secret: self.secret(namespace, &settings.app_secret)?,
+            verify_token: self.secret(namespace, &settings.verify_token)?,
+        })
     }
 
     async fn evolution(&self, namespace: &str, channel: &str) -> Result<EvolutionSecrets, LookupError> {
         let found = self.channel(namespace, channel, Provider::Evolution)?;
         let settings = found.spec.evolution.as_ref().ok_or(LookupError::NotFound)?;
-        let header_name = HeaderName::try_from(settings.webhook_header.as_str())
-            .map_err(|_| LookupError::Misconfigured(format!("webhookHeader {:?} is not a valid header name", settings.webhook_header)))?;
+        let header_name = HeaderName::try_from(settings.webhook_header.as_str()).map_err(|_| {
+            LookupError::Misconfigured(format!(
+                "webhookHeader {:?} is not a valid header name",
+                settings.webhook_header
+            ))
+        })?;
         Ok(EvolutionSecrets { header_name, token: self.secret(namespace, &settings.webhook_token)? })
     }
 

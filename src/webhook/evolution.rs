@@ -9,7 +9,9 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::notification::{Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object, wa_digits};
+use super::notification::{
+    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object, wa_digits,
+};
 use crate::store::receipts::{ProviderError, ReceiptStatus};
 
 /// What a status string of Evolution means for delivery tracking.
@@ -84,12 +86,22 @@ fn parse_update(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
         return Err(Ignored::NonDeliveryStatus);
     };
     let id = item.get("keyId").and_then(Value::as_str).and_then(clean_id).ok_or(Ignored::InvalidItem)?;
-    let error = (status == ReceiptStatus::Failed)
-        .then(|| ProviderError { code: ERROR_CODE.to_owned(), title: "Evolution reported ERROR (no detail is forwarded)".to_owned() });
+    let error = (status == ReceiptStatus::Failed).then(|| ProviderError {
+        code: ERROR_CODE.to_owned(),
+        title: "Evolution reported ERROR (no detail is forwarded)".to_owned(),
+    });
     // The recipient finds an `unknown` message (its id never recorded): Evolution never
     // echoes our id. Privacy ids (`@lid`) name no phone and are left out.
     let recipient = item.get("remoteJid").and_then(Value::as_str).and_then(wa_digits);
-    Ok(ReportedStatus { provider_message_id: id, message_id: None, status, at: received_at, error, recipient, opts_out: false })
+    Ok(ReportedStatus {
+        provider_message_id: id,
+        message_id: None,
+        status,
+        at: received_at,
+        error,
+        recipient,
+        opts_out: false,
+    })
 }
 
 fn parse_upsert(item: &Value) -> Result<InboundMessage, Ignored> {
@@ -177,9 +189,13 @@ mod tests {
         assert_eq!(n.ignored, vec![Ignored::NotOurs]);
         let other = parse(br#"{"event":"connection.update","data":{"state":"open"}}"#, Utc::now()).unwrap();
         assert_eq!(other.ignored, vec![Ignored::OtherEvent]);
-        let pending = parse(br#"{"event":"messages.update","data":{"keyId":"X","status":"PENDING","fromMe":true}}"#, Utc::now()).unwrap();
+        let pending =
+            parse(br#"{"event":"messages.update","data":{"keyId":"X","status":"PENDING","fromMe":true}}"#, Utc::now())
+                .unwrap();
         assert_eq!(pending.ignored, vec![Ignored::NonDeliveryStatus]);
-        let inbound_receipt = parse(br#"{"event":"messages.update","data":{"keyId":"X","status":"READ","fromMe":false}}"#, Utc::now()).unwrap();
+        let inbound_receipt =
+            parse(br#"{"event":"messages.update","data":{"keyId":"X","status":"READ","fromMe":false}}"#, Utc::now())
+                .unwrap();
         assert_eq!(inbound_receipt.ignored, vec![Ignored::NotOurs]);
         assert!(parse(br#"{"data":{}}"#, Utc::now()).is_err(), "an envelope names its event");
     }

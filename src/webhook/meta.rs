@@ -9,7 +9,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::notification::{
-    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object, unix_seconds, wa_digits,
+    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object,
+    unix_seconds, wa_digits,
 };
 use crate::store::receipts::{ProviderError, ReceiptStatus};
 
@@ -97,7 +98,8 @@ fn first_error(item: &Value) -> Option<ProviderError> {
         Value::String(s) => clean_id(s)?,
         _ => return None,
     };
-    let title = error.get("title").or_else(|| error.get("message")).and_then(Value::as_str).map(clean_text).unwrap_or_default();
+    let title =
+        error.get("title").or_else(|| error.get("message")).and_then(Value::as_str).map(clean_text).unwrap_or_default();
     Some(ProviderError { code, title })
 }
 
@@ -162,7 +164,10 @@ mod tests {
         let failed = parse(fixture("failed").as_bytes(), now).unwrap();
         assert_eq!(failed.statuses.len(), 1);
         assert_eq!(failed.statuses[0].status, ReceiptStatus::Failed);
-        assert_eq!(failed.statuses[0].error, Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() }));
+        assert_eq!(
+            failed.statuses[0].error,
+            Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() })
+        );
         assert!(!failed.statuses[0].opts_out);
         let stopped = parse(fixture("failed").replace("131026", "131050").as_bytes(), now).unwrap();
         assert!(stopped.statuses[0].opts_out, "131050: the user stopped marketing messages");
@@ -197,7 +202,11 @@ mod tests {
     #[test]
     fn callback_data_only_in_the_senders_format() {
         assert_eq!(callback_message_id("disparo:42"), Some(42));
-        assert_eq!(callback_message_id("disparo:campaign=spring-sale:msg=42"), None, "docs/providers.md A5.1 is not ours");
+        assert_eq!(
+            callback_message_id("disparo:campaign=spring-sale:msg=42"),
+            None,
+            "docs/providers.md A5.1 is not ours"
+        );
         assert_eq!(callback_message_id("disparo:-1"), None);
         assert_eq!(callback_message_id("42"), None);
     }
@@ -261,7 +270,10 @@ mod tests {
             assert!(result.is_err(), "{}", String::from_utf8_lossy(body));
         }
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(parse(format!("{{\"entry\":{deep}}}").as_bytes(), Utc::now()).is_err(), "deep nesting is refused, not a stack overflow");
+        assert!(
+            parse(format!("{{\"entry\":{deep}}}").as_bytes(), Utc::now()).is_err(),
+            "deep nesting is refused, not a stack overflow"
+        );
         assert_eq!(parse(b"{}", Utc::now()).unwrap(), Notification::default());
     }
 }

@@ -81,20 +81,56 @@ impl WebhookMetrics {
             kept_expired: Counter::default(),
             sweep_failures: Counter::default(),
         };
-        registry.register("disparo_webhook_events", "Webhook events by provider, status and outcome", metrics.events.clone());
-        registry.register("disparo_webhook_requests", "Webhook requests by provider and HTTP status", metrics.requests.clone());
-        registry.register("disparo_webhook_request_seconds", "Webhook request latency", metrics.request_seconds.clone());
-        registry.register("disparo_webhook_batch_events", "Events applied per database transaction", metrics.batch_events.clone());
-        registry.register("disparo_webhook_batch_requests", "Requests grouped per database transaction", metrics.batch_requests.clone());
-        registry.register("disparo_webhook_batch_seconds", "Seconds per batch transaction", metrics.batch_seconds.clone());
-        registry.register("disparo_webhook_batch_failures", "Batch transactions that failed", metrics.batch_failures.clone());
+        registry.register(
+            "disparo_webhook_events",
+            "Webhook events by provider, status and outcome",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "disparo_webhook_requests",
+            "Webhook requests by provider and HTTP status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "disparo_webhook_request_seconds",
+            "Webhook request latency",
+            metrics.request_seconds.clone(),
+        );
+        registry.register(
+            "disparo_webhook_batch_events",
+            "Events applied per database transaction",
+            metrics.batch_events.clone(),
+        );
+        registry.register(
+            "disparo_webhook_batch_requests",
+            "Requests grouped per database transaction",
+            metrics.batch_requests.clone(),
+        );
+        registry.register(
+            "disparo_webhook_batch_seconds",
+            "Seconds per batch transaction",
+            metrics.batch_seconds.clone(),
+        );
+        registry.register(
+            "disparo_webhook_batch_failures",
+            "Batch transactions that failed",
+            metrics.batch_failures.clone(),
+        );
         registry.register(
             "disparo_webhook_kept_receipts_applied",
             "Receipts that came before their message's provider id was recorded, applied later",
             metrics.kept_applied.clone(),
         );
-        registry.register("disparo_webhook_kept_receipts_expired", "Kept receipts dropped after a day unapplied", metrics.kept_expired.clone());
-        registry.register("disparo_webhook_sweep_failures", "Sweeps of kept receipts that failed", metrics.sweep_failures.clone());
+        registry.register(
+            "disparo_webhook_kept_receipts_expired",
+            "Kept receipts dropped after a day unapplied",
+            metrics.kept_expired.clone(),
+        );
+        registry.register(
+            "disparo_webhook_sweep_failures",
+            "Sweeps of kept receipts that failed",
+            metrics.sweep_failures.clone(),
+        );
         metrics
     }
 

@@ -39,7 +39,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-pub use credentials::{ChannelCredentials, EvolutionSecrets, KubeCredentials, LookupError, MetaSecrets, SecretValue, StaticCredentials};
+pub use credentials::{
+    ChannelCredentials, EvolutionSecrets, KubeCredentials, LookupError, MetaSecrets, SecretValue, StaticCredentials,
+};
 pub use optout::OptOutKeywords;
 pub use server::SIGNATURE_HEADER;
 pub use writer::BatchConfig;
@@ -158,7 +160,8 @@ pub async fn serve(
     let metrics = Arc::new(metrics::WebhookMetrics::new(&mut registry));
     let (writer, writer_task) = writer::Writer::spawn(pool.clone(), config.batch, metrics.clone());
     let stop_sweeping = shutdown.child_token();
-    let sweeper_task = sweeper::spawn(pool.clone(), config.sweep_interval, config.kept_for, metrics.clone(), stop_sweeping.clone());
+    let sweeper_task =
+        sweeper::spawn(pool.clone(), config.sweep_interval, config.kept_for, metrics.clone(), stop_sweeping.clone());
     let state = Arc::new(server::AppState {
         organizations: organizations::Organizations::new(pool.clone()),
         pool,
@@ -201,7 +204,8 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         db_max_connections,
         sweep_interval_ms,
     } = args;
-    let pool = crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
+    let pool =
+        crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
     let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
     let (credentials, watch_task) = KubeCredentials::start(client, shutdown.clone());
     let keywords = match &opt_out_keywords {
@@ -211,7 +215,11 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
     let config = ServiceConfig {
         max_body_bytes,
         keywords,
-        batch: BatchConfig { max_events: batch_max_events.max(1), max_delay: Duration::from_millis(batch_max_delay_ms), ..BatchConfig::default() },
+        batch: BatchConfig {
+            max_events: batch_max_events.max(1),
+            max_delay: Duration::from_millis(batch_max_delay_ms),
+            ..BatchConfig::default()
+        },
         sweep_interval: Duration::from_millis(sweep_interval_ms),
         max_concurrent_requests,
         header_read_timeout: Duration::from_millis(header_read_timeout_ms),

@@ -16,7 +16,7 @@ pub const DEFAULT_KEYWORDS: &[&str] = &[
     "END",
     "QUIT",
     "OPT OUT",
-    "OPTOUT", // English
+    "OPTOUT",          // English
     "STOP PROMOTIONS", // Meta's marketing opt-out button
     "SAIR",
     "PARAR",
@@ -88,10 +88,32 @@ mod tests {
     #[test]
     fn defaults_cover_english_and_portuguese() {
         let k = OptOutKeywords::default();
-        for yes in ["STOP", "stop", " Stop. ", "SAIR", "sair!", "Parar", "CANCELAR", "opt  out", "🛑 stop 🛑", "Descadastrar", "Stop promotions"] {
+        for yes in [
+            "STOP",
+            "stop",
+            " Stop. ",
+            "SAIR",
+            "sair!",
+            "Parar",
+            "CANCELAR",
+            "opt  out",
+            "🛑 stop 🛑",
+            "Descadastrar",
+            "Stop promotions",
+        ] {
             assert!(k.matches(yes), "{yes}");
         }
-        for no in ["", "stop sending me that on sunday", "don't stop", "olá", "sairemos", "STOPP", "s t o p", "promotions", "stop promotions please"] {
+        for no in [
+            "",
+            "stop sending me that on sunday",
+            "don't stop",
+            "olá",
+            "sairemos",
+            "STOPP",
+            "s t o p",
+            "promotions",
+            "stop promotions please",
+        ] {
             assert!(!k.matches(no), "{no}");
         }
     }

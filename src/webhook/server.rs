@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::middleware::{self, Next};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::Utc;
-use prometheus_client::registry::Registry;
 use futures::StreamExt;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -113,11 +113,13 @@ async fn read_body(State(limits): State<Arc<BodyLimits>>, request: Request, next
         Ok(Ok(permit)) => permit,
         _ => {
             debug!(provider, "no place for the request in time");
-            return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "busy, retry later")).into_response();
+            return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "busy, retry later"))
+                .into_response();
         }
     };
     let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limits.max_bytes as u64) {
         return too_large();
     }
@@ -165,7 +167,12 @@ fn forbidden() -> Response {
 
 /// The answer when a channel's secrets cannot be had: 503 while nothing can be checked
 /// (the same for every URL), otherwise `refused` (the same as a bad signature).
-fn lookup_failure(metrics: &WebhookMetrics, provider: &'static str, error: LookupError, refused: fn() -> Response) -> Response {
+fn lookup_failure(
+    metrics: &WebhookMetrics,
+    provider: &'static str,
+    error: LookupError,
+    refused: fn() -> Response,
+) -> Response {
     match error {
         LookupError::NotFound => {
             metrics.count(provider, "none", "rejected_unknown_channel", 1);
@@ -180,7 +187,8 @@ fn lookup_failure(metrics: &WebhookMetrics, provider: &'static str, error: Looku
         }
         LookupError::Unavailable(reason) => {
             warn!(%reason, "channel credentials unavailable");
-            ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "channel credentials unavailable")).into_response()
+            ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "channel credentials unavailable"))
+                .into_response()
         }
     }
 }
@@ -203,14 +211,21 @@ async fn meta_verify(
         return forbidden();
     }
     match query.get("hub.challenge") {
-        Some(challenge) if !challenge.is_empty() && challenge.len() <= MAX_CHALLENGE_LEN => {
-            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], challenge.clone()).into_response()
-        }
+        Some(challenge) if !challenge.is_empty() && challenge.len() <= MAX_CHALLENGE_LEN => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
+            challenge.clone(),
+        )
+            .into_response(),
         _ => (StatusCode::BAD_REQUEST, "missing hub.challenge").into_response(),
     }
 }
 
-async fn meta_receive(State(state): Shared, Path((namespace, channel)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+async fn meta_receive(
+    State(state): Shared,
+    Path((namespace, channel)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let span = info_span!("webhook", provider = META, %namespace, %channel);
     let response = async {
@@ -233,7 +248,12 @@ async fn meta_receive(State(state): Shared, Path((namespace, channel)): Path<(St
     response
 }
 
-async fn evolution_receive(State(state): Shared, Path((namespace, channel)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
+async fn evolution_receive(
+    State(state): Shared,
+    Path((namespace, channel)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let span = info_span!("webhook", provider = EVOLUTION, %namespace, %channel);
     let response = async {
@@ -303,7 +323,10 @@ impl AppState {
 
     fn observe(&self, provider: &'static str, started: Instant, response: &Response) {
         self.metrics.requests.get_or_create(&RequestLabels { provider, code: response.status().as_u16() }).inc();
-        self.metrics.request_seconds.get_or_create(&ProviderLabels { provider }).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .request_seconds
+            .get_or_create(&ProviderLabels { provider })
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// Binds a verified notification to the namespace's organization and the channel,
@@ -315,11 +338,19 @@ impl AppState {
             // The Channel exists (its credentials verified the request) but the controller
             // has not provisioned its namespace yet: the provider retries later.
             Ok(None) => {
-                return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "namespace not provisioned yet, retry later")).into_response();
+                return (
+                    [(header::RETRY_AFTER, "5")],
+                    (StatusCode::SERVICE_UNAVAILABLE, "namespace not provisioned yet, retry later"),
+                )
+                    .into_response();
             }
             Err(error) => {
                 debug!(%error, "organization lookup failed");
-                return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later")).into_response();
+                return (
+                    [(header::RETRY_AFTER, "5")],
+                    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later"),
+                )
+                    .into_response();
             }
         };
         let organization = organization.as_str();
@@ -384,7 +415,8 @@ impl AppState {
             }
             Err(error) => {
                 debug!(%error, "webhook events not applied");
-                ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later")).into_response()
+                ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later"))
+                    .into_response()
             }
         }
     }
@@ -400,7 +432,12 @@ const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 /// client that opens connections and trickles headers holds each for that long at
 /// most; bodies are bounded by the webhook routes' own limits ([`BodyLimits`]).
 /// Providers and ingress controllers speak HTTP/1.1 to this service.
-pub(crate) async fn serve_http1(listener: tokio::net::TcpListener, app: Router, header_read_timeout: Duration, shutdown: tokio_util::sync::CancellationToken) {
+pub(crate) async fn serve_http1(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -423,7 +460,10 @@ pub(crate) async fn serve_http1(listener: tokio::net::TcpListener, app: Router, 
         let stop = shutdown.clone();
         connections.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout).max_buf_size(MAX_CONNECTION_BUFFER);
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(MAX_CONNECTION_BUFFER);
             let connection = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(connection);
             let ended = tokio::select! {

@@ -67,13 +67,17 @@ const JWT_LEEWAY_SECS: i64 = 60;
 /// webhook's headers hold a `jwt_key`: HS256, payload `{iat, exp, app, action}`, valid
 /// for ten minutes. The key is the Channel's webhook token.
 pub fn verify_evolution_jwt(key: &[u8], authorization: &[u8], now: DateTime<Utc>) -> Result<(), Rejection> {
-    let token = authorization.strip_prefix(b"Bearer ").or_else(|| authorization.strip_prefix(b"bearer ")).ok_or(Rejection::Malformed)?;
+    let token = authorization
+        .strip_prefix(b"Bearer ")
+        .or_else(|| authorization.strip_prefix(b"bearer "))
+        .ok_or(Rejection::Malformed)?;
     let mut parts = token.split(|b| *b == b'.');
-    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(Rejection::Malformed);
     };
-    let header: serde_json::Value =
-        serde_json::from_slice(&base64url_decode(header).ok_or(Rejection::Malformed)?).map_err(|_| Rejection::Malformed)?;
+    let header: serde_json::Value = serde_json::from_slice(&base64url_decode(header).ok_or(Rejection::Malformed)?)
+        .map_err(|_| Rejection::Malformed)?;
     if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
         return Err(Rejection::Malformed);
     }
@@ -81,8 +85,8 @@ pub fn verify_evolution_jwt(key: &[u8], authorization: &[u8], now: DateTime<Utc>
     let mut mac = HmacSha256::new_from_slice(key).map_err(|_| Rejection::Mismatch)?;
     mac.update(&token[..header_and_payload_len(token)]);
     mac.verify_slice(&signature).map_err(|_| Rejection::Mismatch)?;
-    let claims: serde_json::Value =
-        serde_json::from_slice(&base64url_decode(payload).ok_or(Rejection::Malformed)?).map_err(|_| Rejection::Malformed)?;
+    let claims: serde_json::Value = serde_json::from_slice(&base64url_decode(payload).ok_or(Rejection::Malformed)?)
+        .map_err(|_| Rejection::Malformed)?;
     let now = now.timestamp();
     let exp = claims.get("exp").and_then(|e| e.as_f64()).ok_or(Rejection::Malformed)?;
     if exp < (now - JWT_LEEWAY_SECS) as f64 {
@@ -178,12 +182,19 @@ mod tests {
         let good = b"sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756";
         assert_eq!(sign_meta(b"test_app_secret", BODY).as_bytes(), good);
         assert_eq!(verify_meta(b"test_app_secret", BODY, Some(good)), Ok(()));
-        assert_eq!(verify_meta(b"test_app_secret", BODY, Some(&good.to_ascii_uppercase()[..])), Err(Rejection::Malformed), "prefix is lowercase");
+        assert_eq!(
+            verify_meta(b"test_app_secret", BODY, Some(&good.to_ascii_uppercase()[..])),
+            Err(Rejection::Malformed),
+            "prefix is lowercase"
+        );
         let upper_hex = b"sha256=DEC6A680679A968E7E0319355B23599CBFC54502C0784668E9618BAA0C633756";
         assert_eq!(verify_meta(b"test_app_secret", BODY, Some(upper_hex)), Ok(()));
         // one space before the final brace: the raw bytes matter
         let spaced = br#"{"object":"whatsapp_business_account","entry":[] }"#;
-        assert_eq!(sign_meta(b"test_app_secret", spaced), "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b");
+        assert_eq!(
+            sign_meta(b"test_app_secret", spaced),
+            "sha256=5a0d58f92a61e73bf7668a44b5078b4c2921c6c32d5701612fbcea8aae5a830b"
+        );
         assert_eq!(verify_meta(b"test_app_secret", spaced, Some(good)), Err(Rejection::Mismatch));
         assert_eq!(verify_meta(b"other_secret", BODY, Some(good)), Err(Rejection::Mismatch));
         assert_eq!(verify_meta(b"test_app_secret", BODY, None), Err(Rejection::Missing));
@@ -194,7 +205,12 @@ mod tests {
             b"sha1=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c633756",
             b"sha256=dec6a680679a968e7e0319355b23599cbfc54502c0784668e9618baa0c63375",
         ] {
-            assert_eq!(verify_meta(b"test_app_secret", BODY, Some(bad)), Err(Rejection::Malformed), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                verify_meta(b"test_app_secret", BODY, Some(bad)),
+                Err(Rejection::Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

@@ -86,7 +86,12 @@ impl Writer {
     /// Applies events and opt-outs; returns once they are committed, or why not.
     /// Gives up after `timeout` (the events may still be applied later: a provider
     /// retry then finds them duplicates).
-    pub async fn submit(&self, statuses: Vec<StatusEvent>, opt_outs: Vec<OptOut>, timeout: Duration) -> Result<ReceiptsReport, WriteError> {
+    pub async fn submit(
+        &self,
+        statuses: Vec<StatusEvent>,
+        opt_outs: Vec<OptOut>,
+        timeout: Duration,
+    ) -> Result<ReceiptsReport, WriteError> {
         let (reply, answer) = oneshot::channel();
         let job = Job { statuses, opt_outs, reply };
         let wait = async {
@@ -139,7 +144,8 @@ async fn apply_jobs(pool: &PgPool, jobs: Vec<Job>, metrics: &WebhookMetrics) {
     match apply_with_retry(pool, &statuses, &opt_outs, metrics).await {
         Ok(report) => {
             for (s, o, reply) in parts {
-                let own = ReceiptsReport { outcomes: report.outcomes[s].to_vec(), opted_out: report.opted_out[o].to_vec() };
+                let own =
+                    ReceiptsReport { outcomes: report.outcomes[s].to_vec(), opted_out: report.opted_out[o].to_vec() };
                 let _ = reply.send(Ok(own));
             }
         }
@@ -185,12 +191,18 @@ async fn apply_with_retry(
                 metrics.batch_events.observe((statuses.len() + opt_outs.len()) as f64);
                 return Ok(report);
             }
-            Err(error) if error.is_transient() && attempt < TRANSIENT_ATTEMPTS && first.elapsed() < RETRY_WITHIN => continue,
+            Err(error) if error.is_transient() && attempt < TRANSIENT_ATTEMPTS && first.elapsed() < RETRY_WITHIN => {
+                continue;
+            }
             Err(error) => {
                 metrics.batch_failures.inc();
                 let unavailable = error.is_transient();
                 warn!(%error, unavailable, events = statuses.len() + opt_outs.len(), "applying webhook events failed");
-                return Err(if unavailable { WriteError::Unavailable(error.to_string()) } else { WriteError::Failed(error.to_string()) });
+                return Err(if unavailable {
+                    WriteError::Unavailable(error.to_string())
+                } else {
+                    WriteError::Failed(error.to_string())
+                });
             }
         }
     }

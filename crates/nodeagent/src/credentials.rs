@@ -116,7 +116,12 @@ impl ApiEndpoint {
         let certificate_authority_data = config.root_cert.as_ref().filter(|certs| !certs.is_empty()).map(|certs| {
             let pem: String = certs
                 .iter()
-                .map(|der| pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_slice()), pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF)))
+                .map(|der| {
+                    pem::encode_config(
+                        &pem::Pem::new("CERTIFICATE", der.as_slice()),
+                        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+                    )
+                })
                 .collect();
             base64::engine::general_purpose::STANDARD.encode(pem)
         });

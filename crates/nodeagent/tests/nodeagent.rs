@@ -86,7 +86,17 @@ impl Harness {
         let work_dir = tempfile::tempdir()?;
         let agent_log = tempfile::NamedTempFile::new()?;
         let agent = tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo-nodeagent"))
-            .args(["--node-name", &node, "--binary", "/bin/sh", "--namespace", &namespace, "--max-pods", "8", "--work-dir"])
+            .args([
+                "--node-name",
+                &node,
+                "--binary",
+                "/bin/sh",
+                "--namespace",
+                &namespace,
+                "--max-pods",
+                "8",
+                "--work-dir",
+            ])
             .arg(work_dir.path())
             .env("KUBECONFIG", kubeconfig())
             .stdin(Stdio::null())
@@ -129,7 +139,10 @@ impl Harness {
     async fn stop_agent(&mut self) -> Result<()> {
         let Some(mut agent) = self.agent.take() else { return Ok(()) };
         if let Some(pid) = agent.id() {
-            let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().context("running kill")?;
+            let sent = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .context("running kill")?;
             ensure!(sent.success(), "kill -TERM {pid} failed");
         }
         let status = tokio::time::timeout(Duration::from_secs(60), agent.wait())

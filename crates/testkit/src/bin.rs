@@ -21,7 +21,10 @@ pub fn profile_dir() -> PathBuf {
     let beside_deps = exe.as_deref().and_then(Path::parent).filter(|dir| dir.ends_with("deps")).and_then(Path::parent);
     match beside_deps {
         Some(dir) => dir.to_path_buf(),
-        None => std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target")).join("debug"),
+        None => std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("debug"),
     }
 }
 
@@ -59,7 +62,9 @@ fn built(package: &str, name: &str) -> PathBuf {
     let status = Command::new(cargo).args(&args).current_dir(workspace_root()).status();
     match status {
         Ok(status) if status.success() && path.is_file() => path,
-        Ok(status) => panic!("{} is missing and `{command}` ended with {status}: run it and look at its errors", path.display()),
+        Ok(status) => {
+            panic!("{} is missing and `{command}` ended with {status}: run it and look at its errors", path.display())
+        }
         Err(error) => panic!("{} is missing and `{command}` could not run ({error}): run it yourself", path.display()),
     }
 }

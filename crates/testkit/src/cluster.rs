@@ -58,7 +58,9 @@ pub fn fresh_namespace(prefix: &str) -> String {
 pub async fn client() -> kube::Client {
     disparo::telemetry::install_crypto_provider();
     let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig()).expect("reading the test kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await.expect("kubeconfig");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
     kube::Client::try_from(config).expect("kube client")
 }
 

@@ -48,8 +48,12 @@ pub fn url_for(name: &str) -> String {
 pub async fn empty_db() -> String {
     disparo::telemetry::install_crypto_provider();
     let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let admin = PgPoolOptions::new().max_connections(1).connect(&server_url()).await.expect("connecting to the test Postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("creating a test database");
+    let admin =
+        PgPoolOptions::new().max_connections(1).connect(&server_url()).await.expect("connecting to the test Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("creating a test database");
     admin.close().await;
     url_for(&name)
 }
@@ -76,7 +80,13 @@ pub async fn seed_contacts(
         let phone = phone(i);
         let (tags, attributes) = f(i);
         phones.push(phone.clone());
-        batch.push(disparo::store::contacts::NewContact { phone, name: Some(format!("Contact {i}")), tags, attributes, whatsapp_id: None });
+        batch.push(disparo::store::contacts::NewContact {
+            phone,
+            name: Some(format!("Contact {i}")),
+            tags,
+            attributes,
+            whatsapp_id: None,
+        });
         if batch.len() == 5000 {
             disparo::store::contacts::upsert(pool, organization, &batch).await.expect("seeding contacts");
             batch.clear();

@@ -14,7 +14,11 @@ fn scripts_pg(command: &str, state: Option<&Path>) -> String {
         pg.env("DISPARO_PG_DIR", state);
     }
     let out = pg.output().unwrap_or_else(|error| panic!("running {} {command}: {error}", script.display()));
-    assert!(out.status.success(), "scripts/pg {command} failed (is Postgres installed?):\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scripts/pg {command} failed (is Postgres installed?):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -24,7 +28,12 @@ pub(crate) fn up(state: Option<&Path>) -> String {
 }
 
 fn database_url(printed: &str) -> String {
-    printed.lines().find_map(|l| l.strip_prefix("export DATABASE_URL=")).expect("scripts/pg printed no DATABASE_URL").trim().to_owned()
+    printed
+        .lines()
+        .find_map(|l| l.strip_prefix("export DATABASE_URL="))
+        .expect("scripts/pg printed no DATABASE_URL")
+        .trim()
+        .to_owned()
 }
 
 /// A Postgres server of one test's own, for tests that stop and start it (the shared
@@ -41,7 +50,10 @@ impl OwnPostgres {
     pub fn init() -> OwnPostgres {
         // Under /tmp: the server's socket lives in the state directory, and socket
         // paths are short.
-        let state = tempfile::Builder::new().prefix("disparo-own-pg").tempdir_in("/tmp").expect("creating a Postgres state directory");
+        let state = tempfile::Builder::new()
+            .prefix("disparo-own-pg")
+            .tempdir_in("/tmp")
+            .expect("creating a Postgres state directory");
         let url = up(Some(state.path()));
         OwnPostgres { state, url }
     }

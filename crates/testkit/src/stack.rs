@@ -31,7 +31,11 @@ pub struct Stack {
 
 /// A sandbox answering fast, with the given changes to its default configuration.
 pub async fn sandbox_with(change: impl FnOnce(&mut SandboxConfig)) -> SandboxHandle {
-    let mut config = SandboxConfig { listen: "127.0.0.1:0".parse().unwrap(), latency: Latency { min_ms: 1, max_ms: 3 }, ..Default::default() };
+    let mut config = SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        latency: Latency { min_ms: 1, max_ms: 3 },
+        ..Default::default()
+    };
     change(&mut config);
     sandbox::start(config).await.unwrap()
 }
@@ -45,14 +49,43 @@ impl Stack {
         let (pool, url) = super::fresh_db().await;
         let ns = fresh_namespace(prefix);
         let org = super::cluster::namespace_uid(&ns);
-        let mut stack = Stack { ns: ns.clone(), org, pool, url: url.clone(), dir: tempfile::tempdir().unwrap(), procs: Vec::new(), agents: Vec::new(), extra_namespaces: Vec::new() };
+        let mut stack = Stack {
+            ns: ns.clone(),
+            org,
+            pool,
+            url: url.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            procs: Vec::new(),
+            agents: Vec::new(),
+            extra_namespaces: Vec::new(),
+        };
         stack.kubectl(&[
-            "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token",
-            "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify",
+            "create",
+            "secret",
+            "generic",
+            "meta-creds",
+            "--from-literal=access-token=sandbox-meta-token",
+            "--from-literal=app-secret=sandbox-app-secret",
+            "--from-literal=verify-token=verify",
         ]);
         stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
         let metrics = format!("127.0.0.1:{}", free_port());
-        stack.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
+        stack.spawn(
+            "controller",
+            &[
+                "controller",
+                "--metrics-addr",
+                &metrics,
+                "--lease-namespace",
+                &ns,
+                "--watch-namespace",
+                &ns,
+                "--identity",
+                "controller",
+                "--lease-seconds",
+                "6",
+            ],
+        );
         stack.agents.push(NodeAgent::start(&ns, stack.dir.path()).expect("starting the node agent"));
         stack
     }
@@ -63,12 +96,37 @@ impl Stack {
         let ns = fresh_namespace(prefix);
         let org = super::cluster::namespace_uid(&ns);
         kubectl_ok(
-            &["-n", &ns, "create", "secret", "generic", "meta-creds", "--from-literal=access-token=sandbox-meta-token", "--from-literal=app-secret=sandbox-app-secret", "--from-literal=verify-token=verify"],
+            &[
+                "-n",
+                &ns,
+                "create",
+                "secret",
+                "generic",
+                "meta-creds",
+                "--from-literal=access-token=sandbox-meta-token",
+                "--from-literal=app-secret=sandbox-app-secret",
+                "--from-literal=verify-token=verify",
+            ],
             None,
         );
         kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
         let metrics = format!("127.0.0.1:{}", free_port());
-        self.spawn("controller", &["controller", "--metrics-addr", &metrics, "--lease-namespace", &ns, "--watch-namespace", &ns, "--identity", "controller", "--lease-seconds", "6"]);
+        self.spawn(
+            "controller",
+            &[
+                "controller",
+                "--metrics-addr",
+                &metrics,
+                "--lease-namespace",
+                &ns,
+                "--watch-namespace",
+                &ns,
+                "--identity",
+                "controller",
+                "--lease-seconds",
+                "6",
+            ],
+        );
         self.agents.push(NodeAgent::start(&ns, self.dir.path()).expect("starting the node agent"));
         self.extra_namespaces.push(ns.clone());
         (ns, org)
@@ -99,8 +157,12 @@ impl Stack {
     pub fn logs(&self) -> String {
         let mut out: String = self.procs.iter().map(|p| format!("----- {} -----\n{}\n", p.name, p.tail())).collect();
         out.extend(self.agents.iter().map(NodeAgent::diagnostics));
-        out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "pods,jobs", "-n", &self.ns, "-o", "wide"], None).stdout));
-        out.push_str(&String::from_utf8_lossy(&kubectl(&["get", "events", "-n", &self.ns, "--sort-by=.lastTimestamp"], None).stdout));
+        out.push_str(&String::from_utf8_lossy(
+            &kubectl(&["get", "pods,jobs", "-n", &self.ns, "-o", "wide"], None).stdout,
+        ));
+        out.push_str(&String::from_utf8_lossy(
+            &kubectl(&["get", "events", "-n", &self.ns, "--sort-by=.lastTimestamp"], None).stdout,
+        ));
         out
     }
 
@@ -138,7 +200,14 @@ impl Stack {
     }
 
     /// Waits until `check` holds for the object, or panics with its status and the logs.
-    pub async fn wait_for(&self, kind: &str, name: &str, what: &str, timeout: Duration, mut check: impl FnMut(&Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        kind: &str,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let object = self.get(kind, name);
@@ -146,7 +215,11 @@ impl Stack {
                 return object;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what} of {kind}/{name}; status:\n{}\n{}", serde_json::to_string_pretty(&object["status"]).unwrap(), self.logs());
+                panic!(
+                    "timed out waiting for {what} of {kind}/{name}; status:\n{}\n{}",
+                    serde_json::to_string_pretty(&object["status"]).unwrap(),
+                    self.logs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -156,7 +229,15 @@ impl Stack {
     pub async fn wait_for_no_pods(&self, campaign_uid: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let pods = self.kubectl(&["get", "pods", "-l", &format!("disparo.io/campaign-uid={campaign_uid}"), "--field-selector=status.phase=Running", "-o", "name"]);
+            let pods = self.kubectl(&[
+                "get",
+                "pods",
+                "-l",
+                &format!("disparo.io/campaign-uid={campaign_uid}"),
+                "--field-selector=status.phase=Running",
+                "-o",
+                "name",
+            ]);
             if pods.trim().is_empty() {
                 return;
             }
@@ -173,7 +254,10 @@ impl Drop for Stack {
         for ns in std::iter::once(&self.ns).chain(&self.extra_namespaces) {
             let names = kubectl(&["-n", ns, "get", "campaigns", "-o", "name"], None);
             for name in String::from_utf8_lossy(&names.stdout).lines() {
-                let _ = kubectl(&["-n", ns, "patch", name, "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#], None);
+                let _ = kubectl(
+                    &["-n", ns, "patch", name, "--type", "merge", "-p", r#"{"metadata":{"finalizers":null}}"#],
+                    None,
+                );
             }
             let _ = kubectl(&["delete", "namespace", ns, "--wait=false"], None);
         }
@@ -236,5 +320,7 @@ pub fn campaign(name: &str, channel: &str, template: &str, audience: &str, extra
 
 /// Limits for a fast channel that still spaces sends by `spacing_ms`.
 pub fn fast(spacing_ms: u32) -> String {
-    format!("{{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: {spacing_ms}}}")
+    format!(
+        "{{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: {spacing_ms}}}"
+    )
 }

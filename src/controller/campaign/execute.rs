@@ -15,7 +15,10 @@ pub(super) async fn set_job_suspended(jobs: &Api<Job>, name: &str, suspend: bool
 /// Deletes the Job and, before it goes, its pods: a replacement must never run beside
 /// an old sender of the same batch.
 pub(super) async fn delete_job(jobs: &Api<Job>, name: &str) -> Result<()> {
-    match jobs.delete(name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() }).await {
+    match jobs
+        .delete(name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Foreground), ..Default::default() })
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
@@ -33,9 +36,17 @@ pub(super) async fn take_resume_request(r: &Reconcile<'_>, status: &mut Campaign
     status.last_resume_request = Some(value.clone());
     status.automatic_pause = None;
     let stop = store::pauses::clear_campaign_stop(&r.ctx.pool, r.uid).await?;
-    let channel = store::pauses::clear_channel_pause(&r.ctx.pool, &r.organization, &r.campaign.spec.channel_ref.name).await?;
+    let channel =
+        store::pauses::clear_channel_pause(&r.ctx.pool, &r.organization, &r.campaign.spec.channel_ref.name).await?;
     info!(stop, channel, "a person asked to resume");
-    publish(r.ctx, r.campaign, EventType::Normal, "ResumeRequested", "resume requested: automatic pauses and stops are lifted".into()).await;
+    publish(
+        r.ctx,
+        r.campaign,
+        EventType::Normal,
+        "ResumeRequested",
+        "resume requested: automatic pauses and stops are lifted".into(),
+    )
+    .await;
     Ok(true)
 }
 
@@ -48,12 +59,18 @@ pub(super) async fn execute(
     status: &mut CampaignStatus,
     conditions: &mut Vec<DesiredCondition>,
 ) -> Result<Action> {
-    let stalled = |reason: &'static str, why: &String| DesiredCondition::truthy(ConditionType::Stalled, reason, why.clone());
+    let stalled =
+        |reason: &'static str, why: &String| DesiredCondition::truthy(ConditionType::Stalled, reason, why.clone());
     Ok(match step {
         Step::Nothing | Step::Draft => Action::await_change(),
         Step::Cancel => {
             if job.is_some() {
-                r.jobs.delete(&r.job_name, &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() }).await?;
+                r.jobs
+                    .delete(
+                        &r.job_name,
+                        &DeleteParams { propagation_policy: Some(PropagationPolicy::Background), ..Default::default() },
+                    )
+                    .await?;
             }
             let cancelled = store::messages::cancel_pending(&r.ctx.pool, r.uid).await?;
             info!(cancelled, "campaign cancelled");
@@ -93,7 +110,11 @@ pub(super) async fn execute(
             if let Some(c) = store::campaigns::counters(&r.ctx.pool, r.uid).await? {
                 status.failure_baseline = Some(FailureBaseline { failed: c.failed, finished: c.finished_attempted() });
             }
-            status.automatic_pause = Some(AutomaticPause { reason: "FailureThresholdExceeded".into(), message: why.clone(), since: Some(time::k8s(r.now)) });
+            status.automatic_pause = Some(AutomaticPause {
+                reason: "FailureThresholdExceeded".into(),
+                message: why.clone(),
+                since: Some(time::k8s(r.now)),
+            });
             conditions.push(stalled("FailureThresholdExceeded", why));
             Action::await_change()
         }
@@ -103,15 +124,19 @@ pub(super) async fn execute(
             conditions.push(stalled("FailureThresholdExceeded", why));
             Action::await_change()
         }
-        Step::Preflight => match super::preflight::preflight(r.campaign, channel, r.ctx, &r.organization, &r.name, r.uid, status).await? {
-            Ok(()) => Action::requeue(Duration::ZERO),
-            // A person fixes this (imports the contacts, edits the message); look again
-            // now and then, and at once on an edit.
-            Err(why) => {
-                conditions.push(stalled("PreflightFailed", &why));
-                Action::requeue(Duration::from_secs(30))
+        Step::Preflight => {
+            match super::preflight::preflight(r.campaign, channel, r.ctx, &r.organization, &r.name, r.uid, status)
+                .await?
+            {
+                Ok(()) => Action::requeue(Duration::ZERO),
+                // A person fixes this (imports the contacts, edits the message); look again
+                // now and then, and at once on an edit.
+                Err(why) => {
+                    conditions.push(stalled("PreflightFailed", &why));
+                    Action::requeue(Duration::from_secs(30))
+                }
             }
-        },
+        }
         Step::CreateJob => {
             let channel = channel.ok_or_else(|| Error::InvalidChannel("channel vanished".into()))?;
             let batches = store::campaigns::frozen_batches(&r.ctx.pool, r.uid).await?.unwrap_or(1);
@@ -143,7 +168,14 @@ pub(super) async fn execute(
         Step::Restart => {
             delete_job(&r.jobs, &r.job_name).await?;
             status.finished_at = None;
-            publish(r.ctx, r.campaign, EventType::Normal, "Restarted", "resumed after failing: the remaining messages are sent by a new Job".into()).await;
+            publish(
+                r.ctx,
+                r.campaign,
+                EventType::Normal,
+                "Restarted",
+                "resumed after failing: the remaining messages are sent by a new Job".into(),
+            )
+            .await;
             Action::requeue(Duration::from_secs(1))
         }
     })
@@ -151,7 +183,12 @@ pub(super) async fn execute(
 
 /// A cap of the channel is spent until `until`. The Job is suspended only when the wait
 /// is long: senders wait out a spent minute in place rather than restart.
-pub(super) async fn rate_limit(r: &Reconcile<'_>, until: DateTime<Utc>, status: &mut CampaignStatus, conditions: &mut Vec<DesiredCondition>) -> Result<Action> {
+pub(super) async fn rate_limit(
+    r: &Reconcile<'_>,
+    until: DateTime<Utc>,
+    status: &mut CampaignStatus,
+    conditions: &mut Vec<DesiredCondition>,
+) -> Result<Action> {
     if until - r.now > SUSPEND_WHEN_RATE_LIMITED_FOR {
         set_job_suspended(&r.jobs, &r.job_name, true).await?;
     }
@@ -161,10 +198,16 @@ pub(super) async fn rate_limit(r: &Reconcile<'_>, until: DateTime<Utc>, status: 
     }
     info.resume_at = Some(time::k8s(until));
     status.rate_limit = Some(info);
-    conditions.push(DesiredCondition::truthy(ConditionType::RateLimited, "WindowSpent", format!("a cap of the channel is spent; sending resumes at {until}")));
+    conditions.push(DesiredCondition::truthy(
+        ConditionType::RateLimited,
+        "WindowSpent",
+        format!("a cap of the channel is spent; sending resumes at {until}"),
+    ));
     // Look again at the reset instant, and meanwhile every few seconds in case a
     // person lifted the pause or the windows were reset.
-    Ok(Action::requeue(((until - r.now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10))))
+    Ok(Action::requeue(
+        ((until - r.now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10)),
+    ))
 }
 
 /// Replaces a Job built from an older spec: suspend it, wait for its pods to go, then
@@ -184,4 +227,3 @@ pub(super) async fn replace_job(r: &Reconcile<'_>, job: Option<&JobView>) -> Res
     publish(r.ctx, r.campaign, EventType::Normal, "SpecChanged", "the message, channel or retry policy changed: the sending Job is replaced so every message from now on uses them".into()).await;
     Ok(Action::requeue(Duration::from_secs(1)))
 }
-

@@ -17,13 +17,13 @@ use uuid::Uuid;
 
 use super::decide::{self, JobView, Memory, Step};
 use super::job::{build_job, job_name, send_config_digest};
-use super::{observe, tenant};
 use super::status as view;
 use super::{Context, Error, Result};
+use super::{observe, tenant};
 use crate::api::condition::{ConditionType, DesiredCondition, merge_conditions};
 use crate::api::{
-    AudienceStatus, AutomaticPause, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight, Provider, RESUME_ANNOTATION,
-    Retention, time, transition,
+    AudienceStatus, AutomaticPause, Campaign, CampaignStatus, Channel, FailureBaseline, Phase, PhaseEvent, Preflight,
+    Provider, RESUME_ANNOTATION, Retention, time, transition,
 };
 use crate::sender::render;
 use crate::store::{self, audience::AudienceQuery, campaigns::Counters};
@@ -63,12 +63,22 @@ pub async fn reconcile(campaign: Arc<Campaign>, ctx: Arc<Context>) -> Result<Act
 async fn stall_on_error(campaign: &Campaign, ctx: &Context, error: &Error) -> Result<Action> {
     let namespace = campaign.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let old = campaign.status.clone().unwrap_or_default();
-    let stalled = DesiredCondition::truthy(ConditionType::Stalled, "ReconcileError", format!("{error}; fix the campaign or its channel"));
-    let conditions = merge_conditions(&old.conditions, &[stalled], campaign.metadata.generation, &time::k8s(Utc::now()));
+    let stalled = DesiredCondition::truthy(
+        ConditionType::Stalled,
+        "ReconcileError",
+        format!("{error}; fix the campaign or its channel"),
+    );
+    let conditions =
+        merge_conditions(&old.conditions, &[stalled], campaign.metadata.generation, &time::k8s(Utc::now()));
     let api: Api<Campaign> = Api::namespaced(ctx.client.clone(), &namespace);
     // A merge patch of the conditions alone: an apply of a partial status would drop the
     // fields the controller's other status writes own.
-    api.patch_status(&campaign.name_any(), &PatchParams::default(), &Patch::Merge(json!({"status": {"conditions": conditions}}))).await?;
+    api.patch_status(
+        &campaign.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"conditions": conditions}})),
+    )
+    .await?;
     warn!(%error, "the campaign cannot be reconciled until a person fixes it");
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -134,7 +144,8 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     let mut status = old.clone();
     let resumed = take_resume_request(&r, &mut status).await?;
 
-    let (channel_view, channel) = observe::channel(ctx, &r.namespace, &r.organization, &campaign.spec.channel_ref.name).await?;
+    let (channel_view, channel) =
+        observe::channel(ctx, &r.namespace, &r.organization, &campaign.spec.channel_ref.name).await?;
     let digest = channel.as_ref().and_then(|ch| send_config_digest(campaign, ch, &r.organization, &ctx.sender).ok());
     let job = observe::job(ctx, &r.jobs, &r.job_name, &uid.to_string(), digest.as_deref()).await?;
     let mut counters = store::campaigns::counters(&ctx.pool, uid).await?;
@@ -143,10 +154,19 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         audience_frozen: counters.is_some(),
         failure_baseline: status.failure_baseline.as_ref().map_or((0, 0), |b| (b.failed, b.finished)),
         automatic_pause: status.automatic_pause.as_ref().map(|p| p.message.clone()),
-        campaign_stop: store::pauses::campaign_stop(&ctx.pool, uid).await?.map(|(code, message)| rejected_message(&code, &message)),
+        campaign_stop: store::pauses::campaign_stop(&ctx.pool, uid)
+            .await?
+            .map(|(code, message)| rejected_message(&code, &message)),
         resume_requested: resumed,
     };
-    let step = decide::next_step(&campaign.spec, &memory, &channel_view, job.as_ref().map(|(_, v)| v), counters.as_ref(), r.now);
+    let step = decide::next_step(
+        &campaign.spec,
+        &memory,
+        &channel_view,
+        job.as_ref().map(|(_, v)| v),
+        counters.as_ref(),
+        r.now,
+    );
     let mut conditions = Vec::new();
     let requeue = execute(&r, &step, job.as_ref(), channel.as_ref(), &mut status, &mut conditions).await?;
     if matches!(step, Step::Preflight) {
@@ -167,6 +187,14 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         reason = Some(("PreflightFailed", c.message.clone()));
     }
     let outcome = Outcome { phase, conditions, requeue };
-    finish(campaign, ctx, &old, status, outcome, Observed { counters: counters.as_ref(), job: job.as_ref().map(|(j, _)| j) }, reason).await
+    finish(
+        campaign,
+        ctx,
+        &old,
+        status,
+        outcome,
+        Observed { counters: counters.as_ref(), job: job.as_ref().map(|(j, _)| j) },
+        reason,
+    )
+    .await
 }
-

@@ -47,7 +47,8 @@ pub(super) async fn preflight(
         }
     }
     // A contact that has every variable must render; if not, the message itself is broken.
-    let sample_attributes = serde_json::Value::Object(keys.iter().map(|k| (k.clone(), serde_json::Value::from("x"))).collect());
+    let sample_attributes =
+        serde_json::Value::Object(keys.iter().map(|k| (k.clone(), serde_json::Value::from("x"))).collect());
     let sample = render::ContactView { name: Some("x"), phone: "+5511999999999", attributes: &sample_attributes };
     for text in &texts {
         if let Err(e) = render::render(text, &sample) {
@@ -55,7 +56,8 @@ pub(super) async fn preflight(
         }
     }
     let missing = store::audience::count_missing_variables(&ctx.pool, organization, &query, needs_name, &keys).await?;
-    let sharing = store::campaigns::active_on_channel(&ctx.pool, organization, &campaign.spec.channel_ref.name, uid).await?;
+    let sharing =
+        store::campaigns::active_on_channel(&ctx.pool, organization, &campaign.spec.channel_ref.name, uid).await?;
     let estimate = match channel {
         Some(channel) => {
             let limits = store::rate::Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
@@ -64,12 +66,19 @@ pub(super) async fn preflight(
         }
         None => None,
     };
-    status.preflight = Some(Preflight { audience_size: size, missing_variables: missing, estimated_duration_seconds: estimate, sharing_channel_with: sharing as i32 });
+    status.preflight = Some(Preflight {
+        audience_size: size,
+        missing_variables: missing,
+        estimated_duration_seconds: estimate,
+        sharing_channel_with: sharing as i32,
+    });
     if size == 0 {
         return Ok(Err("the audience is empty after opt-outs and de-duplication: nothing to send".into()));
     }
     if missing == size {
-        return Ok(Err(format!("no contact of the audience has every variable the message uses ({missing} of {size} lack one)")));
+        return Ok(Err(format!(
+            "no contact of the audience has every variable the message uses ({missing} of {size} lack one)"
+        )));
     }
     let key = store::audience::CampaignKey {
         uid,
@@ -86,8 +95,14 @@ pub(super) async fn preflight(
         drift: None,
     });
     if frozen.newly_frozen {
-        publish(ctx, campaign, EventType::Normal, "AudienceFrozen", format!("{} messages in {} batches", frozen.messages, frozen.batches)).await;
+        publish(
+            ctx,
+            campaign,
+            EventType::Normal,
+            "AudienceFrozen",
+            format!("{} messages in {} batches", frozen.messages, frozen.batches),
+        )
+        .await;
     }
     Ok(Ok(()))
 }
-

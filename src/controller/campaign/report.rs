@@ -5,13 +5,17 @@ use super::*;
 /// The phase event a step means, given the phase before and whether a Job exists.
 pub(super) fn event_for(step: &Step, old: Option<Phase>, has_job: bool) -> Option<PhaseEvent> {
     Some(match step {
-        Step::Nothing | Step::Preflight | Step::ReplaceJob | Step::AwaitJobDeletion | Step::PodsFailing(_) => return None,
+        Step::Nothing | Step::Preflight | Step::ReplaceJob | Step::AwaitJobDeletion | Step::PodsFailing(_) => {
+            return None;
+        }
         // Stalled means not sending: a campaign that was sending is paused until it can go on.
         Step::Stall(_) if has_job => PhaseEvent::Suspend,
         Step::Stall(_) => return None,
         Step::Cancel => PhaseEvent::Cancel,
         Step::Draft => PhaseEvent::CreatedSuspended,
-        Step::Pause | Step::ChannelStopped(_) | Step::MessageRejected(_) | Step::HoldAutomaticPause(_) => PhaseEvent::Suspend,
+        Step::Pause | Step::ChannelStopped(_) | Step::MessageRejected(_) | Step::HoldAutomaticPause(_) => {
+            PhaseEvent::Suspend
+        }
         Step::WaitForSchedule(_) => PhaseEvent::AwaitStart,
         Step::RateLimit(_) => PhaseEvent::RateLimitHit,
         Step::PauseForFailures(_) => PhaseEvent::FailureThresholdExceeded,
@@ -52,21 +56,41 @@ pub(super) fn phase_conditions(phase: Option<Phase>, frozen: bool) -> Vec<Desire
     let phase_name = phase.map_or("Pending", Phase::as_str);
     let mut out = vec![
         match phase {
-            Some(Phase::Completed) => DesiredCondition::truthy(ConditionType::Ready, "Completed", "every message reached a final state"),
-            _ => DesiredCondition::falsy(ConditionType::Ready, phase.map_or("Pending", Phase::as_str), format!("campaign is {phase_name}")),
+            Some(Phase::Completed) => {
+                DesiredCondition::truthy(ConditionType::Ready, "Completed", "every message reached a final state")
+            }
+            _ => DesiredCondition::falsy(
+                ConditionType::Ready,
+                phase.map_or("Pending", Phase::as_str),
+                format!("campaign is {phase_name}"),
+            ),
         },
         match phase {
-            Some(Phase::Scheduled | Phase::Running | Phase::RateLimited) | None => {
-                DesiredCondition::truthy(ConditionType::Reconciling, phase.map_or("Pending", Phase::as_str), format!("campaign is {phase_name}"))
-            }
-            _ => DesiredCondition::falsy(ConditionType::Reconciling, phase.map_or("Pending", Phase::as_str), format!("campaign is {phase_name}")),
+            Some(Phase::Scheduled | Phase::Running | Phase::RateLimited) | None => DesiredCondition::truthy(
+                ConditionType::Reconciling,
+                phase.map_or("Pending", Phase::as_str),
+                format!("campaign is {phase_name}"),
+            ),
+            _ => DesiredCondition::falsy(
+                ConditionType::Reconciling,
+                phase.map_or("Pending", Phase::as_str),
+                format!("campaign is {phase_name}"),
+            ),
         },
     ];
     if phase != Some(Phase::RateLimited) {
-        out.push(DesiredCondition::falsy(ConditionType::RateLimited, "WindowAvailable", "the channel's windows have room"));
+        out.push(DesiredCondition::falsy(
+            ConditionType::RateLimited,
+            "WindowAvailable",
+            "the channel's windows have room",
+        ));
     }
     if frozen {
-        out.push(DesiredCondition::truthy(ConditionType::AudienceFrozen, "Frozen", "the audience is frozen in Postgres"));
+        out.push(DesiredCondition::truthy(
+            ConditionType::AudienceFrozen,
+            "Frozen",
+            "the audience is frozen in Postgres",
+        ));
     }
     out
 }
@@ -102,7 +126,8 @@ pub(super) async fn finish(
         if let Some(audience) = status.audience.as_mut() {
             audience.size = c.total;
         } else {
-            status.audience = Some(AudienceStatus { frozen_at: None, frozen_generation: None, size: c.total, drift: None });
+            status.audience =
+                Some(AudienceStatus { frozen_at: None, frozen_generation: None, size: c.total, drift: None });
         }
     }
     if let Some(audience) = status.audience.as_mut()
@@ -110,7 +135,9 @@ pub(super) async fn finish(
         && campaign.metadata.generation.is_some_and(|g| g > frozen_gen)
     {
         // The CRD only lets the audience change while suspended; any change after freezing is reported, not applied.
-        audience.drift = Some("spec changed after the audience was frozen: audience edits are not applied to a started campaign".into());
+        audience.drift = Some(
+            "spec changed after the audience was frozen: audience edits are not applied to a started campaign".into(),
+        );
     }
     // The Job as observed at the start of this reconcile: one read per reconcile; a Job
     // created or patched just now shows up at the next refresh.
@@ -169,7 +196,13 @@ pub(super) fn phase_event_reason(old: Option<Phase>, new: Phase) -> &'static str
 }
 
 pub(super) async fn publish(ctx: &Context, campaign: &Campaign, type_: EventType, reason: &str, note: String) {
-    let event = KubeEvent { type_, reason: reason.to_owned(), note: Some(note), action: "Reconcile".to_owned(), secondary: None };
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
     if let Err(error) = ctx.recorder.publish(&event, &campaign.object_ref(&())).await {
         warn!(%error, reason, "could not publish an Event");
     }
