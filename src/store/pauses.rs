@@ -31,18 +31,6 @@ pub enum ChannelPause {
     },
 }
 
-impl ChannelPause {
-    /// A sentence for conditions and Events.
-    pub fn describe(&self) -> String {
-        match self {
-            ChannelPause::WindowSpent { until } => format!("a cap of the channel is spent until {until}"),
-            ChannelPause::ProviderRefused { code, message } => {
-                format!("the provider refused the channel (error {code}: {message})")
-            }
-        }
-    }
-}
-
 /// Pauses the channel until `until`: a cap of a Hard channel is spent. A refusal in
 /// force is never replaced by a window pause.
 pub async fn pause_for_window(pool: &PgPool, organization: &str, channel: &str, until: DateTime<Utc>) -> Result<()> {
