@@ -152,21 +152,7 @@ async fn helm_install_runs_a_sandbox_campaign_to_completion() -> Result<()> {
         &["-n", &release_ns, "create", "secret", "generic", "disparo-postgres", &format!("--from-literal=url={url}")],
         None,
     );
-    kubectl_ok(
-        &[
-            "-n",
-            &campaign_ns,
-            "create",
-            "secret",
-            "generic",
-            "meta-creds",
-            "--from-literal=access-token=sandbox-meta-token",
-            "--from-literal=app-secret=sandbox-app-secret",
-            "--from-literal=verify-token=verify",
-        ],
-        None,
-    );
-    kubectl_ok(&["-n", &campaign_ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
+    common::stack::create_meta_credentials(&campaign_ns);
 
     // Every pod is a process on this host: one replica each, on ports nobody else uses.
     let webhook_port = free_port();

@@ -144,34 +144,9 @@ async fn a_recreated_namespace_starts_empty() {
     let reborn = common::cluster::namespace_uid(&stack.ns);
     assert_ne!(reborn, stack.org);
     // The first controller's Lease went with the namespace: a new one takes over.
-    let metrics = format!("127.0.0.1:{}", common::stack::free_port());
     let ns = stack.ns.clone();
-    stack.spawn(
-        "controller-2",
-        &[
-            "controller",
-            "--metrics-addr",
-            &metrics,
-            "--lease-namespace",
-            &ns,
-            "--watch-namespace",
-            &ns,
-            "--identity",
-            "controller-2",
-            "--lease-seconds",
-            "6",
-        ],
-    );
-    stack.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "meta-creds",
-        "--from-literal=access-token=sandbox-meta-token",
-        "--from-literal=app-secret=sandbox-app-secret",
-        "--from-literal=verify-token=verify",
-    ]);
-    stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
+    stack.spawn_controller("controller-2", &ns);
+    common::stack::create_meta_credentials(&ns);
     stack.apply(&meta_channel("main", &sandbox.base_url(), "111", &fast(0)));
     stack.apply(&campaign("fresh", "main", "promo", "{allContacts: true}", ""));
     let c = stack

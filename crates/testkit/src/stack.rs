@@ -59,35 +59,19 @@ impl Stack {
             agents: Vec::new(),
             extra_namespaces: Vec::new(),
         };
-        stack.kubectl(&[
-            "create",
-            "secret",
-            "generic",
-            "meta-creds",
-            "--from-literal=access-token=sandbox-meta-token",
-            "--from-literal=app-secret=sandbox-app-secret",
-            "--from-literal=verify-token=verify",
-        ]);
-        stack.kubectl(&["label", "secret", "meta-creds", "disparo.io/credentials=true"]);
-        let metrics = format!("127.0.0.1:{}", free_port());
-        stack.spawn(
-            "controller",
-            &[
-                "controller",
-                "--metrics-addr",
-                &metrics,
-                "--lease-namespace",
-                &ns,
-                "--watch-namespace",
-                &ns,
-                "--identity",
-                "controller",
-                "--lease-seconds",
-                "6",
-            ],
-        );
+        create_meta_credentials(&ns);
+        stack.spawn_controller("controller", &ns);
         stack.agents.push(NodeAgent::start(&ns, stack.dir.path()).expect("starting the node agent"));
         stack
+    }
+
+    /// A controller for namespace `ns` (its Lease there too), on the stack's database.
+    pub fn spawn_controller(&mut self, identity: &str, ns: &str) -> usize {
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let args = ["controller", "--metrics-addr", &metrics, "--lease-namespace", ns, "--watch-namespace", ns];
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--identity", identity, "--lease-seconds", "6"]);
+        self.spawn("controller", &all)
     }
 
     /// A second namespace on the same database, with its own controller and node agent
@@ -95,38 +79,8 @@ impl Stack {
     pub fn add_namespace(&mut self, prefix: &str) -> (String, String) {
         let ns = fresh_namespace(prefix);
         let org = super::cluster::namespace_uid(&ns);
-        kubectl_ok(
-            &[
-                "-n",
-                &ns,
-                "create",
-                "secret",
-                "generic",
-                "meta-creds",
-                "--from-literal=access-token=sandbox-meta-token",
-                "--from-literal=app-secret=sandbox-app-secret",
-                "--from-literal=verify-token=verify",
-            ],
-            None,
-        );
-        kubectl_ok(&["-n", &ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
-        let metrics = format!("127.0.0.1:{}", free_port());
-        self.spawn(
-            "controller",
-            &[
-                "controller",
-                "--metrics-addr",
-                &metrics,
-                "--lease-namespace",
-                &ns,
-                "--watch-namespace",
-                &ns,
-                "--identity",
-                "controller",
-                "--lease-seconds",
-                "6",
-            ],
-        );
+        create_meta_credentials(&ns);
+        self.spawn_controller("controller", &ns);
         self.agents.push(NodeAgent::start(&ns, self.dir.path()).expect("starting the node agent"));
         self.extra_namespaces.push(ns.clone());
         (ns, org)
@@ -287,6 +241,25 @@ pub async fn wait_for_sends(stack: &Stack, sandbox: &SandboxHandle, at_least: us
         assert!(Instant::now() < deadline, "fewer than {at_least} sends\n{}", stack.logs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The sandbox's Meta credentials as a Secret `meta-creds` in `ns`, labelled for Disparo.
+pub fn create_meta_credentials(ns: &str) {
+    kubectl_ok(
+        &[
+            "-n",
+            ns,
+            "create",
+            "secret",
+            "generic",
+            "meta-creds",
+            "--from-literal=access-token=sandbox-meta-token",
+            "--from-literal=app-secret=sandbox-app-secret",
+            "--from-literal=verify-token=verify",
+        ],
+        None,
+    );
+    kubectl_ok(&["-n", ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
 }
 
 /// `status.phase`.
