@@ -38,6 +38,15 @@ impl Provider {
             Provider::Evolution => "evolution",
         }
     }
+
+    /// Parses [`Provider::as_str`].
+    pub fn parse(label: &str) -> Option<Self> {
+        match label {
+            "meta" => Some(Provider::Meta),
+            "evolution" => Some(Provider::Evolution),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Provider {

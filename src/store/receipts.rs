@@ -177,33 +177,8 @@ pub struct ProviderError {
     pub title: String,
 }
 
-/// Which provider reported a status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Provider {
-    /// Meta Cloud API.
-    Meta,
-    /// Evolution API.
-    Evolution,
-}
-
-impl Provider {
-    /// The name stored with kept receipts and used in metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Meta => "meta",
-            Provider::Evolution => "evolution",
-        }
-    }
-
-    /// Parses [`Provider::as_str`].
-    pub fn parse(label: &str) -> Option<Self> {
-        match label {
-            "meta" => Some(Provider::Meta),
-            "evolution" => Some(Provider::Evolution),
-            _ => None,
-        }
-    }
-}
+/// Which provider reported a status: the API's own provider type.
+pub use crate::api::Provider;
 
 /// One status reported by a provider webhook, ready to apply.
 #[derive(Debug, Clone, PartialEq)]
