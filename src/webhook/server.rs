@@ -41,13 +41,6 @@ use crate::store::receipts::{ApplyOutcome, OptOut, Provider, StatusEvent};
 const META: &str = "meta";
 const EVOLUTION: &str = "evolution";
 
-/// The metric label of a provider.
-fn label(provider: Provider) -> &'static str {
-    match provider {
-        Provider::Meta => META,
-        Provider::Evolution => EVOLUTION,
-    }
-}
 /// Meta's signature header.
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 /// Longest `hub.challenge` echoed back (Meta sends a number).
@@ -332,7 +325,7 @@ impl AppState {
     /// Binds a verified notification to the namespace's organization and the channel,
     /// applies it, and answers once it is committed.
     async fn apply(&self, source: Provider, namespace: &str, channel: &str, notification: Notification) -> Response {
-        let provider = label(source);
+        let provider = source.as_str();
         let organization = match self.organizations.of(namespace).await {
             Ok(Some(organization)) => organization,
             // The Channel exists (its credentials verified the request) but the controller
