@@ -3,6 +3,8 @@
 //! One crate, one binary, several modes (see `main.rs`). The modules follow the
 //! domains of docs/architecture.md, each owning its types, errors and tests:
 //!
+//! - [`account`]: what Meta says about an account (messaging limit, quality, template
+//!   status, restrictions, prices) and what it means for a campaign; pure decisions.
 //! - [`api`]: the `Campaign` and `Channel` custom resources (wire types that become
 //!   the CRDs) and the domain types logic works with (phases, conditions).
 //! - [`store`]: Postgres, the system of record: contacts, campaign messages, counters,
@@ -16,6 +18,7 @@
 //! - [`cli`]: the commands a person runs (`contacts import`, `status`, the kubectl plugin).
 //! - [`telemetry`]: logging setup shared by every mode.
 
+pub mod account;
 pub mod api;
 pub mod bench;
 pub mod cli;

@@ -26,6 +26,19 @@ pub fn init(format: LogFormat) {
     let _ = result;
 }
 
+/// An error and its sources as one line (`outer: inner: root`): error types print only
+/// their own part, so a log line or a condition that shows a person why uses this.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Installs the process-wide rustls crypto provider (ring) used by reqwest, kube and sqlx.
 /// Idempotent: a provider already installed is kept.
 pub fn install_crypto_provider() {

@@ -10,7 +10,7 @@ use disparo_testkit as common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use disparo::api::{RateLimitMode, RateLimitsSpec, RetryPolicy};
+use disparo::api::{QualityPolicy, RateLimitMode, RateLimitsSpec, RetryPolicy, TemplateCategory};
 use disparo::sandbox::{self, Faults, Latency, SandboxConfig, SandboxHandle};
 use disparo::sender::{self, MessageTemplate, ProviderTarget, SendConfig};
 use disparo::store::audience::{self, AudienceQuery, CampaignKey};
@@ -112,6 +112,8 @@ async fn no_recipient_gets_two_messages(
         rate_limits: unlimited(),
         block_size: 8,
         request_timeout_millis: 5_000,
+        portfolio: None,
+        quality_policy: QualityPolicy::Pause,
     };
     let client = sender::build_client(&cfg.target, token, Duration::from_millis(cfg.request_timeout_millis)).unwrap();
     let metrics = sender::metrics::SenderMetrics::new(&mut Registry::default());
@@ -182,6 +184,7 @@ async fn a_gateway_504_after_meta_accepted_is_never_resent() {
                 name: "promo".into(),
                 language: "pt_BR".into(),
                 body_parameters: vec!["{{contact.name}}".into()],
+                category: TemplateCategory::Marketing,
             },
             "sandbox-meta-token",
         )

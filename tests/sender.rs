@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use disparo::api::{RateLimitMode, RateLimitsSpec, RetryPolicy};
+use disparo::api::{QualityPolicy, RateLimitMode, RateLimitsSpec, RetryPolicy, TemplateCategory};
 use disparo::sandbox::{self, Faults, Latency, SandboxConfig, SandboxHandle};
 use disparo::sender::{self, MessageTemplate, ProviderTarget, SendConfig};
 use disparo::store::audience::{self, AudienceQuery, CampaignKey};
@@ -56,11 +56,14 @@ fn config(
             name: "promo".into(),
             language: "pt_BR".into(),
             body_parameters: vec!["{{contact.name}}".into()],
+            category: TemplateCategory::Marketing,
         },
         retry,
         rate_limits: limits,
         block_size: block,
         request_timeout_millis: 2_000,
+        portfolio: None,
+        quality_policy: QualityPolicy::Pause,
     }
 }
 

@@ -68,6 +68,12 @@ pub struct CampaignSpec {
     /// What happens to the campaign's messages in Postgres when the Campaign is deleted.
     #[serde(default)]
     pub retention: Retention,
+    /// A cost limit, applied with the rate card (see `kubectl disparo status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+    /// A per-contact marketing frequency cap across the namespace's campaigns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_cap: Option<FrequencyCap>,
 }
 
 /// Reference to a Channel in the Campaign's namespace.
@@ -109,6 +115,58 @@ pub struct TemplateMessage {
     #[serde(default)]
     #[schemars(length(max = 20))]
     pub body_parameters: Vec<TemplateParameter>,
+    /// The template's category as approved by Meta: what Meta charges for it, and whether
+    /// the channel's quality policy holds it back (marketing only).
+    #[serde(default)]
+    pub category: TemplateCategory,
+}
+
+/// A Meta template category (docs/providers.md, "Pricing in status webhooks").
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
+pub enum TemplateCategory {
+    /// Promotions and offers: counted by Meta's per-user marketing limit, held back
+    /// first when a number's quality drops.
+    #[default]
+    Marketing,
+    /// Updates about something the user did or asked for.
+    Utility,
+    /// One-time passwords.
+    Authentication,
+}
+
+impl TemplateCategory {
+    /// The name Meta uses in `pricing.category` and rate cards.
+    pub fn as_pricing(self) -> &'static str {
+        match self {
+            TemplateCategory::Marketing => "marketing",
+            TemplateCategory::Utility => "utility",
+            TemplateCategory::Authentication => "authentication",
+        }
+    }
+}
+
+/// A spending limit for the campaign, in the rate card's currency.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Budget {
+    /// The campaign pauses (in status, until a person resumes) when its estimated cost
+    /// reaches this amount; preflight refuses to start when the audience alone costs more.
+    #[schemars(range(min = 0.0))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<f64>,
+}
+
+/// At most `messages` marketing messages per contact in `days` days, across every
+/// campaign of the namespace: contacts at the cap are skipped, not sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrequencyCap {
+    /// Marketing messages allowed per contact in the period.
+    #[schemars(range(min = 1, max = 1000))]
+    pub messages: u32,
+    /// The period, in days.
+    #[schemars(range(min = 1, max = 90))]
+    pub days: u32,
 }
 
 /// One template parameter value (a literal or a contact variable).
@@ -482,6 +540,9 @@ pub struct CampaignStatus {
     /// The value of the `disparo.io/resume-requested-at` annotation last acted on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_resume_request: Option<String>,
+    /// Estimated cost of the delivered messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostStatus>,
     /// When sending started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
@@ -529,6 +590,10 @@ pub struct MessageCounts {
     pub skipped: i64,
     /// Never sent because the campaign was cancelled.
     pub cancelled: i64,
+    /// Pending again because Meta withheld them under its per-user marketing limit
+    /// (131049): sent later, after growing delays (part of `pending`).
+    #[serde(default)]
+    pub marketing_limited: i64,
 }
 
 /// Progress of sending.
@@ -624,6 +689,36 @@ pub struct Preflight {
     pub estimated_duration_seconds: Option<i64>,
     /// Other campaigns currently sharing the channel.
     pub sharing_channel_with: i32,
+    /// What the audience would cost if every message were delivered, with the rate card.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost: Option<f64>,
+    /// The rate card's currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Days the audience needs at the portfolio's messaging limit, e.g. "needs 5 days at TIER_2K".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messaging_limit: Option<String>,
+}
+
+/// What the campaign's delivered messages cost, estimated with the rate card (Meta
+/// sends the pricing category of each message, never an amount).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CostStatus {
+    /// The estimate, in `currency`.
+    pub estimated: f64,
+    /// The rate card's currency (ISO 4217).
+    pub currency: String,
+    /// The estimate by pricing category (`marketing`, `utility`, ...).
+    #[serde(default)]
+    pub by_category: std::collections::BTreeMap<String, f64>,
+    /// Delivered messages Meta charges for (`pricing.type: regular`).
+    pub billable_messages: i64,
+    /// Billable messages whose country the rate card has no price for (not in `estimated`).
+    #[serde(default)]
+    pub unpriced_messages: i64,
+    /// The rate card's version.
+    pub rate_card_version: String,
 }
 
 /// The frozen audience.

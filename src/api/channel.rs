@@ -76,6 +76,18 @@ pub struct MetaSettings {
     pub app_secret: SecretKeyRef,
     /// Secret key holding the verify token typed into the App Dashboard for the webhook handshake.
     pub verify_token: SecretKeyRef,
+    /// Id of the Meta business portfolio the number belongs to. Meta's messaging limit
+    /// (unique recipients of business-initiated messages in a moving 24 h window) is the
+    /// portfolio's, shared by all its numbers: Channels of a namespace that name the same
+    /// portfolio share one budget. Unset: the number is not held to that budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub business_portfolio: Option<String>,
+    /// Id of the WhatsApp Business Account: Meta's account webhooks (quality, template
+    /// status, restrictions) name it, and Disparo routes them to this Channel by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub waba_id: Option<String>,
 }
 
 fn default_graph_api_version() -> String {
@@ -108,6 +120,19 @@ pub struct EvolutionSettings {
 
 fn default_webhook_header() -> String {
     "x-disparo-token".to_owned()
+}
+
+/// What the channel's marketing campaigns do while Meta rates the number's quality low
+/// (a `FLAGGED` or `DOWNGRADE` quality webhook, or a polled `RED` rating).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum QualityPolicy {
+    /// Marketing campaigns pause until the quality recovers (`UNFLAGGED`, `UPGRADE`).
+    #[default]
+    Pause,
+    /// Marketing campaigns go on at half the channel's caps.
+    Slow,
+    /// Nothing changes (the condition is still shown).
+    Ignore,
 }
 
 /// How a channel keeps under its caps.
@@ -165,6 +190,14 @@ pub struct RateLimitsSpec {
     doc = "A WhatsApp sending identity (Meta Cloud API number or Evolution instance) and its rate limits, shared by the campaigns that use it.",
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Tier", type_ = "string", json_path = ".status.account.tier"),
+    printcolumn(name = "Quality", type_ = "string", json_path = ".status.account.qualityRating"),
+    printcolumn(
+        name = "Budget",
+        type_ = "integer",
+        json_path = ".status.account.budget.used24h",
+        description = "unique recipients counted in the portfolio's moving 24 h window"
+    ),
     printcolumn(
         name = "Today",
         type_ = "integer",
@@ -187,6 +220,9 @@ pub struct ChannelSpec {
     /// Sending caps; unset fields take the provider's defaults.
     #[serde(default)]
     pub rate_limits: RateLimitsSpec,
+    /// What marketing campaigns do while the number's quality is degraded.
+    #[serde(default)]
+    pub quality_policy: QualityPolicy,
 }
 
 /// Messages counted in the channel's current windows.
@@ -246,4 +282,55 @@ pub struct ChannelStatus {
     /// The value of the `disparo.io/resume-requested-at` annotation last acted on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_resume_request: Option<String>,
+    /// What Meta says about the number and its portfolio (Meta channels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<AccountStatus>,
+}
+
+/// What Meta says about a number and its business portfolio: read from the Graph API
+/// and from Meta's account webhooks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountStatus {
+    /// The portfolio's messaging limit tier: TIER_250, TIER_2K, TIER_10K, TIER_100K, TIER_UNLIMITED.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    /// GREEN, YELLOW, RED or UNKNOWN (Meta's rating of the last 7 days).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality_rating: Option<String>,
+    /// The last quality event Meta announced (FLAGGED, UNFLAGGED, DOWNGRADE, UPGRADE, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality_event: Option<String>,
+    /// STANDARD (80 messages/s) or HIGH (1,000 messages/s).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput_level: Option<String>,
+    /// The portfolio's 24 h unique-recipient budget, as Disparo keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<PortfolioBudget>,
+    /// Business-initiated messaging is restricted until this instant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restricted_until: Option<Time>,
+    /// When the Graph API was last read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
+    /// Why the Graph API could not be read, if it could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_error: Option<String>,
+}
+
+/// A portfolio's messaging limit and how much of it the last 24 h used.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortfolioBudget {
+    /// The portfolio.
+    pub portfolio: String,
+    /// Unique recipients allowed per moving 24 h (unset: unlimited).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// Unique recipients counted in the last 24 h, across the portfolio's Channels of this namespace.
+    #[serde(rename = "used24h")]
+    pub used_24h: i64,
+    /// When the oldest counted recipient leaves the window.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Time>,
 }

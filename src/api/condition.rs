@@ -16,6 +16,12 @@ pub enum ConditionType {
     AudienceFrozen,
     /// The channel's rate window is spent.
     RateLimited,
+    /// Meta rates the channel's number low (FLAGGED, DOWNGRADE, or a RED rating).
+    QualityDegraded,
+    /// Meta's account signals hold the campaign back (quality, template, restriction).
+    Held,
+    /// Meta rates the campaign's template RED: it may soon pause it.
+    TemplateQualityLow,
 }
 
 impl ConditionType {
@@ -27,6 +33,9 @@ impl ConditionType {
             ConditionType::Stalled => "Stalled",
             ConditionType::AudienceFrozen => "AudienceFrozen",
             ConditionType::RateLimited => "RateLimited",
+            ConditionType::QualityDegraded => "QualityDegraded",
+            ConditionType::Held => "Held",
+            ConditionType::TemplateQualityLow => "TemplateQualityLow",
         }
     }
 }

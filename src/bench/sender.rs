@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::api::{MAX_BATCH_SIZE, RateLimitsSpec, RetryPolicy};
+use crate::api::{MAX_BATCH_SIZE, QualityPolicy, RateLimitsSpec, RetryPolicy, TemplateCategory};
 use crate::providers::{Content, OutboundMessage, ProviderClient};
 use crate::sandbox::{self, Latency, SandboxConfig};
 use crate::sender::{
@@ -115,11 +115,14 @@ pub async fn run(pool: &PgPool, database_url: &str, n: usize, lanes: Option<u32>
             name: "promo".into(),
             language: "pt_BR".into(),
             body_parameters: vec!["{{contact.name}}".into()],
+            category: TemplateCategory::Marketing,
         },
         retry: RetryPolicy::default(),
         rate_limits: RateLimitsSpec::default(),
         block_size: BLOCK,
         request_timeout_millis: 10_000,
+        portfolio: None,
+        quality_policy: QualityPolicy::Pause,
     };
     // one sender: the connections `disparo send` has, one batch after the other
     let sender_pool = crate::store::connect(database_url, lanes.map_or(SENDER_CONNECTIONS, |l| l + 1)).await?;

@@ -29,13 +29,13 @@ use crate::webhook::{ServiceConfig, serve};
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// Seeding or measuring against Postgres failed.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] store::Error),
     /// The HTTP client failed.
-    #[error("http: {0}")]
+    #[error("http")]
     Http(#[from] reqwest::Error),
     /// Binding the local listener failed.
-    #[error("listening: {0}")]
+    #[error("listening")]
     Io(#[from] std::io::Error),
     /// The service answered something other than 200 or did not apply every event.
     #[error("unexpected answer: {0}")]

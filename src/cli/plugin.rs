@@ -88,6 +88,39 @@ async fn get(api: &Api<Campaign>, name: &str) -> anyhow::Result<Campaign> {
     }
 }
 
+/// Renders what Meta says of the campaign's channel: tier, quality, budget.
+pub fn render_account(channel: &crate::api::Channel) -> String {
+    let Some(account) = channel.status.as_ref().and_then(|s| s.account.as_ref()) else { return String::new() };
+    let mut out = format!(
+        "Account   tier {}  quality {}  throughput {}\n",
+        account.tier.as_deref().unwrap_or("unknown"),
+        account.quality_rating.as_deref().unwrap_or("unknown"),
+        account.throughput_level.as_deref().unwrap_or("unknown"),
+    );
+    if let Some(budget) = &account.budget {
+        out.push_str(&format!(
+            "Budget    {} of {} unique recipients in 24 h (portfolio {})",
+            budget.used_24h,
+            budget.limit.map_or("unlimited".to_owned(), |l| l.to_string()),
+            budget.portfolio
+        ));
+        if let Some(at) = &budget.resets_at {
+            out.push_str(&format!(
+                "  oldest leaves {}",
+                crate::api::time::instant(&at.0).format("%Y-%m-%d %H:%M:%S UTC")
+            ));
+        }
+        out.push('\n');
+    }
+    if let Some(until) = &account.restricted_until {
+        out.push_str(&format!(
+            "Restricted until {}\n",
+            crate::api::time::instant(&until.0).format("%Y-%m-%d %H:%M:%S UTC")
+        ));
+    }
+    out
+}
+
 /// Renders the human view of a campaign.
 pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
     let mut out = String::new();
@@ -135,11 +168,31 @@ pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
         }
         out.push('\n');
     }
+    if counts.marketing_limited > 0 {
+        out.push_str(&format!(
+            "Held      {} withheld by Meta's per-user marketing limit (131049), sent again after 24 h, 48 h, 96 h\n",
+            counts.marketing_limited
+        ));
+    }
+    if let Some(cost) = &status.cost {
+        let by: Vec<String> = cost.by_category.iter().map(|(c, v)| format!("{c} {v:.2}")).collect();
+        out.push_str(&format!(
+            "Cost      {:.2} {} estimated for {} billable messages ({}; rate card {})\n",
+            cost.estimated,
+            cost.currency,
+            cost.billable_messages,
+            if by.is_empty() { "none yet".to_owned() } else { by.join(", ") },
+            cost.rate_card_version
+        ));
+    }
     if let Some(AudienceStatus { drift: Some(drift), .. }) = &status.audience {
         out.push_str(&format!("Note      {drift}\n"));
     }
     for c in status.conditions.iter().filter(|c| c.type_ == "Stalled" && c.status == "True") {
         out.push_str(&format!("Stalled   {}: {}\n", c.reason, c.message));
+    }
+    for c in status.conditions.iter().filter(|c| c.type_ == "Held" && c.status == "True") {
+        out.push_str(&format!("Held      {}: {}\n", c.reason, c.message));
     }
     if !events.is_empty() {
         out.push_str("Recent events\n");
@@ -218,7 +271,12 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
-    let events = recent_events(client, &campaign).await;
+    let events = recent_events(client.clone(), &campaign).await;
+    let channels: Api<crate::api::Channel> = Api::namespaced(client, &campaign.namespace().unwrap_or_default());
+    let account = match channels.get_opt(&campaign.spec.channel_ref.name).await {
+        Ok(Some(channel)) => render_account(&channel),
+        _ => String::new(),
+    };
     if std::io::stdout().is_terminal() {
         let total = campaign.status.as_ref().and_then(|s| s.messages.clone()).map_or(0, |m| m.total) as u64;
         let progress = bar(total);
@@ -227,7 +285,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             .set_message(campaign.status.as_ref().and_then(|s| s.phase).map_or("Pending".into(), |p| p.to_string()));
         progress.abandon();
     }
-    print!("{}", render_status(&campaign, &events));
+    print!("{}{account}", render_status(&campaign, &events));
     Ok(())
 }
 

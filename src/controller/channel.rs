@@ -43,7 +43,7 @@ fn secret_refs(channel: &Channel) -> Vec<(&'static str, &SecretKeyRef)> {
 
 /// What a Channel's reference to a Secret key finds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum SecretRead {
+pub(super) enum SecretRead {
     /// No such Secret.
     NoSecret,
     /// The Secret exists but is not labelled for Disparo: its data is not looked at.
@@ -78,7 +78,7 @@ fn read_key(secret: Option<&Secret>, r: &SecretKeyRef) -> SecretRead {
 }
 
 /// Reads one Secret key (see [`read_key`]).
-async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRead> {
+pub(super) async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRead> {
     Ok(read_key(secrets.get_opt(&r.name).await?.as_ref(), r))
 }
 
@@ -223,6 +223,8 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     let windows = crate::store::rate::usage(&ctx.pool, &organization, &name).await?;
     let used = |k: WindowKind| windows.iter().find(|w| w.kind == k).map_or(0, |w| w.used);
     let pause = pauses::channel_pause(&ctx.pool, &organization, &name).await?;
+    let account =
+        super::account::observe(&channel, &ctx, &namespace, &organization, &name, old.account.as_ref()).await?;
     let condition = match (&not_ready, &pause) {
         (Some((reason, message)), _) => DesiredCondition::falsy(ConditionType::Ready, reason, message.clone()),
         (None, Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(
@@ -236,7 +238,12 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     };
     let status = ChannelStatus {
         observed_generation: channel.meta().generation,
-        conditions: merge_conditions(&old.conditions, &[condition], channel.meta().generation, &time::k8s(Utc::now())),
+        conditions: merge_conditions(
+            &old.conditions,
+            &[Some(condition), account.as_ref().map(|a| a.condition.clone())].into_iter().flatten().collect::<Vec<_>>(),
+            channel.meta().generation,
+            &time::k8s(Utc::now()),
+        ),
         usage: Some(WindowUsage {
             minute: used(WindowKind::Minute),
             hour: used(WindowKind::Hour),
@@ -255,7 +262,11 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
         },
         webhook_path: Some(format!("/webhooks/{}/{namespace}/{name}", channel.spec.provider)),
         last_resume_request: resume.or(old.last_resume_request.clone()),
+        account: account.as_ref().map(|a| a.status.clone()),
     };
+    if let Some(account) = &account {
+        announce_quality(&ctx, &channel, &old, &account.condition).await;
+    }
     if status != old {
         let api: Api<Channel> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = json!({"apiVersion": "disparo.io/v1alpha1", "kind": "Channel", "status": status});
@@ -267,6 +278,26 @@ pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Actio
     } else {
         RECHECK
     }))
+}
+
+/// A Warning Event when the number's quality drops, a Normal one when it recovers.
+async fn announce_quality(ctx: &Context, channel: &Channel, old: &ChannelStatus, now: &DesiredCondition) {
+    let was = crate::api::condition::find(&old.conditions, ConditionType::QualityDegraded)
+        .is_some_and(|c| c.status == "True");
+    match (was, now.status) {
+        (false, true) => publish(ctx, channel, EventType::Warning, "QualityDegraded", now.message.clone()).await,
+        (true, false) => {
+            publish(
+                ctx,
+                channel,
+                EventType::Normal,
+                "QualityRecovered",
+                "Meta lifted the number's quality flag".into(),
+            )
+            .await;
+        }
+        _ => {}
+    }
 }
 
 async fn publish(ctx: &Context, channel: &Channel, type_: EventType, reason: &str, note: String) {

@@ -63,6 +63,9 @@ pub struct Memory {
     pub campaign_stop: Option<String>,
     /// A person asked to resume in this reconcile (a new resume annotation).
     pub resume_requested: bool,
+    /// Meta's account signals hold the campaign back (a degraded number, its template
+    /// paused, a restriction) until they lift.
+    pub account_hold: Option<crate::account::Hold>,
 }
 
 /// The one next thing to do.
@@ -90,6 +93,8 @@ pub enum Step {
     PauseForFailures(String),
     /// Paused by the operator earlier (why), until a person resumes.
     HoldAutomaticPause(String),
+    /// Meta's signals hold the campaign back: pause until they lift.
+    AccountHold(crate::account::Hold),
     /// Check the audience and message, then freeze the audience.
     Preflight,
     /// Create the sending Job.
@@ -199,6 +204,9 @@ pub fn next_step(
     if !memory.audience_frozen {
         return Step::Preflight;
     }
+    if let Some(hold) = &memory.account_hold {
+        return Step::AccountHold(hold.clone());
+    }
     match job {
         None if unfinished(counters) || counters.is_none() => Step::CreateJob,
         None => Step::Complete,
@@ -273,6 +281,8 @@ mod tests {
             ("failing pods are reported", spec(), running(), ready.clone(), Some(JobView { pods_failing: Some("pod x: CreateContainerConfigError".into()), ..Default::default() }), Some(counters(5, 0, 0)), Step::PodsFailing("pod x: CreateContainerConfigError".into())),
             ("a failed campaign stays failed", spec(), failed_phase.clone(), ready.clone(), Some(failed.clone()), Some(counters(5, 5, 0)), Step::Nothing),
             ("a resumed failed campaign restarts", spec(), Memory { resume_requested: true, ..failed_phase.clone() }, ready.clone(), Some(failed.clone()), Some(counters(5, 5, 0)), Step::Restart),
+            ("Meta's hold pauses a running campaign", spec(), Memory { account_hold: Some(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() }), ..running() }, ready.clone(), Some(active.clone()), Some(counters(5, 5, 0)), Step::AccountHold(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() })),
+            ("a held campaign still completes when nothing is left", spec(), Memory { account_hold: Some(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() }), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(0, 10, 0)), Step::Complete),
             ("a resumed failed campaign with nothing left stays failed", spec(), Memory { resume_requested: true, ..failed_phase }, ready.clone(), Some(failed), Some(counters(0, 10, 0)), Step::Nothing),
         ];
         for (name, spec, memory, channel, job, counters, expected) in cases {

@@ -158,6 +158,8 @@ pub fn send_config(
         rate_limits: channel.spec.rate_limits.clone(),
         block_size: settings.block_size,
         request_timeout_millis: settings.request_timeout_millis,
+        portfolio: channel.spec.meta.as_ref().and_then(|m| m.business_portfolio.clone()),
+        quality_policy: channel.spec.quality_policy,
     })
 }
 

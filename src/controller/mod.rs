@@ -3,8 +3,10 @@
 //! only the replica holding the Lease reconciles. `/metrics`, `/healthz` and `/readyz`
 //! are served beside them.
 
+mod account;
 pub mod campaign;
 pub mod channel;
+mod cost;
 pub mod decide;
 pub mod job;
 pub mod leader;
@@ -42,10 +44,10 @@ use crate::api::{Campaign, Channel};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The Kubernetes API refused or failed.
-    #[error("kubernetes: {0}")]
+    #[error("kubernetes API")]
     Kube(#[from] kube::Error),
     /// Postgres failed.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] crate::store::Error),
     /// An object lacks a field the API server always sets.
     #[error("object has no {0}")]
@@ -57,7 +59,7 @@ pub enum Error {
     #[error("invalid campaign: {0}")]
     InvalidCampaign(String),
     /// The finalizer machinery failed.
-    #[error("finalizer: {0}")]
+    #[error("finalizer")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
@@ -113,6 +115,11 @@ pub struct Context {
     pub database_url: String,
     /// Serializes provisioning of organizations' roles and Secrets.
     pub tenancy: tokio::sync::Mutex<()>,
+    /// Where the rate card is (see [`ControllerArgs::rate_card`]).
+    pub rate_card: Option<std::path::PathBuf>,
+    /// When each campaign's cost was last computed: a grouping over its delivered
+    /// messages, done every [`cost::EVERY`] rather than at every status refresh.
+    pub costed_at: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, std::time::Instant>>,
 }
 
 /// Errors a retry may cure requeue soon; the others (reported on the object as a
@@ -120,7 +127,7 @@ pub struct Context {
 /// when the object changes. Both kinds are counted by cause.
 fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
     let kind = std::any::type_name::<K>().rsplit("::").next().unwrap_or("object");
-    warn!(%error, retryable = error.is_retryable(), name = %object.name_any(), namespace = ?object.namespace(), "reconcile failed");
+    warn!(error = %crate::telemetry::chain(error), retryable = error.is_retryable(), name = %object.name_any(), namespace = ?object.namespace(), "reconcile failed");
     ctx.metrics
         .failures
         .get_or_create(&metrics::ErrorLabels { kind: kind.to_owned(), error: error.metric_label().to_owned() })
@@ -169,6 +176,10 @@ pub struct ControllerArgs {
     /// Apply migrations at start.
     #[arg(long, env = "DISPARO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
+    /// The rate card campaigns' costs are estimated with (YAML: version, currency,
+    /// rates by category and calling code; the chart mounts it from a ConfigMap).
+    #[arg(long, env = "DISPARO_RATE_CARD")]
+    pub rate_card: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone)]
@@ -263,6 +274,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
         .context("building the HTTP client")?,
         database_url: args.database_url.clone(),
         tenancy: tokio::sync::Mutex::new(()),
+        rate_card: args.rate_card.clone(),
+        costed_at: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
     let stop = {
         let shutdown = shutdown.clone();

@@ -20,11 +20,20 @@ pub async fn channel(
     namespace: &str,
     organization: &str,
     name: &str,
+    counts_in_budget: bool,
 ) -> Result<(ChannelView, Option<Channel>)> {
     let api: Api<Channel> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(channel) = api.get_opt(name).await? else { return Ok((ChannelView::Missing, None)) };
     let ready = channel.status.as_ref().and_then(|s| find(&s.conditions, ConditionType::Ready).cloned());
     let pause = pauses::channel_pause(&ctx.pool, organization, name).await?;
+    // A template counts in the portfolio's 24 h messaging limit; a spent one rate-limits
+    // the campaign like a spent window of the channel.
+    let budget_spent_until = match channel.spec.meta.as_ref().and_then(|m| m.business_portfolio.as_ref()) {
+        Some(_) if counts_in_budget => {
+            crate::store::account::account(&ctx.pool, organization, name).await?.budget_spent_until
+        }
+        _ => None,
+    };
     let view = match (pause, ready) {
         // A refusal shows on the Channel's Ready condition too; the campaign names it.
         (Some(ChannelPause::ProviderRefused { code, message }), _) => ChannelView::Stopped(format!(
@@ -34,8 +43,10 @@ pub async fn channel(
         (_, Some(c)) if c.status != "True" => {
             ChannelView::NotReady(format!("channel {name:?} is not ready: {}", c.message))
         }
-        (Some(ChannelPause::WindowSpent { until }), _) => ChannelView::RateLimited(until),
-        (None, _) => ChannelView::Ready,
+        (Some(ChannelPause::WindowSpent { until }), _) => {
+            ChannelView::RateLimited(budget_spent_until.map_or(until, |b| b.max(until)))
+        }
+        (None, _) => budget_spent_until.map_or(ChannelView::Ready, ChannelView::RateLimited),
     };
     Ok((view, Some(channel)))
 }

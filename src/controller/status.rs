@@ -19,6 +19,8 @@ pub fn message_counts(c: &Counters) -> MessageCounts {
         unknown: c.unknown,
         skipped: c.skipped,
         cancelled: c.cancelled,
+        // Counted apart by the caller (a partial index, not a counter).
+        marketing_limited: 0,
     }
 }
 

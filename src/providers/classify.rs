@@ -35,7 +35,9 @@ const fn wait(code: i64, title: &'static str, http_status: u16, class: ErrorClas
     MetaCode { code, title, http_status, class, retry_after: Some(Duration::from_secs(secs)) }
 }
 
-use ErrorClass::{Permanent, RateLimitedChannel, RateLimitedRecipient, Retryable, StopCampaign, StopChannel};
+use ErrorClass::{
+    MarketingLimited, Permanent, RateLimitedChannel, RateLimitedRecipient, Retryable, StopCampaign, StopChannel,
+};
 
 /// Meta's codes (docs/providers.md A2), except the 200–299 permission range, which
 /// [`meta_code`] answers for.
@@ -72,8 +74,8 @@ pub const META_CODES: &[MetaCode] = &[
     row(131047, "Re-engagement message", 400, Permanent),
     // Spam/quality limit: a long pause (and an alert), not a failure of the message.
     wait(131048, "Spam rate limit hit", 400, RateLimitedChannel, 3600),
-    // Permanent for this run; Meta advises no new attempt sooner than 24 h.
-    wait(131049, "Meta chose not to deliver", 400, Permanent, 24 * 3600),
+    // Not a failure: Meta advises no new attempt sooner than 24 h, then longer ones.
+    wait(131049, "Meta chose not to deliver", 400, MarketingLimited, 24 * 3600),
     row(131050, "User has stopped marketing messages", 400, Permanent),
     row(131051, "Unsupported message type", 400, Permanent),
     row(131052, "Media download error", 400, Permanent),
@@ -347,7 +349,7 @@ mod tests {
         (131045, StopChannel),
         (131047, Permanent),
         (131048, RateLimitedChannel),
-        (131049, Permanent),
+        (131049, MarketingLimited),
         (131050, Permanent),
         (131051, Permanent),
         (131052, Permanent),

@@ -19,7 +19,39 @@ pub struct MetaClient {
     http: reqwest::Client,
     /// `{base}/{version}/{phone_number_id}/messages`, built once.
     endpoint: String,
+    /// `{base}/{version}/{phone_number_id}`: the number's own node.
+    number_url: String,
     token: Secret,
+}
+
+/// The fields of a phone number node the controller reads (docs/providers.md,
+/// "Account health signals").
+pub const HEALTH_FIELDS: &str =
+    "whatsapp_business_manager_messaging_limit,quality_rating,throughput,display_phone_number";
+
+/// What the Graph API says of a number.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct NumberHealth {
+    /// The portfolio's messaging limit tier, e.g. `TIER_2K`.
+    #[serde(default)]
+    pub whatsapp_business_manager_messaging_limit: Option<String>,
+    /// GREEN, YELLOW, RED or UNKNOWN.
+    #[serde(default)]
+    pub quality_rating: Option<String>,
+    /// The number's throughput.
+    #[serde(default)]
+    pub throughput: Option<Throughput>,
+    /// The number as Meta shows it.
+    #[serde(default)]
+    pub display_phone_number: Option<String>,
+}
+
+/// `throughput` of a phone number node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct Throughput {
+    /// STANDARD or HIGH.
+    #[serde(default)]
+    pub level: Option<String>,
 }
 
 impl MetaClient {
@@ -35,7 +67,31 @@ impl MetaClient {
         token: Secret,
     ) -> Self {
         let endpoint = transport::endpoint(&base_url, &[&api_version, &phone_number_id, "messages"]);
-        MetaClient { http, endpoint, token }
+        let number_url = transport::endpoint(&base_url, &[&api_version, &phone_number_id]);
+        MetaClient { http, endpoint, number_url, token }
+    }
+
+    /// Reads the number's messaging limit tier, quality rating and throughput
+    /// (`GET /{phone-number-id}?fields=...`).
+    pub async fn number_health(&self) -> super::Result<NumberHealth> {
+        let url = format!("{}?fields={HEALTH_FIELDS}", self.number_url);
+        let request = self.http.get(url).bearer_auth(self.token.expose());
+        let reply = transport::exchange(request)
+            .await
+            .map_err(|failure| super::Error::Transport { provider: Provider::Meta, source: failure.source })?;
+        if !reply.is_success() {
+            return Err(match MetaWire.rejection(reply.status, &reply.body) {
+                Answer::Refused(error) => super::Error::Rejected { provider: Provider::Meta, error },
+                Answer::Inconclusive(reason) => {
+                    super::Error::UnexpectedResponse { provider: Provider::Meta, status: reply.status, reason }
+                }
+            });
+        }
+        serde_json::from_slice(&reply.body).map_err(|e| super::Error::UnexpectedResponse {
+            provider: Provider::Meta,
+            status: reply.status,
+            reason: e.to_string(),
+        })
     }
 
     /// The URL messages are posted to (no credentials in it).

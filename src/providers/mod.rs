@@ -192,6 +192,10 @@ pub enum ErrorClass {
     /// the campaign would fail the same way, other campaigns of the channel are fine.
     /// Stop the campaign, never the channel.
     StopCampaign,
+    /// Meta withheld this marketing message under its per-user limit across all
+    /// businesses (131049): not a failure; try this recipient again after growing
+    /// delays of a day or more (`account::marketing_requeue_at`).
+    MarketingLimited,
 }
 
 impl ErrorClass {
@@ -204,6 +208,7 @@ impl ErrorClass {
             ErrorClass::Permanent => "permanent",
             ErrorClass::StopChannel => "stop_channel",
             ErrorClass::StopCampaign => "stop_campaign",
+            ErrorClass::MarketingLimited => "marketing_limited",
         }
     }
 }

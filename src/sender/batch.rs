@@ -19,7 +19,8 @@ use super::decide::{Effect, decide};
 use super::metrics::SenderMetrics;
 use super::render::{ContactView, render};
 use super::{Error, Result};
-use crate::api::RateLimitMode;
+use crate::account;
+use crate::api::{QualityPolicy, RateLimitMode, TemplateCategory};
 use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
 use crate::store::{self, messages, pauses, rate};
 
@@ -35,6 +36,9 @@ pub enum MessageTemplate {
         language: String,
         /// Body parameters.
         body_parameters: Vec<String>,
+        /// Meta's category of the template.
+        #[serde(default)]
+        category: TemplateCategory,
     },
     /// Plain text that may use contact variables.
     Text(String),
@@ -49,9 +53,26 @@ impl MessageTemplate {
                 name: t.name.clone(),
                 language: t.language.clone(),
                 body_parameters: t.body_parameters.iter().map(|p| p.0.clone()).collect(),
+                category: t.category,
             }),
             (None, Some(text)) => Some(MessageTemplate::Text(text.clone())),
             (None, None) => None,
+        }
+    }
+
+    /// The template's category; None for a text message (not business-initiated).
+    pub fn category(&self) -> Option<TemplateCategory> {
+        match self {
+            MessageTemplate::Template { category, .. } => Some(*category),
+            MessageTemplate::Text(_) => None,
+        }
+    }
+
+    /// The template's name and language, if a template.
+    pub fn template_key(&self) -> Option<(&str, &str)> {
+        match self {
+            MessageTemplate::Template { name, language, .. } => Some((name, language)),
+            MessageTemplate::Text(_) => None,
         }
     }
 
@@ -85,6 +106,17 @@ pub struct BatchJob {
     pub block_size: u32,
     /// Blocks in flight at once.
     pub lanes: u32,
+    /// What Meta's account signals mean for this batch (Meta channels only).
+    pub account: Option<AccountSettings>,
+}
+
+/// How a Meta channel's account signals apply to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountSettings {
+    /// The portfolio whose 24 h unique-recipient budget templates count in.
+    pub portfolio: Option<String>,
+    /// What a degraded quality does to marketing messages.
+    pub quality_policy: QualityPolicy,
 }
 
 /// How a batch ended.
@@ -101,6 +133,9 @@ pub enum BatchEnd {
     CampaignStopped(String),
     /// Asked to stop (SIGTERM): unfinished messages stay for a later run.
     Interrupted,
+    /// Meta's account signals hold the campaign back (a degraded number, a paused
+    /// template, a restriction): the controller pauses it until they lift (why).
+    Held(String),
 }
 
 /// Tokens are not spent this close to the end of their window, so a request in flight
@@ -121,7 +156,7 @@ fn render_content(
     contact: &ContactView<'_>,
 ) -> std::result::Result<Content, super::render::RenderError> {
     Ok(match template {
-        MessageTemplate::Template { name, language, body_parameters } => Content::Template {
+        MessageTemplate::Template { name, language, body_parameters, .. } => Content::Template {
             name: name.clone(),
             language: language.clone(),
             body_parameters: body_parameters
@@ -285,16 +320,17 @@ enum Look {
 /// Looks at what other parts of the system decided: a channel pause (by a sender or a
 /// person), a stop of this campaign, a cancel, and the channel's current caps (an edited
 /// Channel reaches running senders here).
-async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown: &CancellationToken) -> Result<Look> {
+async fn look(pool: &PgPool, job: &BatchJob, caps: &mut Caps, shutdown: &CancellationToken) -> Result<Look> {
     let state =
         retrying("reading the send state", || pauses::send_state(pool, &job.organization, &job.channel, job.campaign))
             .await?;
     if let Some(new) = state.limits
-        && new != *limits
+        && new != caps.channel
     {
         info!(?new, "the channel's caps changed; using them from now on");
-        *limits = new;
+        caps.channel = new;
     }
+    caps.in_force = caps.channel;
     if state.cancelled {
         // Nothing more is claimed for a cancelled campaign; what is pending was cancelled.
         return Ok(Look::End(BatchEnd::Done));
@@ -303,7 +339,10 @@ async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown
         return Ok(Look::End(BatchEnd::CampaignStopped(format!("provider error {code}: {message}"))));
     }
     match state.channel_pause {
-        None => Ok(Look::Go),
+        None => match &job.account {
+            Some(settings) => look_at_account(pool, job, settings, caps, shutdown).await,
+            None => Ok(Look::Go),
+        },
         Some(pauses::ChannelPause::ProviderRefused { code, message }) => {
             Ok(Look::End(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))))
         }
@@ -315,6 +354,82 @@ async fn look(pool: &PgPool, job: &BatchJob, limits: &mut rate::Limits, shutdown
             Ok(if sleep_until(until, shutdown).await { Look::Again } else { Look::End(BatchEnd::Interrupted) })
         }
     }
+}
+
+/// The caps a lane keeps: the channel's, and those in force (the channel's, slowed
+/// while a degraded number's policy says so).
+struct Caps {
+    channel: rate::Limits,
+    in_force: rate::Limits,
+}
+
+/// Waits in place for a hold that ends within [`WAIT_IN_PLACE`], or ends the lane.
+async fn wait_or_end(until: DateTime<Utc>, end: BatchEnd, shutdown: &CancellationToken) -> Look {
+    if until - Utc::now() > WAIT_IN_PLACE {
+        return Look::End(end);
+    }
+    if sleep_until(until, shutdown).await { Look::Again } else { Look::End(BatchEnd::Interrupted) }
+}
+
+/// Looks at what Meta said of the account (docs/providers.md, "Account health
+/// signals"): a hold ends the lane, a spent portfolio budget rate-limits it, a degraded
+/// number under the `Slow` policy halves the caps.
+async fn look_at_account(
+    pool: &PgPool,
+    job: &BatchJob,
+    settings: &AccountSettings,
+    caps: &mut Caps,
+    shutdown: &CancellationToken,
+) -> Result<Look> {
+    let (view, signals) = retrying("reading the account's signals", || {
+        store::account::signals(pool, &job.organization, &job.channel, job.message.template_key())
+    })
+    .await?;
+    let category = job.message.category();
+    if let Some(hold) = account::hold(&signals, settings.quality_policy, category, Utc::now()) {
+        info!(reason = hold.reason(), "Meta's signals hold the campaign back");
+        return Ok(match hold.until() {
+            Some(until) => wait_or_end(until, BatchEnd::Held(hold.message()), shutdown).await,
+            None => Look::End(BatchEnd::Held(hold.message())),
+        });
+    }
+    if category.is_some()
+        && settings.portfolio.is_some()
+        && let Some(until) = view.budget_spent_until
+    {
+        info!(%until, "the portfolio's 24 h messaging limit is spent; waiting");
+        return Ok(wait_or_end(until, BatchEnd::RateLimited(until), shutdown).await);
+    }
+    if account::slows_down(&signals, settings.quality_policy, category) {
+        caps.in_force = account::slowed(&caps.channel);
+    }
+    Ok(Look::Go)
+}
+
+/// Counts the block's recipients in the portfolio's 24 h unique-recipient budget
+/// (templates on a channel that names its portfolio). Returns the messages admitted, the
+/// requeues of the others, and when the budget has room again if some were refused.
+async fn admit_to_budget(
+    pool: &PgPool,
+    job: &BatchJob,
+    claimed: Vec<messages::ClaimedMessage>,
+) -> Result<(Vec<messages::ClaimedMessage>, Vec<(i64, messages::Outcome)>, Option<DateTime<Utc>>)> {
+    let Some(portfolio) = job.account.as_ref().and_then(|a| a.portfolio.as_deref()) else {
+        return Ok((claimed, Vec::new(), None));
+    };
+    if job.message.category().is_none() || claimed.is_empty() {
+        return Ok((claimed, Vec::new(), None));
+    }
+    let recipients: Vec<&str> = claimed.iter().map(|m| m.phone.as_str()).collect();
+    let admission = retrying("counting recipients in the messaging limit", || {
+        store::account::admit(pool, &job.organization, portfolio, &recipients)
+    })
+    .await?;
+    let Some(until) = admission.blocked_until else { return Ok((claimed, Vec::new(), None)) };
+    let (admitted, refused): (Vec<_>, Vec<_>) =
+        claimed.into_iter().zip(admission.admitted).partition(|(_, admitted)| *admitted);
+    let requeues = refused.into_iter().map(|(m, _)| (m.id, messages::Outcome::Requeue { at: until })).collect();
+    Ok((admitted.into_iter().map(|(m, _)| m).collect(), requeues, Some(until)))
 }
 
 /// Runs a store operation, retrying transient failures (connection lost, Postgres
@@ -334,7 +449,7 @@ where
         match op().await {
             Ok(value) => return Ok(value),
             Err(error) if error.is_transient() && std::time::Instant::now() < give_up => {
-                warn!(%error, what, retry_in = ?delay, "Postgres failed; retrying");
+                warn!(error = %crate::telemetry::chain(&error), what, retry_in = ?delay, "Postgres failed; retrying");
                 // Shutdown does not cut this short: an outcome must be recorded before
                 // the process exits, or its message would be left `sending`.
                 tokio::time::sleep(delay).await;
@@ -358,7 +473,7 @@ async fn send_blocks(
     run_id: &str,
     usage: &mut UsageTally,
 ) -> Result<BatchEnd> {
-    let mut limits = job.limits;
+    let mut caps = Caps { channel: job.limits, in_force: job.limits };
     let mut looked_at: Option<std::time::Instant> = None;
     loop {
         if shutdown.is_cancelled() {
@@ -366,7 +481,7 @@ async fn send_blocks(
         }
         if looked_at.is_none_or(|at| at.elapsed() >= PAUSE_CHECK_EVERY) {
             looked_at = Some(std::time::Instant::now());
-            match look(pool, job, &mut limits, shutdown).await? {
+            match look(pool, job, &mut caps, shutdown).await? {
                 Look::Go => {}
                 Look::Again => {
                     looked_at = None;
@@ -375,11 +490,34 @@ async fn send_blocks(
                 Look::End(end) => return Ok(end),
             }
         }
-        let (reservation, claimed) = match take_block(pool, job, &limits, metrics, shutdown, usage).await? {
+        let (reservation, claimed) = match take_block(pool, job, &caps.in_force, metrics, shutdown, usage).await? {
             Taken::Block(reservation, claimed) => (reservation, claimed),
             Taken::Again => continue,
             Taken::End(end) => return Ok(end),
         };
+        let (claimed, over_budget, budget_until) = admit_to_budget(pool, job, claimed).await?;
+        if !over_budget.is_empty() {
+            let unused = over_budget.len() as u32;
+            retrying("putting back messages over the messaging limit", || {
+                messages::record_outcomes(pool, &over_budget, run_id)
+            })
+            .await?;
+            retrying("giving back tokens", || {
+                rate::release(pool, &job.organization, &job.channel, &reservation, unused)
+            })
+            .await?;
+        }
+        if claimed.is_empty() {
+            if let Some(until) = budget_until {
+                metrics.rate_limit_waits.inc();
+                info!(%until, "the portfolio's 24 h messaging limit is spent");
+                match wait_or_end(until, BatchEnd::RateLimited(until), shutdown).await {
+                    Look::End(end) => return Ok(end),
+                    Look::Go | Look::Again => looked_at = None,
+                }
+            }
+            continue;
+        }
         let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
         let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
         retrying("recording outcomes", || messages::record_outcomes(pool, &outcomes, run_id)).await?;
@@ -545,8 +683,14 @@ async fn send_one(
     let started = std::time::Instant::now();
     let answer = client.send(&outbound).await;
     metrics.provider_latency.observe(started.elapsed().as_secs_f64());
-    let (outcome, effect) =
-        decide(&answer, message.attempts.max(1) as u32, &job.backoff, Utc::now(), rand::random::<f64>());
+    let (outcome, effect) = decide(
+        &answer,
+        message.attempts.max(1) as u32,
+        message.marketing_requeues,
+        &job.backoff,
+        Utc::now(),
+        rand::random::<f64>(),
+    );
     let code = match &answer {
         SendOutcome::Rejected(e) => e.code.as_str(),
         _ => "",
@@ -596,6 +740,7 @@ fn outcome_label(outcome: &messages::Outcome) -> &'static str {
         messages::Outcome::Sent { .. } => "sent",
         messages::Outcome::RetryAt { .. } => "retry",
         messages::Outcome::Requeue { .. } => "requeued",
+        messages::Outcome::MarketingHeld { .. } => "marketing_limited",
         messages::Outcome::Failed { .. } => "failed",
         messages::Outcome::Unknown { .. } => "unknown",
     }

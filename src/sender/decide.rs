@@ -40,10 +40,13 @@ const DEFAULT_CHANNEL_BACKOFF: Duration = Duration::from_secs(10);
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Maps one answer to the outcome to record and the effect on the batch. `attempt` is
-/// the attempt that just ran (1-based); `unit` is a random number in [0, 1) for jitter.
+/// the attempt that just ran (1-based); `marketing_requeues` how often Meta's per-user
+/// marketing limit put the message back before; `unit` is a random number in [0, 1)
+/// for jitter.
 pub fn decide(
     answer: &SendOutcome,
     attempt: u32,
+    marketing_requeues: i16,
     backoff: &Backoff,
     now: DateTime<Utc>,
     unit: f64,
@@ -93,6 +96,20 @@ pub fn decide(
                     (Outcome::Failed { code: error.code.clone(), message: error.message.clone() }, Effect::Continue)
                 }
             }
+            ErrorClass::MarketingLimited => match crate::account::marketing_requeue_at(marketing_requeues, now) {
+                Some(at) => (Outcome::MarketingHeld { at, message: error.message.clone() }, Effect::Continue),
+                None => (
+                    Outcome::Failed {
+                        code: error.code.clone(),
+                        message: format!(
+                            "{} (withheld by Meta's per-user marketing limit {} times)",
+                            error.message,
+                            crate::account::MARKETING_REQUEUES + 1
+                        ),
+                    },
+                    Effect::Continue,
+                ),
+            },
             ErrorClass::StopChannel => (
                 Outcome::Requeue { at: now },
                 Effect::StopChannel { code: error.code.clone(), message: error.message.clone() },
@@ -126,7 +143,7 @@ mod tests {
     #[test]
     fn accepted_is_sent_with_its_id() {
         let (o, e) =
-            decide(&SendOutcome::Accepted { provider_message_id: "wamid.1".into() }, 1, &backoff(), now(), 0.5);
+            decide(&SendOutcome::Accepted { provider_message_id: "wamid.1".into() }, 1, 0, &backoff(), now(), 0.5);
         assert_eq!(o, Outcome::Sent { provider_message_id: "wamid.1".into() });
         assert_eq!(e, Effect::Continue);
     }
@@ -136,6 +153,7 @@ mod tests {
         let retry_at = |attempt: u32, unit: f64| match decide(
             &rejected(ErrorClass::Retryable, "131000"),
             attempt,
+            0,
             &backoff(),
             now(),
             unit,
@@ -166,41 +184,53 @@ mod tests {
             message: "m".into(),
             retry_after: Some(Duration::from_secs(60)),
         });
-        let (o, _) = decide(&answer, 3, &backoff(), now(), 0.9);
+        let (o, _) = decide(&answer, 3, 0, &backoff(), now(), 0.9);
         assert!(matches!(o, Outcome::RetryAt { at, .. } if at == now() + chrono::Duration::seconds(60)), "{o:?}");
     }
 
     #[test]
     fn permanent_errors_fail_at_once() {
-        let (o, _) = decide(&rejected(ErrorClass::Permanent, "131026"), 1, &backoff(), now(), 0.0);
+        let (o, _) = decide(&rejected(ErrorClass::Permanent, "131026"), 1, 0, &backoff(), now(), 0.0);
         assert!(matches!(o, Outcome::Failed { ref code, .. } if code == "131026"));
     }
 
     #[test]
     fn channel_limits_requeue_without_spending_an_attempt() {
-        let (o, e) = decide(&rejected(ErrorClass::RateLimitedChannel, "130429"), 1, &backoff(), now(), 0.0);
+        let (o, e) = decide(&rejected(ErrorClass::RateLimitedChannel, "130429"), 1, 0, &backoff(), now(), 0.0);
         assert_eq!(o, Outcome::Requeue { at: now() + chrono::Duration::seconds(10) });
         assert_eq!(e, Effect::SlowDown(Duration::from_secs(10)));
     }
 
     #[test]
     fn stop_the_channel_requeues_and_stops() {
-        let (o, e) = decide(&rejected(ErrorClass::StopChannel, "190"), 1, &backoff(), now(), 0.0);
+        let (o, e) = decide(&rejected(ErrorClass::StopChannel, "190"), 1, 0, &backoff(), now(), 0.0);
         assert_eq!(o, Outcome::Requeue { at: now() });
         assert!(matches!(e, Effect::StopChannel { ref code, .. } if code == "190"));
     }
 
     #[test]
     fn stop_the_campaign_requeues_and_stops_only_the_campaign() {
-        let (o, e) = decide(&rejected(ErrorClass::StopCampaign, "132015"), 1, &backoff(), now(), 0.0);
+        let (o, e) = decide(&rejected(ErrorClass::StopCampaign, "132015"), 1, 0, &backoff(), now(), 0.0);
         assert_eq!(o, Outcome::Requeue { at: now() });
         assert!(matches!(e, Effect::StopCampaign { ref code, .. } if code == "132015"), "{e:?}");
     }
 
     #[test]
     fn unknown_is_never_retried() {
-        let (o, _) = decide(&SendOutcome::Unknown { reason: "timeout".into() }, 1, &backoff(), now(), 0.0);
+        let (o, _) = decide(&SendOutcome::Unknown { reason: "timeout".into() }, 1, 0, &backoff(), now(), 0.0);
         assert_eq!(o, Outcome::Unknown { reason: "timeout".into() });
+    }
+
+    #[test]
+    fn the_marketing_limit_requeues_after_growing_delays_then_fails() {
+        let held =
+            |requeues| decide(&rejected(ErrorClass::MarketingLimited, "131049"), 4, requeues, &backoff(), now(), 0.0);
+        assert!(
+            matches!(held(0), (Outcome::MarketingHeld { at, .. }, Effect::Continue) if at == now() + chrono::Duration::hours(24)),
+            "131049 is not a failure and spends no attempt, even past the retry limit"
+        );
+        assert!(matches!(held(2), (Outcome::MarketingHeld { at, .. }, _) if at == now() + chrono::Duration::hours(96)));
+        assert!(matches!(held(3), (Outcome::Failed { code, .. }, _) if code == "131049"));
     }
 
     #[test]
@@ -215,7 +245,7 @@ mod tests {
                     message: "m".into(),
                     retry_after: wait,
                 });
-                let (o, e) = decide(&answer, 1, &backoff(), now(), 0.0);
+                let (o, e) = decide(&answer, 1, 0, &backoff(), now(), 0.0);
                 let at = match o {
                     Outcome::RetryAt { at, .. } | Outcome::Requeue { at } => at,
                     other => panic!("{class:?}: {other:?}"),

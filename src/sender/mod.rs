@@ -33,8 +33,8 @@ use crate::providers::ProviderClient;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Postgres failed.
-    #[error("store: {0}")]
-    Store(crate::store::Error),
+    #[error("store")]
+    Store(#[source] crate::store::Error),
 }
 
 /// Result alias of the sender.
@@ -135,6 +135,12 @@ pub struct SendConfig {
     pub block_size: u32,
     /// Provider request timeout in milliseconds.
     pub request_timeout_millis: u64,
+    /// The Meta channel's business portfolio, whose messaging limit templates count in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub portfolio: Option<String>,
+    /// What the Channel's marketing campaigns do while its quality is degraded.
+    #[serde(default)]
+    pub quality_policy: crate::api::QualityPolicy,
 }
 
 /// Arguments of `disparo send`.
@@ -202,6 +208,10 @@ impl SendConfig {
             limits: crate::store::rate::Limits::effective(self.target.provider(), &self.rate_limits),
             block_size: self.block_size.max(1),
             lanes: lanes_for(&crate::store::rate::Limits::effective(self.target.provider(), &self.rate_limits)),
+            account: matches!(self.target, ProviderTarget::Meta { .. }).then(|| batch::AccountSettings {
+                portfolio: self.portfolio.clone(),
+                quality_policy: self.quality_policy,
+            }),
         }
     }
 }
@@ -244,6 +254,10 @@ pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<
             BatchEnd::CampaignStopped(reason) => {
                 error!(%reason, "the provider refused this campaign's message; a person must act");
                 EXIT_CAMPAIGN_STOPPED
+            }
+            BatchEnd::Held(reason) => {
+                info!(%reason, "Meta's signals hold the campaign; exiting for the controller to pause it");
+                EXIT_RATE_LIMITED
             }
             BatchEnd::Interrupted => {
                 info!("interrupted; unfinished messages stay pending for a later run");

@@ -330,3 +330,13 @@ mod tests {
         assert!(AudienceQuery::from_spec(&two).is_err());
     }
 }
+
+/// The selected contacts by the first three digits of their number (for a cost estimate
+/// with the rate card).
+pub async fn size_by_prefix(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<Vec<(String, i64)>> {
+    let source = resolve_source(pool, organization, audience).await?;
+    let mut qb = QueryBuilder::new("SELECT substr(x.phone, 2, 3), count(*) FROM contacts x WHERE x.id IN (");
+    push_selection(&mut qb, organization, audience, source);
+    qb.push(") GROUP BY 1");
+    Ok(qb.build_query_as().fetch_all(pool).await?)
+}

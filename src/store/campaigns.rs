@@ -157,3 +157,30 @@ pub async fn is_cancelled(pool: &PgPool, campaign: Uuid) -> Result<bool> {
         .await?;
     Ok(row.is_some_and(|(cancelled,)| cancelled))
 }
+
+/// The campaign's delivered messages Meta charges for (`pricing.type` `regular`), by
+/// pricing category and the first three digits of the recipient's number (enough for
+/// any country calling code), for the rate card to price.
+pub async fn billable_by_prefix(pool: &PgPool, campaign: Uuid) -> Result<Vec<(String, String, i64)>> {
+    Ok(sqlx::query_as(
+        r#"SELECT m.pricing_category, substr(c.phone, 2, 3), count(*)
+           FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id
+           WHERE m.campaign_uid = $1 AND m.pricing_type = 'regular' AND m.pricing_category IS NOT NULL
+             AND m.status IN ('delivered', 'read')
+           GROUP BY 1, 2"#,
+    )
+    .bind(campaign)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Messages waiting again because Meta's per-user marketing limit withheld them (131049).
+pub async fn marketing_limited(pool: &PgPool, campaign: Uuid) -> Result<i64> {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM campaign_messages WHERE campaign_uid = $1 AND marketing_requeues > 0 AND status = 'pending'",
+    )
+    .bind(campaign)
+    .fetch_one(pool)
+    .await?;
+    Ok(n)
+}

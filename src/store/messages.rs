@@ -35,6 +35,8 @@ pub struct ClaimedMessage {
     pub name: Option<String>,
     /// Contact attributes.
     pub attributes: Value,
+    /// Times Meta's per-user marketing limit (131049) put it back already.
+    pub marketing_requeues: i16,
 }
 
 /// Claims up to `limit` due pending messages of one batch and marks them `sending`
@@ -70,9 +72,9 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) ->
                     ELSE m.status_history END
             FROM due, contacts c
             WHERE m.id = due.id AND c.id = m.contact_id
-            RETURNING m.id, m.attempts, NOT c.opted_out AS sendable, c.phone, c.name, c.attributes
+            RETURNING m.id, m.attempts, NOT c.opted_out AS sendable, c.phone, c.name, c.attributes, m.marketing_requeues
         )
-        SELECT id, attempts, phone, name, attributes
+        SELECT id, attempts, phone, name, attributes, marketing_requeues
         FROM marked WHERE sendable
         ORDER BY id
         "#,
@@ -108,6 +110,14 @@ pub enum Outcome {
         /// When to try again.
         at: DateTime<Utc>,
     },
+    /// Meta withheld it under its per-user marketing limit (131049): back to pending
+    /// until `at`, without spending an attempt, counted as a marketing requeue.
+    MarketingHeld {
+        /// When to try again (see `account::marketing_requeue_at`).
+        at: DateTime<Utc>,
+        /// What Meta said.
+        message: String,
+    },
     /// Failed for good.
     Failed {
         /// Error code (provider code, or `render`, `max_attempts`, ...).
@@ -126,12 +136,16 @@ impl Outcome {
     fn status(&self) -> &'static str {
         match self {
             Outcome::Sent { .. } => "sent",
-            Outcome::RetryAt { .. } | Outcome::Requeue { .. } => "pending",
+            Outcome::RetryAt { .. } | Outcome::Requeue { .. } | Outcome::MarketingHeld { .. } => "pending",
             Outcome::Failed { .. } => "failed",
             Outcome::Unknown { .. } => "unknown",
         }
     }
 }
+
+/// The error code of Meta's per-user marketing limit (docs/providers.md, "Per-user
+/// marketing limit").
+pub const MARKETING_LIMIT_CODE: &str = "131049";
 
 /// Records the outcomes of a block of attempts in one statement. Only messages still
 /// `sending` move (a webhook may already have moved one further: it wins). Each gets
@@ -159,6 +173,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     let mut messages: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
     let mut next_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(outcomes.len());
     let mut refund: Vec<bool> = Vec::with_capacity(outcomes.len());
+    let mut marketing: Vec<bool> = Vec::with_capacity(outcomes.len());
     for (id, outcome) in outcomes {
         ids.push(*id);
         statuses.push(outcome.status());
@@ -168,6 +183,9 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
                 (None, Some(code.clone()), Some(message.clone()), Some(*at), false)
             }
             Outcome::Requeue { at } => (None, None, None, Some(*at), true),
+            Outcome::MarketingHeld { at, message } => {
+                (None, Some(MARKETING_LIMIT_CODE.to_owned()), Some(message.clone()), Some(*at), true)
+            }
             Outcome::Failed { code, message } => (None, Some(code.clone()), Some(message.clone()), None, false),
             Outcome::Unknown { reason } => (None, Some("unknown".to_owned()), Some(reason.clone()), None, false),
         };
@@ -176,6 +194,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         messages.push(msg);
         next_at.push(at);
         refund.push(give_back);
+        marketing.push(matches!(outcome, Outcome::MarketingHeld { .. }));
     }
     let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
     let result = sqlx::query(
@@ -193,9 +212,9 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
             FOR SHARE
         ), v AS (
             SELECT v.id, CASE WHEN v.status = 'pending' AND k.cancelled THEN 'cancelled' ELSE v.status END AS status,
-                   v.provider_id, v.code, v.message, v.next_at, v.refund
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[])
-                 AS v(id, status, provider_id, code, message, next_at, refund)
+                   v.provider_id, v.code, v.message, v.next_at, v.refund, v.marketing
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $10::bool[])
+                 AS v(id, status, provider_id, code, message, next_at, refund, marketing)
             JOIN locked l ON l.id = v.id
             LEFT JOIN campaign k ON k.uid = l.campaign_uid
         )
@@ -206,6 +225,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
             last_error_message = CASE WHEN v.code IS NULL THEN m.last_error_message ELSE v.message END,
             next_attempt_at = coalesce(v.next_at, m.next_attempt_at),
             attempts = CASE WHEN v.refund THEN m.attempts - 1 ELSE m.attempts END,
+            marketing_requeues = m.marketing_requeues + CASE WHEN v.marketing THEN 1 ELSE 0 END,
             updated_at = now(),
             status_history = m.status_history || jsonb_build_array(jsonb_strip_nulls(jsonb_build_object(
                 'status', v.status, 'at', now(), 'attempt', m.attempts, 'startedAt', m.updated_at, 'run', $8::text,
@@ -223,6 +243,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     .bind(&refund)
     .bind(run_id)
     .bind(may_go_back)
+    .bind(&marketing)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())

@@ -3,6 +3,7 @@
 //! only moves forward, counters equal a recount) are enforced in the schema itself
 //! (`migrations/`), not only here.
 
+pub mod account;
 pub mod audience;
 pub mod campaigns;
 pub mod contacts;
@@ -21,10 +22,10 @@ use sqlx::postgres::PgPoolOptions;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The database could not be reached or a statement failed.
-    #[error("postgres: {0}")]
+    #[error("postgres")]
     Database(#[from] sqlx::Error),
     /// Applying migrations failed.
-    #[error("migrations: {0}")]
+    #[error("applying the migrations")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A `fromCampaign` audience names a campaign that never ran in this namespace.
     #[error("campaign {name:?} has no messages in namespace {organization:?} (it never started here)")]

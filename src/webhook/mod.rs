@@ -50,7 +50,7 @@ pub use writer::BatchConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The writer or sweeper task panicked or was cancelled.
-    #[error("writer or sweeper task: {0}")]
+    #[error("writer or sweeper task")]
     Writer(#[source] tokio::task::JoinError),
 }
 

@@ -338,7 +338,7 @@ impl AppState {
                     .into_response();
             }
             Err(error) => {
-                debug!(%error, "organization lookup failed");
+                debug!(error = %crate::telemetry::chain(&error), "organization lookup failed");
                 return (
                     [(header::RETRY_AFTER, "5")],
                     (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later"),

@@ -42,9 +42,9 @@ pub(crate) fn spawn(
                 Err(error) => {
                     metrics.sweep_failures.inc();
                     if error.is_transient() {
-                        debug!(%error, "sweeping kept receipts failed; retrying at the next sweep");
+                        debug!(error = %crate::telemetry::chain(&error), "sweeping kept receipts failed; retrying at the next sweep");
                     } else {
-                        warn!(%error, "sweeping kept receipts failed; retrying at the next sweep");
+                        warn!(error = %crate::telemetry::chain(&error), "sweeping kept receipts failed; retrying at the next sweep");
                     }
                 }
             }

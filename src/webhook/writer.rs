@@ -199,9 +199,9 @@ async fn apply_with_retry(
                 let unavailable = error.is_transient();
                 warn!(%error, unavailable, events = statuses.len() + opt_outs.len(), "applying webhook events failed");
                 return Err(if unavailable {
-                    WriteError::Unavailable(error.to_string())
+                    WriteError::Unavailable(crate::telemetry::chain(&error))
                 } else {
-                    WriteError::Failed(error.to_string())
+                    WriteError::Failed(crate::telemetry::chain(&error))
                 });
             }
         }

@@ -90,7 +90,7 @@ pub enum CredentialError {
         source: std::io::Error,
     },
     /// The kubeconfig could not be serialized.
-    #[error("could not serialize the pod kubeconfig: {0}")]
+    #[error("could not serialize the pod kubeconfig")]
     Serialize(#[source] serde_json::Error),
 }
 

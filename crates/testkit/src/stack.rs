@@ -27,6 +27,8 @@ pub struct Stack {
     pub agents: Vec<NodeAgent>,
     /// Namespaces added with [`Stack::add_namespace`], deleted with the stack.
     pub extra_namespaces: Vec<String>,
+    /// Arguments every controller of the stack gets besides the usual ones.
+    pub controller_args: Vec<String>,
 }
 
 /// A sandbox answering fast, with the given changes to its default configuration.
@@ -45,6 +47,11 @@ impl Stack {
     /// the sandbox's Meta credentials in the namespace. The controller writes the
     /// namespace's own database credential (`disparo-database`) itself.
     pub async fn start(prefix: &str) -> Stack {
+        Self::start_with(prefix, &[]).await
+    }
+
+    /// [`Stack::start`] with more arguments for the controller (e.g. `--rate-card`).
+    pub async fn start_with(prefix: &str, controller_args: &[&str]) -> Stack {
         ensure_crds();
         let (pool, url) = super::fresh_db().await;
         let ns = fresh_namespace(prefix);
@@ -58,6 +65,7 @@ impl Stack {
             procs: Vec::new(),
             agents: Vec::new(),
             extra_namespaces: Vec::new(),
+            controller_args: controller_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         create_meta_credentials(&ns);
         stack.spawn_controller("controller", &ns);
@@ -71,6 +79,8 @@ impl Stack {
         let args = ["controller", "--metrics-addr", &metrics, "--lease-namespace", ns, "--watch-namespace", ns];
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--identity", identity, "--lease-seconds", "6"]);
+        let extra = self.controller_args.clone();
+        all.extend(extra.iter().map(String::as_str));
         self.spawn("controller", &all)
     }
 

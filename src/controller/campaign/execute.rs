@@ -105,6 +105,14 @@ pub(super) async fn execute(
             conditions.push(stalled("MessageRejected", why));
             Action::requeue(Duration::from_secs(30))
         }
+        Step::AccountHold(hold) => {
+            set_job_suspended(&r.jobs, &r.job_name, true).await?;
+            conditions.push(DesiredCondition::truthy(ConditionType::Held, hold.reason(), hold.message()));
+            // Signals arrive by webhook at any moment: look again soon, and at the end
+            // of a restriction.
+            let soon = Duration::from_secs(5);
+            Action::requeue(hold.until().and_then(|u| (u - r.now).to_std().ok()).map_or(soon, |d| d.min(soon)))
+        }
         Step::PauseForFailures(why) => {
             set_job_suspended(&r.jobs, &r.job_name, true).await?;
             if let Some(c) = store::campaigns::counters(&r.ctx.pool, r.uid).await? {
@@ -201,7 +209,7 @@ pub(super) async fn rate_limit(
     conditions.push(DesiredCondition::truthy(
         ConditionType::RateLimited,
         "WindowSpent",
-        format!("a cap of the channel is spent; sending resumes at {until}"),
+        format!("a cap of the channel, or its portfolio's 24 h messaging limit, is spent; sending resumes at {until}"),
     ));
     // Look again at the reset instant, and meanwhile every few seconds in case a
     // person lifted the pause or the windows were reset.

@@ -66,7 +66,7 @@ async fn stall_on_error(campaign: &Campaign, ctx: &Context, error: &Error) -> Re
     let stalled = DesiredCondition::truthy(
         ConditionType::Stalled,
         "ReconcileError",
-        format!("{error}; fix the campaign or its channel"),
+        format!("{}; fix the campaign or its channel", crate::telemetry::chain(error)),
     );
     let conditions =
         merge_conditions(&old.conditions, &[stalled], campaign.metadata.generation, &time::k8s(Utc::now()));
@@ -79,7 +79,7 @@ async fn stall_on_error(campaign: &Campaign, ctx: &Context, error: &Error) -> Re
         &Patch::Merge(json!({"status": {"conditions": conditions}})),
     )
     .await?;
-    warn!(%error, "the campaign cannot be reconciled until a person fixes it");
+    warn!(error = %crate::telemetry::chain(error), "the campaign cannot be reconciled until a person fixes it");
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
@@ -118,6 +118,24 @@ struct Reconcile<'a> {
     now: DateTime<Utc>,
 }
 
+/// Whether Meta rates the campaign's template RED: a warning before Meta pauses it.
+fn template_quality_condition(name: &str, language: &str, quality: Option<&str>) -> DesiredCondition {
+    match quality {
+        Some("RED") => DesiredCondition::truthy(
+            ConditionType::TemplateQualityLow,
+            "QualityRed",
+            format!(
+                "Meta rates template {name:?} ({language}) RED: it may pause the template soon; check recipients' feedback and consider slowing down"
+            ),
+        ),
+        other => DesiredCondition::falsy(
+            ConditionType::TemplateQualityLow,
+            "QualityOk",
+            format!("template {name:?} ({language}) quality is {}", other.unwrap_or("not rated yet")),
+        ),
+    }
+}
+
 fn rejected_message(code: &str, message: &str) -> String {
     format!(
         "the provider refused this campaign's message (error {code}: {message}); fix it (pause, edit spec.message, resume) or at the provider, then `kubectl disparo resume`"
@@ -144,8 +162,26 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     let mut status = old.clone();
     let resumed = take_resume_request(&r, &mut status).await?;
 
+    let message = crate::sender::MessageTemplate::from_spec(&campaign.spec.message);
+    let category = message.as_ref().and_then(|m| m.category());
     let (channel_view, channel) =
-        observe::channel(ctx, &r.namespace, &r.organization, &campaign.spec.channel_ref.name).await?;
+        observe::channel(ctx, &r.namespace, &r.organization, &campaign.spec.channel_ref.name, category.is_some())
+            .await?;
+    let mut conditions = Vec::new();
+    let account_hold = match channel.as_ref().filter(|ch| ch.spec.meta.is_some()) {
+        Some(ch) => {
+            let key = message.as_ref().and_then(|m| m.template_key());
+            let (_, signals) = store::account::signals(&ctx.pool, &r.organization, &ch.name_any(), key).await?;
+            if let Some((name, language)) = key {
+                let quality =
+                    store::account::template_quality(&ctx.pool, &r.organization, &ch.name_any(), name, language)
+                        .await?;
+                conditions.push(template_quality_condition(name, language, quality.as_deref()));
+            }
+            crate::account::hold(&signals, ch.spec.quality_policy, category, r.now)
+        }
+        None => None,
+    };
     let digest = channel.as_ref().and_then(|ch| send_config_digest(campaign, ch, &r.organization, &ctx.sender).ok());
     let job = observe::job(ctx, &r.jobs, &r.job_name, &uid.to_string(), digest.as_deref()).await?;
     let mut counters = store::campaigns::counters(&ctx.pool, uid).await?;
@@ -158,6 +194,7 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             .await?
             .map(|(code, message)| rejected_message(&code, &message)),
         resume_requested: resumed,
+        account_hold,
     };
     let step = decide::next_step(
         &campaign.spec,
@@ -167,7 +204,6 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         counters.as_ref(),
         r.now,
     );
-    let mut conditions = Vec::new();
     let requeue = execute(&r, &step, job.as_ref(), channel.as_ref(), &mut status, &mut conditions).await?;
     if matches!(step, Step::Preflight) {
         counters = store::campaigns::counters(&ctx.pool, uid).await?;
@@ -183,6 +219,12 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
         },
     };
     let mut reason = warning_for(&step);
+    if let Some(low) = conditions.iter().find(|c| c.type_ == ConditionType::TemplateQualityLow && c.status)
+        && !crate::api::condition::find(&old.conditions, ConditionType::TemplateQualityLow)
+            .is_some_and(|c| c.status == "True")
+    {
+        publish(ctx, campaign, EventType::Warning, "TemplateQualityLow", low.message.clone()).await;
+    }
     if let Some(c) = conditions.iter().find(|c| c.type_ == ConditionType::Stalled && c.reason == "PreflightFailed") {
         reason = Some(("PreflightFailed", c.message.clone()));
     }

@@ -66,12 +66,35 @@ pub(super) async fn preflight(
         }
         None => None,
     };
+    let category = message.as_ref().and_then(MessageTemplate::category);
+    let priced = match category {
+        Some(category) => super::super::cost::estimate(ctx, organization, &query, category.as_pricing()).await?,
+        None => None,
+    };
+    let messaging_limit = match channel.and_then(|ch| ch.spec.meta.as_ref().map(|m| (ch, m))) {
+        Some((ch, meta)) if meta.business_portfolio.is_some() && category.is_some() => {
+            let account = store::account::account(&ctx.pool, organization, &ch.name_any()).await?;
+            Some(super::super::cost::messaging_limit_note(size, account.tier.as_deref(), account.daily_limit))
+        }
+        _ => None,
+    };
     status.preflight = Some(Preflight {
         audience_size: size,
         missing_variables: missing,
         estimated_duration_seconds: estimate,
         sharing_channel_with: sharing as i32,
+        estimated_cost: priced.as_ref().map(|(_, cost)| cost.total),
+        currency: priced.as_ref().map(|(card, _)| card.currency.clone()),
+        messaging_limit,
     });
+    if let (Some((card, cost)), Some(max)) = (&priced, campaign.spec.budget.as_ref().and_then(|b| b.max_cost))
+        && cost.total >= max
+    {
+        return Ok(Err(format!(
+            "the audience would cost an estimated {:.2} {} (rate card {}), which reaches spec.budget.maxCost {max:.2}: narrow the audience or raise the budget",
+            cost.total, card.currency, card.version
+        )));
+    }
     if size == 0 {
         return Ok(Err("the audience is empty after opt-outs and de-duplication: nothing to send".into()));
     }

@@ -13,9 +13,11 @@ pub(super) fn event_for(step: &Step, old: Option<Phase>, has_job: bool) -> Optio
         Step::Stall(_) => return None,
         Step::Cancel => PhaseEvent::Cancel,
         Step::Draft => PhaseEvent::CreatedSuspended,
-        Step::Pause | Step::ChannelStopped(_) | Step::MessageRejected(_) | Step::HoldAutomaticPause(_) => {
-            PhaseEvent::Suspend
-        }
+        Step::Pause
+        | Step::ChannelStopped(_)
+        | Step::MessageRejected(_)
+        | Step::HoldAutomaticPause(_)
+        | Step::AccountHold(_) => PhaseEvent::Suspend,
         Step::WaitForSchedule(_) => PhaseEvent::AwaitStart,
         Step::RateLimit(_) => PhaseEvent::RateLimitHit,
         Step::PauseForFailures(_) => PhaseEvent::FailureThresholdExceeded,
@@ -41,6 +43,7 @@ pub(super) fn warning_for(step: &Step) -> Option<(&'static str, String)> {
         Step::MessageRejected(why) => ("MessageRejected", why.clone()),
         Step::Stall(why) => ("Blocked", why.clone()),
         Step::PodsFailing(why) => ("SenderPodsFailing", why.clone()),
+        Step::AccountHold(hold) => (hold.reason(), hold.message()),
         _ => return None,
     })
 }
@@ -85,6 +88,11 @@ pub(super) fn phase_conditions(phase: Option<Phase>, frozen: bool) -> Vec<Desire
             "the channel's windows have room",
         ));
     }
+    out.push(DesiredCondition::falsy(
+        ConditionType::Held,
+        "NotHeld",
+        "Meta's account signals do not hold the campaign back",
+    ));
     if frozen {
         out.push(DesiredCondition::truthy(
             ConditionType::AudienceFrozen,
@@ -119,7 +127,13 @@ pub(super) async fn finish(
     status.observed_generation = campaign.metadata.generation;
     if let Some(c) = counters {
         let errors = store::campaigns::error_breakdown(&ctx.pool, uid_of(campaign)?, 10).await?;
-        status.messages = Some(view::message_counts(c));
+        let mut counts = view::message_counts(c);
+        counts.marketing_limited = store::campaigns::marketing_limited(&ctx.pool, uid_of(campaign)?).await?;
+        status.messages = Some(counts);
+        let finished = outcome.phase.is_some_and(Phase::is_terminal);
+        if let Some(cost) = super::super::cost::refresh(ctx, uid_of(campaign)?, finished).await? {
+            status.cost = Some(cost);
+        }
         status.progress = Some(view::progress(c, now));
         status.rates = Some(view::rates(c));
         status.retries = Some(view::retry_stats(c, &errors));
