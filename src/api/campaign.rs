@@ -71,9 +71,6 @@ pub struct CampaignSpec {
     /// A cost limit, applied with the rate card (see `kubectl disparo status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
-    /// A per-contact marketing frequency cap across the namespace's campaigns.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub frequency_cap: Option<FrequencyCap>,
 }
 
 /// Reference to a Channel in the Campaign's namespace.
@@ -154,19 +151,6 @@ pub struct Budget {
     #[schemars(range(min = 0.0))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_cost: Option<f64>,
-}
-
-/// At most `messages` marketing messages per contact in `days` days, across every
-/// campaign of the namespace: contacts at the cap are skipped, not sent.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FrequencyCap {
-    /// Marketing messages allowed per contact in the period.
-    #[schemars(range(min = 1, max = 1000))]
-    pub messages: u32,
-    /// The period, in days.
-    #[schemars(range(min = 1, max = 90))]
-    pub days: u32,
 }
 
 /// One template parameter value (a literal or a contact variable).
