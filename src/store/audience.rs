@@ -308,6 +308,16 @@ pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &Audien
     Ok(Frozen { messages, batches, newly_frozen: true })
 }
 
+/// The selected contacts by the first three digits of their number (for a cost estimate
+/// with the rate card).
+pub async fn size_by_prefix(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<Vec<(String, i64)>> {
+    let source = resolve_source(pool, organization, audience).await?;
+    let mut qb = QueryBuilder::new("SELECT substr(x.phone, 2, 3), count(*) FROM contacts x WHERE x.id IN (");
+    push_selection(&mut qb, organization, audience, source);
+    qb.push(") GROUP BY 1");
+    Ok(qb.build_query_as().fetch_all(pool).await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,14 +339,4 @@ mod tests {
         let two = Audience { all_contacts: Some(true), ..audience };
         assert!(AudienceQuery::from_spec(&two).is_err());
     }
-}
-
-/// The selected contacts by the first three digits of their number (for a cost estimate
-/// with the rate card).
-pub async fn size_by_prefix(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<Vec<(String, i64)>> {
-    let source = resolve_source(pool, organization, audience).await?;
-    let mut qb = QueryBuilder::new("SELECT substr(x.phone, 2, 3), count(*) FROM contacts x WHERE x.id IN (");
-    push_selection(&mut qb, organization, audience, source);
-    qb.push(") GROUP BY 1");
-    Ok(qb.build_query_as().fetch_all(pool).await?)
 }

@@ -220,8 +220,8 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
     };
     let mut reason = warning_for(&step);
     if let Some(low) = conditions.iter().find(|c| c.type_ == ConditionType::TemplateQualityLow && c.status)
-        && !crate::api::condition::find(&old.conditions, ConditionType::TemplateQualityLow)
-            .is_some_and(|c| c.status == "True")
+        && crate::api::condition::find(&old.conditions, ConditionType::TemplateQualityLow)
+            .is_none_or(|c| c.status != "True")
     {
         publish(ctx, campaign, EventType::Warning, "TemplateQualityLow", low.message.clone()).await;
     }
