@@ -1928,3 +1928,41 @@ async fn a_131049_puts_the_message_back_24_48_96_hours_later_and_the_fourth_fail
     assert_counters_match(&pool, uid).await;
     service.stop().await;
 }
+
+/// Migration 0008 opens one way back, and only that one: a `sent` or `unknown` message
+/// to `pending` with one more marketing requeue and without its provider id.
+#[tokio::test]
+async fn the_schema_allows_only_the_marketing_requeue_back_to_pending() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550123456", "+15550123457"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA), (ids[1], MJAA)]).await;
+    sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1")
+        .bind(ids[1])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let requeue = "status = 'pending', marketing_requeues = marketing_requeues + 1, provider_message_id = NULL";
+    for (id, set) in [
+        (ids[0], "status = 'pending'"),
+        (ids[0], "status = 'pending', provider_message_id = NULL"),
+        (ids[0], "status = 'pending', marketing_requeues = marketing_requeues + 1"),
+        (ids[0], "status = 'pending', marketing_requeues = marketing_requeues + 2, provider_message_id = NULL"),
+        (ids[0], "status = 'sending', marketing_requeues = marketing_requeues + 1, provider_message_id = NULL"),
+        (ids[1], requeue),
+    ] {
+        let refused = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET {set} WHERE id = $1")))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        let code = refused.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("23514"), "{set}: {refused}");
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET {requeue} WHERE id = $1")))
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row(&pool, ids[0]).await.status, "pending");
+    assert_counters_match(&pool, uid).await;
+}

@@ -253,11 +253,13 @@ pub enum ApplyOutcome {
     /// The message already had this status.
     Duplicate,
     /// Lower than the current status, or the message can no longer move (terminal,
-    /// never sent). A `failed` after `delivered`/`read` is noted in the history.
+    /// never sent, or put back: about an attempt already dealt with). A `failed` after
+    /// `delivered`/`read` is noted in the history.
     Stale,
     /// No message of the organization has this provider id (nor, as a fallback, our id
-    /// or, for Evolution, its contact): the receipt is kept for a day, and applied if
-    /// the message turns up (see [`sweep_unmatched`]).
+    /// or its contact, through the recipient's BSUID or, for Evolution, phone): the
+    /// receipt is kept for a day, and applied if the message turns up (see
+    /// [`sweep_unmatched`]).
     UnknownId,
 }
 
