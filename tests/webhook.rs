@@ -337,20 +337,21 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
         ]
     );
 
-    // A5.5 batch: RTcA stays read (read duplicate, delivered and sent stale), MjAA delivered, NzEA failed 131049
+    // A5.5 batch: RTcA stays read (read duplicate, delivered and sent stale), MjAA delivered, NzEA's
+    // 131049 (Meta's per-user marketing limit) puts it back to be sent again in a day
     let summary = service.meta("acme", fixture("meta_batch")).await;
     assert_eq!(
         summary,
-        json!({"applied": 2, "duplicate": 1, "stale": 2, "unknown_id": 0, "opted_out": 0, "ignored": 0})
+        json!({"applied": 2, "duplicate": 1, "stale": 2, "unknown_id": 0, "opted_out": 0, "ignored": 0, "signals": 0})
     );
     assert_eq!(row(&pool, ids[0]).await, m0, "nothing about RTcA changed");
     assert_eq!(row(&pool, ids[2]).await.status, "delivered");
     let m3 = row(&pool, ids[3]).await;
-    assert_eq!((m3.status.as_str(), m3.code.as_deref()), ("failed", Some("131049")));
+    assert_eq!((m3.status.as_str(), m3.code.as_deref(), m3.provider_message_id), ("pending", Some("131049"), None));
     assert!(m3.error.unwrap().starts_with("This message was not delivered"));
     assert_counters_match(&pool, uid).await;
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
-    assert_eq!((counters.sent, counters.delivered, counters.read, counters.failed), (0, 1, 1, 2));
+    assert_eq!((counters.pending, counters.sent, counters.delivered, counters.read, counters.failed), (1, 0, 1, 1, 1));
     let breakdown = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
     assert_eq!(
         breakdown.iter().map(|(c, n)| (c.as_str(), *n)).collect::<BTreeMap<_, _>>(),
@@ -377,7 +378,7 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
     let summary = service.meta("beta", fixture("meta_batch")).await;
     assert_eq!(
         summary,
-        json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0})
+        json!({"applied": 4, "duplicate": 1, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": 0, "signals": 0})
     );
     let b0 = row(&pool, beta_ids[0]).await;
     assert_eq!(b0.status, "read");
@@ -387,7 +388,7 @@ async fn each_meta_example_of_providers_md_applies_as_expected() {
         "accepted events in timestamp order"
     );
     assert_eq!(row(&pool, beta_ids[2]).await.status, "delivered");
-    assert_eq!(row(&pool, beta_ids[3]).await.status, "failed");
+    assert_eq!(row(&pool, beta_ids[3]).await.status, "pending");
     assert_counters_match(&pool, beta_uid).await;
 
     // A5.4 on beta: no such WAMID there
@@ -1203,6 +1204,8 @@ async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
                 error: None,
                 recipient: None,
                 opts_out: false,
+                recipient_bsuid: None,
+                pricing: None,
             })
             .collect();
         let sender = tokio::spawn({
@@ -1401,4 +1404,565 @@ async fn a_receipt_posted_at_one_channel_never_changes_another_channels_messages
     assert_counters_match(&pool, meta_uid).await;
     assert_counters_match(&pool, evo_uid).await;
     service.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Account health: Meta's account, number and template fields; pricing; business-scoped
+// user ids; the per-user marketing limit (131049).
+
+const WABA: &str = "102290129340398";
+const BSUID: &str = "BR.1502576394655843";
+
+// The example bodies of docs/providers.md, "Account health signals".
+const QUALITY_FLAGGED: &str = r#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"field":"phone_number_quality_update",
+ "value":{"display_phone_number":"15550783881","event":"FLAGGED","current_limit":"TIER_10K","max_daily_conversations_per_business":10000}}]}]}"#;
+const TEMPLATE_PAUSED: &str = r#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"field":"message_template_status_update",
+ "value":{"event":"PAUSED","message_template_id":594425479261596,"message_template_name":"welcome",
+ "message_template_language":"pt_BR","reason":"LOW_QUALITY","message_template_category":"MARKETING"}}]}]}"#;
+const RESTRICTED: &str = r#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"field":"account_update",
+ "value":{"event":"ACCOUNT_RESTRICTION","restriction_info":[{"restriction_type":"RESTRICTED_BIZ_INITIATED_MESSAGING","expiration":1767225600}]}}]}]}"#;
+
+/// A one-change body of an account field for a WABA.
+fn account_change(waba: &str, field: &str, value: Value) -> String {
+    json!({"object": "whatsapp_business_account", "entry": [{"id": waba, "changes": [{"field": field, "value": value}]}]})
+        .to_string()
+}
+
+/// What the controller records of a Channel (its WABA, display number, portfolio).
+async fn channel_row(pool: &PgPool, org: &str, channel: &str, waba: &str, phone: &str, portfolio: &str) {
+    sqlx::query(
+        r#"INSERT INTO channel_state (organization, channel, waba_id, display_phone, portfolio) VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (organization, channel) DO UPDATE SET waba_id = $3, display_phone = $4, portfolio = $5"#,
+    )
+    .bind(org)
+    .bind(channel)
+    .bind(waba)
+    .bind(phone)
+    .bind(portfolio)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Everything account signals could change.
+async fn health(pool: &PgPool) -> Value {
+    let (v,): (Value,) = sqlx::query_as(
+        r#"SELECT jsonb_build_object(
+             'channels', (SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY organization, channel), '[]') FROM channel_state s),
+             'portfolios', (SELECT coalesce(jsonb_agg(to_jsonb(p) ORDER BY organization, portfolio), '[]') FROM portfolios p),
+             'templates', (SELECT coalesce(jsonb_agg(to_jsonb(t) ORDER BY organization, waba_id, name, language), '[]') FROM template_state t))"#,
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    v
+}
+
+/// A channel's quality columns: (event, flagged, changed).
+async fn quality(pool: &PgPool, org: &str, channel: &str) -> (Option<String>, bool, bool) {
+    sqlx::query_as(
+        "SELECT quality_event, quality_flagged, quality_changed_at IS NOT NULL FROM channel_state WHERE organization = $1 AND channel = $2",
+    )
+    .bind(org)
+    .bind(channel)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct Portfolio {
+    tier: Option<String>,
+    daily_limit: Option<i32>,
+    limit_source: Option<String>,
+    restricted_until: Option<chrono::DateTime<Utc>>,
+    restriction: Option<String>,
+    budget_spent: bool,
+}
+
+async fn portfolio(pool: &PgPool, org: &str, portfolio: &str) -> Option<Portfolio> {
+    sqlx::query_as(
+        r#"SELECT tier, daily_limit, limit_source, restricted_until, restriction, budget_spent_until IS NOT NULL AS budget_spent
+           FROM portfolios WHERE organization = $1 AND portfolio = $2"#,
+    )
+    .bind(org)
+    .bind(portfolio)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// (status, reason, quality) of a template.
+async fn template(pool: &PgPool, org: &str, name: &str) -> Option<(Option<String>, Option<String>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT status, reason, quality FROM template_state WHERE organization = $1 AND waba_id = $2 AND name = $3 AND language = 'pt_BR'",
+    )
+    .bind(org)
+    .bind(WABA)
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn account_fields_change_exactly_the_rows_they_concern() {
+    let (pool, _) = common::fresh_db().await;
+    // acme: two numbers of the WABA in portfolio bp1, a third channel of another WABA (bp2)
+    channel_row(&pool, "acme", "wa", WABA, "+1 555-078-3881", "bp1").await;
+    channel_row(&pool, "acme", "wa2", WABA, "15550783882", "bp1").await;
+    channel_row(&pool, "acme", "evo", "999", "15550783881", "bp2").await;
+    // beta has a channel of the same WABA: acme's webhooks never reach it
+    channel_row(&pool, "beta", "wa", WABA, "15550783881", "bp1").await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+
+    // A forged or unsigned account change: 401, nothing changes
+    let before = health(&pool).await;
+    for body in [QUALITY_FLAGGED, TEMPLATE_PAUSED, RESTRICTED] {
+        assert_eq!(service.meta_post("acme", body, None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(service.meta_post("acme", body, Some("wrong_secret")).await.0, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(health(&pool).await, before);
+
+    // FLAGGED for 15550783881: that number's channel only, and the portfolio's limit
+    let summary = service.meta("acme", QUALITY_FLAGGED).await;
+    assert_eq!(summary["signals"], 1, "{summary}");
+    assert_eq!(quality(&pool, "acme", "wa").await, (Some("FLAGGED".into()), true, true));
+    assert_eq!(quality(&pool, "acme", "wa2").await, (None, false, false));
+    assert_eq!(quality(&pool, "acme", "evo").await, (None, false, false));
+    assert_eq!(quality(&pool, "beta", "wa").await, (None, false, false));
+    let tier_10k = Portfolio {
+        tier: Some("TIER_10K".into()),
+        daily_limit: Some(10_000),
+        limit_source: Some("webhook".into()),
+        restricted_until: None,
+        restriction: None,
+        budget_spent: false,
+    };
+    assert_eq!(portfolio(&pool, "acme", "bp1").await, Some(tier_10k));
+    assert_eq!(portfolio(&pool, "acme", "bp2").await, None);
+    assert_eq!(portfolio(&pool, "beta", "bp1").await, None);
+
+    // UNFLAGGED lifts it; a number no channel recorded: every channel of the WABA
+    let unflagged = account_change(
+        WABA,
+        "phone_number_quality_update",
+        json!({"display_phone_number": "15550783881", "event": "UNFLAGGED"}),
+    );
+    service.meta("acme", &unflagged).await;
+    assert_eq!(quality(&pool, "acme", "wa").await, (Some("UNFLAGGED".into()), false, true));
+    let downgrade = account_change(
+        WABA,
+        "phone_number_quality_update",
+        json!({"display_phone_number": "15550000000", "event": "DOWNGRADE"}),
+    );
+    service.meta("acme", &downgrade).await;
+    assert_eq!(quality(&pool, "acme", "wa").await, (Some("DOWNGRADE".into()), true, true));
+    assert_eq!(quality(&pool, "acme", "wa2").await, (Some("DOWNGRADE".into()), true, true));
+    assert_eq!(quality(&pool, "acme", "evo").await, (None, false, false));
+    // an event that says nothing of the flag leaves it
+    let onboarding = account_change(
+        WABA,
+        "phone_number_quality_update",
+        json!({"display_phone_number": "15550783882", "event": "ONBOARDING"}),
+    );
+    service.meta("acme", &onboarding).await;
+    assert_eq!(quality(&pool, "acme", "wa2").await, (Some("ONBOARDING".into()), true, true));
+
+    // a WABA no channel recorded: the URL's channel, its row created
+    let elsewhere = account_change("777", "phone_number_quality_update", json!({"event": "FLAGGED"}));
+    assert_eq!(meta_at(&service, "beta", "wa2", &elsewhere).await["signals"], 1);
+    assert_eq!(quality(&pool, "beta", "wa2").await, (Some("FLAGGED".into()), true, true));
+    assert_eq!(quality(&pool, "beta", "wa").await, (None, false, false));
+
+    // business_capability_update: a smaller limit keeps a spent budget spent; a larger one frees it
+    sqlx::query("UPDATE portfolios SET budget_spent_until = now() + interval '1 hour' WHERE organization = 'acme' AND portfolio = 'bp1'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let capability = |limit: Value| {
+        account_change(
+            WABA,
+            "business_capability_update",
+            json!({"max_daily_conversations_per_business": limit, "max_phone_numbers_per_business": 2}),
+        )
+    };
+    service.meta("acme", &capability(json!(2000))).await;
+    let bp1 = portfolio(&pool, "acme", "bp1").await.unwrap();
+    assert_eq!((bp1.tier.as_deref(), bp1.daily_limit, bp1.budget_spent), (Some("TIER_2K"), Some(2000), true));
+    service.meta("acme", &capability(json!(-1))).await;
+    let bp1 = portfolio(&pool, "acme", "bp1").await.unwrap();
+    assert_eq!((bp1.tier.as_deref(), bp1.daily_limit, bp1.budget_spent), (Some("TIER_UNLIMITED"), None, false));
+    service.meta("acme", &capability(json!(5000))).await;
+    let bp1 = portfolio(&pool, "acme", "bp1").await.unwrap();
+    assert_eq!((bp1.tier, bp1.daily_limit, bp1.limit_source.as_deref()), (None, Some(5000), Some("webhook")));
+    assert_eq!(portfolio(&pool, "acme", "bp2").await, None, "another WABA's portfolio is untouched");
+
+    // account_update: the business-initiated restriction on the WABA's portfolios
+    service.meta("acme", RESTRICTED).await;
+    let bp1 = portfolio(&pool, "acme", "bp1").await.unwrap();
+    assert_eq!(
+        (bp1.restricted_until.map(|t| t.timestamp()), bp1.restriction.as_deref()),
+        (Some(1_767_225_600), Some("RESTRICTED_BIZ_INITIATED_MESSAGING"))
+    );
+    assert_eq!(portfolio(&pool, "beta", "bp1").await, None);
+    // other restriction types and events record nothing
+    let before = health(&pool).await;
+    let other = account_change(
+        WABA,
+        "account_update",
+        json!({"event": "ACCOUNT_RESTRICTION", "restriction_info": [{"restriction_type": "RESTRICTED_ADD_PHONE_NUMBER_ACTION", "expiration": 1767225600}]}),
+    );
+    assert_eq!(service.meta("acme", &other).await["signals"], 0);
+    let violation = account_change(WABA, "account_update", json!({"event": "ACCOUNT_VIOLATION"}));
+    assert_eq!(service.meta("acme", &violation).await["signals"], 0);
+    assert_eq!(health(&pool).await, before);
+
+    // templates: status, then quality, then approved again
+    service.meta("acme", TEMPLATE_PAUSED).await;
+    assert_eq!(
+        template(&pool, "acme", "welcome").await,
+        Some((Some("PAUSED".into()), Some("LOW_QUALITY".into()), None))
+    );
+    let yellow = account_change(
+        WABA,
+        "message_template_quality_update",
+        json!({"previous_quality_score": "GREEN", "new_quality_score": "YELLOW", "message_template_id": 594425479261596u64,
+               "message_template_name": "welcome", "message_template_language": "pt_BR"}),
+    );
+    service.meta("acme", &yellow).await;
+    assert_eq!(
+        template(&pool, "acme", "welcome").await,
+        Some((Some("PAUSED".into()), Some("LOW_QUALITY".into()), Some("YELLOW".into())))
+    );
+    let approved = TEMPLATE_PAUSED.replace("PAUSED", "APPROVED").replace("LOW_QUALITY", "NONE");
+    service.meta("acme", &approved).await;
+    assert_eq!(template(&pool, "acme", "welcome").await, Some((Some("APPROVED".into()), None, Some("YELLOW".into()))));
+    assert_eq!(template(&pool, "beta", "welcome").await, None);
+    // a template change without its name is acknowledged and changes nothing
+    let before = health(&pool).await;
+    let nameless = account_change(WABA, "message_template_status_update", json!({"event": "DISABLED"}));
+    assert_eq!(service.meta("acme", &nameless).await["signals"], 0);
+    assert_eq!(health(&pool).await, before);
+
+    let (_, metrics) = service.get("/metrics").await;
+    for line in [
+        r#"disparo_webhook_account_signals_total{field="phone_number_quality_update",outcome="applied"} 5"#,
+        r#"disparo_webhook_account_signals_total{field="business_capability_update",outcome="applied"} 3"#,
+        r#"disparo_webhook_account_signals_total{field="account_update",outcome="applied"} 1"#,
+        r#"disparo_webhook_account_signals_total{field="account_update",outcome="not_recorded"} 2"#,
+        r#"disparo_webhook_account_signals_total{field="message_template_status_update",outcome="applied"} 2"#,
+        r#"disparo_webhook_account_signals_total{field="message_template_status_update",outcome="invalid"} 1"#,
+        r#"disparo_webhook_account_signals_total{field="message_template_quality_update",outcome="applied"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    service.stop().await;
+}
+
+/// (category, type) of a message's pricing.
+async fn pricing(pool: &PgPool, id: i64) -> (Option<String>, Option<String>) {
+    sqlx::query_as("SELECT pricing_category, pricing_type FROM campaign_messages WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn pricing_is_stored_the_latest_given_wins_and_a_kept_receipt_keeps_it() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550123456", "+15550123457"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let service = Service::start(pool.clone(), sweeping()).await;
+    let marketing = (Some("marketing".to_owned()), Some("regular".to_owned()));
+
+    // A5.1 `sent` of a message already sent: a duplicate, but its pricing is recorded
+    assert_eq!(service.meta("acme", fixture("meta_sent")).await["duplicate"], 1);
+    assert_eq!(pricing(&pool, ids[0]).await, marketing);
+    // A5.3 `read` carries none: kept
+    assert_eq!(service.meta("acme", fixture("meta_read")).await["applied"], 1);
+    assert_eq!(pricing(&pool, ids[0]).await, marketing);
+    // a later one that says otherwise wins (here a stale `delivered`)
+    let free = fixture("meta_delivered")
+        .replace(r#""type": "regular""#, r#""type": "free_entry_point""#)
+        .replace(r#""category": "marketing""#, r#""category": "utility""#);
+    assert_eq!(service.meta("acme", &free).await["stale"], 1);
+    assert_eq!(pricing(&pool, ids[0]).await, (Some("utility".into()), Some("free_entry_point".into())));
+    assert_eq!(row(&pool, ids[0]).await.status, "read");
+
+    // a `delivered` with pricing that beats its message's provider id is kept with it
+    let early = fixture("meta_delivered").replace(RTCA, MJAA);
+    assert_eq!(service.meta("acme", &early).await["unknown_id"], 1);
+    assert_eq!(pricing(&pool, ids[1]).await, (None, None));
+    mark_sent(&pool, &[(ids[1], MJAA)]).await;
+    eventually("the kept receipt applied", || async { row(&pool, ids[1]).await.status == "delivered" }).await;
+    assert_eq!(pricing(&pool, ids[1]).await, marketing);
+    assert_counters_match(&pool, uid).await;
+    service.stop().await;
+}
+
+/// A Meta status body naming the recipient by BSUID only (no `recipient_id`).
+fn bsuid_only(body: &str, phone: &str, bsuid: &str) -> String {
+    let mut value: Value = serde_json::from_str(body).unwrap();
+    for status in value["entry"][0]["changes"][0]["value"]["statuses"].as_array_mut().unwrap() {
+        let status = status.as_object_mut().unwrap();
+        assert_eq!(status.remove("recipient_id"), Some(json!(phone)));
+        status.insert("recipient_user_id".into(), json!(bsuid));
+    }
+    value.to_string()
+}
+
+async fn contact_bsuid(pool: &PgPool, org: &str, phone: &str) -> Option<String> {
+    let (bsuid,): (Option<String>,) =
+        sqlx::query_as("SELECT bsuid FROM contacts WHERE organization = $1 AND phone = $2")
+            .bind(org)
+            .bind(phone)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    bsuid
+}
+
+#[tokio::test]
+async fn a_status_naming_only_a_bsuid_applies_like_one_with_the_phone_and_records_the_bsuid() {
+    let (pool, _) = common::fresh_db().await;
+    // the same statuses to two campaigns: one with the phone, one with the BSUID only
+    let (uid, with_phone) = campaign(&pool, "acme", &["+15550123456"]).await;
+    let (other_uid, with_bsuid) = campaign(&pool, "beta", &["+15550123456"]).await;
+    mark_sent(&pool, &[(with_phone[0], RTCA), (with_bsuid[0], RTCA)]).await;
+    let service = Service::start(pool.clone(), sweeping()).await;
+    for name in ["meta_delivered", "meta_read"] {
+        assert_eq!(service.meta("acme", fixture(name)).await["applied"], 1, "{name}");
+        let body = bsuid_only(fixture(name), "15550123456", BSUID);
+        assert_eq!(service.meta("beta", &body).await["applied"], 1, "{name} by BSUID");
+    }
+    let (a, b) = (row(&pool, with_phone[0]).await, row(&pool, with_bsuid[0]).await);
+    assert_eq!((a.status.as_str(), a.webhook_history()), (b.status.as_str(), b.webhook_history()));
+    assert_eq!(pricing(&pool, with_bsuid[0]).await, pricing(&pool, with_phone[0]).await);
+    assert_eq!(contact_bsuid(&pool, "beta", "+15550123456").await.as_deref(), Some(BSUID));
+    assert_eq!(contact_bsuid(&pool, "acme", "+15550123456").await, None, "acme was never told one");
+
+    // an `unknown` message (its id never recorded, no echo of our id) is found through
+    // the contact that has the BSUID, on the message's channel
+    let (next_uid, next) = campaign(&pool, "beta", &["+15550123456"]).await;
+    messages::record_outcomes(&pool, &[(next[0], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run")
+        .await
+        .unwrap();
+    // (a receipt finds an `unknown` message by contact only within a day of its attempt)
+    let now = Utc::now().timestamp().to_string();
+    let sent = bsuid_only(
+        &fixture("meta_sent").replace(RTCA, "wamid.unknown").replace("1750263773", &now),
+        "15550123456",
+        BSUID,
+    )
+    .replace("disparo:campaign=spring-sale:msg=42", "not ours");
+    assert_eq!(meta_at(&service, "beta", "wa2", &sent).await["unknown_id"], 1, "not through another channel");
+    assert_eq!(service.meta("beta", &sent).await["applied"], 1);
+    let m = row(&pool, next[0]).await;
+    assert_eq!((m.status.as_str(), m.provider_message_id.as_deref()), ("sent", Some("wamid.unknown")));
+    // another BSUID finds nothing
+    let (_, stranger) = campaign(&pool, "beta", &["+15550123457"]).await;
+    messages::record_outcomes(
+        &pool,
+        &[(stranger[0], messages::Outcome::Unknown { reason: "timeout".into() })],
+        "test-run",
+    )
+    .await
+    .unwrap();
+    let nobody = bsuid_only(
+        &fixture("meta_sent").replace(RTCA, "wamid.nobody").replace("1750263773", &now),
+        "15550123456",
+        "BR.999",
+    )
+    .replace("disparo:campaign=spring-sale:msg=42", "not ours");
+    assert_eq!(service.meta("beta", &nobody).await["unknown_id"], 1);
+    assert_eq!(row(&pool, stranger[0]).await.status, "unknown");
+    for uid in [uid, other_uid, next_uid] {
+        assert_counters_match(&pool, uid).await;
+    }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_stop_from_a_sender_named_by_bsuid_only_opts_the_contact_out() {
+    let (pool, _) = common::fresh_db().await;
+    let (_, ids) = campaign(&pool, "acme", &["+15550123456", "+15550123457"]).await;
+    campaign(&pool, "beta", &["+15550123456"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    // a status tells the contact's BSUID (beta's contact with the same phone is not told)
+    assert_eq!(service.meta("acme", &bsuid_only(fixture("meta_delivered"), "15550123456", BSUID)).await["applied"], 1);
+    sqlx::query("UPDATE contacts SET bsuid = $1 WHERE organization = 'beta'")
+        .bind("BR.other")
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let stop = |contacts: Value, message: Value| {
+        json!({"object": "whatsapp_business_account", "entry": [{"id": WABA, "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "contacts": contacts,
+            "messages": [message]}}]}]})
+        .to_string()
+    };
+    // "parar" from BSUID only, in `contacts[].user_id`, not matching anyone: acknowledged
+    let unknown = stop(
+        json!([{"profile": {"name": "Sheena"}, "user_id": "BR.nobody"}]),
+        json!({"id": "wamid.in1", "timestamp": "1750264100", "type": "text", "text": {"body": "parar"}}),
+    );
+    assert_eq!(service.meta("acme", &unknown).await["opted_out"], 0);
+    // "STOP" from `from_user_id`, no phone anywhere
+    let body = stop(
+        json!([{"profile": {"name": "Sheena"}, "user_id": BSUID}]),
+        json!({"from_user_id": BSUID, "id": "wamid.in2", "timestamp": "1750264100", "type": "text", "text": {"body": "STOP"}}),
+    );
+    assert!(!body.contains("15550123456"));
+    assert_eq!(service.meta("acme", &body).await["opted_out"], 1);
+    assert!(opted_out(&pool, "acme", "+15550123456").await);
+    assert!(!opted_out(&pool, "acme", "+15550123457").await);
+    assert!(!opted_out(&pool, "beta", "+15550123456").await, "only the organization the webhook belongs to");
+    service.stop().await;
+}
+
+async fn requeue_state(pool: &PgPool, id: i64) -> (String, Option<String>, i16, Option<String>, chrono::DateTime<Utc>) {
+    sqlx::query_as(
+        "SELECT status::text, provider_message_id, marketing_requeues, last_error_code, next_attempt_at FROM campaign_messages WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A `failed` status with Meta's per-user marketing limit for a WAMID, echoing our id.
+fn marketing_limit(pid: &str, id: i64) -> String {
+    fixture("meta_failed").replace(NDGA, pid).replace("131026", "131049").replace(
+        r#""recipient_id": "15550199999","#,
+        &format!(r#""recipient_id": "15550199999", "biz_opaque_callback_data": "disparo:{id}","#),
+    )
+}
+
+/// A status of a WAMID, echoing our id.
+fn status_of(name: &str, pid: &str, id: i64) -> String {
+    fixture(name).replace(RTCA, pid).replace("disparo:campaign=spring-sale:msg=42", &format!("disparo:{id}"))
+}
+
+#[tokio::test]
+async fn a_131049_puts_the_message_back_24_48_96_hours_later_and_the_fourth_fails() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550199999", "+15550199998"]).await;
+    let id = ids[0];
+    mark_sent(&pool, &[(id, "wamid.try1")]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.sent, counters.sending, counters.succeeded_first_attempt), (1, 1, 1));
+
+    for (attempt, hours) in [(1i16, 24), (2, 48), (3, 96)] {
+        let pid = format!("wamid.try{attempt}");
+        let before = Utc::now();
+        assert_eq!(service.meta("acme", &marketing_limit(&pid, id)).await["applied"], 1, "attempt {attempt}");
+        let after = Utc::now();
+        let (status, provider_id, requeues, code, due) = requeue_state(&pool, id).await;
+        assert_eq!(
+            (status.as_str(), provider_id, requeues, code.as_deref()),
+            ("pending", None, attempt, Some("131049"))
+        );
+        let delay = chrono::Duration::hours(hours);
+        assert!(due >= before + delay - chrono::Duration::seconds(1) && due <= after + delay, "due {due}, {hours} h");
+        let entry = row(&pool, id).await.history.last().cloned().unwrap();
+        assert_eq!(
+            (&entry["status"], &entry["code"], &entry["requeue"]),
+            (&json!("pending"), &json!("131049"), &json!(attempt))
+        );
+        assert_eq!(entry["requeuedProviderId"], json!(pid));
+        assert_counters_match(&pool, uid).await;
+        let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+        assert_eq!((counters.pending, counters.sent, counters.failed), (1, 0, 0), "sent down, pending up");
+        assert_eq!(counters.succeeded_first_attempt + counters.succeeded_after_retry, 0, "no longer a success");
+        assert_eq!(counters.retries_scheduled, i64::from(attempt));
+
+        // late receipts of the attempt it ended change nothing: the 131049 again, a stale `sent`
+        let kept = row(&pool, id).await;
+        assert_eq!(service.meta("acme", &marketing_limit(&pid, id)).await["stale"], 1);
+        assert_eq!(service.meta("acme", &status_of("meta_sent", &pid, id)).await["stale"], 1);
+        assert_eq!(row(&pool, id).await, kept);
+
+        // time passes; the sender claims it again: the ended attempt's receipts do not reach the new one
+        sqlx::query("UPDATE campaign_messages SET next_attempt_at = now() WHERE id = $1")
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let claimed = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|m| (m.id, m.attempts)).collect::<Vec<_>>(), vec![(id, i32::from(attempt) + 1)]);
+        assert_eq!(service.meta("acme", &status_of("meta_delivered", &pid, id)).await["stale"], 1);
+        assert_eq!(row(&pool, id).await.status, "sending");
+        mark_sent(&pool, &[(id, &format!("wamid.try{}", attempt + 1))]).await;
+        assert_counters_match(&pool, uid).await;
+    }
+    // the fourth 131049 fails it, as any permanent error
+    assert_eq!(service.meta("acme", &marketing_limit("wamid.try4", id)).await["applied"], 1);
+    let (status, provider_id, requeues, code, _) = requeue_state(&pool, id).await;
+    assert_eq!(
+        (status.as_str(), provider_id.as_deref(), requeues, code.as_deref()),
+        ("failed", Some("wamid.try4"), 3, Some("131049"))
+    );
+    assert_counters_match(&pool, uid).await;
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!(
+        (counters.failed, counters.succeeded_first_attempt, counters.succeeded_after_retry),
+        (1, 0, 1),
+        "counted once, as the retry that reached `sent` before Meta gave up"
+    );
+    let breakdown = campaigns::error_breakdown(&pool, uid, 10).await.unwrap();
+    assert_eq!(breakdown, vec![("131049".to_owned(), 4)], "each attempt's 131049 counted once");
+
+    // a message whose send ended `unknown` is put back too, found through our id
+    messages::record_outcomes(&pool, &[(ids[1], messages::Outcome::Unknown { reason: "timeout".into() })], "test-run")
+        .await
+        .unwrap();
+    assert_eq!(service.meta("acme", &marketing_limit("wamid.other", ids[1])).await["applied"], 1);
+    let (status, provider_id, requeues, _, _) = requeue_state(&pool, ids[1]).await;
+    assert_eq!((status.as_str(), provider_id, requeues), ("pending", None, 1));
+    assert_counters_match(&pool, uid).await;
+    service.stop().await;
+}
+
+/// Migration 0008 opens one way back, and only that one: a `sent` or `unknown` message
+/// to `pending` with one more marketing requeue and without its provider id.
+#[tokio::test]
+async fn the_schema_allows_only_the_marketing_requeue_back_to_pending() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550123456", "+15550123457"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA), (ids[1], MJAA)]).await;
+    sqlx::query("UPDATE campaign_messages SET status = 'delivered' WHERE id = $1")
+        .bind(ids[1])
+        .execute(&pool)
+        .await
+        .unwrap();
+    let requeue = "status = 'pending', marketing_requeues = marketing_requeues + 1, provider_message_id = NULL";
+    for (id, set) in [
+        (ids[0], "status = 'pending'"),
+        (ids[0], "status = 'pending', provider_message_id = NULL"),
+        (ids[0], "status = 'pending', marketing_requeues = marketing_requeues + 1"),
+        (ids[0], "status = 'pending', marketing_requeues = marketing_requeues + 2, provider_message_id = NULL"),
+        (ids[0], "status = 'sending', marketing_requeues = marketing_requeues + 1, provider_message_id = NULL"),
+        (ids[1], requeue),
+    ] {
+        let refused = sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET {set} WHERE id = $1")))
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap_err();
+        let code = refused.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("23514"), "{set}: {refused}");
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE campaign_messages SET {requeue} WHERE id = $1")))
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row(&pool, ids[0]).await.status, "pending");
+    assert_counters_match(&pool, uid).await;
 }

@@ -204,6 +204,8 @@ pub async fn bench(pool: PgPool, options: BenchOptions) -> Result<BenchReport, B
                     error: None,
                     recipient: None,
                     opts_out: false,
+                    recipient_bsuid: None,
+                    pricing: None,
                 })
                 .collect();
             receipts::apply(&pool, &events, &[]).await?;

@@ -11,6 +11,7 @@ pub mod messages;
 pub mod pauses;
 pub mod rate;
 pub mod receipts;
+pub mod signals;
 pub mod tenancy;
 
 use std::time::Duration;

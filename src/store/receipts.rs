@@ -20,6 +20,17 @@
 //! drops those older than a day. An `unknown` message is also found without its id:
 //! through our id when Meta echoes it, through its contact and channel for Evolution.
 //!
+//! Meta's per-user marketing limit (131049) is not a failure of the message: a `failed`
+//! receipt with that code puts it back to `pending`, due after growing delays
+//! ([`marketing_requeue`]), and fails it only after three requeues. The requeue drops
+//! the provider id (the next attempt gets its own) and names it in the history entry,
+//! so the ended attempt's late receipts are recognised and change nothing. The schema
+//! allows that one way back from `sent` or `unknown` (migration 0008).
+//!
+//! Meta may name a recipient by business-scoped user id (BSUID) instead of phone: the
+//! BSUID of a receipt that found its message is stored on the message's contact, finds
+//! an `unknown` message through its contact as the phone does, and opts out.
+//!
 //! A receipt changes only messages of campaigns sent through the channel it was posted
 //! for ([`StatusEvent::channel`]), however it is matched: one channel's credentials
 //! reach that channel's messages, not the rest of the organization's. Opt-outs are the
@@ -215,6 +226,22 @@ pub struct StatusEvent {
     /// The failure says the recipient opted out (Meta 131050, "user has stopped
     /// marketing messages"): the message's contact is marked opted out.
     pub opts_out: bool,
+    /// The recipient's business-scoped user id (Meta `recipient_user_id`), when the
+    /// provider names it. It finds an `unknown` message through its contact like the
+    /// phone does, and is stored on the contact of the message the status matched.
+    pub recipient_bsuid: Option<String>,
+    /// What the provider says it charges for the message (Meta `pricing`).
+    pub pricing: Option<Pricing>,
+}
+
+/// What Meta says a message is charged as (`statuses[].pricing`, docs/providers.md A4):
+/// stored on the message so what a campaign costs can be told from its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pricing {
+    /// `category`: `marketing`, `utility`, `authentication`, ...
+    pub category: Option<String>,
+    /// `type`: `regular`, `free_customer_service`, `free_entry_point`.
+    pub pricing_type: Option<String>,
 }
 
 /// What applying one [`StatusEvent`] did.
@@ -226,11 +253,13 @@ pub enum ApplyOutcome {
     /// The message already had this status.
     Duplicate,
     /// Lower than the current status, or the message can no longer move (terminal,
-    /// never sent). A `failed` after `delivered`/`read` is noted in the history.
+    /// never sent, or put back: about an attempt already dealt with). A `failed` after
+    /// `delivered`/`read` is noted in the history.
     Stale,
     /// No message of the organization has this provider id (nor, as a fallback, our id
-    /// or, for Evolution, its contact): the receipt is kept for a day, and applied if
-    /// the message turns up (see [`sweep_unmatched`]).
+    /// or its contact, through the recipient's BSUID or, for Evolution, phone): the
+    /// receipt is kept for a day, and applied if the message turns up (see
+    /// [`sweep_unmatched`]).
     UnknownId,
 }
 
@@ -246,13 +275,16 @@ impl ApplyOutcome {
     }
 }
 
-/// A recipient who asked to stop receiving messages.
+/// A recipient who asked to stop receiving messages, named by WhatsApp id, by
+/// business-scoped user id, or both (Meta may leave out the phone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OptOut {
     /// The organization the webhook was posted for.
     pub organization: String,
     /// The sender's WhatsApp id (digits, as providers send it).
-    pub wa_id: String,
+    pub wa_id: Option<String>,
+    /// The sender's business-scoped user id (matches `contacts.bsuid`).
+    pub bsuid: Option<String>,
 }
 
 /// What one call to [`apply`] did, in the order of its inputs.
@@ -271,33 +303,92 @@ pub struct PlannedChange {
     pub status: Option<MessageStatus>,
     /// History entries to append, in provider-timestamp order.
     pub entries: Vec<Value>,
-    /// The error to record (when the message becomes `failed`).
+    /// The error to record (when the message becomes `failed`, or is put back).
     pub error: Option<ProviderError>,
+    /// The message is put back for Meta's per-user marketing limit (see
+    /// [`marketing_requeue`]): it becomes `pending`, due at this instant.
+    pub requeue_at: Option<DateTime<Utc>>,
 }
 
 /// Code recorded when a provider reports `failed` without saying why, so the failure
 /// still shows in the per-code breakdown.
 pub const UNSPECIFIED_ERROR_CODE: &str = "unspecified";
 
+/// Meta's per-user marketing limit, "not delivered to maintain healthy ecosystem
+/// engagement" (docs/providers.md A2): Meta declined the message for now, not for good.
+pub const MARKETING_LIMIT_CODE: &str = "131049";
+
+/// How many times a message is put back for [`MARKETING_LIMIT_CODE`] before it fails.
+pub const MAX_MARKETING_REQUEUES: i16 = 3;
+
+/// The key of a requeue's history entry that names the provider id of the attempt it
+/// ended. Late receipts of that attempt are recognised by it (the message's own
+/// provider id is cleared, and later holds the next attempt's).
+pub const REQUEUED_PROVIDER_ID_KEY: &str = "requeuedProviderId";
+
+/// When a message refused for Meta's per-user marketing limit (131049) is due again,
+/// given how many times it was already put back for it (`marketing_requeues`): 24 h
+/// after `now`, then 48 h, then 96 h, as Meta advises growing delays; None after three
+/// requeues, when the message fails like any other permanent error. One rule for the
+/// asynchronous 131049 (a `failed` status webhook) and the synchronous one (a send's
+/// answer), so both count against the same three requeues.
+pub fn marketing_requeue(requeues: i16, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let done = u32::try_from(requeues).ok().filter(|n| *n < MAX_MARKETING_REQUEUES as u32)?;
+    now.checked_add_signed(chrono::Duration::hours(24 << done))
+}
+
+/// Whether a receipt is Meta's per-user marketing limit.
+fn is_marketing_limit(event: &StatusEvent) -> bool {
+    event.status == ReceiptStatus::Failed && event.error.as_ref().is_some_and(|e| e.code == MARKETING_LIMIT_CODE)
+}
+
 /// Decides what a set of receipts does to one message whose current status is
-/// `current`. Receipts are considered in rank order (then timestamp), each against the
-/// status the previous ones left, so the result does not depend on their order in the
-/// payload. Returns the change (None when nothing changes) and one outcome per receipt,
-/// in input order.
-pub fn plan(current: MessageStatus, events: &[&StatusEvent]) -> (Option<PlannedChange>, Vec<ApplyOutcome>) {
+/// `current` and which was put back `marketing_requeues` times. Receipts are considered
+/// in rank order (then timestamp), each against the status the previous ones left, so
+/// the result does not depend on their order in the payload. Returns the change (None
+/// when nothing changes) and one outcome per receipt, in input order.
+///
+/// A `failed` with 131049 puts the message back ([`marketing_requeue`], due from
+/// `now`) instead of failing it, until it was put back three times; the receipts after
+/// it are about the attempt it ended, and change nothing. A `pending` message takes no
+/// receipt: whatever it says is about an attempt already dealt with.
+pub fn plan(
+    current: MessageStatus,
+    marketing_requeues: i16,
+    events: &[&StatusEvent],
+    now: DateTime<Utc>,
+) -> (Option<PlannedChange>, Vec<ApplyOutcome>) {
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by_key(|&i| (events[i].status.batch_order(), events[i].at));
     let mut outcomes = vec![ApplyOutcome::Stale; events.len()];
+    if current == MessageStatus::Pending {
+        return (None, outcomes);
+    }
     let mut running = current;
     let mut accepted: Vec<(DateTime<Utc>, Value)> = Vec::new();
     let mut error = None;
+    let mut requeue_at = None;
     for i in order {
         let event = events[i];
         let target = event.status.message_status();
+        if requeue_at.is_some() {
+            if is_marketing_limit(event) {
+                outcomes[i] = ApplyOutcome::Duplicate;
+            }
+            continue;
+        }
         if running == target {
             outcomes[i] = ApplyOutcome::Duplicate;
         } else if running.can_move_to(target) {
             outcomes[i] = ApplyOutcome::Applied;
+            let again = is_marketing_limit(event).then(|| marketing_requeue(marketing_requeues, now)).flatten();
+            if let Some(at) = again {
+                running = MessageStatus::Pending;
+                requeue_at = Some(at);
+                error = Some(failure_of(event));
+                accepted.push((event.at, requeue_entry(event, marketing_requeues.saturating_add(1), at)));
+                continue;
+            }
             running = target;
             if target == MessageStatus::Failed {
                 error = Some(failure_of(event));
@@ -316,8 +407,23 @@ pub fn plan(current: MessageStatus, events: &[&StatusEvent]) -> (Option<PlannedC
         status: (running != current).then_some(running),
         entries: accepted.into_iter().map(|(_, entry)| entry).collect(),
         error,
+        requeue_at,
     };
     (Some(change), outcomes)
+}
+
+/// The history entry of a requeue: `{"status": "pending", "at", "source": "webhook",
+/// "code", "title"?, "requeue": n, "retryAt", "requeuedProviderId"}`.
+fn requeue_entry(event: &StatusEvent, requeue: i16, retry_at: DateTime<Utc>) -> Value {
+    let mut entry = match history_entry(event, None) {
+        Value::Object(entry) => entry,
+        _ => Map::new(),
+    };
+    entry.insert("status".into(), Value::from(MessageStatus::Pending.as_str()));
+    entry.insert("requeue".into(), Value::from(requeue));
+    entry.insert("retryAt".into(), Value::from(retry_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)));
+    entry.insert(REQUEUED_PROVIDER_ID_KEY.into(), Value::from(event.provider_message_id.as_str()));
+    Value::Object(entry)
 }
 
 fn failure_of(event: &StatusEvent) -> ProviderError {
@@ -376,6 +482,30 @@ struct Applied {
     opting_out: Vec<i64>,
 }
 
+/// A message an event resolved to, as read under its row lock.
+#[derive(Debug, sqlx::FromRow)]
+struct Resolved {
+    /// The event's position in the input, from 1.
+    idx: i64,
+    id: i64,
+    status: String,
+    provider_message_id: Option<String>,
+    marketing_requeues: i16,
+    /// The event is about an attempt of this message that ended in a marketing requeue.
+    superseded: bool,
+}
+
+/// The events that resolved to one message.
+struct Found {
+    status: MessageStatus,
+    provider_message_id: Option<String>,
+    marketing_requeues: i16,
+    /// Events about its current attempt (or about it, when it has no provider id yet).
+    current: Vec<usize>,
+    /// Events about an attempt that ended in a marketing requeue: stale.
+    superseded: Vec<usize>,
+}
+
 async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Result<Applied> {
     let mut outcomes = vec![ApplyOutcome::UnknownId; events.len()];
     if events.is_empty() {
@@ -386,6 +516,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     let our_ids: Vec<Option<i64>> = events.iter().map(|e| e.message_id).collect();
     let channels: Vec<&str> = events.iter().map(|e| e.channel.as_str()).collect();
     let ats: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
+    let bsuids: Vec<Option<&str>> = events.iter().map(|e| e.recipient_bsuid.as_deref()).collect();
     // Evolution never echoes our id: an unknown message is found through its contact.
     let (phones, alt_phones): (Vec<Option<String>>, Vec<Option<String>>) = events
         .iter()
@@ -400,15 +531,20 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     // Resolve every event to its message and lock the messages in id order (the lock
     // is taken above the sort), so concurrent writers — other replicas, the sender —
     // queue instead of deadlocking. Only messages of the event's channel: by provider
-    // id first; failing that, for a message that has no provider id yet: by our id (a
-    // message waiting for its outcome), or by contact (an `unknown` message, the only
+    // id first; then, through our id, a message one of whose attempts had this provider
+    // id and ended in a marketing requeue (the event is stale: it must never reach the
+    // next attempt); failing that, for a message that has no provider id yet: by our id
+    // (a message waiting for its outcome), or by contact, through the recipient's
+    // business-scoped user id, then (Evolution) phone (an `unknown` message, the only
     // one to that contact on the channel whose attempt ended within a day of the
     // receipt).
-    let rows: Vec<(i64, i64, String, Option<String>)> = sqlx::query_as(
+    let rows: Vec<Resolved> = sqlx::query_as(
         r#"
-        SELECT v.idx, m.id, m.status::text, m.provider_message_id
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-             WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, idx)
+        SELECT v.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
+               (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM v.pid
+                AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))) AS superseded
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $9::text[])
+             WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, bsuid, idx)
         CROSS JOIN LATERAL (
             SELECT coalesce(
                 (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
@@ -416,7 +552,19 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
                  ORDER BY x.id LIMIT 1),
                 (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
                  WHERE x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
+                   AND x.marketing_requeues > 0
+                   AND x.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))),
+                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+                 WHERE x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
                    AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown')),
+                (SELECT min(x.id) FROM contacts c
+                 JOIN campaign_messages x ON x.contact_id = c.id
+                 JOIN campaigns k ON k.uid = x.campaign_uid
+                 WHERE v.bsuid IS NOT NULL AND c.organization = v.org AND c.bsuid = v.bsuid
+                   AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
+                   AND k.channel = v.channel
+                   AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
+                 HAVING count(*) = 1),
                 (SELECT min(x.id) FROM contacts c
                  JOIN campaign_messages x ON x.contact_id = c.id
                  JOIN campaigns k ON k.uid = x.campaign_uid
@@ -440,82 +588,202 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     .bind(&alt_phones)
     .bind(&ats)
     .bind(UNMATCHED_RECEIPT_TTL.as_secs_f64())
+    .bind(&bsuids)
+    .bind(REQUEUED_PROVIDER_ID_KEY)
     .fetch_all(&mut *tx)
     .await?;
 
-    // Group the events by message, keeping the locked current status and provider id.
-    let mut by_message: HashMap<i64, (MessageStatus, Option<String>, Vec<usize>)> = HashMap::new();
-    for (idx, id, status, pid) in rows {
-        let Some(status) = MessageStatus::parse(&status) else { continue };
-        let Some(i) = usize::try_from(idx - 1).ok().filter(|i| *i < events.len()) else { continue };
-        by_message.entry(id).or_insert_with(|| (status, pid, Vec::new())).2.push(i);
+    // Group the events by message, keeping the locked state.
+    let mut by_message: HashMap<i64, Found> = HashMap::new();
+    for row in rows {
+        let Some(status) = MessageStatus::parse(&row.status) else { continue };
+        let Some(i) = usize::try_from(row.idx - 1).ok().filter(|i| *i < events.len()) else { continue };
+        let found = by_message.entry(row.id).or_insert_with(|| Found {
+            status,
+            provider_message_id: row.provider_message_id,
+            marketing_requeues: row.marketing_requeues,
+            current: Vec::new(),
+            superseded: Vec::new(),
+        });
+        if row.superseded { found.superseded.push(i) } else { found.current.push(i) }
     }
 
-    let mut ids = Vec::new();
-    let mut statuses: Vec<Option<&'static str>> = Vec::new();
-    let mut set_pids: Vec<&str> = Vec::new();
-    let mut codes: Vec<Option<String>> = Vec::new();
-    let mut titles: Vec<Option<String>> = Vec::new();
-    let mut entries: Vec<Value> = Vec::new();
+    let now = Utc::now();
+    let mut update = MessageUpdates::default();
     let mut opting_out = Vec::new();
+    let mut bsuid_of: Vec<(i64, &str)> = Vec::new();
     let mut message_ids: Vec<i64> = by_message.keys().copied().collect();
     message_ids.sort_unstable();
     for id in message_ids {
-        let Some((current, pid, indices)) = by_message.get(&id) else { continue };
-        let Some(indices) = unambiguous(events, pid.as_deref(), indices) else { continue };
-        let group: Vec<&StatusEvent> = indices.iter().map(|&i| &events[i]).collect();
+        let Some(found) = by_message.get(&id) else { continue };
+        for &i in &found.superseded {
+            outcomes[i] = ApplyOutcome::Stale;
+        }
+        let current = unambiguous(events, found.provider_message_id.as_deref(), &found.current).unwrap_or_default();
+        let group: Vec<&StatusEvent> = current.iter().map(|&i| &events[i]).collect();
+        // The contact's business-scoped id, from the latest receipt about the message that names one.
+        let latest_bsuid = current
+            .iter()
+            .chain(&found.superseded)
+            .map(|&i| &events[i])
+            .filter(|e| e.recipient_bsuid.is_some())
+            .max_by_key(|e| e.at)
+            .and_then(|e| e.recipient_bsuid.as_deref());
+        if let Some(bsuid) = latest_bsuid {
+            bsuid_of.push((id, bsuid));
+        }
+        if group.is_empty() {
+            continue;
+        }
         if group.iter().any(|e| e.opts_out) {
             opting_out.push(id);
         }
-        let (change, group_outcomes) = plan(*current, &group);
-        for (&i, outcome) in indices.iter().zip(group_outcomes) {
+        let (change, group_outcomes) = plan(found.status, found.marketing_requeues, &group, now);
+        for (&i, outcome) in current.iter().zip(group_outcomes) {
             outcomes[i] = outcome;
         }
-        if let Some(change) = change {
-            ids.push(id);
-            statuses.push(change.status.map(MessageStatus::as_str));
-            set_pids.push(group[0].provider_message_id.as_str());
-            codes.push(change.error.as_ref().map(|e| e.code.clone()));
-            titles.push(change.error.map(|e| e.title));
-            entries.push(Value::Array(change.entries));
+        // The latest pricing any receipt of the attempt gives (a stale one too: the
+        // pricing is the attempt's, whatever its status).
+        let pricing =
+            group.iter().filter(|e| e.pricing.is_some()).max_by_key(|e| e.at).and_then(|e| e.pricing.as_ref());
+        if change.is_some() || pricing.is_some() {
+            update.push(id, found.marketing_requeues, group[0].provider_message_id.as_str(), change, pricing);
         }
     }
-    if ids.is_empty() {
-        return Ok(Applied { outcomes, opting_out });
+    update.apply(tx).await?;
+    record_bsuids(tx, &bsuid_of).await?;
+    Ok(Applied { outcomes, opting_out })
+}
+
+/// The changes of a batch of messages, as columns for one `UPDATE ... FROM unnest`.
+#[derive(Default)]
+struct MessageUpdates<'a> {
+    ids: Vec<i64>,
+    statuses: Vec<Option<&'static str>>,
+    pids: Vec<&'a str>,
+    codes: Vec<Option<String>>,
+    titles: Vec<Option<String>>,
+    entries: Vec<Value>,
+    requeues: Vec<i16>,
+    requeue_at: Vec<Option<DateTime<Utc>>>,
+    categories: Vec<Option<&'a str>>,
+    pricing_types: Vec<Option<&'a str>>,
+}
+
+impl<'a> MessageUpdates<'a> {
+    fn push(
+        &mut self,
+        id: i64,
+        requeues: i16,
+        pid: &'a str,
+        change: Option<PlannedChange>,
+        pricing: Option<&'a Pricing>,
+    ) {
+        let change = change.unwrap_or(PlannedChange { status: None, entries: vec![], error: None, requeue_at: None });
+        self.ids.push(id);
+        self.statuses.push(change.status.map(MessageStatus::as_str));
+        self.pids.push(pid);
+        self.codes.push(change.error.as_ref().map(|e| e.code.clone()));
+        self.titles.push(change.error.map(|e| e.title));
+        self.entries.push(Value::Array(change.entries));
+        self.requeues.push(requeues);
+        self.requeue_at.push(change.requeue_at);
+        self.categories.push(pricing.and_then(|p| p.category.as_deref()));
+        self.pricing_types.push(pricing.and_then(|p| p.pricing_type.as_deref()));
     }
-    // One statement for the whole batch: the counter triggers fire once. A row whose
-    // status moves gets its entries as planned (a forward move is new by definition);
-    // a row that only gains a note (a late failure) gets only the entries it does not
-    // have yet, so a retried late failure is not noted twice.
+
+    /// One statement for the whole batch: the counter triggers fire once. A row whose
+    /// status moves gets its entries as planned (a forward move is new by definition);
+    /// a row that only gains a note (a late failure) gets only the entries it does not
+    /// have yet, so a retried late failure is not noted twice. Pricing is the latest
+    /// given: a receipt without it leaves it alone. A requeue drops the provider id
+    /// and the pricing, which were the ended attempt's.
+    async fn apply(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            r#"
+            UPDATE campaign_messages m SET
+                status = coalesce(v.status::message_status, m.status),
+                provider_message_id = CASE WHEN v.requeue_at IS NOT NULL THEN NULL
+                                           ELSE coalesce(m.provider_message_id, v.pid) END,
+                last_error_code = CASE WHEN v.status IN ('failed', 'pending') THEN v.code ELSE m.last_error_code END,
+                last_error_message = CASE WHEN v.status IN ('failed', 'pending') THEN nullif(v.title, '')
+                                          ELSE m.last_error_message END,
+                next_attempt_at = coalesce(v.requeue_at, m.next_attempt_at),
+                marketing_requeues = m.marketing_requeues + CASE WHEN v.requeue_at IS NOT NULL THEN 1 ELSE 0 END,
+                pricing_category = CASE WHEN v.requeue_at IS NOT NULL THEN NULL
+                                        ELSE coalesce(v.category, m.pricing_category) END,
+                pricing_type = CASE WHEN v.requeue_at IS NOT NULL THEN NULL
+                                    ELSE coalesce(v.pricing_type, m.pricing_type) END,
+                updated_at = now(),
+                status_history = m.status_history || CASE WHEN v.status IS NOT NULL THEN v.entries ELSE coalesce(
+                    (SELECT jsonb_agg(x.entry ORDER BY x.ord)
+                     FROM jsonb_array_elements(v.entries) WITH ORDINALITY AS x(entry, ord)
+                     WHERE NOT m.status_history @> jsonb_build_array(x.entry)),
+                    '[]'::jsonb) END
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::smallint[],
+                        $8::timestamptz[], $9::text[], $10::text[])
+                 AS v(id, status, pid, code, title, entries, requeues, requeue_at, category, pricing_type)
+            WHERE m.id = v.id
+              AND CASE WHEN v.requeue_at IS NOT NULL THEN m.marketing_requeues = v.requeues
+                            AND m.status IN ('sending', 'unknown', 'sent')
+                       WHEN v.status IS NOT NULL THEN message_transition_allowed(m.status, v.status::message_status)
+                       ELSE NOT m.status_history @> v.entries
+                            OR coalesce(v.category, m.pricing_category) IS DISTINCT FROM m.pricing_category
+                            OR coalesce(v.pricing_type, m.pricing_type) IS DISTINCT FROM m.pricing_type END
+            "#,
+        )
+        .bind(&self.ids)
+        .bind(&self.statuses)
+        .bind(&self.pids)
+        .bind(&self.codes)
+        .bind(&self.titles)
+        .bind(&self.entries)
+        .bind(&self.requeues)
+        .bind(&self.requeue_at)
+        .bind(&self.categories)
+        .bind(&self.pricing_types)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Stores the business-scoped user id receipts gave on the contacts of the messages
+/// they matched (`(message id, bsuid)`), so that a later receipt or opt-out naming only
+/// the BSUID finds the contact. A user who changes number gets a new BSUID: the
+/// latest wins. Contacts are locked in id order, as the opt-outs lock them.
+async fn record_bsuids(tx: &mut sqlx::PgConnection, bsuid_of: &[(i64, &str)]) -> Result<()> {
+    if bsuid_of.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = bsuid_of.iter().map(|(id, _)| *id).collect();
+    let bsuids: Vec<&str> = bsuid_of.iter().map(|(_, bsuid)| *bsuid).collect();
     sqlx::query(
         r#"
-        UPDATE campaign_messages m SET
-            status = coalesce(v.status::message_status, m.status),
-            provider_message_id = coalesce(m.provider_message_id, v.pid),
-            last_error_code = CASE WHEN v.status = 'failed' THEN v.code ELSE m.last_error_code END,
-            last_error_message = CASE WHEN v.status = 'failed' THEN nullif(v.title, '') ELSE m.last_error_message END,
-            updated_at = now(),
-            status_history = m.status_history || CASE WHEN v.status IS NOT NULL THEN v.entries ELSE coalesce(
-                (SELECT jsonb_agg(x.entry ORDER BY x.ord)
-                 FROM jsonb_array_elements(v.entries) WITH ORDINALITY AS x(entry, ord)
-                 WHERE NOT m.status_history @> jsonb_build_array(x.entry)),
-                '[]'::jsonb) END
-        FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])
-             AS v(id, status, pid, code, title, entries)
-        WHERE m.id = v.id
-          AND CASE WHEN v.status IS NULL THEN NOT m.status_history @> v.entries
-                   ELSE message_transition_allowed(m.status, v.status::message_status) END
+        WITH v AS (
+            SELECT DISTINCT ON (m.contact_id) m.contact_id, v.bsuid
+            FROM unnest($1::bigint[], $2::text[]) AS v(message_id, bsuid)
+            JOIN campaign_messages m ON m.id = v.message_id
+            ORDER BY m.contact_id, v.message_id DESC
+        ), locked AS (
+            SELECT c.id FROM contacts c JOIN v ON v.contact_id = c.id
+            WHERE c.bsuid IS DISTINCT FROM v.bsuid
+            ORDER BY c.id
+            FOR UPDATE OF c
+        )
+        UPDATE contacts c SET bsuid = v.bsuid, updated_at = now()
+        FROM v, locked l
+        WHERE c.id = v.contact_id AND l.id = c.id
         "#,
     )
     .bind(&ids)
-    .bind(&statuses)
-    .bind(&set_pids)
-    .bind(&codes)
-    .bind(&titles)
-    .bind(&entries)
+    .bind(&bsuids)
     .execute(&mut *tx)
     .await?;
-    Ok(Applied { outcomes, opting_out })
+    Ok(())
 }
 
 /// The events of one message that may be applied to it. A message with a provider id
@@ -551,9 +819,10 @@ async fn keep_unmatched(tx: &mut sqlx::PgConnection, events: &[StatusEvent], out
     sqlx::query(
         r#"
         INSERT INTO unmatched_receipts
-            (organization, provider_message_id, provider, channel, status, at, error_code, error_title, message_id, recipient, opts_out)
+            (organization, provider_message_id, provider, channel, status, at, error_code, error_title, message_id, recipient, opts_out,
+             bsuid, pricing_category, pricing_type)
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                             $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bool[])
+                             $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bool[], $12::text[], $13::text[], $14::text[])
         ON CONFLICT DO NOTHING
         "#,
     )
@@ -568,6 +837,9 @@ async fn keep_unmatched(tx: &mut sqlx::PgConnection, events: &[StatusEvent], out
     .bind(unmatched.iter().map(|e| e.message_id).collect::<Vec<_>>())
     .bind(column(|e| e.recipient.clone()))
     .bind(unmatched.iter().map(|e| e.opts_out).collect::<Vec<_>>())
+    .bind(column(|e| e.recipient_bsuid.clone()))
+    .bind(column(|e| e.pricing.as_ref().and_then(|p| p.category.clone())))
+    .bind(column(|e| e.pricing.as_ref().and_then(|p| p.pricing_type.clone())))
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -613,7 +885,8 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
         let rows: Vec<KeptRow> = sqlx::query_as(
             r#"
             SELECT u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status,
-                   u.at, u.error_code, u.error_title, u.message_id, u.recipient, u.opts_out
+                   u.at, u.error_code, u.error_title, u.message_id, u.recipient, u.opts_out,
+                   u.bsuid, u.pricing_category, u.pricing_type
             FROM unmatched_receipts u
             WHERE u.received_at >= now() - make_interval(secs => $1)
               AND ($2::timestamptz IS NULL
@@ -624,8 +897,18 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
                              AND k.channel = u.channel)
                    OR u.message_id IS NOT NULL AND EXISTS (
                            SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                           WHERE x.id = u.message_id AND x.organization = u.organization AND x.provider_message_id IS NULL
-                             AND k.channel = u.channel)
+                           WHERE x.id = u.message_id AND x.organization = u.organization AND k.channel = u.channel
+                             AND (x.provider_message_id IS NULL
+                                  OR x.marketing_requeues > 0
+                                     AND x.status_history @> jsonb_build_array(jsonb_build_object($9::text, u.provider_message_id))))
+                   OR u.bsuid IS NOT NULL AND EXISTS (
+                           SELECT 1 FROM contacts c
+                           JOIN campaign_messages x ON x.contact_id = c.id
+                           JOIN campaigns k ON k.uid = x.campaign_uid
+                           WHERE c.organization = u.organization AND c.bsuid = u.bsuid
+                             AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
+                             AND k.channel = u.channel
+                             AND x.updated_at BETWEEN u.at - make_interval(secs => $1) AND u.at + make_interval(secs => $1))
                    OR u.provider = 'evolution' AND u.recipient IS NOT NULL AND EXISTS (
                            SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
                            WHERE x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
@@ -643,6 +926,7 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
         .bind(after.as_ref().map(|a| a.4.as_str()))
         .bind(after.as_ref().map(|a| a.5.as_str()))
         .bind(SWEEP_PAGE)
+        .bind(REQUEUED_PROVIDER_ID_KEY)
         .fetch_all(&mut *tx)
         .await?;
         let full_page = rows.len() as i64 >= SWEEP_PAGE;
@@ -707,6 +991,9 @@ struct KeptRow {
     message_id: Option<i64>,
     recipient: Option<String>,
     opts_out: bool,
+    bsuid: Option<String>,
+    pricing_category: Option<String>,
+    pricing_type: Option<String>,
 }
 
 impl KeptRow {
@@ -726,6 +1013,9 @@ impl KeptRow {
                 .map(|code| ProviderError { code, title: self.error_title.clone().unwrap_or_default() }),
             recipient: self.recipient.clone(),
             opts_out: self.opts_out,
+            recipient_bsuid: self.bsuid.clone(),
+            pricing: (self.pricing_category.is_some() || self.pricing_type.is_some())
+                .then(|| Pricing { category: self.pricing_category.clone(), pricing_type: self.pricing_type.clone() }),
         })
     }
 }
@@ -745,7 +1035,8 @@ pub fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
     (primary, alternative)
 }
 
-/// Marks opted out the contacts the opt-outs name (by phone or WhatsApp id) and the
+/// Marks opted out the contacts the opt-outs name (by phone, WhatsApp id or
+/// business-scoped user id) and the
 /// contacts of the messages in `message_ids`, locking them in id order first.
 async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], message_ids: &[i64]) -> Result<Vec<bool>> {
     let mut matched = vec![false; opt_outs.len()];
@@ -757,20 +1048,24 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
     let mut alternatives = Vec::with_capacity(opt_outs.len());
     let mut wa_ids = Vec::with_capacity(opt_outs.len());
     for opt_out in opt_outs {
-        let (phone, alternative) = phone_candidates(&opt_out.wa_id);
+        let (phone, alternative) = match opt_out.wa_id.as_deref().map(phone_candidates) {
+            Some((phone, alternative)) => (Some(phone), alternative),
+            None => (None, None),
+        };
         phones.push(phone);
         alternatives.push(alternative);
-        wa_ids.push(opt_out.wa_id.chars().filter(char::is_ascii_digit).collect::<String>());
+        wa_ids.push(opt_out.wa_id.as_ref().map(|id| id.chars().filter(char::is_ascii_digit).collect::<String>()));
     }
+    let bsuids: Vec<Option<&str>> = opt_outs.iter().map(|o| o.bsuid.as_deref()).collect();
     let rows: Vec<(i64,)> = sqlx::query_as(
         r#"
         WITH v AS (
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY
-                AS v(org, phone, alt_phone, wa_id, idx)
+            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $6::text[]) WITH ORDINALITY
+                AS v(org, phone, alt_phone, wa_id, bsuid, idx)
         ), matched AS (
             SELECT v.idx, c.id
             FROM v JOIN contacts c ON c.organization = v.org
-             AND (c.phone = v.phone OR c.phone = v.alt_phone OR c.whatsapp_id = v.wa_id)
+             AND (c.phone = v.phone OR c.phone = v.alt_phone OR c.whatsapp_id = v.wa_id OR c.bsuid = v.bsuid)
         ), locked AS (
             SELECT c.id FROM contacts c
             WHERE (c.id IN (SELECT id FROM matched)
@@ -790,6 +1085,7 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
     .bind(&alternatives)
     .bind(&wa_ids)
     .bind(message_ids)
+    .bind(&bsuids)
     .fetch_all(&mut *tx)
     .await?;
     for (idx,) in rows {
@@ -845,7 +1141,13 @@ mod tests {
                 .then(|| ProviderError { code: "131026".into(), title: "Message undeliverable".into() }),
             recipient: None,
             opts_out: false,
+            recipient_bsuid: None,
+            pricing: None,
         }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.timestamp_opt(1_750_300_000, 0).single().unwrap_or_default()
     }
 
     use ApplyOutcome::*;
@@ -904,7 +1206,7 @@ mod tests {
         for (current, receipts, expected, expected_outcomes, history) in cases {
             let events: Vec<StatusEvent> = receipts.iter().map(|(s, at)| event(*s, *at)).collect();
             let refs: Vec<&StatusEvent> = events.iter().collect();
-            let (change, outcomes) = plan(current, &refs);
+            let (change, outcomes) = plan(current, 0, &refs, now());
             assert_eq!(outcomes, expected_outcomes, "{current:?} {receipts:?}");
             let final_status = change.as_ref().and_then(|c| c.status).unwrap_or(current);
             assert_eq!(final_status, expected, "{current:?} {receipts:?}");
@@ -922,7 +1224,7 @@ mod tests {
     #[test]
     fn a_failure_records_code_title_and_provider_time() {
         let events = [event(R::Failed, 1_750_263_785)];
-        let (change, _) = plan(M::Sent, &[&events[0]]);
+        let (change, _) = plan(M::Sent, 0, &[&events[0]], now());
         let change = change.unwrap();
         assert_eq!(change.error, Some(ProviderError { code: "131026".into(), title: "Message undeliverable".into() }));
         assert_eq!(
@@ -933,8 +1235,77 @@ mod tests {
         );
         let mut bare = event(R::Failed, 1);
         bare.error = None;
-        let (change, _) = plan(M::Sent, &[&bare]);
+        let (change, _) = plan(M::Sent, 0, &[&bare], now());
         assert_eq!(change.unwrap().error.unwrap().code, UNSPECIFIED_ERROR_CODE);
+    }
+
+    #[test]
+    fn marketing_requeues_wait_24_48_96_hours_then_give_up() {
+        let start = now();
+        let hours = |requeues| marketing_requeue(requeues, start).map(|at| (at - start).num_hours());
+        assert_eq!(hours(0), Some(24));
+        assert_eq!(hours(1), Some(48));
+        assert_eq!(hours(2), Some(96));
+        assert_eq!(hours(3), None, "after three requeues the message fails");
+        assert_eq!(hours(i16::MAX), None);
+        assert_eq!(hours(-1), None);
+    }
+
+    fn marketing_limit(at: i64) -> StatusEvent {
+        StatusEvent {
+            error: Some(ProviderError { code: MARKETING_LIMIT_CODE.into(), title: "healthy ecosystem".into() }),
+            ..event(R::Failed, at)
+        }
+    }
+
+    #[test]
+    fn a_131049_puts_the_message_back_until_the_fourth() {
+        for current in [M::Sent, M::Sending, M::Unknown] {
+            let failed = marketing_limit(7);
+            let (change, outcomes) = plan(current, 0, &[&failed], now());
+            let change = change.unwrap();
+            assert_eq!(outcomes, vec![Applied]);
+            assert_eq!(change.status, Some(M::Pending), "{current:?}");
+            assert_eq!(change.requeue_at, Some(now() + chrono::Duration::hours(24)));
+            assert_eq!(change.error.as_ref().map(|e| e.code.as_str()), Some("131049"));
+            assert_eq!(
+                change.entries,
+                vec![serde_json::json!({
+                    "status": "pending", "at": "1970-01-01T00:00:07Z", "source": "webhook", "code": "131049",
+                    "title": "healthy ecosystem", "requeue": 1, "retryAt": "2025-06-20T02:26:40Z",
+                    "requeuedProviderId": "wamid.1"
+                })]
+            );
+        }
+        let (change, _) = plan(M::Sent, 2, &[&marketing_limit(7)], now());
+        assert_eq!(change.unwrap().requeue_at, Some(now() + chrono::Duration::hours(96)));
+        // the fourth fails as any permanent error
+        let (change, outcomes) = plan(M::Sent, 3, &[&marketing_limit(7)], now());
+        let change = change.unwrap();
+        assert_eq!((change.status, change.requeue_at, outcomes), (Some(M::Failed), None, vec![Applied]));
+        assert_eq!(change.entries[0]["status"], "failed");
+        // after delivery, only noted
+        let (change, outcomes) = plan(M::Delivered, 0, &[&marketing_limit(7)], now());
+        assert_eq!((change.as_ref().and_then(|c| c.status), outcomes), (None, vec![Stale]));
+        assert_eq!(change.unwrap().requeue_at, None);
+    }
+
+    #[test]
+    fn receipts_of_a_requeued_attempt_change_nothing() {
+        // in one batch: what the attempt said before the 131049 applies, a repeat of it is a duplicate
+        let events = [marketing_limit(9), event(R::Sent, 3), marketing_limit(9)];
+        let refs: Vec<&StatusEvent> = events.iter().collect();
+        let (change, outcomes) = plan(M::Sending, 0, &refs, now());
+        let change = change.unwrap();
+        assert_eq!(outcomes, vec![Applied, Applied, Duplicate]);
+        assert_eq!(change.status, Some(M::Pending));
+        let recorded: Vec<&str> = change.entries.iter().filter_map(|e| e["status"].as_str()).collect();
+        assert_eq!(recorded, vec!["sent", "pending"]);
+        // later: a pending message takes no receipt (a stale `sent`, a repeated 131049)
+        for late in [event(R::Sent, 3), marketing_limit(9), event(R::Read, 11)] {
+            let (change, outcomes) = plan(M::Pending, 1, &[&late], now());
+            assert_eq!((change, outcomes), (None, vec![Stale]), "{late:?}");
+        }
     }
 
     #[test]

@@ -101,6 +101,8 @@ fn parse_update(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
         error,
         recipient,
         opts_out: false,
+        recipient_bsuid: None,
+        pricing: None,
     })
 }
 
@@ -121,7 +123,7 @@ fn parse_upsert(item: &Value) -> Result<InboundMessage, Ignored> {
         .or_else(|| text_at(&["extendedTextMessage", "text"]))
         .or_else(|| text_at(&["buttonsResponseMessage", "selectedDisplayText"]))
         .map(clean_text);
-    Ok(InboundMessage { from, text })
+    Ok(InboundMessage { from: Some(from), from_bsuid: None, text })
 }
 
 #[cfg(test)]
@@ -177,7 +179,10 @@ mod tests {
                      "message": {"conversation": "Sair"}, "messageType": "conversation"}
         });
         let n = parse(upsert.to_string().as_bytes(), Utc::now()).unwrap();
-        assert_eq!(n.inbound, vec![InboundMessage { from: "5511999999999".into(), text: Some("Sair".into()) }]);
+        assert_eq!(
+            n.inbound,
+            vec![InboundMessage { from: Some("5511999999999".into()), from_bsuid: None, text: Some("Sair".into()) }]
+        );
         let lid = serde_json::json!({
             "event": "MESSAGES_UPSERT",
             "data": [{"key": {"remoteJid": "12345678901234@lid", "senderPn": "5511988887777@s.whatsapp.net", "fromMe": false},
@@ -185,7 +190,10 @@ mod tests {
                      {"key": {"remoteJid": "5511999999999@s.whatsapp.net", "fromMe": true}, "message": {"conversation": "STOP"}}]
         });
         let n = parse(lid.to_string().as_bytes(), Utc::now()).unwrap();
-        assert_eq!(n.inbound, vec![InboundMessage { from: "5511988887777".into(), text: Some("stop".into()) }]);
+        assert_eq!(
+            n.inbound,
+            vec![InboundMessage { from: Some("5511988887777".into()), from_bsuid: None, text: Some("stop".into()) }]
+        );
         assert_eq!(n.ignored, vec![Ignored::NotOurs]);
         let other = parse(br#"{"event":"connection.update","data":{"state":"open"}}"#, Utc::now()).unwrap();
         assert_eq!(other.ignored, vec![Ignored::OtherEvent]);

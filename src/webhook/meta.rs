@@ -4,15 +4,21 @@
 //! `statuses[]`, `messages[]`) is iterated; unknown fields are ignored; an item that
 //! cannot be understood is counted as ignored instead of failing the whole payload,
 //! because Meta would retry a rejected payload for a week and never succeed.
+//!
+//! `messages` changes carry statuses and inbound messages; the account health fields
+//! (a number's quality, the portfolio's limit and restrictions, templates) are read by
+//! [`super::signals::parse_change`]. People may be named by phone, by business-scoped
+//! user id (BSUID), or both (docs/providers.md, "Account health signals").
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use super::notification::{
-    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, clean_id, clean_text, parse_object,
+    Ignored, InboundMessage, Notification, ParseError, ReportedStatus, bsuid, clean_id, clean_text, parse_object,
     unix_seconds, wa_digits,
 };
-use crate::store::receipts::{ProviderError, ReceiptStatus};
+use super::signals::{SignalField, parse_change};
+use crate::store::receipts::{Pricing, ProviderError, ReceiptStatus};
 
 /// Prefix of `biz_opaque_callback_data` set by the sender: `disparo:<message id>`.
 pub const CALLBACK_PREFIX: &str = "disparo:";
@@ -28,19 +34,25 @@ pub fn parse(body: &[u8], received_at: DateTime<Utc>) -> Result<Notification, Pa
     let mut out = Notification::default();
     for entry in items(root.get("entry")) {
         for change in items(entry.get("changes")) {
-            if change.get("field").and_then(Value::as_str) != Some("messages") {
+            let field = change.get("field").and_then(Value::as_str);
+            let value = change.get("value");
+            if let Some(signal) = field.and_then(SignalField::parse) {
+                out.signals.push(parse_change(signal, entry.get("id"), value));
+                continue;
+            }
+            if field != Some("messages") {
                 out.ignored.push(Ignored::OtherField);
                 continue;
             }
-            let value = change.get("value");
             for status in items(value.and_then(|v| v.get("statuses"))) {
                 match parse_status(status, received_at) {
                     Ok(status) => out.statuses.push(status),
                     Err(ignored) => out.ignored.push(ignored),
                 }
             }
+            let contacts = items(value.and_then(|v| v.get("contacts")));
             for message in items(value.and_then(|v| v.get("messages"))) {
-                match parse_inbound(message) {
+                match parse_inbound(message, contacts) {
                     Some(message) => out.inbound.push(message),
                     None => out.ignored.push(Ignored::InvalidItem),
                 }
@@ -86,9 +98,40 @@ fn parse_status(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
     let message_id = item.get("biz_opaque_callback_data").and_then(Value::as_str).and_then(callback_message_id);
     let error = (status == ReceiptStatus::Failed).then(|| first_error(item)).flatten();
     let opts_out = error.as_ref().is_some_and(|e| OPT_OUT_ERROR_CODES.contains(&e.code.as_str()));
+    // Meta may name the recipient by BSUID only (no `recipient_id`): the WAMID still finds the message.
     let recipient = item.get("recipient_id").and_then(Value::as_str).and_then(wa_digits);
+    let recipient_bsuid = item.get("recipient_user_id").and_then(Value::as_str).and_then(bsuid);
     let at = unix_seconds(item.get("timestamp"), received_at);
-    Ok(ReportedStatus { provider_message_id: id, message_id, status, at, error, recipient, opts_out })
+    let pricing = item.get("pricing").and_then(parse_pricing);
+    Ok(ReportedStatus {
+        provider_message_id: id,
+        message_id,
+        status,
+        at,
+        error,
+        recipient,
+        opts_out,
+        recipient_bsuid,
+        pricing,
+    })
+}
+
+/// Longest pricing category or type kept (Meta's are short words).
+const MAX_PRICING_WORD: usize = 64;
+
+/// `pricing: {category, type, pricing_model, billable}` → what is stored: the category
+/// and type (the model is PMP for every status since July 2025; `billable` is deprecated).
+fn parse_pricing(pricing: &Value) -> Option<Pricing> {
+    let word = |key: &str| {
+        pricing.get(key).and_then(Value::as_str).map(str::trim).filter(|w| {
+            !w.is_empty()
+                && w.len() <= MAX_PRICING_WORD
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        })
+    };
+    let category = word("category").map(str::to_owned);
+    let pricing_type = word("type").map(str::to_owned);
+    (category.is_some() || pricing_type.is_some()).then_some(Pricing { category, pricing_type })
 }
 
 fn first_error(item: &Value) -> Option<ProviderError> {
@@ -103,15 +146,40 @@ fn first_error(item: &Value) -> Option<ProviderError> {
     Some(ProviderError { code, title })
 }
 
-fn parse_inbound(item: &Value) -> Option<InboundMessage> {
-    let from = item.get("from").and_then(Value::as_str).and_then(wa_digits)?;
+/// An inbound message, with its sender's phone (`from`) and BSUID (`from_user_id`);
+/// what the message lacks is taken from its sender's entry in `contacts[]` (`wa_id`,
+/// `user_id`): the entry with the same phone or BSUID, or the only entry. None when
+/// neither names the sender.
+fn parse_inbound(item: &Value, contacts: &[Value]) -> Option<InboundMessage> {
+    let mut from = item.get("from").and_then(Value::as_str).and_then(wa_digits);
+    let mut from_bsuid = item.get("from_user_id").and_then(Value::as_str).and_then(bsuid);
+    let phone_of = |c: &Value| c.get("wa_id").and_then(Value::as_str).and_then(wa_digits);
+    let bsuid_of = |c: &Value| c.get("user_id").and_then(Value::as_str).and_then(bsuid);
+    let names = |c: &Value| from.is_some() && phone_of(c) == from || from_bsuid.is_some() && bsuid_of(c) == from_bsuid;
+    // the only contact is the sender unless it names someone else
+    let agrees = |c: &Value| {
+        let (phone, id) = (phone_of(c), bsuid_of(c));
+        (from.is_none() || phone.is_none() || phone == from)
+            && (from_bsuid.is_none() || id.is_none() || id == from_bsuid)
+    };
+    let contact = contacts.iter().find(|c| names(c)).or(match contacts {
+        [only] if agrees(only) => Some(only),
+        _ => None,
+    });
+    if let Some(contact) = contact {
+        from = from.or_else(|| phone_of(contact));
+        from_bsuid = from_bsuid.or_else(|| bsuid_of(contact));
+    }
+    if from.is_none() && from_bsuid.is_none() {
+        return None;
+    }
     // Text bodies, and the quick-reply buttons of marketing templates ("Stop promotions").
     let text = text_at(item, &["text", "body"])
         .or_else(|| text_at(item, &["button", "text"]))
         .or_else(|| text_at(item, &["interactive", "button_reply", "title"]))
         .or_else(|| text_at(item, &["interactive", "list_reply", "title"]))
         .map(clean_text);
-    Some(InboundMessage { from, text })
+    Some(InboundMessage { from, from_bsuid, text })
 }
 
 #[cfg(test)]
@@ -155,7 +223,10 @@ mod tests {
                     at: at(ts),
                     error: None,
                     recipient: Some("15550123456".into()),
-                    opts_out: false
+                    opts_out: false,
+                    recipient_bsuid: None,
+                    pricing: (name != "read")
+                        .then(|| Pricing { category: Some("marketing".into()), pricing_type: Some("regular".into()) }),
                 }],
                 "{name}"
             );
@@ -196,7 +267,75 @@ mod tests {
     fn inbound_example_is_a_message_not_a_status() {
         let n = parse(fixture("inbound").as_bytes(), Utc::now()).unwrap();
         assert!(n.statuses.is_empty());
-        assert_eq!(n.inbound, vec![InboundMessage { from: "15550123456".into(), text: Some("STOP".into()) }]);
+        assert_eq!(
+            n.inbound,
+            vec![InboundMessage { from: Some("15550123456".into()), from_bsuid: None, text: Some("STOP".into()) }]
+        );
+    }
+
+    #[test]
+    fn statuses_and_messages_may_name_people_by_bsuid_only() {
+        let body = serde_json::json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [
+            {"field": "messages", "value": {"statuses": [
+                {"id": "wamid.A", "status": "delivered", "timestamp": "1750263779", "recipient_user_id": "BR.1502576394655843",
+                 "pricing": {"billable": true, "pricing_model": "PMP", "category": "utility"}},
+                {"id": "wamid.B", "status": "read", "recipient_id": "15550123456", "recipient_user_id": "not a bsuid",
+                 "pricing": {"category": "", "type": "x y"}}
+            ]}},
+            {"field": "messages", "value": {
+                "contacts": [{"profile": {"name": "A"}, "user_id": "BR.1502576394655843"}],
+                "messages": [{"id": "wamid.in", "type": "text", "text": {"body": "STOP"}}]}},
+            {"field": "messages", "value": {
+                "contacts": [{"wa_id": "15550123456", "user_id": "US.7"}, {"wa_id": "15550123457", "user_id": "US.8"}],
+                "messages": [
+                    {"from": "15550123457", "type": "text", "text": {"body": "hi"}},
+                    {"from_user_id": "US.9", "type": "text", "text": {"body": "hi"}},
+                    {"type": "text", "text": {"body": "who?"}}
+                ]}},
+            {"field": "messages", "value": {
+                "contacts": [{"wa_id": "15550123456", "user_id": "US.7"}],
+                "messages": [{"from": "15550999999", "type": "text", "text": {"body": "hi"}}]}}
+        ]}]});
+        let now = Utc::now();
+        let n = parse(body.to_string().as_bytes(), now).unwrap();
+        let pick: Vec<_> =
+            n.statuses.iter().map(|s| (s.recipient.clone(), s.recipient_bsuid.clone(), s.pricing.clone())).collect();
+        assert_eq!(
+            pick,
+            vec![
+                (
+                    None,
+                    Some("BR.1502576394655843".into()),
+                    Some(Pricing { category: Some("utility".into()), pricing_type: None })
+                ),
+                (Some("15550123456".into()), None, None),
+            ]
+        );
+        let inbound = |from: Option<&str>, bsuid: Option<&str>, text: &str| InboundMessage {
+            from: from.map(Into::into),
+            from_bsuid: bsuid.map(Into::into),
+            text: Some(text.into()),
+        };
+        assert_eq!(
+            n.inbound,
+            vec![
+                inbound(None, Some("BR.1502576394655843"), "STOP"),
+                inbound(Some("15550123457"), Some("US.8"), "hi"),
+                inbound(None, Some("US.9"), "hi"),
+                inbound(Some("15550999999"), None, "hi"),
+            ],
+            "the sender's contact entry fills in what the message lacks; the only entry unless it names someone else"
+        );
+        assert_eq!(n.ignored, vec![Ignored::InvalidItem], "a message naming nobody");
+    }
+
+    #[test]
+    fn account_fields_are_signals_not_ignored() {
+        let body = include_str!("../../tests/fixtures/meta/sent.json")
+            .replace("\"field\": \"messages\"", "\"field\": \"message_template_quality_update\"");
+        let n = parse(body.as_bytes(), Utc::now()).unwrap();
+        assert!(n.statuses.is_empty() && n.ignored.is_empty());
+        assert_eq!(n.signals, vec![Err(SignalField::TemplateQuality)], "no template name in it");
     }
 
     #[test]
@@ -217,6 +356,7 @@ mod tests {
             "object": "whatsapp_business_account",
             "entry": [
                 {"changes": [
+                    {"field": "security", "value": {}},
                     {"field": "account_update", "value": {}},
                     {"field": "messages", "value": {
                         "statuses": [
@@ -246,7 +386,9 @@ mod tests {
                 at: now,
                 error: None,
                 recipient: None,
-                opts_out: false
+                opts_out: false,
+                recipient_bsuid: None,
+                pricing: None,
             }]
         );
         assert_eq!(
@@ -261,6 +403,7 @@ mod tests {
                 Ignored::ErrorsNotice
             ]
         );
+        assert_eq!(n.signals, vec![Err(SignalField::Account)], "an account change without its WABA id");
     }
 
     #[test]

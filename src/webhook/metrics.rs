@@ -1,4 +1,5 @@
-//! Webhook metrics: events by provider, status and outcome; requests by answer;
+//! Webhook metrics: events by provider, status and outcome; account signals by field
+//! and outcome; requests by answer;
 //! batch sizes and commit latency; request latency. Every label value comes from a
 //! fixed set (no ids, namespaces or numbers), so cardinality stays bounded whatever
 //! is posted.
@@ -18,6 +19,16 @@ pub struct EventLabels {
     pub status: &'static str,
     /// `applied`, `duplicate`, `stale`, `unknown_id`, `rejected_signature`, `opted_out`,
     /// `unknown_contact`, `not_opt_out`, or why an item was ignored.
+    pub outcome: &'static str,
+}
+
+/// Labels of the account signals counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignalLabels {
+    /// Meta's `field`: `phone_number_quality_update`, `business_capability_update`,
+    /// `account_update`, `message_template_status_update`, `message_template_quality_update`.
+    pub field: &'static str,
+    /// `applied`, `no_portfolio`, `not_recorded`, or `invalid`.
     pub outcome: &'static str,
 }
 
@@ -42,6 +53,8 @@ pub struct ProviderLabels {
 pub struct WebhookMetrics {
     /// Events by provider, status and outcome.
     pub events: Family<EventLabels, Counter>,
+    /// Account health signals (Meta's account, number and template fields) by field and outcome.
+    pub signals: Family<SignalLabels, Counter>,
     /// Requests by provider and answer.
     pub requests: Family<RequestLabels, Counter>,
     /// Seconds from request to answer, by provider.
@@ -71,6 +84,7 @@ impl WebhookMetrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = WebhookMetrics {
             events: Family::default(),
+            signals: Family::default(),
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             batch_events: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -85,6 +99,11 @@ impl WebhookMetrics {
             "disparo_webhook_events",
             "Webhook events by provider, status and outcome",
             metrics.events.clone(),
+        );
+        registry.register(
+            "disparo_webhook_account_signals",
+            "Account health signals (number quality, messaging limits, restrictions, templates) by field and outcome",
+            metrics.signals.clone(),
         );
         registry.register(
             "disparo_webhook_requests",

@@ -7,6 +7,9 @@
 //!
 //! - [`signature`]: Meta's `X-Hub-Signature-256`, Evolution's shared header and JWT.
 //! - [`meta`], [`evolution`]: payload parsing, pure, into a [`notification::Notification`].
+//! - [`signals`]: Meta's account health fields (number quality, messaging limits,
+//!   restrictions, templates): parsing and routing, pure; the SQL is in
+//!   [`crate::store::signals`].
 //! - [`optout`]: opt-out keywords.
 //! - [`credentials`]: channel secrets from the Kubernetes API (watch-backed) or fixed ones.
 //! - [`writer`]: the batching writer; the SQL itself is in [`crate::store::receipts`].
@@ -25,6 +28,7 @@ pub mod notification;
 pub mod optout;
 mod organizations;
 mod server;
+pub mod signals;
 pub mod signature;
 mod sweeper;
 pub mod writer;

@@ -4,7 +4,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 
-use crate::store::receipts::{ProviderError, ReceiptStatus};
+use super::signals::{AccountSignal, SignalField};
+use crate::store::receipts::{Pricing, ProviderError, ReceiptStatus};
 
 /// A status a provider reported, not yet bound to an organization.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,13 +24,20 @@ pub struct ReportedStatus {
     pub recipient: Option<String>,
     /// The failure means the recipient opted out (Meta 131050).
     pub opts_out: bool,
+    /// The recipient's business-scoped user id (Meta `recipient_user_id`), when given.
+    pub recipient_bsuid: Option<String>,
+    /// What the provider says it charges for the message (Meta `pricing`).
+    pub pricing: Option<Pricing>,
 }
 
-/// A message a user sent to the business number.
+/// A message a user sent to the business number, from a phone number, a
+/// business-scoped user id, or both (Meta may leave out the phone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundMessage {
     /// The sender's WhatsApp id (digits only). Never logged in full.
-    pub from: String,
+    pub from: Option<String>,
+    /// The sender's business-scoped user id (Meta `from_user_id` or the contact's `user_id`).
+    pub from_bsuid: Option<String>,
     /// Its text (text body, button text or reply title), if it has any.
     pub text: Option<String>,
 }
@@ -72,6 +80,9 @@ pub struct Notification {
     pub statuses: Vec<ReportedStatus>,
     /// Inbound messages, in payload order.
     pub inbound: Vec<InboundMessage>,
+    /// Account health signals (Meta's account, number and template fields), in payload
+    /// order; the field of a change that could not be understood as an error.
+    pub signals: Vec<Result<AccountSignal, SignalField>>,
     /// What was skipped, one entry per item.
     pub ignored: Vec<Ignored>,
 }
@@ -135,6 +146,23 @@ pub(crate) fn wa_digits(id: &str) -> Option<String> {
     (digits.len() >= 7 && digits.len() <= 15 && digits.chars().all(|c| c.is_ascii_digit())).then_some(digits)
 }
 
+/// Longest business-scoped user id: a two-letter country code, a dot, and up to 128
+/// alphanumerics (docs/providers.md, "Account health signals").
+const MAX_BSUID_LEN: usize = 131;
+
+/// A business-scoped user id fit to store and look up (`BR.1502576394655843`): a
+/// two-letter country code, a dot, alphanumerics; None for anything else.
+pub(crate) fn bsuid(id: &str) -> Option<String> {
+    let id = id.trim();
+    let (country, rest) = id.split_once('.')?;
+    let fits = id.len() <= MAX_BSUID_LEN
+        && country.len() == 2
+        && country.chars().all(|c| c.is_ascii_alphabetic())
+        && !rest.is_empty()
+        && rest.chars().all(|c| c.is_ascii_alphanumeric());
+    fits.then(|| id.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +193,19 @@ mod tests {
         assert_eq!(wa_digits("120363025246125888@g.us"), None, "groups are not people");
         assert_eq!(wa_digits("abc"), None);
         assert_eq!(wa_digits("123456789012345@lid"), None, "privacy ids are not phone numbers");
+        assert_eq!(bsuid("BR.1502576394655843"), Some("BR.1502576394655843".into()));
+        assert_eq!(bsuid(" US.abcXYZ09 "), Some("US.abcXYZ09".into()));
+        for odd in [
+            "1502576394655843",
+            "BR.",
+            "BRA.123",
+            "B1.123",
+            "BR.12-3",
+            "BR.1.2",
+            "",
+            &format!("BR.{}", "9".repeat(129)),
+        ] {
+            assert_eq!(bsuid(odd), None, "{odd}");
+        }
     }
 }

@@ -30,9 +30,10 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::credentials::{ChannelCredentials, LookupError};
-use super::metrics::{ProviderLabels, RequestLabels, WebhookMetrics};
+use super::metrics::{ProviderLabels, RequestLabels, SignalLabels, WebhookMetrics};
 use super::notification::Notification;
 use super::optout::OptOutKeywords;
+use super::signals::{self, AccountSignal, SignalOutcome};
 use super::signature::{self, Rejection};
 use super::writer::{WriteError, Writer};
 use super::{evolution, meta};
@@ -322,6 +323,57 @@ impl AppState {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Applies the account health signals of a verified notification (see
+    /// [`signals`]) before its statuses, and counts them. Returns how many were
+    /// recorded, or the answer when they could not be (503 while Postgres is
+    /// unavailable, so Meta retries the whole notification: applying a signal again
+    /// has the same effect, and its statuses are then duplicates).
+    async fn apply_signals(
+        &self,
+        organization: &str,
+        channel: &str,
+        parsed: Vec<Result<AccountSignal, signals::SignalField>>,
+    ) -> Result<usize, Response> {
+        let mut valid = Vec::with_capacity(parsed.len());
+        for signal in parsed {
+            match signal {
+                Ok(signal) => valid.push(signal),
+                Err(field) => self.count_signal(field.as_str(), signals::INVALID),
+            }
+        }
+        if valid.is_empty() {
+            return Ok(0);
+        }
+        let applied =
+            tokio::time::timeout(self.apply_timeout, signals::apply(&self.pool, organization, channel, &valid));
+        match applied.await {
+            Ok(Ok(outcomes)) => {
+                for (signal, outcome) in valid.iter().zip(&outcomes) {
+                    self.count_signal(signal.field().as_str(), outcome.as_str());
+                }
+                Ok(outcomes.iter().filter(|o| **o == SignalOutcome::Applied).count())
+            }
+            Ok(Err(error)) if !error.is_transient() => {
+                warn!(%error, "account signals refused by the database");
+                Err((StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response())
+            }
+            result => {
+                if let Ok(Err(error)) = result {
+                    debug!(%error, "account signals not applied");
+                }
+                Err((
+                    [(header::RETRY_AFTER, "5")],
+                    (StatusCode::SERVICE_UNAVAILABLE, "database unavailable, retry later"),
+                )
+                    .into_response())
+            }
+        }
+    }
+
+    fn count_signal(&self, field: &'static str, outcome: &'static str) {
+        self.metrics.signals.get_or_create(&SignalLabels { field, outcome }).inc();
+    }
+
     /// Binds a verified notification to the namespace's organization and the channel,
     /// applies it, and answers once it is committed.
     async fn apply(&self, source: Provider, namespace: &str, channel: &str, notification: Notification) -> Response {
@@ -347,18 +399,27 @@ impl AppState {
             }
         };
         let organization = organization.as_str();
-        let Notification { statuses, inbound, ignored } = notification;
+        let Notification { statuses, inbound, ignored, signals } = notification;
         for item in &ignored {
             self.metrics.count(provider, "none", item.as_str(), 1);
         }
+        let signals = match self.apply_signals(organization, channel, signals).await {
+            Ok(applied) => applied,
+            Err(response) => return response,
+        };
         let mut opt_outs = Vec::new();
         let events: Vec<StatusEvent> = statuses
             .into_iter()
             .map(|s| {
-                // A failure that means "opted out" opts out the recipient's number as
-                // well as the message's contact (which the store finds, or finds later).
-                if let (true, Some(recipient)) = (s.opts_out, &s.recipient) {
-                    opt_outs.push(OptOut { organization: organization.to_owned(), wa_id: recipient.clone() });
+                // A failure that means "opted out" opts out the recipient (by number or
+                // business-scoped id) as well as the message's contact (which the store
+                // finds, or finds later).
+                if s.opts_out && (s.recipient.is_some() || s.recipient_bsuid.is_some()) {
+                    opt_outs.push(OptOut {
+                        organization: organization.to_owned(),
+                        wa_id: s.recipient.clone(),
+                        bsuid: s.recipient_bsuid.clone(),
+                    });
                 }
                 StatusEvent {
                     provider: source,
@@ -371,17 +432,23 @@ impl AppState {
                     error: s.error,
                     recipient: s.recipient,
                     opts_out: s.opts_out,
+                    recipient_bsuid: s.recipient_bsuid,
+                    pricing: s.pricing,
                 }
             })
             .collect();
         for message in inbound {
             if message.text.as_deref().is_some_and(|text| self.keywords.matches(text)) {
-                opt_outs.push(OptOut { organization: organization.to_owned(), wa_id: message.from });
+                opt_outs.push(OptOut {
+                    organization: organization.to_owned(),
+                    wa_id: message.from,
+                    bsuid: message.from_bsuid,
+                });
             } else {
                 self.metrics.count(provider, "inbound", "not_opt_out", 1);
             }
         }
-        let mut summary = json!({"applied": 0, "duplicate": 0, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": ignored.len()});
+        let mut summary = json!({"applied": 0, "duplicate": 0, "stale": 0, "unknown_id": 0, "opted_out": 0, "ignored": ignored.len(), "signals": signals});
         if events.is_empty() && opt_outs.is_empty() {
             return (StatusCode::OK, axum::Json(summary)).into_response();
         }
