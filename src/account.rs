@@ -263,14 +263,22 @@ pub fn slows_down(signals: &Signals, policy: QualityPolicy, category: Option<Tem
         && signals.quality_degraded().is_some()
 }
 
+/// Meta's per-user marketing limit, "not delivered to maintain healthy ecosystem
+/// engagement" (docs/providers.md A3a): Meta declined the message for now, not for good.
+pub const MARKETING_LIMIT_CODE: &str = "131049";
+
 /// Meta's per-user marketing limit (131049) puts a message back this many times, after
 /// 24 h, 48 h, 96 h; the next one fails it.
 pub const MARKETING_REQUEUES: i16 = 3;
 
-/// When a message withheld by Meta's per-user marketing limit for the `requeues`-th
-/// time (0-based) is tried again, or None when it has been put back enough.
+/// When a message withheld by Meta's per-user marketing limit is due again, given how
+/// many times it was already put back for it: 24 h after `now`, then 48 h, then 96 h, as
+/// Meta advises growing delays; None after three requeues, when it fails like any other
+/// permanent error. One rule for the asynchronous 131049 (a `failed` status webhook) and
+/// the synchronous one (a send's answer), so both count against the same requeues.
 pub fn marketing_requeue_at(requeues: i16, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    (0..MARKETING_REQUEUES).contains(&requeues).then(|| now + Duration::hours(24) * 2_i32.pow(requeues as u32))
+    let done = u32::try_from(requeues).ok().filter(|n| *n < MARKETING_REQUEUES as u32)?;
+    now.checked_add_signed(Duration::hours(24 << done))
 }
 
 /// A price list: what Meta charges per delivered billable message, by pricing category
@@ -454,6 +462,8 @@ mod tests {
     fn marketing_requeues_double_then_stop() {
         let at: Vec<_> = (0..4).map(|n| marketing_requeue_at(n, now()).map(|t| (t - now()).num_hours())).collect();
         assert_eq!(at, vec![Some(24), Some(48), Some(96), None]);
+        assert_eq!(marketing_requeue_at(i16::MAX, now()), None);
+        assert_eq!(marketing_requeue_at(-1, now()), None);
     }
 
     #[test]

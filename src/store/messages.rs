@@ -143,10 +143,6 @@ impl Outcome {
     }
 }
 
-/// The error code of Meta's per-user marketing limit (docs/providers.md, "Per-user
-/// marketing limit").
-pub const MARKETING_LIMIT_CODE: &str = "131049";
-
 /// Records the outcomes of a block of attempts in one statement. Only messages still
 /// `sending` move (a webhook may already have moved one further: it wins). Each gets
 /// one history entry for the attempt: its number, when it started, the sender run
@@ -184,7 +180,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
             }
             Outcome::Requeue { at } => (None, None, None, Some(*at), true),
             Outcome::MarketingHeld { at, message } => {
-                (None, Some(MARKETING_LIMIT_CODE.to_owned()), Some(message.clone()), Some(*at), true)
+                (None, Some(crate::account::MARKETING_LIMIT_CODE.to_owned()), Some(message.clone()), Some(*at), true)
             }
             Outcome::Failed { code, message } => (None, Some(code.clone()), Some(message.clone()), None, false),
             Outcome::Unknown { reason } => (None, Some("unknown".to_owned()), Some(reason.clone()), None, false),

@@ -22,7 +22,7 @@
 //!
 //! Meta's per-user marketing limit (131049) is not a failure of the message: a `failed`
 //! receipt with that code puts it back to `pending`, due after growing delays
-//! ([`marketing_requeue`]), and fails it only after three requeues. The requeue drops
+//! ([`crate::account::marketing_requeue_at`]), and fails it only after three requeues. The requeue drops
 //! the provider id (the next attempt gets its own) and names it in the history entry,
 //! so the ended attempt's late receipts are recognised and change nothing. The schema
 //! allows that one way back from `sent` or `unknown` (migration 0008).
@@ -52,6 +52,7 @@ use serde_json::{Map, Value};
 use sqlx::PgPool;
 
 use super::Result;
+use crate::account::{MARKETING_LIMIT_CODE, marketing_requeue_at};
 
 /// A message's status as stored (the `message_status` enum of the schema).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -306,7 +307,7 @@ pub struct PlannedChange {
     /// The error to record (when the message becomes `failed`, or is put back).
     pub error: Option<ProviderError>,
     /// The message is put back for Meta's per-user marketing limit (see
-    /// [`marketing_requeue`]): it becomes `pending`, due at this instant.
+    /// [`crate::account::marketing_requeue_at`]): it becomes `pending`, due at this instant.
     pub requeue_at: Option<DateTime<Utc>>,
 }
 
@@ -314,28 +315,10 @@ pub struct PlannedChange {
 /// still shows in the per-code breakdown.
 pub const UNSPECIFIED_ERROR_CODE: &str = "unspecified";
 
-/// Meta's per-user marketing limit, "not delivered to maintain healthy ecosystem
-/// engagement" (docs/providers.md A2): Meta declined the message for now, not for good.
-pub const MARKETING_LIMIT_CODE: &str = "131049";
-
-/// How many times a message is put back for [`MARKETING_LIMIT_CODE`] before it fails.
-pub const MAX_MARKETING_REQUEUES: i16 = 3;
-
 /// The key of a requeue's history entry that names the provider id of the attempt it
 /// ended. Late receipts of that attempt are recognised by it (the message's own
 /// provider id is cleared, and later holds the next attempt's).
 pub const REQUEUED_PROVIDER_ID_KEY: &str = "requeuedProviderId";
-
-/// When a message refused for Meta's per-user marketing limit (131049) is due again,
-/// given how many times it was already put back for it (`marketing_requeues`): 24 h
-/// after `now`, then 48 h, then 96 h, as Meta advises growing delays; None after three
-/// requeues, when the message fails like any other permanent error. One rule for the
-/// asynchronous 131049 (a `failed` status webhook) and the synchronous one (a send's
-/// answer), so both count against the same three requeues.
-pub fn marketing_requeue(requeues: i16, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let done = u32::try_from(requeues).ok().filter(|n| *n < MAX_MARKETING_REQUEUES as u32)?;
-    now.checked_add_signed(chrono::Duration::hours(24 << done))
-}
 
 /// Whether a receipt is Meta's per-user marketing limit.
 fn is_marketing_limit(event: &StatusEvent) -> bool {
@@ -348,7 +331,7 @@ fn is_marketing_limit(event: &StatusEvent) -> bool {
 /// the result does not depend on their order in the payload. Returns the change (None
 /// when nothing changes) and one outcome per receipt, in input order.
 ///
-/// A `failed` with 131049 puts the message back ([`marketing_requeue`], due from
+/// A `failed` with 131049 puts the message back ([`crate::account::marketing_requeue_at`], due from
 /// `now`) instead of failing it, until it was put back three times; the receipts after
 /// it are about the attempt it ended, and change nothing. A `pending` message takes no
 /// receipt: whatever it says is about an attempt already dealt with.
@@ -381,7 +364,7 @@ pub fn plan(
             outcomes[i] = ApplyOutcome::Duplicate;
         } else if running.can_move_to(target) {
             outcomes[i] = ApplyOutcome::Applied;
-            let again = is_marketing_limit(event).then(|| marketing_requeue(marketing_requeues, now)).flatten();
+            let again = is_marketing_limit(event).then(|| marketing_requeue_at(marketing_requeues, now)).flatten();
             if let Some(at) = again {
                 running = MessageStatus::Pending;
                 requeue_at = Some(at);
@@ -1237,18 +1220,6 @@ mod tests {
         bare.error = None;
         let (change, _) = plan(M::Sent, 0, &[&bare], now());
         assert_eq!(change.unwrap().error.unwrap().code, UNSPECIFIED_ERROR_CODE);
-    }
-
-    #[test]
-    fn marketing_requeues_wait_24_48_96_hours_then_give_up() {
-        let start = now();
-        let hours = |requeues| marketing_requeue(requeues, start).map(|at| (at - start).num_hours());
-        assert_eq!(hours(0), Some(24));
-        assert_eq!(hours(1), Some(48));
-        assert_eq!(hours(2), Some(96));
-        assert_eq!(hours(3), None, "after three requeues the message fails");
-        assert_eq!(hours(i16::MAX), None);
-        assert_eq!(hours(-1), None);
     }
 
     fn marketing_limit(at: i64) -> StatusEvent {
