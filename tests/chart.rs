@@ -345,6 +345,16 @@ const CALLS: &[Call] = &[
     call(Plugin, "", "events", "list", Cluster, None, "src/cli/plugin.rs", "api.list(&ListParams::default().fields("),
     call(
         Plugin,
+        "disparo.io",
+        "channels",
+        "get",
+        Cluster,
+        None,
+        "src/cli/plugin.rs",
+        "channels.get_opt(&campaign.spec.channel_ref.name)",
+    ),
+    call(
+        Plugin,
         "",
         "secrets",
         "get",

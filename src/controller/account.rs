@@ -6,8 +6,6 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
 
 use super::{Context, Result};
 use crate::account::Tier;
@@ -131,10 +129,8 @@ async fn read_graph(
     namespace: &str,
 ) -> Result<std::result::Result<crate::providers::meta::NumberHealth, String>> {
     let Some(meta) = &channel.spec.meta else { return Ok(Err("not a Meta channel".into())) };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    let token = match super::channel::read_secret(&secrets, &meta.access_token).await? {
-        super::channel::SecretRead::Value(token) => token,
-        _ => return Ok(Err("the access token cannot be read (see the Ready condition)".into())),
+    let Some(token) = super::channel::secret_value(ctx, namespace, &meta.access_token).await? else {
+        return Ok(Err("the access token cannot be read (see the Ready condition)".into()));
     };
     let client = MetaClient::new(
         ctx.http.clone(),

@@ -43,7 +43,7 @@ fn secret_refs(channel: &Channel) -> Vec<(&'static str, &SecretKeyRef)> {
 
 /// What a Channel's reference to a Secret key finds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum SecretRead {
+enum SecretRead {
     /// No such Secret.
     NoSecret,
     /// The Secret exists but is not labelled for Disparo: its data is not looked at.
@@ -78,8 +78,17 @@ fn read_key(secret: Option<&Secret>, r: &SecretKeyRef) -> SecretRead {
 }
 
 /// Reads one Secret key (see [`read_key`]).
-pub(super) async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRead> {
+async fn read_secret(secrets: &Api<Secret>, r: &SecretKeyRef) -> Result<SecretRead> {
     Ok(read_key(secrets.get_opt(&r.name).await?.as_ref(), r))
+}
+
+/// The value of a Secret key the channel references, if it is a labelled value.
+pub(super) async fn secret_value(ctx: &Context, namespace: &str, r: &SecretKeyRef) -> Result<Option<String>> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(match read_secret(&secrets, r).await? {
+        SecretRead::Value(value) => Some(value),
+        _ => None,
+    })
 }
 
 /// Why a reference cannot be used, as the `Ready` condition's reason and message.
