@@ -244,7 +244,7 @@ pub struct AccountChange {
     pub tier: Option<Tier>,
     /// New quality rating (silent: Meta announces quality through FLAGGED/UNFLAGGED).
     pub quality_rating: Option<Quality>,
-    /// New throughput level (HIGH from STANDARD posts THROUGHPUT_UPGRADE, as in A3).
+    /// New throughput level (HIGH from STANDARD posts THROUGHPUT_UPGRADE, docs/providers.md A6).
     pub throughput_level: Option<ThroughputLevel>,
 }
 

@@ -52,8 +52,9 @@ fn bad_request(message: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, message.into()).into_response()
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(e.to_string()))
+/// The JSON body, or why it is not one (the answer of a 400).
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 fn now_view(shared: &Shared) -> Json<Value> {
@@ -75,7 +76,7 @@ struct Advance {
 pub async fn advance_clock(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let advance: Advance = match parse(&body) {
         Ok(advance) => advance,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     if advance.advance_seconds < 0 {
         return bad_request("the sandbox clock only moves forward");
@@ -94,7 +95,7 @@ pub async fn get_account(State(shared): State<Arc<Shared>>) -> Json<AccountView>
 pub async fn put_account(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let change: AccountChange = match parse(&body) {
         Ok(change) => change,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     let events = shared.account().change(change, &shared.config.meta.display_phone_number);
     let webhooks = announce(&shared, events).await;
@@ -112,7 +113,7 @@ struct QualityChange {
 pub async fn post_quality(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let change: QualityChange = match parse(&body) {
         Ok(change) => change,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     let event = shared.account().quality_event(change.event, &shared.config.meta.display_phone_number);
     let webhooks = announce(&shared, vec![event]).await;
@@ -143,7 +144,7 @@ pub async fn put_template_status(
 ) -> Response {
     let change: StatusChange = match parse(&body) {
         Ok(change) => change,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     if let Some(unknown) = unknown_template(&shared, &name, &language) {
         return unknown;
@@ -171,7 +172,7 @@ pub async fn post_template_quality(
 ) -> Response {
     let change: ScoreChange = match parse(&body) {
         Ok(change) => change,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     if let Some(unknown) = unknown_template(&shared, &name, &language) {
         return unknown;
@@ -188,7 +189,7 @@ pub async fn post_template_quality(
 pub async fn post_restriction(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let restriction: Restriction = match parse(&body) {
         Ok(restriction) => restriction,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     let event = shared.account().restrict(restriction);
     let webhooks = announce(&shared, vec![event]).await;
@@ -200,7 +201,7 @@ pub async fn post_restriction(State(shared): State<Arc<Shared>>, body: Bytes) ->
 pub async fn put_marketing_limited(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let numbers: Vec<String> = match parse(&body) {
         Ok(numbers) => numbers,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     shared.account().set_marketing_limited(&numbers);
     StatusCode::NO_CONTENT.into_response()
@@ -211,7 +212,7 @@ pub async fn put_marketing_limited(State(shared): State<Arc<Shared>>, body: Byte
 pub async fn post_webhook(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let value: Value = match parse(&body) {
         Ok(value) => value,
-        Err(refusal) => return refusal,
+        Err(why) => return bad_request(why),
     };
     let Some(target) = &shared.meta_target else {
         return (StatusCode::CONFLICT, "meta.webhook_url is not configured").into_response();

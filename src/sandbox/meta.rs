@@ -486,7 +486,7 @@ fn status_body(sent: &Sent, statuses: &[Status]) -> Vec<u8> {
 }
 
 /// Title and details of a `failed` status's error: Meta's wording for 131049 (as in
-/// docs/providers.md A5.5), the table's title otherwise.
+/// docs/providers.md A6), the table's title otherwise.
 fn webhook_error_text(code: i64) -> (&'static str, String) {
     if code == 131049 {
         return (
