@@ -264,7 +264,7 @@ pub fn slows_down(signals: &Signals, policy: QualityPolicy, category: Option<Tem
 }
 
 /// Meta's per-user marketing limit, "not delivered to maintain healthy ecosystem
-/// engagement" (docs/providers.md A3a): Meta declined the message for now, not for good.
+/// engagement" (docs/providers.md A6): Meta declined the message for now, not for good.
 pub const MARKETING_LIMIT_CODE: &str = "131049";
 
 /// Meta's per-user marketing limit (131049) puts a message back this many times, after

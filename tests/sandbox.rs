@@ -18,8 +18,11 @@ use disparo::providers::signature::verify_meta_signature;
 use disparo::providers::{
     Content, ErrorClass, OutboundMessage, ProviderClient, ProviderError, Secret, SendOutcome, Timeouts, http_client,
 };
-use disparo::sandbox::{self, Faults, SandboxConfig, SandboxHandle, TemplateSpec, WebhookBehaviour};
-use serde_json::Value;
+use disparo::sandbox::{
+    self, Faults, SandboxConfig, SandboxHandle, TemplateCategory, TemplateSpec, TemplateStatus, Tier, WebhookBehaviour,
+    bsuid_for,
+};
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 const META_TOKEN: &str = "test-meta-token";
@@ -248,6 +251,8 @@ async fn meta_templates_are_checked_when_configured() {
         name: "order_update_v1".into(),
         languages: vec!["en_US".into()],
         body_parameters: Some(2),
+        status: TemplateStatus::Approved,
+        category: TemplateCategory::Marketing,
     }];
     let sandbox = start(config).await;
     let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
@@ -504,6 +509,415 @@ async fn failing_receivers_get_retries() {
     }
     eventually(|| sandbox.webhook_counts().posted == 1).await;
     assert_eq!(sandbox.webhook_counts().given_up, 0);
+    sandbox.shutdown().await.unwrap();
+}
+
+/// A control call: `method` `path` with a JSON body; the status and the JSON answer
+/// (`null` when there is none).
+async fn control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, format!("{}{path}", sandbox.base_url()));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn summary(sandbox: &SandboxHandle) -> Value {
+    control(sandbox, reqwest::Method::GET, "/_sandbox/ledger", None).await.1
+}
+
+/// The next webhook, checked to be signed with the app secret, as JSON.
+async fn next_signed(receiver: &mut Receiver) -> Value {
+    let (headers, body) = receiver.next().await;
+    let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok()).expect("signed");
+    assert!(verify_meta_signature(APP_SECRET.as_bytes(), &body, signature), "signed with the app secret");
+    serde_json::from_slice(&body).unwrap()
+}
+
+/// `changes[0]` of an account webhook, after checking the A6 envelope.
+fn account_change(payload: &Value) -> &Value {
+    assert_eq!(payload["object"], "whatsapp_business_account");
+    assert_eq!(payload["entry"][0]["id"], "102290129340398", "the WABA id");
+    assert!(payload["entry"][0]["time"].is_i64());
+    &payload["entry"][0]["changes"][0]
+}
+
+fn template_named(to: &str, name: &str, parameters: usize) -> OutboundMessage {
+    OutboundMessage {
+        to: to.into(),
+        content: Content::Template {
+            name: name.into(),
+            language: "en_US".into(),
+            body_parameters: (0..parameters).map(|i| format!("p{i}")).collect(),
+        },
+        callback_data: format!("{name}-{to}"),
+    }
+}
+
+fn spec(name: &str, category: TemplateCategory) -> TemplateSpec {
+    TemplateSpec {
+        name: name.into(),
+        languages: vec!["en_US".into()],
+        body_parameters: None,
+        status: TemplateStatus::Approved,
+        category,
+    }
+}
+
+#[tokio::test]
+async fn the_tier_refuses_a_new_recipient_beyond_250_until_the_clock_moves_a_day() {
+    let mut config = config();
+    config.meta.tier = Tier::Tier250;
+    config.latency = sandbox::Latency { min_ms: 0, max_ms: 0 };
+    let sandbox = start(config).await;
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+    for i in 0..250 {
+        accepted(client.send(&template(&format!("+1555100{i:04}"), "m")).await);
+    }
+    let error = rejected(client.send(&template("+15551009999", "m")).await);
+    assert_eq!((error.class, error.code.as_str()), (ErrorClass::RateLimitedChannel, "131048"));
+    accepted(client.send(&template("+15551000007", "again")).await);
+    accepted(client.send(&text("+15551009999")).await);
+
+    let ledger = summary(&sandbox).await;
+    assert_eq!(ledger["unique_recipients_24h"], 250);
+    assert_eq!(ledger["max_unique_recipients_in_any_24h"], 250);
+    assert_eq!(ledger["over_tier_refusals"], 1);
+    assert_eq!(ledger["total_accepted"], 252);
+
+    let (_, before) = control(&sandbox, reqwest::Method::GET, "/_sandbox/clock", None).await;
+    let (status, after) =
+        control(&sandbox, reqwest::Method::POST, "/_sandbox/clock", Some(json!({ "advance_seconds": 86_400 }))).await;
+    assert_eq!(status, 200);
+    let parse = |v: &Value| chrono::DateTime::parse_from_rfc3339(v["now"].as_str().unwrap()).unwrap();
+    assert!(parse(&after) - parse(&before) >= chrono::TimeDelta::hours(24));
+    assert_eq!(summary(&sandbox).await["unique_recipients_24h"], 0, "a day later the window is empty");
+    accepted(client.send(&template("+15551009999", "m")).await);
+    let ledger = summary(&sandbox).await;
+    assert_eq!(ledger["unique_recipients_24h"], 1);
+    assert_eq!(ledger["max_unique_recipients_in_any_24h"], 250, "never more than the tier");
+    let (status, _) =
+        control(&sandbox, reqwest::Method::POST, "/_sandbox/clock", Some(json!({ "advance_seconds": -1 }))).await;
+    assert_eq!(status, 400, "the clock does not go back");
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_marketing_limited_recipient_is_accepted_then_fails_with_131049() {
+    let mut receiver = Receiver::start().await;
+    let mut config = config();
+    config.meta.webhook_url = Some(receiver.url.clone());
+    config.webhooks = WebhookBehaviour { read: 0.0, delivered: 0.0, ..orderly_webhooks() };
+    config.meta.templates =
+        vec![spec("promo", TemplateCategory::Marketing), spec("receipt", TemplateCategory::Utility)];
+    config.meta.marketing_limited_recipients = vec!["5511900000001".into()];
+    let sandbox = start(config).await;
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+
+    let wamid = accepted(client.send(&template_named("+5511900000001", "promo", 1)).await);
+    let payload = next_signed(&mut receiver).await;
+    let status = &payload["entry"][0]["changes"][0]["value"]["statuses"][0];
+    assert_eq!(status["id"], wamid.as_str());
+    assert_eq!(status["status"], "failed");
+    assert_eq!(status["errors"][0]["code"], 131049);
+    assert_eq!(
+        status["errors"][0]["title"],
+        "This message was not delivered to maintain healthy ecosystem engagement."
+    );
+    assert_eq!(disparo::providers::classify_meta_webhook(131049), ErrorClass::Permanent);
+
+    // A utility template to the same recipient is not a marketing message.
+    accepted(client.send(&template_named("+5511900000001", "receipt", 1)).await);
+    assert_eq!(next_signed(&mut receiver).await["entry"][0]["changes"][0]["value"]["statuses"][0]["status"], "sent");
+
+    // The list is replaced at run time.
+    let (status, _) =
+        control(&sandbox, reqwest::Method::PUT, "/_sandbox/meta/marketing-limited", Some(json!(["+5511900000002"])))
+            .await;
+    assert_eq!(status, 204);
+    accepted(client.send(&template_named("+5511900000001", "promo", 1)).await);
+    assert_eq!(next_signed(&mut receiver).await["entry"][0]["changes"][0]["value"]["statuses"][0]["status"], "sent");
+    accepted(client.send(&template_named("5511900000002", "promo", 1)).await);
+    let failed = next_signed(&mut receiver).await;
+    assert_eq!(failed["entry"][0]["changes"][0]["value"]["statuses"][0]["errors"][0]["code"], 131049);
+
+    let ledger = summary(&sandbox).await;
+    assert_eq!(ledger["marketing_limited"], 2);
+    assert_eq!(ledger["total_accepted"], 4, "withheld messages were accepted");
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_paused_template_fails_132015_and_its_status_update_is_signed() {
+    let mut receiver = Receiver::start().await;
+    let mut config = config();
+    config.meta.webhook_url = Some(receiver.url.clone());
+    config.webhooks = orderly_webhooks();
+    config.meta.templates = vec![spec("welcome", TemplateCategory::Marketing)];
+    let sandbox = start(config).await;
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+    let path = "/_sandbox/meta/templates/welcome/en_US";
+
+    let (status, answer) =
+        control(&sandbox, reqwest::Method::PUT, path, Some(json!({ "status": "PAUSED", "reason": "LOW_QUALITY" })))
+            .await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["webhooks"], json!([{ "field": "message_template_status_update", "delivered": true }]));
+    assert_eq!(answer["template"]["status"], "PAUSED");
+    let payload = next_signed(&mut receiver).await;
+    let change = account_change(&payload);
+    assert_eq!(change["field"], "message_template_status_update");
+    let value = &change["value"];
+    assert_eq!(value["event"], "PAUSED");
+    assert_eq!(value["message_template_name"], "welcome");
+    assert_eq!(value["message_template_language"], "en_US");
+    assert_eq!(value["reason"], "LOW_QUALITY");
+    assert_eq!(value["message_template_category"], "MARKETING");
+    let template_id = value["message_template_id"].as_u64().expect("a numeric template id");
+
+    let error = rejected(client.send(&template_named("+15551234567", "welcome", 0)).await);
+    assert_eq!((error.class, error.code.as_str()), (ErrorClass::StopCampaign, "132015"));
+    for (state, code) in [("DISABLED", "132016"), ("REJECTED", "132001")] {
+        control(&sandbox, reqwest::Method::PUT, path, Some(json!({ "status": state }))).await;
+        let update = next_signed(&mut receiver).await;
+        assert_eq!(account_change(&update)["value"]["event"], state);
+        assert_eq!(account_change(&update)["value"]["message_template_id"].as_u64(), Some(template_id), "stable id");
+        let error = rejected(client.send(&template_named("+15551234567", "welcome", 0)).await);
+        assert_eq!(error.code, code);
+    }
+    control(&sandbox, reqwest::Method::PUT, path, Some(json!({ "status": "APPROVED" }))).await;
+    assert_eq!(account_change(&next_signed(&mut receiver).await)["value"]["reason"], "NONE");
+    accepted(client.send(&template_named("+15551234567", "welcome", 0)).await);
+    assert_eq!(sandbox.ledger().accepted_count(), 1, "refused sends are not in the ledger");
+    for _ in 0..3 {
+        next_signed(&mut receiver).await; // the accepted message's statuses
+    }
+
+    let (status, _) =
+        control(&sandbox, reqwest::Method::POST, &format!("{path}/quality"), Some(json!({ "score": "RED" }))).await;
+    assert_eq!(status, 200);
+    let quality = next_signed(&mut receiver).await;
+    let change = account_change(&quality);
+    assert_eq!(change["field"], "message_template_quality_update");
+    assert_eq!(change["value"]["previous_quality_score"], "UNKNOWN");
+    assert_eq!(change["value"]["new_quality_score"], "RED");
+    assert_eq!(change["value"]["message_template_id"].as_u64(), Some(template_id));
+
+    let (status, _) = control(
+        &sandbox,
+        reqwest::Method::PUT,
+        "/_sandbox/meta/templates/nope/en_US",
+        Some(json!({ "status": "PAUSED" })),
+    )
+    .await;
+    assert_eq!(status, 404, "not a configured template");
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_graph_read_answers_the_requested_fields() {
+    let mut config = config();
+    config.meta.phone_number_ids = vec!["106540352242922".into()];
+    config.meta.tier = Tier::Tier250;
+    let sandbox = start(config).await;
+    let read = |token: &str, id: &str, fields: &str| {
+        let url = format!("{}/v23.0/{id}?fields={fields}", sandbox.base_url());
+        let request = reqwest::Client::new().get(url).bearer_auth(token);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let fields = "whatsapp_business_manager_messaging_limit,quality_rating,throughput";
+    let (status, body) = read(META_TOKEN, "106540352242922", fields).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({
+            "id": "106540352242922",
+            "whatsapp_business_manager_messaging_limit": "TIER_250",
+            "quality_rating": "GREEN",
+            "throughput": { "level": "STANDARD" },
+        })
+    );
+    let (_, body) = read(META_TOKEN, "106540352242922", "display_phone_number").await;
+    assert_eq!(body, json!({ "id": "106540352242922", "display_phone_number": "+1 555-078-3881" }));
+
+    let (status, body) = read("wrong", "106540352242922", fields).await;
+    assert_eq!((status, body["error"]["code"].clone()), (401, json!(190)));
+    let (status, body) = read(META_TOKEN, "999", fields).await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!(100)));
+    let (status, body) = read(META_TOKEN, "106540352242922", "quality_rating,nope").await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!(100)));
+
+    let (status, _) = control(
+        &sandbox,
+        reqwest::Method::PUT,
+        "/_sandbox/meta/account",
+        Some(json!({ "tier": "TIER_2K", "throughput_level": "HIGH" })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    control(&sandbox, reqwest::Method::POST, "/_sandbox/meta/quality", Some(json!({ "event": "FLAGGED" }))).await;
+    let (_, body) = read(META_TOKEN, "106540352242922", fields).await;
+    assert_eq!(body["whatsapp_business_manager_messaging_limit"], "TIER_2K");
+    assert_eq!(body["quality_rating"], "RED");
+    assert_eq!(body["throughput"]["level"], "HIGH");
+
+    // The send route next to it is unchanged.
+    accepted(meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+15551234567", "m")).await);
+    let (status, _) =
+        control(&sandbox, reqwest::Method::PUT, "/_sandbox/meta/account", Some(json!({ "tier": "TIER_3" }))).await;
+    assert_eq!(status, 400);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn statuses_carry_pricing_and_the_recipient_user_id() {
+    let mut receiver = Receiver::start().await;
+    let mut config = config();
+    config.meta.webhook_url = Some(receiver.url.clone());
+    config.webhooks = orderly_webhooks();
+    config.meta.templates = vec![spec("code", TemplateCategory::Authentication)];
+    let sandbox = start(config).await;
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+    let template_id = accepted(client.send(&template_named("+5511999990001", "code", 0)).await);
+    let text_id = accepted(client.send(&text("+5511999990002")).await);
+
+    let mut seen = 0;
+    while seen < 6 {
+        let payload = next_signed(&mut receiver).await;
+        for status in payload["entry"][0]["changes"][0]["value"]["statuses"].as_array().unwrap() {
+            seen += 1;
+            let (recipient, pricing) = if status["id"] == template_id.as_str() {
+                (
+                    "5511999990001",
+                    json!({ "billable": true, "pricing_model": "PMP", "type": "regular", "category": "authentication" }),
+                )
+            } else {
+                assert_eq!(status["id"], text_id.as_str());
+                (
+                    "5511999990002",
+                    json!({ "billable": false, "pricing_model": "PMP", "type": "free_customer_service", "category": "service" }),
+                )
+            };
+            assert_eq!(status["pricing"], pricing, "{status}");
+            assert_eq!(status["recipient_id"], recipient);
+            assert_eq!(status["recipient_user_id"], bsuid_for(recipient));
+            assert!(status["recipient_user_id"].as_str().unwrap().starts_with("BR."));
+        }
+    }
+    let ledger = summary(&sandbox).await;
+    assert_eq!(
+        ledger["billable_delivered"],
+        json!([{ "recipient": "+5511999990001", "category": "authentication", "message_id": template_id }])
+    );
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn bsuid_only_recipients_get_no_recipient_id() {
+    let mut receiver = Receiver::start().await;
+    let mut config = config();
+    config.meta.webhook_url = Some(receiver.url.clone());
+    config.webhooks = orderly_webhooks();
+    config.meta.bsuid_only_recipients = vec!["+5511999990003".into()];
+    let sandbox = start(config).await;
+    accepted(meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5)).send(&template("+5511999990003", "m")).await);
+    for _ in 0..3 {
+        let payload = next_signed(&mut receiver).await;
+        let status = &payload["entry"][0]["changes"][0]["value"]["statuses"][0];
+        assert!(status.get("recipient_id").is_none(), "{status}");
+        assert_eq!(status["recipient_user_id"], bsuid_for("5511999990003"));
+    }
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn account_changes_post_signed_account_webhooks() {
+    let mut receiver = Receiver::start().await;
+    let mut config = config();
+    config.meta.webhook_url = Some(receiver.url.clone());
+    config.webhooks = WebhookBehaviour { delivered: 0.0, ..orderly_webhooks() };
+    config.meta.tier = Tier::Tier10K;
+    let sandbox = start(config).await;
+
+    let (status, answer) =
+        control(&sandbox, reqwest::Method::PUT, "/_sandbox/meta/account", Some(json!({ "tier": "TIER_250" }))).await;
+    assert_eq!(status, 200);
+    assert_eq!(answer["account"]["tier"], "TIER_250");
+    assert_eq!(answer["webhooks"].as_array().map(Vec::len), Some(2));
+    let capability = next_signed(&mut receiver).await;
+    assert_eq!(
+        account_change(&capability),
+        &json!({ "field": "business_capability_update", "value": { "max_daily_conversations_per_business": 250 } })
+    );
+    let quality = next_signed(&mut receiver).await;
+    let change = account_change(&quality);
+    assert_eq!(change["field"], "phone_number_quality_update");
+    assert_eq!(
+        change["value"],
+        json!({
+            "display_phone_number": "15550783881",
+            "event": "DOWNGRADE",
+            "current_limit": "TIER_250",
+            "old_limit": "TIER_10K",
+            "max_daily_conversations_per_business": 250,
+        })
+    );
+
+    control(&sandbox, reqwest::Method::POST, "/_sandbox/meta/quality", Some(json!({ "event": "FLAGGED" }))).await;
+    let flagged = next_signed(&mut receiver).await;
+    assert_eq!(account_change(&flagged)["value"]["event"], "FLAGGED");
+    assert_eq!(account_change(&flagged)["value"]["max_daily_conversations_per_business"], 250);
+
+    // A restriction: template sends are still accepted, and counted.
+    let now = sandbox.clock().now().timestamp();
+    let (status, _) = control(
+        &sandbox,
+        reqwest::Method::POST,
+        "/_sandbox/meta/restriction",
+        Some(json!({ "restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING", "expiration": now + 3600 })),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let restriction = next_signed(&mut receiver).await;
+    assert_eq!(
+        account_change(&restriction),
+        &json!({ "field": "account_update", "value": { "event": "ACCOUNT_RESTRICTION", "restriction_info": [
+            { "restriction_type": "RESTRICTED_BIZ_INITIATED_MESSAGING", "expiration": now + 3600 }
+        ] } })
+    );
+    let client = meta(sandbox.base_url(), META_TOKEN, Duration::from_secs(5));
+    accepted(client.send(&template("+15551234567", "m")).await);
+    accepted(client.send(&text("+15551234567")).await);
+    control(&sandbox, reqwest::Method::POST, "/_sandbox/clock", Some(json!({ "advance_seconds": 3600 }))).await;
+    accepted(client.send(&template("+15551234567", "m")).await);
+    assert_eq!(summary(&sandbox).await["sent_while_restricted"], 1, "only the template inside the restriction");
+
+    // Any body, signed and posted as is.
+    let inbound = r#"{"object":"whatsapp_business_account","entry":[{"id":"102290129340398","changes":[{"field":"messages","value":{"contacts":[{"user_id":"BR.1502576394655843"}]}}]}]}"#;
+    let response = reqwest::Client::new()
+        .post(format!("{}/_sandbox/meta/webhook", sandbox.base_url()))
+        .header("content-type", "application/json")
+        .body(inbound)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.unwrap()["webhooks"][0]["delivered"], true);
+    let mut raw = None;
+    while raw.is_none() {
+        let (headers, body) = receiver.next().await;
+        if body.as_ref() == inbound.as_bytes() {
+            let signature = headers.get("x-hub-signature-256").and_then(|v| v.to_str().ok()).unwrap();
+            assert!(verify_meta_signature(APP_SECRET.as_bytes(), &body, signature));
+            raw = Some(body);
+        }
+    }
     sandbox.shutdown().await.unwrap();
 }
 

@@ -99,11 +99,17 @@ pub enum Batching {
     Never,
 }
 
-/// The webhooks that follow one accepted message. `undeliverable` is a number that
-/// is not on WhatsApp: it gets a single `failed` with 131026, as Meta sends it.
-pub fn plan(rng: &mut impl Rng, behaviour: &WebhookBehaviour, undeliverable: bool, batching: Batching) -> Vec<Post> {
-    let statuses = if undeliverable {
-        vec![Status::Failed(131026)]
+/// The webhooks that follow one accepted message. `fails_with` is a failure Meta
+/// decides after accepting (131026 for a number not on WhatsApp, 131049 for the
+/// per-user marketing limit): a single `failed` with that code, as Meta sends it.
+pub fn plan(
+    rng: &mut impl Rng,
+    behaviour: &WebhookBehaviour,
+    fails_with: Option<i64>,
+    batching: Batching,
+) -> Vec<Post> {
+    let statuses = if let Some(code) = fails_with {
+        vec![Status::Failed(code)]
     } else if chance(rng, behaviour.failed) {
         vec![Status::Failed(behaviour.failure_code)]
     } else {
@@ -245,7 +251,7 @@ mod tests {
     #[test]
     fn a_happy_message_is_sent_delivered_read_in_order() {
         let mut rng = StdRng::seed_from_u64(7);
-        let posts = plan(&mut rng, &quiet(), false, Batching::Allowed);
+        let posts = plan(&mut rng, &quiet(), None, Batching::Allowed);
         let statuses: Vec<_> = posts.iter().map(|p| p.statuses.clone()).collect();
         assert_eq!(statuses, vec![vec![Status::Sent], vec![Status::Delivered], vec![Status::Read]]);
         let times: Vec<u64> = posts.iter().map(|p| p.after.as_millis() as u64).collect();
@@ -255,17 +261,17 @@ mod tests {
     #[test]
     fn undeliverable_numbers_only_fail() {
         let mut rng = StdRng::seed_from_u64(7);
-        let posts = plan(&mut rng, &quiet(), true, Batching::Allowed);
+        let posts = plan(&mut rng, &quiet(), Some(131026), Batching::Allowed);
         assert_eq!(posts, vec![Post { after: Duration::from_millis(10), statuses: vec![Status::Failed(131026)] }]);
     }
 
     #[test]
     fn batching_merges_the_last_two_statuses_read_first() {
         let mut rng = StdRng::seed_from_u64(7);
-        let posts = plan(&mut rng, &WebhookBehaviour { batch: 1.0, ..quiet() }, false, Batching::Allowed);
+        let posts = plan(&mut rng, &WebhookBehaviour { batch: 1.0, ..quiet() }, None, Batching::Allowed);
         assert_eq!(posts.len(), 2);
         assert_eq!(posts[1].statuses, vec![Status::Read, Status::Delivered]);
-        let posts = plan(&mut rng, &WebhookBehaviour { batch: 1.0, ..quiet() }, false, Batching::Never);
+        let posts = plan(&mut rng, &WebhookBehaviour { batch: 1.0, ..quiet() }, None, Batching::Never);
         assert_eq!(posts.len(), 3);
     }
 
@@ -275,7 +281,7 @@ mod tests {
         let behaviour =
             WebhookBehaviour { duplicate: 1.0, out_of_order: 1.0, delay_min_ms: 10, delay_max_ms: 50, ..quiet() };
         for _ in 0..50 {
-            let posts = plan(&mut rng, &behaviour, false, Batching::Never);
+            let posts = plan(&mut rng, &behaviour, None, Batching::Never);
             assert_eq!(posts.len(), 4);
             let mut seen: Vec<Status> = posts.iter().flat_map(|p| p.statuses.clone()).collect();
             seen.dedup();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::account::{Quality, TemplateCategory, TemplateStatus, ThroughputLevel, Tier};
 use super::{Error, Result};
 use crate::providers::Secret;
 use crate::providers::evolution::ConnectionState;
@@ -68,6 +69,23 @@ pub struct MetaSandbox {
     pub waba_id: String,
     /// Business number put in `metadata.display_phone_number`.
     pub display_phone_number: String,
+    /// Business name of the Graph read's `verified_name`.
+    pub verified_name: String,
+    /// The portfolio's messaging limit (docs/providers.md A3, A6): template sends to
+    /// more unique recipients in a moving 24 h are refused with 131048. Changeable at
+    /// run time (`PUT /_sandbox/meta/account`).
+    pub tier: Tier,
+    /// The numbers' quality rating (Graph `quality_rating`).
+    pub quality_rating: Quality,
+    /// The numbers' throughput level (Graph `throughput.level`).
+    pub throughput_level: ThroughputLevel,
+    /// Recipients (E.164, with or without `+`) under Meta's per-user marketing limit:
+    /// a MARKETING template to them is accepted, then fails by webhook with 131049.
+    /// Replaceable at run time (`PUT /_sandbox/meta/marketing-limited`).
+    pub marketing_limited_recipients: Vec<String>,
+    /// Recipients (E.164, with or without `+`) whose status webhooks carry only
+    /// `recipient_user_id` (their BSUID), no `recipient_id` (docs/providers.md A6).
+    pub bsuid_only_recipients: Vec<String>,
 }
 
 impl Default for MetaSandbox {
@@ -80,11 +98,27 @@ impl Default for MetaSandbox {
             webhook_url: None,
             waba_id: "102290129340398".to_owned(),
             display_phone_number: "15550783881".to_owned(),
+            verified_name: "Disparo Sandbox".to_owned(),
+            tier: Tier::default(),
+            quality_rating: Quality::default(),
+            throughput_level: ThroughputLevel::default(),
+            marketing_limited_recipients: Vec::new(),
+            bsuid_only_recipients: Vec::new(),
         }
     }
 }
 
-/// One approved template.
+impl MetaSandbox {
+    /// The configured template of that name and language, if any (with no templates
+    /// configured, the sandbox accepts any name: check `templates.is_empty()` first).
+    pub fn template(&self, name: &str, language: &str) -> Option<&TemplateSpec> {
+        self.templates
+            .iter()
+            .find(|t| t.name == name && (t.languages.is_empty() || t.languages.iter().any(|l| l == language)))
+    }
+}
+
+/// One template.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
@@ -97,6 +131,15 @@ pub struct TemplateSpec {
     /// Unset accepts any count.
     #[serde(default)]
     pub body_parameters: Option<usize>,
+    /// Review status it starts in (APPROVED unless set): PAUSED sends get 132015,
+    /// DISABLED 132016, PENDING or REJECTED 132001. Changeable at run time
+    /// (`PUT /_sandbox/meta/templates/{name}/{language}`).
+    #[serde(default)]
+    pub status: TemplateStatus,
+    /// Category (MARKETING unless set): the `pricing.category` of its statuses, and
+    /// whether the per-user marketing limit applies.
+    #[serde(default)]
+    pub category: TemplateCategory,
 }
 
 /// The simulated Evolution API.
@@ -474,7 +517,11 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        assert!(SandboxConfig::default().validate().is_ok());
+        let config = SandboxConfig::default();
+        assert!(config.validate().is_ok());
+        // An account without settings refuses nothing: existing rehearsals are unaffected.
+        assert_eq!((config.meta.tier, config.meta.quality_rating), (Tier::Unlimited, Quality::Green));
+        assert_eq!(config.meta.throughput_level, ThroughputLevel::Standard);
     }
 
     #[test]
@@ -487,6 +534,14 @@ meta:
     - name: order_update_v1
       languages: [en_US]
       body_parameters: 2
+    - name: otp
+      status: PAUSED
+      category: AUTHENTICATION
+  tier: TIER_250
+  quality_rating: YELLOW
+  throughput_level: HIGH
+  marketing_limited_recipients: ["+5511900000002"]
+  bsuid_only_recipients: ["5511900000003"]
 evolution:
   instances:
     - name: loja
@@ -508,6 +563,15 @@ webhooks: { read: 0.0 }
         assert_eq!(config.meta.access_token.expose(), "tok");
         assert_eq!(config.meta.app_secret.expose(), "sandbox-app-secret");
         assert_eq!(config.meta.templates[0].body_parameters, Some(2));
+        assert_eq!(config.meta.templates[0].status, TemplateStatus::Approved);
+        assert_eq!(config.meta.templates[0].category, TemplateCategory::Marketing);
+        assert_eq!(config.meta.templates[1].status, TemplateStatus::Paused);
+        assert_eq!(config.meta.templates[1].category, TemplateCategory::Authentication);
+        assert_eq!(config.meta.tier, Tier::Tier250);
+        assert_eq!(config.meta.quality_rating, Quality::Yellow);
+        assert_eq!(config.meta.throughput_level, ThroughputLevel::High);
+        assert_eq!(config.meta.marketing_limited_recipients, ["+5511900000002"]);
+        assert_eq!(config.meta.bsuid_only_recipients, ["5511900000003"]);
         assert_eq!(config.evolution.instances[1].state, ConnectionState::Close);
         assert_eq!(config.faults.codes.get(&131049), Some(&0.05));
         assert_eq!(config.faults.gateway_timeout, 0.1);

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tracing::debug;
 
 use super::behaviour::{self, Batching, Fault, Status};
-use super::ledger::Accepted;
+use super::ledger::{Accepted, Admission};
 use super::server::{Shared, credential_matches, gateway_timeout};
 use crate::api::Provider;
 use crate::providers::evolution::{API_KEY_HEADER, ConnectionState};
@@ -101,20 +101,21 @@ pub async fn send_text(
     };
     let recipient = format!("+{digits}");
     let entry = Accepted {
-        at: Utc::now(),
+        at: shared.clock.now(),
         provider: Provider::Evolution,
         recipient: recipient.clone(),
         message_id: key_id.clone(),
         callback_data: None,
+        template_category: None,
     };
-    if !shared.accept(entry) {
+    if shared.accept(entry, Admission::default()).is_err() {
         return error(StatusCode::BAD_REQUEST, json!(["Error: rate-overlimit"]));
     }
     debug!(recipient = %mask_phone(&recipient), instance = %instance, "evolution message accepted");
     let instance_id = shared.instance_ids.get(&instance).cloned().unwrap_or_default();
     let remote_jid = format!("{digits}@s.whatsapp.net");
     if let Some(target) = &shared.evolution_target {
-        let posts = behaviour::plan(&mut rand::rng(), &shared.config.webhooks, false, Batching::Never);
+        let posts = behaviour::plan(&mut rand::rng(), &shared.config.webhooks, None, Batching::Never);
         let sent = Sent {
             instance: instance.clone(),
             instance_id: instance_id.clone(),

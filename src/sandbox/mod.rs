@@ -8,15 +8,45 @@
 //! every accepted message so a rehearsal can check what the provider actually saw
 //! (nobody messaged twice, no minute over the cap).
 //!
-//! Layout: [`config`] (what to simulate), [`behaviour`] (the dice, pure), [`ledger`],
-//! `meta` and `evolution` (the two APIs), `webhooks` (posting them back), `server`
-//! (state, routes and the `/_sandbox` control endpoints).
+//! It also models the one Meta business portfolio its phone number ids share
+//! ([`account`], docs/providers.md A3, A6): a messaging tier enforced over unique
+//! template recipients in a moving 24 h of the sandbox [`clock`] (131048 beyond it),
+//! a quality rating and throughput level the Graph read reports, template statuses
+//! (132015 paused, 132016 disabled), restrictions, the per-user marketing limit (131049
+//! by webhook), pricing and business-scoped user ids on every status, and the signed
+//! account webhooks Meta posts when any of these change.
 //!
-//! Control endpoints: `GET /_sandbox/ledger`, `POST /_sandbox/reset`,
-//! `GET|PUT /_sandbox/faults`, `PUT /_sandbox/evolution/{instance}/state`, `GET /healthz`.
+//! Layout: [`config`] (what to simulate), [`behaviour`] (the dice, pure), [`ledger`],
+//! [`account`] (the portfolio, pure), [`clock`], `meta` and `evolution` (the two APIs),
+//! `webhooks` (posting them back), `server` (state, routes, the first control
+//! endpoints), `control` (the portfolio's and the clock's control endpoints).
+//!
+//! Control endpoints (JSON bodies):
+//! - `GET /_sandbox/ledger` (the [`LedgerSummary`] and webhook counts),
+//!   `POST /_sandbox/reset` (empties the ledger), `GET|PUT /_sandbox/faults`,
+//!   `PUT /_sandbox/evolution/{instance}/state` `{"state"}`, `GET /healthz`;
+//! - `GET /_sandbox/clock` → `{"now"}`; `POST /_sandbox/clock` `{"advance_seconds"}`;
+//! - `GET /_sandbox/meta/account`; `PUT /_sandbox/meta/account` `{"tier"?,
+//!   "quality_rating"?, "throughput_level"?}` (a tier change posts
+//!   `business_capability_update` and `phone_number_quality_update`);
+//! - `POST /_sandbox/meta/quality` `{"event"}` (`phone_number_quality_update`);
+//! - `PUT /_sandbox/meta/templates/{name}/{language}` `{"status", "reason"?}`
+//!   (`message_template_status_update`);
+//! - `POST /_sandbox/meta/templates/{name}/{language}/quality` `{"score"}`
+//!   (`message_template_quality_update`);
+//! - `POST /_sandbox/meta/restriction` `{"restriction_type", "expiration"}`
+//!   (`account_update`);
+//! - `PUT /_sandbox/meta/marketing-limited` `["+55...", ...]`;
+//! - `POST /_sandbox/meta/webhook` any JSON: signed and posted as is.
+//!
+//! The endpoints that post answer `{"webhooks": [{"field", "delivered"}], ...}` after
+//! the receiver answered.
 
+pub mod account;
 pub mod behaviour;
+pub mod clock;
 pub mod config;
+mod control;
 mod evolution;
 pub mod ledger;
 mod meta;
@@ -32,11 +62,13 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use account::{Quality, TemplateCategory, TemplateStatus, ThroughputLevel, Tier, bsuid_for};
+pub use clock::Clock;
 pub use config::{
     EvolutionSandbox, Faults, InstanceSpec, Latency, MetaSandbox, SandboxArgs, SandboxConfig, TemplateSpec,
     WebhookBehaviour,
 };
-pub use ledger::{Accepted, Ledger, LedgerSummary};
+pub use ledger::{Accepted, AccountCounters, Billable, Ledger, LedgerSummary};
 pub use webhooks::WebhookCounts;
 
 use crate::providers::evolution::ConnectionState;
@@ -146,6 +178,11 @@ impl SandboxHandle {
     /// Changes an Evolution instance's connection state (e.g. simulate a dropped session).
     pub fn set_connection_state(&self, instance: &str, state: ConnectionState) -> Result<()> {
         self.shared.set_instance_state(instance, state)
+    }
+
+    /// The sandbox clock (real time plus what was advanced).
+    pub fn clock(&self) -> Clock {
+        self.shared.clock.clone()
     }
 
     /// Stops accepting, ends held answers and webhook tasks, and waits for all of them.

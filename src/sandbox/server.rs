@@ -17,11 +17,13 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
+use super::account::Account;
 use super::behaviour::{self, Fault};
+use super::clock::Clock;
 use super::config::{Faults, SandboxConfig};
-use super::ledger::{Accepted, Ledger, LedgerSummary};
+use super::ledger::{Accepted, Admission, Ledger, LedgerSummary, Refusal};
 use super::webhooks::{Auth, Target, WebhookCounts, Webhooks};
-use super::{Error, Result, evolution, meta};
+use super::{Error, Result, control, evolution, meta};
 use crate::providers::evolution::ConnectionState;
 
 /// Everything the handlers share.
@@ -37,6 +39,12 @@ pub struct Shared {
     pub instance_ids: HashMap<String, String>,
     /// Digits of the numbers that are not on WhatsApp.
     not_on_whatsapp: HashSet<String>,
+    /// Digits of the numbers whose statuses carry only their BSUID.
+    bsuid_only: HashSet<String>,
+    /// The sandbox clock (real time plus what `POST /_sandbox/clock` added).
+    pub clock: Clock,
+    /// The Meta portfolio's state; changed by the control endpoints.
+    account: Mutex<Account>,
     /// What was accepted.
     pub ledger: Ledger,
     /// The webhook poster.
@@ -97,12 +105,17 @@ impl Shared {
         let instance_ids =
             config.evolution.instances.iter().map(|i| (i.name.clone(), uuid::Uuid::new_v4().to_string())).collect();
         let not_on_whatsapp = config.not_on_whatsapp.iter().map(|n| behaviour::digits(n)).collect();
+        let bsuid_only = config.meta.bsuid_only_recipients.iter().map(|n| behaviour::digits(n)).collect();
+        let clock = Clock::default();
         Ok(Shared {
             faults: RwLock::new(config.faults.clone()),
             instance_states: Mutex::new(instance_states),
             instance_ids,
             not_on_whatsapp,
-            ledger: Ledger::default(),
+            bsuid_only,
+            account: Mutex::new(Account::from_config(&config.meta)),
+            ledger: Ledger::with_clock(clock.clone()),
+            clock,
             webhooks,
             meta_target,
             evolution_target,
@@ -146,6 +159,17 @@ impl Shared {
         self.not_on_whatsapp.contains(digits)
     }
 
+    /// Whether a number's (digits) statuses omit its phone and carry only its BSUID.
+    pub fn is_bsuid_only(&self, digits: &str) -> bool {
+        self.bsuid_only.contains(digits)
+    }
+
+    /// The Meta portfolio's state, locked for a short read or change (never across an
+    /// await).
+    pub fn account(&self) -> std::sync::MutexGuard<'_, Account> {
+        self.account.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Rolls the dice for one send. (The per-minute cap is checked when the message is
     /// recorded: [`Shared::accept`].)
     pub fn roll(&self) -> Dice {
@@ -164,11 +188,11 @@ impl Shared {
         behaviour::behind_gateway(&self.faults(), recipient_digits, dice.gateway_draw)
     }
 
-    /// Records an accepted message in the ledger; false when the per-minute cap is
-    /// spent (the caller answers with its provider's rate-limit error).
-    pub fn accept(&self, entry: Accepted) -> bool {
-        let cap = self.faults().per_minute_cap;
-        self.ledger.record_within(entry, cap)
+    /// Records an accepted message in the ledger under the per-minute cap in force
+    /// and the limits of `admission`; a refusal is answered with the provider's error.
+    pub fn accept(&self, entry: Accepted, admission: Admission) -> Result<(), Refusal> {
+        let per_minute_cap = self.faults().per_minute_cap;
+        self.ledger.admit(entry, Admission { per_minute_cap, ..admission })
     }
 
     /// Sleeps unless shutting down; false when interrupted.
@@ -183,6 +207,7 @@ impl Shared {
 /// The sandbox's routes: both provider APIs and the control endpoints.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
+        .route("/{version}/{phone_number_id}", get(meta::phone_number))
         .route("/{version}/{phone_number_id}/messages", post(meta::send))
         .route("/message/sendText/{instance}", post(evolution::send_text))
         .route("/instance/connectionState/{instance}", get(evolution::connection_state))
@@ -191,6 +216,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/_sandbox/reset", post(reset))
         .route("/_sandbox/faults", get(get_faults).put(put_faults))
         .route("/_sandbox/evolution/{instance}/state", put(put_instance_state))
+        .route("/_sandbox/clock", get(control::get_clock).post(control::advance_clock))
+        .route("/_sandbox/meta/account", get(control::get_account).put(control::put_account))
+        .route("/_sandbox/meta/quality", post(control::post_quality))
+        .route("/_sandbox/meta/templates/{name}/{language}", put(control::put_template_status))
+        .route("/_sandbox/meta/templates/{name}/{language}/quality", post(control::post_template_quality))
+        .route("/_sandbox/meta/restriction", post(control::post_restriction))
+        .route("/_sandbox/meta/marketing-limited", put(control::put_marketing_limited))
+        .route("/_sandbox/meta/webhook", post(control::post_webhook))
         .with_state(shared)
 }
 

@@ -133,6 +133,13 @@ impl Webhooks {
         });
     }
 
+    /// Posts one body now, with the provider's retries, and answers whether the
+    /// receiver took it (2xx). For the control endpoints: a rehearsal that announces an
+    /// account change wants to know the receiver has it before it goes on.
+    pub async fn post_now(&self, target: &Target, body: Vec<u8>) -> bool {
+        deliver(&self.http, target, body, &self.behaviour, &self.shutdown, &self.stats).await
+    }
+
     /// Waits until every webhook task has ended (after the shutdown token is cancelled).
     pub async fn drain(&self) {
         // The semaphore is never closed, so this only waits.
@@ -140,7 +147,7 @@ impl Webhooks {
     }
 }
 
-/// One POST with the provider's retries.
+/// One POST with the provider's retries; true when the receiver answered 2xx.
 async fn deliver(
     http: &reqwest::Client,
     target: &Target,
@@ -148,7 +155,7 @@ async fn deliver(
     behaviour: &WebhookBehaviour,
     shutdown: &CancellationToken,
     stats: &Stats,
-) {
+) -> bool {
     let mut wait = Duration::from_millis(behaviour.retry_base_ms);
     for attempt in 1..=behaviour.max_attempts {
         let mut request = http.post(&target.url).header(CONTENT_TYPE, "application/json").body(body.clone());
@@ -159,25 +166,25 @@ async fn deliver(
             Auth::Header(name, value) => request.header(name.clone(), value.clone()),
         };
         let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return false,
             outcome = request.send() => outcome,
         };
         match outcome {
             Ok(response) if response.status().is_success() => {
                 stats.posted.fetch_add(1, Ordering::Relaxed);
-                return;
+                return true;
             }
             Ok(response) if target.give_up_on.contains(&response.status().as_u16()) => {
                 warn!(status = response.status().as_u16(), "webhook refused; not retrying");
                 stats.given_up.fetch_add(1, Ordering::Relaxed);
-                return;
+                return false;
             }
             Ok(response) => debug!(status = response.status().as_u16(), attempt, "webhook answered with an error"),
             Err(error) => debug!(%error, attempt, "webhook POST failed"),
         }
         if attempt < behaviour.max_attempts {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(wait) => {}
             }
             wait = wait.saturating_mul(2);
@@ -185,4 +192,5 @@ async fn deliver(
     }
     warn!(attempts = behaviour.max_attempts, "webhook abandoned after its last attempt");
     stats.given_up.fetch_add(1, Ordering::Relaxed);
+    false
 }
