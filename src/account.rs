@@ -16,33 +16,41 @@ use crate::store::rate::Limits;
 /// The moving window of Meta's messaging limit.
 pub const BUDGET_WINDOW: Duration = Duration::hours(24);
 
-/// A business portfolio's messaging limit tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A business portfolio's messaging limit tier, named as Graph's
+/// `whatsapp_business_manager_messaging_limit` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
 pub enum Tier {
     /// 250 unique recipients per 24 h (a new portfolio).
-    T250,
+    #[serde(rename = "TIER_250")]
+    Tier250,
     /// 2,000.
-    T2K,
+    #[serde(rename = "TIER_2K")]
+    Tier2K,
     /// 10,000.
-    T10K,
+    #[serde(rename = "TIER_10K")]
+    Tier10K,
     /// 100,000.
-    T100K,
-    /// No limit.
+    #[serde(rename = "TIER_100K")]
+    Tier100K,
+    /// No limit. The default of a simulated account; Disparo itself never takes an
+    /// unknown tier for unlimited (see [`Tier::ASSUMED`]).
+    #[default]
+    #[serde(rename = "TIER_UNLIMITED")]
     Unlimited,
 }
 
 impl Tier {
     /// The tier a portfolio is assumed to have until Meta says otherwise: the lowest,
     /// so an unknown tier never lets Disparo exceed the real one.
-    pub const ASSUMED: Tier = Tier::T250;
+    pub const ASSUMED: Tier = Tier::Tier250;
 
     /// Parses Graph's `whatsapp_business_manager_messaging_limit`.
     pub fn parse(name: &str) -> Option<Tier> {
         Some(match name {
-            "TIER_250" => Tier::T250,
-            "TIER_2K" => Tier::T2K,
-            "TIER_10K" => Tier::T10K,
-            "TIER_100K" => Tier::T100K,
+            "TIER_250" => Tier::Tier250,
+            "TIER_2K" => Tier::Tier2K,
+            "TIER_10K" => Tier::Tier10K,
+            "TIER_100K" => Tier::Tier100K,
             "TIER_UNLIMITED" => Tier::Unlimited,
             _ => return None,
         })
@@ -51,10 +59,10 @@ impl Tier {
     /// The name Graph uses.
     pub fn as_str(self) -> &'static str {
         match self {
-            Tier::T250 => "TIER_250",
-            Tier::T2K => "TIER_2K",
-            Tier::T10K => "TIER_10K",
-            Tier::T100K => "TIER_100K",
+            Tier::Tier250 => "TIER_250",
+            Tier::Tier2K => "TIER_2K",
+            Tier::Tier10K => "TIER_10K",
+            Tier::Tier100K => "TIER_100K",
             Tier::Unlimited => "TIER_UNLIMITED",
         }
     }
@@ -62,22 +70,27 @@ impl Tier {
     /// Unique recipients per moving 24 h (None: unlimited).
     pub fn daily_limit(self) -> Option<i64> {
         match self {
-            Tier::T250 => Some(250),
-            Tier::T2K => Some(2_000),
-            Tier::T10K => Some(10_000),
-            Tier::T100K => Some(100_000),
+            Tier::Tier250 => Some(250),
+            Tier::Tier2K => Some(2_000),
+            Tier::Tier10K => Some(10_000),
+            Tier::Tier100K => Some(100_000),
             Tier::Unlimited => None,
         }
+    }
+
+    /// The limit as webhooks carry it (`max_daily_conversations_per_business`, -1 is unlimited).
+    pub fn max_daily_conversations(self) -> i64 {
+        self.daily_limit().unwrap_or(-1)
     }
 
     /// The tier of a `max_daily_conversations_per_business` value (-1: unlimited).
     pub fn from_daily_limit(limit: i64) -> Option<Tier> {
         Some(match limit {
             -1 => Tier::Unlimited,
-            250 => Tier::T250,
-            2_000 => Tier::T2K,
-            10_000 => Tier::T10K,
-            100_000 => Tier::T100K,
+            250 => Tier::Tier250,
+            2_000 => Tier::Tier2K,
+            10_000 => Tier::Tier10K,
+            100_000 => Tier::Tier100K,
             _ => return None,
         })
     }
@@ -401,7 +414,7 @@ mod tests {
 
     #[test]
     fn tiers_round_trip_through_graph_and_webhook_values() {
-        for tier in [Tier::T250, Tier::T2K, Tier::T10K, Tier::T100K, Tier::Unlimited] {
+        for tier in [Tier::Tier250, Tier::Tier2K, Tier::Tier10K, Tier::Tier100K, Tier::Unlimited] {
             assert_eq!(Tier::parse(tier.as_str()), Some(tier));
             assert_eq!(Tier::from_daily_limit(tier.daily_limit().unwrap_or(-1)), Some(tier));
         }
@@ -486,7 +499,7 @@ mod tests {
 
     #[test]
     fn days_needed_rounds_up() {
-        assert_eq!(days_needed(9_000, Tier::T2K.daily_limit()), 5);
+        assert_eq!(days_needed(9_000, Tier::Tier2K.daily_limit()), 5);
         assert_eq!(days_needed(2_000, Some(2_000)), 1);
         assert_eq!(days_needed(10, None), 1);
         assert_eq!(days_needed(0, None), 0);

@@ -17,58 +17,9 @@ use sha2::{Digest, Sha256};
 use super::behaviour::digits;
 use super::config::{MetaSandbox, TemplateSpec};
 
-/// A portfolio's messaging limit: unique recipients of business-initiated messages in a
-/// moving 24 h, shared by every number of the portfolio (docs/providers.md A3). Named as
-/// Graph's `whatsapp_business_manager_messaging_limit` names it (A6).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum Tier {
-    /// 250 unique recipients (a new portfolio).
-    #[serde(rename = "TIER_250")]
-    Tier250,
-    /// 2,000.
-    #[serde(rename = "TIER_2K")]
-    Tier2K,
-    /// 10,000.
-    #[serde(rename = "TIER_10K")]
-    Tier10K,
-    /// 100,000.
-    #[serde(rename = "TIER_100K")]
-    Tier100K,
-    /// No limit (the default, so a sandbox without account settings refuses nothing).
-    #[default]
-    #[serde(rename = "TIER_UNLIMITED")]
-    Unlimited,
-}
-
-impl Tier {
-    /// Unique recipients allowed in any moving 24 h; `None` is unlimited.
-    pub fn limit(self) -> Option<usize> {
-        match self {
-            Tier::Tier250 => Some(250),
-            Tier::Tier2K => Some(2_000),
-            Tier::Tier10K => Some(10_000),
-            Tier::Tier100K => Some(100_000),
-            Tier::Unlimited => None,
-        }
-    }
-
-    /// The limit as the webhooks carry it (`max_daily_conversations_per_business`,
-    /// -1 = unlimited; docs/providers.md A6).
-    pub fn max_daily_conversations(self) -> i64 {
-        self.limit().map_or(-1, |n| n as i64)
-    }
-
-    /// Graph's name of the tier.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Tier250 => "TIER_250",
-            Tier::Tier2K => "TIER_2K",
-            Tier::Tier10K => "TIER_10K",
-            Tier::Tier100K => "TIER_100K",
-            Tier::Unlimited => "TIER_UNLIMITED",
-        }
-    }
-}
+/// A portfolio's messaging limit (docs/providers.md A3, A6): Disparo's own type, so the
+/// simulator and the operator cannot disagree on a tier's size.
+pub use crate::account::Tier;
 
 /// A number's quality rating (`quality_rating`; template quality scores use the same
 /// values).
@@ -577,7 +528,7 @@ mod tests {
     #[test]
     fn tiers_have_meta_limits_and_names() {
         let all = [Tier::Tier250, Tier::Tier2K, Tier::Tier10K, Tier::Tier100K, Tier::Unlimited];
-        let limits: Vec<_> = all.iter().map(|t| t.limit()).collect();
+        let limits: Vec<_> = all.iter().map(|t| t.daily_limit()).collect();
         assert_eq!(limits, [Some(250), Some(2_000), Some(10_000), Some(100_000), None]);
         assert_eq!(all.map(Tier::max_daily_conversations), [250, 2000, 10000, 100000, -1]);
         assert!(all.windows(2).all(|w| w[0] < w[1]), "ordered by size for UPGRADE/DOWNGRADE");

@@ -113,7 +113,7 @@ pub async fn send(
         let account = shared.account();
         Admission {
             per_minute_cap: None,
-            tier_limit: account.tier.limit(),
+            tier_limit: account.tier.daily_limit().map(|n| n as usize),
             while_restricted: request.template.is_some() && account.biz_initiated_restricted(now.timestamp()),
             marketing_limited: fails_with == Some(131049),
         }

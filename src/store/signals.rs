@@ -67,34 +67,7 @@ impl QualityEvent {
     }
 }
 
-/// Meta's messaging limit tiers (unique recipients of business-initiated messages per
-/// moving 24 hours, per portfolio; docs/providers.md A3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    /// 250.
-    Tier250,
-    /// 2,000.
-    Tier2K,
-    /// 10,000.
-    Tier10K,
-    /// 100,000.
-    Tier100K,
-    /// No limit.
-    Unlimited,
-}
-
-impl Tier {
-    /// The name stored in `portfolios.tier` (Meta's own).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Tier250 => "TIER_250",
-            Tier::Tier2K => "TIER_2K",
-            Tier::Tier10K => "TIER_10K",
-            Tier::Tier100K => "TIER_100K",
-            Tier::Unlimited => "TIER_UNLIMITED",
-        }
-    }
-}
+pub use crate::account::Tier;
 
 /// A portfolio's messaging limit as a webhook states it
 /// (`max_daily_conversations_per_business`).

@@ -54,6 +54,16 @@ pub async fn empty_db() -> String {
         .execute(&admin)
         .await
         .expect("creating a test database");
+    // Roles belong to the whole Postgres cluster: when tests migrate fresh databases at
+    // once, two `CREATE ROLE disparo_tenant` of migration 0006 can race, and the loser
+    // fails on the catalog's unique index instead of `duplicate_object`. Creating the
+    // role first, tolerating both errors, leaves the migration only `duplicate_object`.
+    sqlx::query(
+        "DO $$ BEGIN CREATE ROLE disparo_tenant NOLOGIN; EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+    )
+    .execute(&admin)
+    .await
+    .expect("creating the tenant group role");
     admin.close().await;
     url_for(&name)
 }
