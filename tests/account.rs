@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::process::free_port;
 use common::stack::{Stack, campaign, condition, is_true_with, phase, recipients, sandbox_with, wait_for_sends};
-use disparo::sandbox::{SandboxConfig, SandboxHandle};
+use disparo::sandbox::{SandboxConfig, SandboxHandle, WebhookBehaviour};
 
 use serde_json::{Value, json};
 
@@ -96,8 +96,12 @@ async fn a_portfolio_at_tier_250_messages_250_recipients_then_waits_for_the_wind
         let expected = oldest + chrono::Duration::hours(24);
         assert!((resume - expected).num_seconds().abs() <= 2, "{name} resumes at {resume}, not {expected}");
     }
-    let channel = stack.get("channel", "one");
-    assert_eq!(channel["status"]["account"]["budget"]["used24h"], 250, "{}", channel["status"]);
+    // The Channels show the budget at their next check.
+    stack
+        .wait_for("channel", "one", "budget used", Duration::from_secs(60), |ch| {
+            ch["status"]["account"]["budget"]["used24h"] == 250 && ch["status"]["account"]["budget"]["limit"] == 250
+        })
+        .await;
 
     // A day passes, for the sandbox and for the recipients Disparo counted.
     control(&sandbox, reqwest::Method::POST, "clock", json!({"advance_seconds": 24 * 3600 + 60})).await;
@@ -198,9 +202,14 @@ async fn a_restriction_pauses_the_portfolio_until_it_expires() {
         })
         .await;
     assert_eq!(phase(&c), "Paused");
+    // Senders look at the signals every second: from a second after the campaign shows
+    // the hold, nothing is sent until the restriction expires.
+    let held = chrono::Utc::now() + chrono::Duration::seconds(1);
     let c = stack.wait_for("campaign", "promo", "Completed", LONG, |c| phase(c) == "Completed").await;
+    let during: Vec<_> = sandbox.ledger().entries().into_iter().filter(|e| e.at > held && e.at < expiration).collect();
+    assert!(during.is_empty(), "{} sends while restricted: {during:?}", during.len());
     let summary = ledger(&sandbox).await;
-    assert_eq!(summary["sent_while_restricted"], 0, "nothing sent while restricted: {summary}");
+    assert!(summary["sent_while_restricted"].as_u64().unwrap() < 20, "only the second before the hold: {summary}");
     assert_eq!(c["status"]["messages"]["sent"], 200);
 }
 
@@ -218,6 +227,8 @@ async fn costs_bsuid_receipts_and_the_marketing_limit() {
     let (stack, sandbox) = stack_with_webhooks("cost", &["--rate-card", card.to_str().unwrap()], "main", |c| {
         c.meta.marketing_limited_recipients = limited.to_vec();
         c.meta.bsuid_only_recipients = vec![bsuid_only.clone()];
+        // Every accepted message is delivered (and none read), so the counts are exact.
+        c.webhooks = WebhookBehaviour { failed: 0.0, delivered: 1.0, read: 0.0, ..Default::default() };
     })
     .await;
     common::seed_contacts(&stack.pool, &stack.org, 60, |_| (vec![], json!({}))).await;
@@ -264,5 +275,38 @@ async fn costs_bsuid_receipts_and_the_marketing_limit() {
     let status = stack.plugin(&["status", "priced"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("USD estimated for 58 billable messages"), "{text}");
-    assert!(text.contains("tier"), "{text}");
+    assert!(text.contains("withheld by Meta's per-user marketing limit"), "{text}");
+    assert!(text.contains("Budget"), "{text}");
+
+    // A day later the withheld messages are due: a new Job sends them, Meta withholds
+    // them again, and they wait two days this time.
+    stack.wait_for("campaign", "priced", "Job complete", LONG, |c| c["status"]["batches"]["succeeded"] == 2).await;
+    sqlx::query("UPDATE campaign_messages SET next_attempt_at = now() WHERE marketing_requeues > 0")
+        .execute(&stack.pool)
+        .await
+        .unwrap();
+    wait_for_sends(&stack, &sandbox, 62).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let requeues: Vec<(i16, chrono::DateTime<chrono::Utc>)> = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the withheld messages were not put back a second time\n{}",
+            stack.logs()
+        );
+        let rows: Vec<(i16, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+            "SELECT marketing_requeues, next_attempt_at FROM campaign_messages WHERE marketing_requeues > 0 AND status = 'pending'",
+        )
+        .fetch_all(&stack.pool)
+        .await
+        .unwrap();
+        if rows.len() == 2 && rows.iter().all(|(n, _)| *n == 2) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (_, at) in requeues {
+        let hours = (at - chrono::Utc::now()).num_minutes() as f64 / 60.0;
+        assert!((47.0..=48.1).contains(&hours), "the second requeue waits two days, not {hours} h");
+    }
+    assert_eq!(sandbox.ledger().duplicates().len(), 2, "only the withheld recipients were messaged again");
 }

@@ -66,6 +66,9 @@ pub struct Memory {
     /// Meta's account signals hold the campaign back (a degraded number, its template
     /// paused, a restriction) until they lift.
     pub account_hold: Option<crate::account::Hold>,
+    /// When the earliest pending message is due, looked up when the Job completed with
+    /// messages still pending (put back for a day by Meta's per-user marketing limit).
+    pub next_due: Option<DateTime<Utc>>,
 }
 
 /// The one next thing to do.
@@ -107,6 +110,11 @@ pub enum Step {
     ResumeJob,
     /// Running: refresh status and look again soon.
     Track,
+    /// The Job completed, but messages were put back for later (Meta's per-user
+    /// marketing limit): wait until the first is due, then replace the Job.
+    AwaitRequeued(DateTime<Utc>),
+    /// Messages put back for later are due: delete the completed Job, so a new one sends them.
+    SendRequeued,
     /// The Job's pods cannot run (why); the Job keeps trying, a person should look.
     PodsFailing(String),
     /// Every message is final.
@@ -211,6 +219,10 @@ pub fn next_step(
         None if unfinished(counters) || counters.is_none() => Step::CreateJob,
         None => Step::Complete,
         Some(job) if job.stale => Step::ReplaceJob,
+        Some(job) if job.complete => match memory.next_due {
+            Some(at) if at > now => Step::AwaitRequeued(at),
+            _ => Step::SendRequeued,
+        },
         Some(job) if job.suspended => Step::ResumeJob,
         Some(JobView { pods_failing: Some(why), .. }) => Step::PodsFailing(why.clone()),
         Some(_) => Step::Track,
@@ -283,6 +295,8 @@ mod tests {
             ("a resumed failed campaign restarts", spec(), Memory { resume_requested: true, ..failed_phase.clone() }, ready.clone(), Some(failed.clone()), Some(counters(5, 5, 0)), Step::Restart),
             ("Meta's hold pauses a running campaign", spec(), Memory { account_hold: Some(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() }), ..running() }, ready.clone(), Some(active.clone()), Some(counters(5, 5, 0)), Step::AccountHold(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() })),
             ("a held campaign still completes when nothing is left", spec(), Memory { account_hold: Some(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() }), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(0, 10, 0)), Step::Complete),
+            ("a complete job with messages put back for a day waits for them", spec(), Memory { next_due: Some(later), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(2, 8, 0)), Step::AwaitRequeued(later)),
+            ("a complete job with messages due again is replaced", spec(), Memory { next_due: Some(now()), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(2, 8, 0)), Step::SendRequeued),
             ("a resumed failed campaign with nothing left stays failed", spec(), Memory { resume_requested: true, ..failed_phase }, ready.clone(), Some(failed), Some(counters(0, 10, 0)), Step::Nothing),
         ];
         for (name, spec, memory, channel, job, counters, expected) in cases {

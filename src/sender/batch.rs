@@ -721,6 +721,9 @@ async fn apply_effects(
                 return Ok(Some(BatchEnd::ChannelStopped(format!("provider error {code}: {message}"))));
             }
             Effect::StopCampaign { code, message } => {
+                if let Some(end) = hold_for_template(pool, job, code, message).await? {
+                    return Ok(Some(end));
+                }
                 retrying("stopping the campaign", || pauses::stop_campaign(pool, job.campaign, code, message)).await?;
                 return Ok(Some(BatchEnd::CampaignStopped(format!("provider error {code}: {message}"))));
             }
@@ -733,6 +736,24 @@ async fn apply_effects(
         }
     }
     Ok(None)
+}
+
+/// Meta refused the campaign's template because it paused or disabled it (132015,
+/// 132016): that is the template's status, which Meta's `APPROVED` webhook lifts, so it
+/// is recorded as such and the campaign is held rather than stopped for a person. Only
+/// when the channel's WABA is known (the webhook routes by it).
+async fn hold_for_template(pool: &PgPool, job: &BatchJob, code: &str, message: &str) -> Result<Option<BatchEnd>> {
+    let status = match code {
+        "132015" => "PAUSED",
+        "132016" => "DISABLED",
+        _ => return Ok(None),
+    };
+    let Some(template) = job.message.template_key().filter(|_| job.account.is_some()) else { return Ok(None) };
+    let recorded = retrying("recording the template's status", || {
+        store::account::record_template_refusal(pool, &job.organization, &job.channel, template, status)
+    })
+    .await?;
+    Ok(recorded.then(|| BatchEnd::Held(format!("Meta refused the template ({code}: {message})"))))
 }
 
 fn outcome_label(outcome: &messages::Outcome) -> &'static str {

@@ -232,6 +232,44 @@ pub async fn signals(
     Ok((view, signals))
 }
 
+/// Records Meta's refusal of a template (132015 paused, 132016 disabled) as the
+/// template's status on the channel's WABA, as the status webhook would. A status the
+/// webhook already recorded is kept (with its reason). Returns false when the channel's
+/// WABA is not known (the Channel names no `wabaId`): then nothing lifts it by itself.
+pub async fn record_template_refusal(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    template: (&str, &str),
+    status: &str,
+) -> Result<bool> {
+    let result = sqlx::query(
+        r#"INSERT INTO template_state (organization, waba_id, name, language, status)
+           SELECT organization, waba_id, $3, $4, $5 FROM channel_state
+           WHERE organization = $1 AND channel = $2 AND waba_id IS NOT NULL
+           ON CONFLICT (organization, waba_id, name, language) DO UPDATE SET
+               status = EXCLUDED.status, reason = NULL, updated_at = now()
+           WHERE template_state.status IS DISTINCT FROM EXCLUDED.status"#,
+    )
+    .bind(organization)
+    .bind(channel)
+    .bind(template.0)
+    .bind(template.1)
+    .bind(status)
+    .execute(pool)
+    .await?;
+    if result.rows_affected() > 0 {
+        return Ok(true);
+    }
+    let known: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT waba_id FROM channel_state WHERE organization = $1 AND channel = $2")
+            .bind(organization)
+            .bind(channel)
+            .fetch_optional(pool)
+            .await?;
+    Ok(known.is_some_and(|(waba,)| waba.is_some()))
+}
+
 /// The quality score Meta last gave a template on the channel's WABA, if any.
 pub async fn template_quality(
     pool: &PgPool,

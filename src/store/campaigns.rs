@@ -184,3 +184,14 @@ pub async fn marketing_limited(pool: &PgPool, campaign: Uuid) -> Result<i64> {
     .await?;
     Ok(n)
 }
+
+/// When the campaign's earliest pending message is due (None: nothing pending).
+pub async fn next_due(pool: &PgPool, campaign: Uuid) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+    let (at,): (Option<chrono::DateTime<chrono::Utc>>,) = sqlx::query_as(
+        "SELECT min(next_attempt_at) FROM campaign_messages WHERE campaign_uid = $1 AND status = 'pending'",
+    )
+    .bind(campaign)
+    .fetch_one(pool)
+    .await?;
+    Ok(at)
+}

@@ -169,6 +169,21 @@ pub(super) async fn execute(
             Action::requeue(REFRESH)
         }
         Step::Track => Action::requeue(REFRESH),
+        Step::SendRequeued => {
+            delete_job(&r.jobs, &r.job_name).await?;
+            publish(
+                r.ctx,
+                r.campaign,
+                EventType::Normal,
+                "SendingRequeued",
+                "messages Meta withheld under its per-user marketing limit are due again: a new Job sends them".into(),
+            )
+            .await;
+            Action::requeue(Duration::from_secs(1))
+        }
+        Step::AwaitRequeued(at) => {
+            Action::requeue((*at - r.now).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(300)))
+        }
         Step::Complete | Step::Fail(_) => {
             status.finished_at.get_or_insert(time::k8s(r.now));
             Action::await_change()

@@ -195,6 +195,12 @@ async fn apply(campaign: &Campaign, ctx: &Context) -> Result<Action> {
             .map(|(code, message)| rejected_message(&code, &message)),
         resume_requested: resumed,
         account_hold,
+        next_due: match (&job, &counters) {
+            (Some((_, view)), Some(c)) if view.complete && c.pending > 0 => {
+                store::campaigns::next_due(&ctx.pool, uid).await?
+            }
+            _ => None,
+        },
     };
     let step = decide::next_step(
         &campaign.spec,

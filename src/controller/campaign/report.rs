@@ -5,7 +5,13 @@ use super::*;
 /// The phase event a step means, given the phase before and whether a Job exists.
 pub(super) fn event_for(step: &Step, old: Option<Phase>, has_job: bool) -> Option<PhaseEvent> {
     Some(match step {
-        Step::Nothing | Step::Preflight | Step::ReplaceJob | Step::AwaitJobDeletion | Step::PodsFailing(_) => {
+        Step::Nothing
+        | Step::Preflight
+        | Step::ReplaceJob
+        | Step::AwaitJobDeletion
+        | Step::PodsFailing(_)
+        | Step::AwaitRequeued(_)
+        | Step::SendRequeued => {
             return None;
         }
         // Stalled means not sending: a campaign that was sending is paused until it can go on.
