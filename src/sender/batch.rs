@@ -428,7 +428,10 @@ async fn admit_to_budget(
     let Some(until) = admission.blocked_until else { return Ok((claimed, Vec::new(), None)) };
     let (admitted, refused): (Vec<_>, Vec<_>) =
         claimed.into_iter().zip(admission.admitted).partition(|(_, admitted)| *admitted);
-    let requeues = refused.into_iter().map(|(m, _)| (m.id, messages::Outcome::Requeue { at: until })).collect();
+    // Due again at once: the campaign is RateLimited until the budget has room, and room
+    // may come before `until` (a higher tier), so the messages must not wait for it.
+    let now = Utc::now();
+    let requeues = refused.into_iter().map(|(m, _)| (m.id, messages::Outcome::Requeue { at: now })).collect();
     Ok((admitted.into_iter().map(|(m, _)| m).collect(), requeues, Some(until)))
 }
 

@@ -181,8 +181,9 @@ pub(super) async fn execute(
             .await;
             Action::requeue(Duration::from_secs(1))
         }
+        // Receipts keep arriving after the Job completed: status is refreshed meanwhile.
         Step::AwaitRequeued(at) => {
-            Action::requeue((*at - r.now).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(300)))
+            Action::requeue((*at - r.now).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(10)))
         }
         Step::Complete | Step::Fail(_) => {
             status.finished_at.get_or_insert(time::k8s(r.now));
