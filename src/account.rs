@@ -14,7 +14,7 @@ use crate::api::{QualityPolicy, TemplateCategory};
 use crate::store::rate::Limits;
 
 /// The moving window of Meta's messaging limit.
-pub const BUDGET_WINDOW: Duration = Duration::hours(24);
+pub(crate) const BUDGET_WINDOW: Duration = Duration::hours(24);
 
 /// A business portfolio's messaging limit tier, named as Graph's
 /// `whatsapp_business_manager_messaging_limit` names it.
@@ -42,7 +42,7 @@ pub enum Tier {
 impl Tier {
     /// The tier a portfolio is assumed to have until Meta says otherwise: the lowest,
     /// so an unknown tier never lets Disparo exceed the real one.
-    pub const ASSUMED: Tier = Tier::Tier250;
+    pub(crate) const ASSUMED: Tier = Tier::Tier250;
 
     /// Parses Graph's `whatsapp_business_manager_messaging_limit`.
     pub fn parse(name: &str) -> Option<Tier> {
@@ -79,12 +79,12 @@ impl Tier {
     }
 
     /// The limit as webhooks carry it (`max_daily_conversations_per_business`, -1 is unlimited).
-    pub fn max_daily_conversations(self) -> i64 {
+    pub(crate) fn max_daily_conversations(self) -> i64 {
         self.daily_limit().unwrap_or(-1)
     }
 
     /// The tier of a `max_daily_conversations_per_business` value (-1: unlimited).
-    pub fn from_daily_limit(limit: i64) -> Option<Tier> {
+    pub(crate) fn from_daily_limit(limit: i64) -> Option<Tier> {
         Some(match limit {
             -1 => Tier::Unlimited,
             250 => Tier::Tier250,
@@ -98,7 +98,7 @@ impl Tier {
 
 /// What the budget allows of one block of recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// For each wanted recipient, in order: may it be messaged now.
     pub admitted: Vec<bool>,
     /// When some were refused: when the budget has room again (the oldest counted
@@ -110,7 +110,7 @@ pub struct Admission {
 /// already counted in the window is free (Meta counts unique recipients); a new one
 /// needs room under `limit`. `counted` is the number of recipients in the window and
 /// `oldest` the earliest last-send among them.
-pub fn admit(
+pub(crate) fn admit(
     limit: Option<i64>,
     counted: i64,
     oldest: Option<DateTime<Utc>>,
@@ -218,7 +218,7 @@ pub struct Signals {
 
 impl Signals {
     /// Whether the number's quality is degraded, and the signal that says so.
-    pub fn quality_degraded(&self) -> Option<String> {
+    pub(crate) fn quality_degraded(&self) -> Option<String> {
         if self.quality_flagged {
             return Some(self.quality_event.clone().unwrap_or_else(|| "FLAGGED".into()));
         }
@@ -258,7 +258,7 @@ pub fn hold(
 
 /// The caps a marketing campaign keeps on a degraded number under the `Slow` policy:
 /// half of each cap, and twice the spacing.
-pub fn slowed(limits: &Limits) -> Limits {
+pub(crate) fn slowed(limits: &Limits) -> Limits {
     let half = |cap: Option<u32>| cap.map(|c| (c / 2).max(1));
     Limits {
         per_minute: half(limits.per_minute).or(Some(10)),
@@ -270,7 +270,7 @@ pub fn slowed(limits: &Limits) -> Limits {
 }
 
 /// Whether a campaign sending `category` slows down on a degraded number.
-pub fn slows_down(signals: &Signals, policy: QualityPolicy, category: Option<TemplateCategory>) -> bool {
+pub(crate) fn slows_down(signals: &Signals, policy: QualityPolicy, category: Option<TemplateCategory>) -> bool {
     policy == QualityPolicy::Slow
         && category == Some(TemplateCategory::Marketing)
         && signals.quality_degraded().is_some()
@@ -278,18 +278,18 @@ pub fn slows_down(signals: &Signals, policy: QualityPolicy, category: Option<Tem
 
 /// Meta's per-user marketing limit, "not delivered to maintain healthy ecosystem
 /// engagement" (docs/providers.md A6): Meta declined the message for now, not for good.
-pub const MARKETING_LIMIT_CODE: &str = "131049";
+pub(crate) const MARKETING_LIMIT_CODE: &str = "131049";
 
 /// Meta's per-user marketing limit (131049) puts a message back this many times, after
 /// 24 h, 48 h, 96 h; the next one fails it.
-pub const MARKETING_REQUEUES: i16 = 3;
+pub(crate) const MARKETING_REQUEUES: i16 = 3;
 
 /// When a message withheld by Meta's per-user marketing limit is due again, given how
 /// many times it was already put back for it: 24 h after `now`, then 48 h, then 96 h, as
 /// Meta advises growing delays; None after three requeues, when it fails like any other
 /// permanent error. One rule for the asynchronous 131049 (a `failed` status webhook) and
 /// the synchronous one (a send's answer), so both count against the same requeues.
-pub fn marketing_requeue_at(requeues: i16, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+pub(crate) fn marketing_requeue_at(requeues: i16, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let done = u32::try_from(requeues).ok().filter(|n| *n < MARKETING_REQUEUES as u32)?;
     now.checked_add_signed(Duration::hours(24 << done))
 }
@@ -298,7 +298,7 @@ pub fn marketing_requeue_at(requeues: i16, now: DateTime<Utc>) -> Option<DateTim
 /// and the recipient's country calling code, in one currency. Shipped as a ConfigMap.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RateCard {
+pub(crate) struct RateCard {
     /// A version people recognise (e.g. the date of Meta's price list).
     pub version: String,
     /// ISO 4217.
@@ -309,7 +309,7 @@ pub struct RateCard {
 
 /// Why a rate card cannot be used.
 #[derive(Debug, thiserror::Error)]
-pub enum RateCardError {
+pub(crate) enum RateCardError {
     /// Not YAML of the expected shape.
     #[error("the rate card is not valid")]
     Parse(#[source] serde_yaml::Error),
@@ -342,7 +342,7 @@ impl RateCard {
     /// The price of one message of `category` to `phone` (E.164, with or without `+`):
     /// the longest calling code of the card the number starts with, else the category's
     /// `default`. None: the card has no price for it.
-    pub fn price(&self, category: &str, phone: &str) -> Option<f64> {
+    pub(crate) fn price(&self, category: &str, phone: &str) -> Option<f64> {
         let codes = self.rates.get(category)?;
         let digits = phone.trim_start_matches('+');
         (1..=3)
@@ -384,7 +384,7 @@ fn round_cents(amount: f64) -> f64 {
 
 /// What a set of messages costs.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Cost {
+pub(crate) struct Cost {
     /// Sum of the priced messages.
     pub total: f64,
     /// By category.
@@ -396,7 +396,7 @@ pub struct Cost {
 }
 
 /// Days an audience of `recipients` needs at a daily limit (None: unlimited, one day).
-pub fn days_needed(recipients: i64, limit: Option<i64>) -> i64 {
+pub(crate) fn days_needed(recipients: i64, limit: Option<i64>) -> i64 {
     match limit {
         Some(limit) if limit > 0 => (recipients + limit - 1) / limit,
         _ => i64::from(recipients > 0),

@@ -47,7 +47,7 @@ pub fn install_crypto_provider() {
 
 /// The `/metrics` answer for a registry, in the OpenMetrics text format. Every mode's
 /// HTTP server uses it.
-pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> axum::response::Response {
+pub(crate) fn metrics_response(registry: &prometheus_client::registry::Registry) -> axum::response::Response {
     use axum::http::{StatusCode, header};
     use axum::response::IntoResponse;
     let mut body = String::new();
@@ -60,7 +60,7 @@ pub fn metrics_response(registry: &prometheus_client::registry::Registry) -> axu
 
 /// Serves `/metrics` from a Prometheus registry until `shutdown` (used by modes that
 /// have no other HTTP server, such as `send`).
-pub async fn serve_metrics(
+pub(crate) async fn serve_metrics(
     addr: std::net::SocketAddr,
     registry: std::sync::Arc<prometheus_client::registry::Registry>,
     shutdown: tokio_util::sync::CancellationToken,

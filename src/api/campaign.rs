@@ -133,7 +133,7 @@ pub enum TemplateCategory {
 
 impl TemplateCategory {
     /// The name Meta uses in `pricing.category` and rate cards.
-    pub fn as_pricing(self) -> &'static str {
+    pub(crate) fn as_pricing(self) -> &'static str {
         match self {
             TemplateCategory::Marketing => "marketing",
             TemplateCategory::Utility => "utility",
@@ -346,7 +346,7 @@ pub enum Weekday {
 
 /// The largest batch a Campaign may ask for: one sender pod sends at most this many
 /// messages.
-pub const MAX_BATCH_SIZE: u32 = 10_000;
+pub(crate) const MAX_BATCH_SIZE: u32 = 10_000;
 
 /// Shape of the sending Job.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

@@ -42,7 +42,7 @@ impl ConditionType {
 
 /// One condition the controller wants, before merging with what is stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredCondition {
+pub(crate) struct DesiredCondition {
     /// Which condition.
     pub type_: ConditionType,
     /// True or false.
@@ -55,19 +55,19 @@ pub struct DesiredCondition {
 
 impl DesiredCondition {
     /// A condition that holds.
-    pub fn truthy(type_: ConditionType, reason: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn truthy(type_: ConditionType, reason: &'static str, message: impl Into<String>) -> Self {
         Self { type_, status: true, reason, message: message.into() }
     }
 
     /// A condition that does not hold.
-    pub fn falsy(type_: ConditionType, reason: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn falsy(type_: ConditionType, reason: &'static str, message: impl Into<String>) -> Self {
         Self { type_, status: false, reason, message: message.into() }
     }
 }
 
 /// Merges `desired` into `existing`: conditions keep their `lastTransitionTime` unless
 /// their status flips; types not in `desired` are kept as they are.
-pub fn merge_conditions(
+pub(crate) fn merge_conditions(
     existing: &[Condition],
     desired: &[DesiredCondition],
     generation: Option<i64>,

@@ -21,16 +21,16 @@ pub const GROUP: &str = "disparo.io";
 /// Channel) to go on: `kubectl disparo resume` sets it to the current time. The
 /// controller acts once per value and records it in `status.lastResumeRequest`, so the
 /// request works the same under GitOps (the spec is never rewritten).
-pub const RESUME_ANNOTATION: &str = "disparo.io/resume-requested-at";
+pub(crate) const RESUME_ANNOTATION: &str = "disparo.io/resume-requested-at";
 
 /// Label that marks a Secret as meant for Disparo (value `"true"`). The controller and
 /// the webhook read only Secrets so labelled: a Channel cannot point them at any other
 /// Secret of its namespace (a database URL, a TLS key) and have it sent to a URL the
 /// Channel's author chose.
-pub const CREDENTIALS_LABEL: &str = "disparo.io/credentials";
+pub(crate) const CREDENTIALS_LABEL: &str = "disparo.io/credentials";
 
 /// The label selector of the Secrets Disparo reads.
-pub const CREDENTIALS_SELECTOR: &str = "disparo.io/credentials=true";
+pub(crate) const CREDENTIALS_SELECTOR: &str = "disparo.io/credentials=true";
 
 /// OpenAPI formats Kubernetes knows for integers are `int32` and `int64`; schemars
 /// writes `uint32` for `u32`, which kubectl warns about. Unsigned fields all carry a

@@ -27,7 +27,7 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, for metrics that report zero for absent phases.
-    pub const ALL: [Phase; 8] = [
+    pub(crate) const ALL: [Phase; 8] = [
         Phase::Draft,
         Phase::Scheduled,
         Phase::Running,
@@ -39,7 +39,7 @@ impl Phase {
     ];
 
     /// A final phase never changes again.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         matches!(self, Phase::Completed | Phase::Cancelled | Phase::Failed)
     }
 

@@ -15,7 +15,7 @@ pub fn k8s(at: DateTime<Utc>) -> Time {
 }
 
 /// A Kubernetes `MicroTime` for an instant.
-pub fn k8s_micro(at: DateTime<Utc>) -> MicroTime {
+pub(crate) fn k8s_micro(at: DateTime<Utc>) -> MicroTime {
     MicroTime(timestamp(at))
 }
 

@@ -71,7 +71,7 @@ pub async fn seed(pool: &PgPool, n: usize) -> anyhow::Result<String> {
 
 /// Raw Postgres baseline: batched `UPDATE ... FROM unnest` of `n` rows of a plain table
 /// without triggers, in blocks of `block`.
-pub async fn raw_batched_update_rate(pool: &PgPool, n: usize, block: usize) -> anyhow::Result<f64> {
+pub(crate) async fn raw_batched_update_rate(pool: &PgPool, n: usize, block: usize) -> anyhow::Result<f64> {
     let table = format!("bench_raw_{}", Uuid::new_v4().simple());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, status TEXT, note TEXT)")))
         .execute(pool)

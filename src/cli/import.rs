@@ -92,7 +92,7 @@ impl std::fmt::Display for ImportReport {
 }
 
 /// Normalizes a phone number to E.164, or says why it is not a valid number.
-pub fn normalize_phone(raw: &str, default_region: Option<phonenumber::country::Id>) -> Result<String, String> {
+pub(crate) fn normalize_phone(raw: &str, default_region: Option<phonenumber::country::Id>) -> Result<String, String> {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
         return Err("phone is empty".into());

@@ -89,7 +89,7 @@ async fn get(api: &Api<Campaign>, name: &str) -> anyhow::Result<Campaign> {
 }
 
 /// Renders what Meta says of the campaign's channel: tier, quality, budget.
-pub fn render_account(channel: &crate::api::Channel) -> String {
+pub(crate) fn render_account(channel: &crate::api::Channel) -> String {
     let Some(account) = channel.status.as_ref().and_then(|s| s.account.as_ref()) else { return String::new() };
     let mut out = format!(
         "Account   tier {}  quality {}  throughput {}\n",
@@ -122,7 +122,7 @@ pub fn render_account(channel: &crate::api::Channel) -> String {
 }
 
 /// Renders the human view of a campaign.
-pub fn render_status(campaign: &Campaign, events: &[Event]) -> String {
+pub(crate) fn render_status(campaign: &Campaign, events: &[Event]) -> String {
     let mut out = String::new();
     let status = campaign.status.clone().unwrap_or_default();
     let phase = status.phase.map_or("Pending".to_owned(), |p| p.to_string());
@@ -354,7 +354,7 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
 }
 
 /// The campaign that retries `source`'s failed messages.
-pub fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> Campaign {
+pub(crate) fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> Campaign {
     let spec = CampaignSpec {
         audience: crate::api::Audience {
             all_contacts: None,

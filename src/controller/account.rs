@@ -19,7 +19,7 @@ use crate::store::account::{self as store, NumberIdentity, NumberReading};
 const POLL_EVERY: Duration = Duration::from_secs(300);
 
 /// What the account adds to a Channel's status.
-pub struct Observed {
+pub(crate) struct Observed {
     /// The status block.
     pub status: AccountStatus,
     /// `QualityDegraded`.

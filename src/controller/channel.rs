@@ -199,7 +199,7 @@ async fn take_resume_request(
 
 /// Entry point of the Channel controller.
 #[instrument(skip_all, fields(namespace = channel.namespace().unwrap_or_default(), channel = channel.name_any()))]
-pub async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.start("Channel");
     let namespace = channel.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let name = channel.name_any();

@@ -12,11 +12,11 @@ use crate::api::CostStatus;
 use crate::store;
 
 /// How often a campaign's cost is recomputed while it runs.
-pub const EVERY: Duration = Duration::from_secs(20);
+pub(crate) const EVERY: Duration = Duration::from_secs(20);
 
 /// The rate card, if one is configured and readable. A card that cannot be read is
 /// logged and treated as none: costs are an estimate, sending does not depend on them.
-pub fn rate_card(ctx: &Context) -> Option<RateCard> {
+pub(crate) fn rate_card(ctx: &Context) -> Option<RateCard> {
     let path = ctx.rate_card.as_ref()?;
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
@@ -45,7 +45,7 @@ fn due(ctx: &Context, campaign: Uuid, force: bool) -> bool {
 }
 
 /// The campaign's cost now, or None when not due (keep the one in status) or no card.
-pub async fn refresh(ctx: &Context, campaign: Uuid, finished: bool) -> Result<Option<CostStatus>> {
+pub(crate) async fn refresh(ctx: &Context, campaign: Uuid, finished: bool) -> Result<Option<CostStatus>> {
     if !due(ctx, campaign, finished) {
         return Ok(None);
     }
@@ -68,7 +68,7 @@ pub fn status_of(card: &RateCard, cost: &Cost) -> CostStatus {
 }
 
 /// What the audience would cost if every message were delivered, with the card.
-pub async fn estimate(
+pub(crate) async fn estimate(
     ctx: &Context,
     organization: &str,
     audience: &store::audience::AudienceQuery,
@@ -82,7 +82,7 @@ pub async fn estimate(
 
 /// "needs 5 days at TIER_2K": how long the portfolio's messaging limit makes an
 /// audience take.
-pub fn messaging_limit_note(recipients: i64, tier: Option<&str>, limit: Option<i64>) -> String {
+pub(crate) fn messaging_limit_note(recipients: i64, tier: Option<&str>, limit: Option<i64>) -> String {
     let tier = tier.unwrap_or("TIER_250 (assumed until Meta says)");
     match days_needed(recipients, limit) {
         0 | 1 => format!("fits in one day at {tier}"),

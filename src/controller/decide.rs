@@ -48,7 +48,7 @@ pub struct JobView {
 
 /// What the controller remembers in status (and Postgres) between reconciles.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Memory {
+pub(crate) struct Memory {
     /// The phase written last.
     pub phase: Option<Phase>,
     /// The audience was frozen.
@@ -73,7 +73,7 @@ pub struct Memory {
 
 /// The one next thing to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Nothing to do (final phase).
     Nothing,
     /// Cancel: delete the Job, cancel pending messages.
@@ -126,7 +126,11 @@ pub enum Step {
 }
 
 /// Whether the failure ratio since the last resume passed the threshold.
-pub fn failure_threshold_exceeded(spec: &CampaignSpec, counters: &Counters, baseline: (i64, i64)) -> Option<String> {
+pub(crate) fn failure_threshold_exceeded(
+    spec: &CampaignSpec,
+    counters: &Counters,
+    baseline: (i64, i64),
+) -> Option<String> {
     let failed = counters.failed - baseline.0;
     let finished = counters.finished_attempted() - baseline.1;
     let threshold = &spec.failure_threshold;
@@ -144,7 +148,7 @@ fn unfinished(counters: Option<&Counters>) -> bool {
 }
 
 /// Decides the next step.
-pub fn next_step(
+pub(crate) fn next_step(
     spec: &CampaignSpec,
     memory: &Memory,
     channel: &ChannelView,

@@ -21,15 +21,15 @@ use crate::sender::{IGNORED_EXIT_CODES, MessageTemplate, ProviderTarget, SendCon
 
 /// Label on everything Disparo creates for a campaign, holding the Campaign's UID: a
 /// label value holds at most 63 characters and a Campaign name up to 253.
-pub const CAMPAIGN_LABEL: &str = "disparo.io/campaign-uid";
+pub(crate) const CAMPAIGN_LABEL: &str = "disparo.io/campaign-uid";
 /// Annotation with the Campaign's name, for people.
-pub const CAMPAIGN_NAME_ANNOTATION: &str = "disparo.io/campaign";
+pub(crate) const CAMPAIGN_NAME_ANNOTATION: &str = "disparo.io/campaign";
 /// Annotation with a digest of what the Job was built from (send configuration,
 /// credential reference, image, resources): when it differs from the spec's now, the Job
 /// is replaced, so an edit made while paused is what the senders use after resume.
-pub const SEND_CONFIG_ANNOTATION: &str = "disparo.io/send-config-digest";
+pub(crate) const SEND_CONFIG_ANNOTATION: &str = "disparo.io/send-config-digest";
 /// Name of the sender container (the pod failure policy refers to it).
-pub const SENDER_CONTAINER: &str = "sender";
+pub(crate) const SENDER_CONTAINER: &str = "sender";
 
 /// Operator-wide settings for sender pods.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub fn job_name(campaign: &str, uid: &str) -> String {
 }
 
 /// Why a Job found under the campaign's Job name is not the campaign's own, if it is not.
-pub fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
+pub(crate) fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
     let owned = job
         .metadata
         .owner_references
@@ -76,7 +76,7 @@ pub fn foreign_job(job: &Job, campaign_uid: &str) -> Option<String> {
 
 /// The digest of what a Job is built from, as stored in [`SEND_CONFIG_ANNOTATION`].
 /// The channel's caps are left out: senders read them live from Postgres.
-pub fn send_config_digest(
+pub(crate) fn send_config_digest(
     campaign: &Campaign,
     channel: &Channel,
     organization: &str,
@@ -99,7 +99,7 @@ pub fn send_config_digest(
 
 /// Whether the Job was built from another send configuration than `digest`. A Job
 /// without the annotation (made by an older controller) is left alone.
-pub fn is_stale(job: &Job, digest: &str) -> bool {
+pub(crate) fn is_stale(job: &Job, digest: &str) -> bool {
     job.metadata.annotations.as_ref().and_then(|a| a.get(SEND_CONFIG_ANNOTATION)).is_some_and(|d| d != digest)
 }
 
@@ -119,7 +119,7 @@ fn secret_env(name: &str, secret: &SecretKeyRef) -> EnvVar {
 }
 
 /// The send configuration for a campaign on a channel.
-pub fn send_config(
+pub(crate) fn send_config(
     campaign: &Campaign,
     channel: &Channel,
     organization: &str,
@@ -164,7 +164,7 @@ pub fn send_config(
 }
 
 /// The credential a sender needs: the Meta access token or the Evolution api key.
-pub fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
+pub(crate) fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
     match channel.spec.provider {
         Provider::Meta => channel.spec.meta.as_ref().map(|m| &m.access_token),
         Provider::Evolution => channel.spec.evolution.as_ref().map(|e| &e.api_key),
@@ -173,7 +173,7 @@ pub fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
 }
 
 /// Builds the sending Job.
-pub fn build_job(
+pub(crate) fn build_job(
     campaign: &Campaign,
     channel: &Channel,
     organization: &str,

@@ -30,7 +30,7 @@ pub struct LeaseConfig {
 }
 
 /// Whether `identity` may take a lease in state `spec` at `now`.
-pub fn may_acquire(spec: Option<&LeaseSpec>, identity: &str, now: chrono::DateTime<Utc>) -> bool {
+pub(crate) fn may_acquire(spec: Option<&LeaseSpec>, identity: &str, now: chrono::DateTime<Utc>) -> bool {
     let Some(spec) = spec else { return true };
     match spec.holder_identity.as_deref() {
         None | Some("") => true,
@@ -91,7 +91,7 @@ async fn try_acquire_or_renew(api: &Api<Lease>, cfg: &LeaseConfig) -> kube::Resu
 }
 
 /// Waits until this replica holds the lease (or shutdown: returns false).
-pub async fn acquire(api: &Api<Lease>, cfg: &LeaseConfig, shutdown: &CancellationToken) -> bool {
+pub(crate) async fn acquire(api: &Api<Lease>, cfg: &LeaseConfig, shutdown: &CancellationToken) -> bool {
     loop {
         match try_acquire_or_renew(api, cfg).await {
             Ok(true) => {

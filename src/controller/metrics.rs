@@ -78,7 +78,7 @@ impl Metrics {
     }
 
     /// Records the phase of a campaign (keyed by namespace/name), keeping the gauge exact.
-    pub fn set_phase(&self, key: &str, phase: Option<Phase>) {
+    pub(crate) fn set_phase(&self, key: &str, phase: Option<Phase>) {
         let Ok(mut known) = self.known.lock() else { return };
         let previous = match phase {
             Some(p) => known.insert(key.to_owned(), p),

@@ -67,7 +67,7 @@ impl Error {
     /// Whether trying again later may succeed (the API server or Postgres was briefly
     /// unavailable, a write lost a race), as opposed to something a person must fix (an
     /// invalid object, a permission the controller lacks).
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             Error::Kube(kube::Error::Api(status)) => status.code >= 500 || matches!(status.code, 409 | 429),
             Error::Kube(_) => true,
@@ -82,7 +82,7 @@ impl Error {
     }
 
     /// The variant's name, for metrics.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
             Error::Store(_) => "store",

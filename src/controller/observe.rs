@@ -67,7 +67,7 @@ const STUCK_REASONS: [&str; 7] = [
 const CRASHES_BEFORE_STALLED: usize = 2;
 
 /// Why the Job's pods cannot do their work, as a person should read it, if they cannot.
-pub fn pods_failing(pods: &[Pod]) -> Option<String> {
+pub(crate) fn pods_failing(pods: &[Pod]) -> Option<String> {
     let mut crashed = Vec::new();
     for pod in pods {
         let name = pod.metadata.name.as_deref().unwrap_or_default();

@@ -8,7 +8,7 @@ use crate::api::{Schedule, SendWindow, Weekday};
 
 /// Whether sending is allowed now, and if not, when it will be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
+pub(crate) enum Gate {
     /// Sending is allowed now; the window (if any) closes at the given instant.
     Open {
         /// When the current window closes (None: no window).
@@ -21,7 +21,7 @@ pub enum Gate {
 /// A schedule that cannot be understood (the CRD validates formats; a bad time zone
 /// name can still get through).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ScheduleError {
+pub(crate) enum ScheduleError {
     /// Unknown IANA time zone.
     #[error("unknown time zone {0:?} in schedule.window.timeZone")]
     TimeZone(String),
@@ -51,7 +51,7 @@ fn weekday_matches(days: &[Weekday], day: chrono::Weekday) -> bool {
 }
 
 /// The window's state at `now`: open (and until when), or when it next opens.
-pub fn window_gate(window: &SendWindow, now: DateTime<Utc>) -> Result<Gate, ScheduleError> {
+pub(crate) fn window_gate(window: &SendWindow, now: DateTime<Utc>) -> Result<Gate, ScheduleError> {
     let tz: Tz = window.time_zone.parse().map_err(|_| ScheduleError::TimeZone(window.time_zone.clone()))?;
     let start = parse_time(&window.start)?;
     let end = parse_time(&window.end)?;
@@ -84,7 +84,7 @@ pub fn window_gate(window: &SendWindow, now: DateTime<Utc>) -> Result<Gate, Sche
 }
 
 /// The campaign's gate at `now`, combining `startAt` and the window.
-pub fn gate(schedule: Option<&Schedule>, now: DateTime<Utc>) -> Result<Gate, ScheduleError> {
+pub(crate) fn gate(schedule: Option<&Schedule>, now: DateTime<Utc>) -> Result<Gate, ScheduleError> {
     let Some(schedule) = schedule else { return Ok(Gate::Open { closes_at: None }) };
     let from = match &schedule.start_at {
         Some(start) if crate::api::time::instant(&start.0) > now => crate::api::time::instant(&start.0),

@@ -8,7 +8,7 @@ use crate::api::{BatchCounts, ErrorCount, MessageCounts, Progress, Rates, RetryS
 use crate::store::campaigns::Counters;
 
 /// Message counts as users read them (`sent` includes what went further).
-pub fn message_counts(c: &Counters) -> MessageCounts {
+pub(crate) fn message_counts(c: &Counters) -> MessageCounts {
     MessageCounts {
         total: c.total,
         pending: c.pending + c.sending,
@@ -58,7 +58,7 @@ pub fn rates(c: &Counters) -> Rates {
 }
 
 /// Retry statistics with the error breakdown (most frequent first).
-pub fn retry_stats(c: &Counters, errors: &[(String, i64)]) -> RetryStats {
+pub(crate) fn retry_stats(c: &Counters, errors: &[(String, i64)]) -> RetryStats {
     RetryStats {
         succeeded_first_attempt: c.succeeded_first_attempt,
         succeeded_after_retry: c.succeeded_after_retry,
@@ -69,7 +69,7 @@ pub fn retry_stats(c: &Counters, errors: &[(String, i64)]) -> RetryStats {
 }
 
 /// Batch counts from the Job's status.
-pub fn batch_counts(job_name: &str, completions: i32, status: Option<&JobStatus>) -> BatchCounts {
+pub(crate) fn batch_counts(job_name: &str, completions: i32, status: Option<&JobStatus>) -> BatchCounts {
     let status = status.cloned().unwrap_or_default();
     BatchCounts {
         total: completions,
@@ -83,7 +83,7 @@ pub fn batch_counts(job_name: &str, completions: i32, status: Option<&JobStatus>
 /// Estimated sending time of `messages` on a channel with `limits`, shared equally with
 /// `sharing` other campaigns, sending only `window_fraction` of the day (1.0: no window).
 /// None when nothing caps the rate (the estimate would be meaningless).
-pub fn estimated_duration_seconds(
+pub(crate) fn estimated_duration_seconds(
     messages: i64,
     limits: &crate::store::rate::Limits,
     sharing: i64,
@@ -107,7 +107,7 @@ pub fn estimated_duration_seconds(
 }
 
 /// The share of a day a send window is open (1.0 without a window).
-pub fn window_fraction(window: Option<&crate::api::SendWindow>) -> f64 {
+pub(crate) fn window_fraction(window: Option<&crate::api::SendWindow>) -> f64 {
     let Some(w) = window else { return 1.0 };
     let minutes = |t: &str| -> Option<i64> {
         let (h, m) = t.split_once(':')?;
@@ -120,7 +120,7 @@ pub fn window_fraction(window: Option<&crate::api::SendWindow>) -> f64 {
 }
 
 /// Counts the indexes in a Job's interval notation, e.g. `1,3-5` → 4.
-pub fn count_indexes(indexes: &str) -> i32 {
+pub(crate) fn count_indexes(indexes: &str) -> i32 {
     indexes
         .split(',')
         .filter(|s| !s.trim().is_empty())

@@ -20,11 +20,11 @@ use crate::store::tenancy;
 /// The Secret, in each tenant namespace, holding the organization's database URL.
 pub const DATABASE_SECRET: &str = "disparo-database";
 /// Key of the URL in it.
-pub const URL_KEY: &str = "url";
+pub(crate) const URL_KEY: &str = "url";
 /// Key of the organization id in it (what `contacts import` writes under).
-pub const ORGANIZATION_KEY: &str = "organization";
+pub(crate) const ORGANIZATION_KEY: &str = "organization";
 /// Key of the CA bundle that verifies Postgres, when the admin connection has one.
-pub const CA_KEY: &str = "ca.crt";
+pub(crate) const CA_KEY: &str = "ca.crt";
 
 /// The CA bundle the admin connection verifies Postgres with (`PGSSLROOTCERT`: a file,
 /// as the chart mounts it, or the PEM itself), handed on to the tenants.
@@ -55,7 +55,7 @@ fn secret_value(secret: &Secret, key: &str) -> Option<String> {
 
 /// Makes sure the namespace's organization has its role and the namespace its Secret;
 /// returns the organization id. Cheap when both are in place (one read of the Secret).
-pub async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
+pub(crate) async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
     let organization = organization(ctx, namespace).await?;
     // One provisioning at a time (only the leader reconciles): the role's password and
     // the Secret's must be the same one.

@@ -14,7 +14,7 @@ use super::{ErrorClass, ProviderError, SendOutcome};
 
 /// One row of Meta's error-code table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MetaCode {
+pub(crate) struct MetaCode {
     /// `error.code`.
     pub code: i64,
     /// Meta's title (also what the sandbox puts in `(#code) title`).
@@ -41,7 +41,7 @@ use ErrorClass::{
 
 /// Meta's codes (docs/providers.md A2), except the 200–299 permission range, which
 /// [`meta_code`] answers for.
-pub const META_CODES: &[MetaCode] = &[
+pub(crate) const META_CODES: &[MetaCode] = &[
     row(0, "AuthException", 401, StopChannel),
     // "Retry a few times, then permanent": the sender's bounded attempts do exactly that.
     row(1, "API Unknown", 400, Retryable),
@@ -102,7 +102,7 @@ pub const META_CODES: &[MetaCode] = &[
 ];
 
 /// The table row for a Meta code, if the code is known.
-pub fn meta_code(code: i64) -> Option<MetaCode> {
+pub(crate) fn meta_code(code: i64) -> Option<MetaCode> {
     if (200..=299).contains(&code) {
         return Some(row(code, "API Permission", 403, StopChannel));
     }
@@ -128,7 +128,7 @@ pub fn classify_meta_webhook(code: i64) -> ErrorClass {
 }
 
 /// The documented wait for a Meta code, if any.
-pub fn meta_retry_after(code: i64) -> Option<Duration> {
+pub(crate) fn meta_retry_after(code: i64) -> Option<Duration> {
     meta_code(code).and_then(|row| row.retry_after)
 }
 
@@ -170,7 +170,7 @@ impl From<Answer> for SendOutcome {
 /// (a person reading the `http_4xx` errors fixes the path). A 5xx from something in
 /// front of the provider (502, 504) may come after the provider accepted the message:
 /// `None`, so the send ends `Unknown`.
-pub fn classify_http_status(http_status: u16) -> Option<ErrorClass> {
+pub(crate) fn classify_http_status(http_status: u16) -> Option<ErrorClass> {
     match http_status {
         401 | 403 | 404 | 407 | 408 => Some(Retryable),
         // A 429 refuses the request by definition (RFC 6585), whoever answers it.
@@ -182,7 +182,7 @@ pub fn classify_http_status(http_status: u16) -> Option<ErrorClass> {
 
 /// Reads an HTTP error answer without the provider's own error body, by its status
 /// (see [`classify_http_status`]); the code is `http_<status>`.
-pub fn classify_bare_answer(http_status: u16, body: &[u8]) -> Answer {
+pub(crate) fn classify_bare_answer(http_status: u16, body: &[u8]) -> Answer {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     let said = if text.is_empty() { format!("HTTP {http_status}") } else { format!("HTTP {http_status}: {text}") };

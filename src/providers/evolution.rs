@@ -12,7 +12,7 @@ use super::{
 };
 
 /// The header Evolution reads its api key from.
-pub const API_KEY_HEADER: &str = "apikey";
+pub(crate) const API_KEY_HEADER: &str = "apikey";
 
 /// Sends through one Evolution instance (one WhatsApp number connected by QR code).
 ///
@@ -108,13 +108,6 @@ pub enum ConnectionState {
     Unknown,
 }
 
-impl ConnectionState {
-    /// Whether messages can be sent now.
-    pub fn is_open(self) -> bool {
-        self == ConnectionState::Open
-    }
-}
-
 #[derive(Deserialize)]
 struct StateBody {
     instance: StateInstance,
@@ -128,7 +121,7 @@ struct StateInstance {
 /// The JSON body of `sendText` (docs/providers.md B1).
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct SendBody<'a> {
+pub(crate) struct SendBody<'a> {
     /// Digits with country code.
     number: &'a str,
     text: &'a str,
@@ -137,7 +130,7 @@ pub struct SendBody<'a> {
 }
 
 /// Builds the body for a message, or the refusal of one Evolution cannot send.
-pub fn request_body(msg: &OutboundMessage) -> std::result::Result<SendBody<'_>, ProviderError> {
+pub(crate) fn request_body(msg: &OutboundMessage) -> std::result::Result<SendBody<'_>, ProviderError> {
     let number = super::recipient_digits(&msg.to).ok_or_else(|| super::invalid_recipient(&msg.to))?;
     match &msg.content {
         Content::Text(text) => Ok(SendBody { number, text, link_preview: false }),

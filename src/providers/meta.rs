@@ -26,12 +26,12 @@ pub struct MetaClient {
 
 /// The fields of a phone number node the controller reads (docs/providers.md,
 /// "Account health signals").
-pub const HEALTH_FIELDS: &str =
+pub(crate) const HEALTH_FIELDS: &str =
     "whatsapp_business_manager_messaging_limit,quality_rating,throughput,display_phone_number";
 
 /// What the Graph API says of a number.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct NumberHealth {
+pub(crate) struct NumberHealth {
     /// The portfolio's messaging limit tier, e.g. `TIER_2K`.
     #[serde(default)]
     pub whatsapp_business_manager_messaging_limit: Option<String>,
@@ -48,7 +48,7 @@ pub struct NumberHealth {
 
 /// `throughput` of a phone number node.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct Throughput {
+pub(crate) struct Throughput {
     /// STANDARD or HIGH.
     #[serde(default)]
     pub level: Option<String>,
@@ -73,7 +73,7 @@ impl MetaClient {
 
     /// Reads the number's messaging limit tier, quality rating and throughput
     /// (`GET /{phone-number-id}?fields=...`).
-    pub async fn number_health(&self) -> super::Result<NumberHealth> {
+    pub(crate) async fn number_health(&self) -> super::Result<NumberHealth> {
         let url = format!("{}?fields={HEALTH_FIELDS}", self.number_url);
         let request = self.http.get(url).bearer_auth(self.token.expose());
         let reply = transport::exchange(request)
@@ -92,11 +92,6 @@ impl MetaClient {
             status: reply.status,
             reason: e.to_string(),
         })
-    }
-
-    /// The URL messages are posted to (no credentials in it).
-    pub fn endpoint(&self) -> &str {
-        &self.endpoint
     }
 }
 
@@ -118,7 +113,7 @@ impl ProviderClient for MetaClient {
 
 /// The JSON body of a send (docs/providers.md A1).
 #[derive(Debug, Serialize, PartialEq)]
-pub struct SendBody<'a> {
+pub(crate) struct SendBody<'a> {
     messaging_product: &'static str,
     recipient_type: &'static str,
     /// Digits only: Meta tolerates a `+`, but its `contacts[].input` echo is then
@@ -170,7 +165,7 @@ struct Parameter<'a> {
 
 /// Builds the body for a message, or the permanent refusal of a message that cannot
 /// be sent at all (a recipient that is not a number, oversized callback data).
-pub fn request_body(msg: &OutboundMessage) -> Result<SendBody<'_>, ProviderError> {
+pub(crate) fn request_body(msg: &OutboundMessage) -> Result<SendBody<'_>, ProviderError> {
     let to = super::recipient_digits(&msg.to).ok_or_else(|| super::invalid_recipient(&msg.to))?;
     if msg.callback_data.len() > MAX_CALLBACK_DATA {
         return Err(ProviderError {
@@ -431,7 +426,7 @@ mod tests {
             "106540352242922".into(),
             Secret::new("EAAG-secret"),
         );
-        assert_eq!(client.endpoint(), "https://graph.facebook.com/v23.0/106540352242922/messages");
+        assert_eq!(client.endpoint, "https://graph.facebook.com/v23.0/106540352242922/messages");
         assert!(!format!("{client:?}").contains("EAAG-secret"));
     }
 }

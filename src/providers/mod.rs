@@ -229,7 +229,7 @@ pub trait ProviderClient: Send + Sync {
 /// A phone number for logs: the country and area prefix and the last four digits
 /// stay, four digits in between are masked (`+5511999999999` → `+55119****9999`).
 /// Logs never carry a full number.
-pub fn mask_phone(phone: &str) -> String {
+pub(crate) fn mask_phone(phone: &str) -> String {
     let (plus, digits) = match phone.strip_prefix('+') {
         Some(rest) => ("+", rest),
         None => ("", phone),
@@ -249,7 +249,7 @@ pub fn mask_phone(phone: &str) -> String {
 /// The digits of an E.164 number (`+5511...` → `5511...`), as both providers want them,
 /// or `None` when it is not a plausible number: such a message is refused before any
 /// request is made.
-pub fn recipient_digits(to: &str) -> Option<&str> {
+pub(crate) fn recipient_digits(to: &str) -> Option<&str> {
     let digits = to.strip_prefix('+').unwrap_or(to);
     let plausible = (6..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit());
     plausible.then_some(digits)

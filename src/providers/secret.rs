@@ -16,7 +16,7 @@ impl Secret {
     }
 
     /// The credential itself, for the one place that must send or check it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 

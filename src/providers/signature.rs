@@ -8,14 +8,14 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// The header Meta signs its webhooks in.
-pub const META_SIGNATURE_HEADER: &str = "x-hub-signature-256";
+pub(crate) const META_SIGNATURE_HEADER: &str = "x-hub-signature-256";
 
 const PREFIX: &str = "sha256=";
 
 /// The `X-Hub-Signature-256` value for a body: `sha256=` and the lowercase hex
 /// HMAC-SHA256 of the raw bytes keyed with the app secret. Hash the exact bytes sent;
 /// re-serialised JSON would hash differently.
-pub fn meta_signature(app_secret: &[u8], body: &[u8]) -> String {
+pub(crate) fn meta_signature(app_secret: &[u8], body: &[u8]) -> String {
     format!("{PREFIX}{}", hex::encode(digest(app_secret, body)))
 }
 

@@ -147,7 +147,7 @@ pub(crate) struct Failure {
 
 impl Failure {
     /// The error and its causes on one line, for the message history.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut text = self.source.to_string();
         let mut cause = std::error::Error::source(&self.source);
         while let Some(inner) = cause {

@@ -258,7 +258,7 @@ pub struct TemplateView {
 
 impl Account {
     /// The state a sandbox starts in.
-    pub fn from_config(meta: &MetaSandbox) -> Self {
+    pub(crate) fn from_config(meta: &MetaSandbox) -> Self {
         let templates = meta
             .templates
             .iter()
@@ -348,7 +348,7 @@ impl Account {
 
     /// Sets a template's status and answers its `message_template_status_update`.
     /// `reason` defaults to `NONE`; a disabled template carries `disable_info`.
-    pub fn set_template_status(
+    pub(crate) fn set_template_status(
         &mut self,
         name: &str,
         language: &str,
@@ -375,7 +375,7 @@ impl Account {
     }
 
     /// Sets a template's quality score and answers its `message_template_quality_update`.
-    pub fn set_template_quality(
+    pub(crate) fn set_template_quality(
         &mut self,
         name: &str,
         language: &str,
@@ -409,25 +409,25 @@ impl Account {
     }
 
     /// Whether business-initiated messaging is restricted at `now_unix` (sandbox clock).
-    pub fn biz_initiated_restricted(&self, now_unix: i64) -> bool {
+    pub(crate) fn biz_initiated_restricted(&self, now_unix: i64) -> bool {
         self.restrictions
             .iter()
             .any(|r| r.restriction_type == RestrictionType::RestrictedBizInitiatedMessaging && now_unix < r.expiration)
     }
 
     /// Replaces the recipients under the per-user marketing limit.
-    pub fn set_marketing_limited(&mut self, numbers: &[String]) {
+    pub(crate) fn set_marketing_limited(&mut self, numbers: &[String]) {
         self.marketing_limited = numbers.iter().map(|n| digits(n)).collect();
     }
 
     /// Whether Meta withholds marketing templates from this recipient (digits).
-    pub fn is_marketing_limited(&self, recipient_digits: &str) -> bool {
+    pub(crate) fn is_marketing_limited(&self, recipient_digits: &str) -> bool {
         self.marketing_limited.contains(recipient_digits)
     }
 }
 
 /// `business_capability_update` for a tier (A6).
-pub fn capability_update(tier: Tier) -> Event {
+pub(crate) fn capability_update(tier: Tier) -> Event {
     Event {
         field: "business_capability_update",
         value: json!({ "max_daily_conversations_per_business": tier.max_daily_conversations() }),
@@ -435,7 +435,7 @@ pub fn capability_update(tier: Tier) -> Event {
 }
 
 /// `phone_number_quality_update` (A6): `old_limit` only on limit changes.
-pub fn quality_update(display_phone_number: &str, event: QualityEvent, tier: Tier, old: Option<Tier>) -> Event {
+pub(crate) fn quality_update(display_phone_number: &str, event: QualityEvent, tier: Tier, old: Option<Tier>) -> Event {
     let mut value = json!({
         "display_phone_number": display_phone_number,
         "event": event,
@@ -479,7 +479,7 @@ fn calling_code(digits: &str) -> Option<(&'static str, &'static str)> {
 }
 
 /// The ISO country of a number (`ZZ` when unknown).
-pub fn country_of(phone: &str) -> &'static str {
+pub(crate) fn country_of(phone: &str) -> &'static str {
     calling_code(&digits(phone)).map_or("ZZ", |(_, country)| country)
 }
 
@@ -510,7 +510,7 @@ pub fn template_id(name: &str, language: &str) -> u64 {
 /// A number as Graph shows `display_phone_number`: `+`, the calling code, a space and
 /// the rest (North American numbers grouped `555-078-3881`). Webhooks carry digits
 /// only, so a reader compares digits.
-pub fn graph_display_number(phone: &str) -> String {
+pub(crate) fn graph_display_number(phone: &str) -> String {
     let digits = digits(phone);
     match calling_code(&digits) {
         Some(("1", _)) if digits.len() == 11 => {

@@ -14,7 +14,7 @@ use super::config::{Faults, Latency, WebhookBehaviour};
 /// An injected send error, named by its Meta meaning; each provider answers it in its
 /// own wire format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// Transient server error.
     Retryable,
     /// Channel throughput limit.
@@ -29,7 +29,7 @@ pub enum Fault {
 
 /// The fault for one request, from a uniform draw in [0, 1): the classes and codes
 /// cover consecutive slices of the unit interval, the rest means no fault.
-pub fn choose_fault(faults: &Faults, draw: f64) -> Option<Fault> {
+pub(crate) fn choose_fault(faults: &Faults, draw: f64) -> Option<Fault> {
     let classes = [
         (Fault::Retryable, faults.retryable),
         (Fault::RateLimit, faults.rate_limit),
@@ -64,7 +64,7 @@ pub fn latency(rng: &mut impl Rng, latency: &Latency) -> Duration {
 }
 
 /// Whether an event of probability `p` happens.
-pub fn chance(rng: &mut impl Rng, p: f64) -> bool {
+pub(crate) fn chance(rng: &mut impl Rng, p: f64) -> bool {
     p > 0.0 && rng.random::<f64>() < p
 }
 
@@ -168,23 +168,23 @@ pub fn wamid(rng: &mut impl Rng) -> String {
 }
 
 /// An Evolution (Baileys web) message id: `3EB0` and 18 hex digits.
-pub fn evolution_key_id(rng: &mut impl Rng) -> String {
+pub(crate) fn evolution_key_id(rng: &mut impl Rng) -> String {
     format!("3EB0{:018X}", rng.random::<u128>() & ((1u128 << 72) - 1))
 }
 
 /// Evolution's database row id (`messageId`), cuid-like.
-pub fn evolution_row_id(rng: &mut impl Rng) -> String {
+pub(crate) fn evolution_row_id(rng: &mut impl Rng) -> String {
     format!("cm{}", Alphanumeric.sample_string(rng, 23).to_ascii_lowercase())
 }
 
 /// Meta's `fbtrace_id`.
-pub fn fbtrace_id(rng: &mut impl Rng) -> String {
+pub(crate) fn fbtrace_id(rng: &mut impl Rng) -> String {
     Alphanumeric.sample_string(rng, 23)
 }
 
 /// The digits of a recipient as either API receives it (`+55 11 9...`, a JID): digits
 /// only, the JID's domain dropped.
-pub fn digits(number: &str) -> String {
+pub(crate) fn digits(number: &str) -> String {
     let user = number.split('@').next().unwrap_or(number);
     user.chars().filter(char::is_ascii_digit).collect()
 }

@@ -19,7 +19,7 @@ impl Clock {
     }
 
     /// How far ahead of real time the sandbox is.
-    pub fn offset(&self) -> TimeDelta {
+    pub(crate) fn offset(&self) -> TimeDelta {
         *self.offset.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

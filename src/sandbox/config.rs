@@ -260,7 +260,7 @@ impl Default for Faults {
 
 impl Faults {
     /// Checks that every probability is in [0, 1] and that the shared draw adds up.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let named = [
             ("retryable", self.retryable),
             ("rate_limit", self.rate_limit),
@@ -343,7 +343,7 @@ impl SandboxConfig {
     }
 
     /// Checks ranges and URLs, so a typo fails at start rather than mid-rehearsal.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         self.faults.validate()?;
         let w = &self.webhooks;
         for (name, p) in [
@@ -461,7 +461,7 @@ pub struct SandboxArgs {
 
 impl SandboxArgs {
     /// The configuration: the file (or defaults), then these overrides, validated.
-    pub fn to_config(&self) -> Result<SandboxConfig> {
+    pub(crate) fn to_config(&self) -> Result<SandboxConfig> {
         let mut config = match &self.config {
             Some(path) => SandboxConfig::load(path)?,
             None => SandboxConfig::default(),

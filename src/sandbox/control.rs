@@ -62,7 +62,7 @@ fn now_view(shared: &Shared) -> Json<Value> {
 }
 
 /// `GET /_sandbox/clock` → `{"now": RFC 3339}`.
-pub async fn get_clock(State(shared): State<Arc<Shared>>) -> Json<Value> {
+pub(crate) async fn get_clock(State(shared): State<Arc<Shared>>) -> Json<Value> {
     now_view(&shared)
 }
 
@@ -73,7 +73,7 @@ struct Advance {
 }
 
 /// `POST /_sandbox/clock` `{"advance_seconds": N}` (N ≥ 0) → `{"now": RFC 3339}`.
-pub async fn advance_clock(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn advance_clock(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let advance: Advance = match parse(&body) {
         Ok(advance) => advance,
         Err(why) => return bad_request(why),
@@ -86,13 +86,13 @@ pub async fn advance_clock(State(shared): State<Arc<Shared>>, body: Bytes) -> Re
 }
 
 /// `GET /_sandbox/meta/account`.
-pub async fn get_account(State(shared): State<Arc<Shared>>) -> Json<AccountView> {
+pub(crate) async fn get_account(State(shared): State<Arc<Shared>>) -> Json<AccountView> {
     Json(shared.account().view())
 }
 
 /// `PUT /_sandbox/meta/account` `{"tier"?, "quality_rating"?, "throughput_level"?}` →
 /// `{"account": ..., "webhooks": [{field, delivered}]}`.
-pub async fn put_account(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn put_account(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let change: AccountChange = match parse(&body) {
         Ok(change) => change,
         Err(why) => return bad_request(why),
@@ -110,7 +110,7 @@ struct QualityChange {
 
 /// `POST /_sandbox/meta/quality` `{"event": "FLAGGED" | ...}` → posts a
 /// `phone_number_quality_update`.
-pub async fn post_quality(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn post_quality(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let change: QualityChange = match parse(&body) {
         Ok(change) => change,
         Err(why) => return bad_request(why),
@@ -137,7 +137,7 @@ struct StatusChange {
 
 /// `PUT /_sandbox/meta/templates/{name}/{language}` `{"status", "reason"?}` → posts a
 /// `message_template_status_update`.
-pub async fn put_template_status(
+pub(crate) async fn put_template_status(
     State(shared): State<Arc<Shared>>,
     Path((name, language)): Path<(String, String)>,
     body: Bytes,
@@ -165,7 +165,7 @@ struct ScoreChange {
 
 /// `POST /_sandbox/meta/templates/{name}/{language}/quality` `{"score"}` → posts a
 /// `message_template_quality_update`.
-pub async fn post_template_quality(
+pub(crate) async fn post_template_quality(
     State(shared): State<Arc<Shared>>,
     Path((name, language)): Path<(String, String)>,
     body: Bytes,
@@ -186,7 +186,7 @@ pub async fn post_template_quality(
 
 /// `POST /_sandbox/meta/restriction` `{"restriction_type", "expiration"}` → posts an
 /// `account_update` ACCOUNT_RESTRICTION.
-pub async fn post_restriction(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn post_restriction(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let restriction: Restriction = match parse(&body) {
         Ok(restriction) => restriction,
         Err(why) => return bad_request(why),
@@ -198,7 +198,7 @@ pub async fn post_restriction(State(shared): State<Arc<Shared>>, body: Bytes) ->
 
 /// `PUT /_sandbox/meta/marketing-limited` `["+5511...", ...]`: replaces the recipients
 /// under the per-user marketing limit.
-pub async fn put_marketing_limited(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn put_marketing_limited(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let numbers: Vec<String> = match parse(&body) {
         Ok(numbers) => numbers,
         Err(why) => return bad_request(why),
@@ -209,7 +209,7 @@ pub async fn put_marketing_limited(State(shared): State<Arc<Shared>>, body: Byte
 
 /// `POST /_sandbox/meta/webhook` with any JSON body: signed and posted exactly as
 /// given (e.g. an inbound message that carries only a BSUID).
-pub async fn post_webhook(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+pub(crate) async fn post_webhook(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let value: Value = match parse(&body) {
         Ok(value) => value,
         Err(why) => return bad_request(why),

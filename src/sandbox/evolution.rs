@@ -34,7 +34,7 @@ struct Sent {
 
 /// `POST /message/sendText/{instance}`. Guards run in Evolution's order: the instance
 /// must exist, then the api key must match.
-pub async fn send_text(
+pub(crate) async fn send_text(
     State(shared): State<Arc<Shared>>,
     Path(instance): Path<String>,
     headers: HeaderMap,

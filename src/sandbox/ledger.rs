@@ -37,7 +37,7 @@ pub struct Accepted {
 
 /// Why [`Ledger::admit`] refused a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The per-minute cap of the injected faults is spent.
     PerMinute,
     /// A template to a recipient new in the moving 24 h while the tier's unique
@@ -47,7 +47,7 @@ pub enum Refusal {
 
 /// What [`Ledger::admit`] checks and counts along with the message.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Admission {
+pub(crate) struct Admission {
     /// At most this many accepted messages in the trailing 60 s.
     pub per_minute_cap: Option<u32>,
     /// At most this many unique template recipients in the moving 24 h.
@@ -135,7 +135,7 @@ fn day() -> TimeDelta {
 
 impl Ledger {
     /// A ledger on `clock` (its "now" for [`Ledger::unique_recipients_24h`]).
-    pub fn with_clock(clock: Clock) -> Self {
+    pub(crate) fn with_clock(clock: Clock) -> Self {
         Ledger { book: Arc::default(), clock }
     }
 
@@ -151,14 +151,15 @@ impl Ledger {
 
     /// Records an accepted message unless `cap` messages were already accepted in the
     /// 60 s before it; false when over the cap.
-    pub fn record_within(&self, entry: Accepted, cap: Option<u32>) -> bool {
+    #[cfg(test)]
+    fn record_within(&self, entry: Accepted, cap: Option<u32>) -> bool {
         self.admit(entry, Admission { per_minute_cap: cap, ..Admission::default() }).is_ok()
     }
 
     /// Records an accepted message unless a limit refuses it, counting the
     /// account-protection events of `admission`. Check and record happen under one
     /// lock, so concurrent sends cannot slip past a limit together.
-    pub fn admit(&self, entry: Accepted, admission: Admission) -> Result<(), Refusal> {
+    pub(crate) fn admit(&self, entry: Accepted, admission: Admission) -> Result<(), Refusal> {
         let mut book = self.lock();
         if let Some(cap) = admission.per_minute_cap {
             let since = entry.at - TimeDelta::seconds(60);
@@ -189,7 +190,7 @@ impl Ledger {
 
     /// Records that a `delivered` status with pricing type `regular` was announced for
     /// a message; false (and nothing recorded) if it already was.
-    pub fn record_billable(&self, message_id: &str, recipient: &str, category: &str) -> bool {
+    pub(crate) fn record_billable(&self, message_id: &str, recipient: &str, category: &str) -> bool {
         let mut book = self.lock();
         if !book.billed.insert(message_id.to_owned()) {
             return false;

@@ -339,7 +339,7 @@ const DEFAULT_PHONE_NUMBER_FIELDS: &[&str] = &["verified_name", "display_phone_n
 /// `GET /{version}/{phone_number_id}?fields=...`: the number's messaging limit
 /// (portfolio-wide), quality rating and throughput level, as Graph answers it (A6):
 /// `id` and the requested fields only.
-pub async fn phone_number(
+pub(crate) async fn phone_number(
     State(shared): State<Arc<Shared>>,
     Path((_version, phone_number_id)): Path<(String, String)>,
     Query(query): Query<HashMap<String, String>>,

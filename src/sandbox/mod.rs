@@ -204,7 +204,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
 
 /// Runs `disparo sandbox` until `shutdown` is cancelled (for a `main` that owns the
 /// signal handling).
-pub async fn run_until(args: SandboxArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(crate) async fn run_until(args: SandboxArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = args.to_config()?;
     let meta_webhooks = config.meta.webhook_url.is_some();
     let evolution_webhooks = config.evolution.webhook_url.is_some();

@@ -28,7 +28,7 @@ use crate::providers::evolution::ConnectionState;
 
 /// Everything the handlers share.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// The configuration the sandbox started with.
     pub config: SandboxConfig,
     /// Injected faults; replaceable at run time (`PUT /_sandbox/faults`).
@@ -64,7 +64,7 @@ const EVOLUTION_FINAL_STATUSES: &[u16] = &[400, 401, 403, 404, 422];
 
 /// What a send request meets before it may be accepted.
 #[derive(Debug, Clone, Copy)]
-pub struct Dice {
+pub(crate) struct Dice {
     /// Answer delay.
     pub latency: Duration,
     /// Injected error, if any.
@@ -138,12 +138,12 @@ impl Shared {
     }
 
     /// An instance's state, or `None` if it does not exist.
-    pub fn instance_state(&self, instance: &str) -> Option<ConnectionState> {
+    pub(crate) fn instance_state(&self, instance: &str) -> Option<ConnectionState> {
         self.instance_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(instance).copied()
     }
 
     /// Changes an existing instance's state.
-    pub fn set_instance_state(&self, instance: &str, state: ConnectionState) -> Result<()> {
+    pub(crate) fn set_instance_state(&self, instance: &str, state: ConnectionState) -> Result<()> {
         let mut states = self.instance_states.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match states.get_mut(instance) {
             Some(current) => {
@@ -155,12 +155,12 @@ impl Shared {
     }
 
     /// Whether a number (digits) is configured as not on WhatsApp.
-    pub fn is_undeliverable(&self, digits: &str) -> bool {
+    pub(crate) fn is_undeliverable(&self, digits: &str) -> bool {
         self.not_on_whatsapp.contains(digits)
     }
 
     /// Whether a number's (digits) statuses omit its phone and carry only its BSUID.
-    pub fn is_bsuid_only(&self, digits: &str) -> bool {
+    pub(crate) fn is_bsuid_only(&self, digits: &str) -> bool {
         self.bsuid_only.contains(digits)
     }
 
@@ -172,7 +172,7 @@ impl Shared {
 
     /// Rolls the dice for one send. (The per-minute cap is checked when the message is
     /// recorded: [`Shared::accept`].)
-    pub fn roll(&self) -> Dice {
+    pub(crate) fn roll(&self) -> Dice {
         let faults = self.faults();
         let mut rng = rand::rng();
         let latency = behaviour::latency(&mut rng, &self.config.latency);
@@ -205,7 +205,7 @@ impl Shared {
 }
 
 /// The sandbox's routes: both provider APIs and the control endpoints.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/{version}/{phone_number_id}", get(meta::phone_number))
         .route("/{version}/{phone_number_id}/messages", post(meta::send))
@@ -288,6 +288,6 @@ pub fn gateway_timeout() -> Response {
 }
 
 /// Compares a presented credential with the expected one in constant time.
-pub fn credential_matches(presented: &str, expected: &str) -> bool {
+pub(crate) fn credential_matches(presented: &str, expected: &str) -> bool {
     presented.len() == expected.len() && bool::from(presented.as_bytes().ct_eq(expected.as_bytes()))
 }

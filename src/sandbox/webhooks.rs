@@ -37,7 +37,7 @@ pub struct Target {
 
 /// Webhook authentication.
 #[derive(Debug)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// Meta: `X-Hub-Signature-256` over the raw body with the app secret.
     MetaSignature(Secret),
     /// Evolution: a static header from `webhook.headers` (the value is marked sensitive).
@@ -46,7 +46,7 @@ pub enum Auth {
 
 /// Webhook counters, shown with the ledger.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     posted: AtomicU64,
     given_up: AtomicU64,
     dropped: AtomicU64,
@@ -76,7 +76,7 @@ impl Stats {
 
 /// The webhook poster.
 #[derive(Debug)]
-pub struct Webhooks {
+pub(crate) struct Webhooks {
     http: reqwest::Client,
     behaviour: WebhookBehaviour,
     permits: Arc<Semaphore>,
@@ -105,7 +105,7 @@ impl Webhooks {
 
     /// Posts a message's webhooks in the background, following `posts`; `body` renders
     /// the statuses of one post into the exact bytes sent (and signed).
-    pub fn dispatch<F>(&self, target: Arc<Target>, posts: Vec<Post>, body: F)
+    pub(crate) fn dispatch<F>(&self, target: Arc<Target>, posts: Vec<Post>, body: F)
     where
         F: Fn(&[Status]) -> Vec<u8> + Send + 'static,
     {
@@ -136,12 +136,12 @@ impl Webhooks {
     /// Posts one body now, with the provider's retries, and answers whether the
     /// receiver took it (2xx). For the control endpoints: a rehearsal that announces an
     /// account change wants to know the receiver has it before it goes on.
-    pub async fn post_now(&self, target: &Target, body: Vec<u8>) -> bool {
+    pub(crate) async fn post_now(&self, target: &Target, body: Vec<u8>) -> bool {
         deliver(&self.http, target, body, &self.behaviour, &self.shutdown, &self.stats).await
     }
 
     /// Waits until every webhook task has ended (after the shutdown token is cancelled).
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         // The semaphore is never closed, so this only waits.
         let _ = self.permits.acquire_many(self.behaviour.max_in_flight).await;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::api::RetryPolicy;
 
 /// The most jitter adds to a delay, as a fraction of it.
-pub const MAX_JITTER: f64 = 0.2;
+pub(crate) const MAX_JITTER: f64 = 0.2;
 
 /// The retry policy as the sender uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ impl From<&RetryPolicy> for Backoff {
 impl Backoff {
     /// Whether a message that just failed its `attempt`-th send (1-based) may be sent
     /// again.
-    pub fn may_retry(&self, attempt: u32) -> bool {
+    pub(crate) fn may_retry(&self, attempt: u32) -> bool {
         attempt < self.max_attempts
     }
 

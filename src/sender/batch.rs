@@ -47,7 +47,7 @@ pub enum MessageTemplate {
 impl MessageTemplate {
     /// The message a Campaign's spec describes: the one conversion from the API type
     /// (None: the spec has neither a template nor a text, which the CRD forbids).
-    pub fn from_spec(spec: &crate::api::MessageSpec) -> Option<Self> {
+    pub(crate) fn from_spec(spec: &crate::api::MessageSpec) -> Option<Self> {
         match (&spec.template, &spec.text) {
             (Some(t), _) => Some(MessageTemplate::Template {
                 name: t.name.clone(),
@@ -69,7 +69,7 @@ impl MessageTemplate {
     }
 
     /// The template's name and language, if a template.
-    pub fn template_key(&self) -> Option<(&str, &str)> {
+    pub(crate) fn template_key(&self) -> Option<(&str, &str)> {
         match self {
             MessageTemplate::Template { name, language, .. } => Some((name, language)),
             MessageTemplate::Text(_) => None,
@@ -77,7 +77,7 @@ impl MessageTemplate {
     }
 
     /// The strings rendered per contact (they may use contact variables).
-    pub fn rendered_texts(&self) -> Vec<&str> {
+    pub(crate) fn rendered_texts(&self) -> Vec<&str> {
         match self {
             MessageTemplate::Template { body_parameters, .. } => body_parameters.iter().map(String::as_str).collect(),
             MessageTemplate::Text(text) => vec![text.as_str()],

@@ -10,7 +10,7 @@ use crate::store::messages::Outcome;
 
 /// What the batch must do besides recording the message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
+pub(crate) enum Effect {
     /// Nothing: go on.
     Continue,
     /// The channel is over its provider-side throughput: wait before the next block.
@@ -37,13 +37,13 @@ const DEFAULT_CHANNEL_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The longest any answer holds a message back: a provider's wait hint beyond a day
 /// is a mistake, and a date further out could overflow.
-pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// Maps one answer to the outcome to record and the effect on the batch. `attempt` is
 /// the attempt that just ran (1-based); `marketing_requeues` how often Meta's per-user
 /// marketing limit put the message back before; `unit` is a random number in [0, 1)
 /// for jitter.
-pub fn decide(
+pub(crate) fn decide(
     answer: &SendOutcome,
     attempt: u32,
     marketing_requeues: i16,

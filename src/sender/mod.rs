@@ -45,20 +45,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub const EXIT_RATE_LIMITED: i32 = 75;
 /// Exit code: the provider refused the channel (credentials, permissions, account,
 /// billing); a person must act. The pod failure policy ignores it.
-pub const EXIT_CHANNEL_STOPPED: i32 = 76;
+pub(crate) const EXIT_CHANNEL_STOPPED: i32 = 76;
 /// Exit code: stopped by SIGTERM with messages left; a later run resumes them.
 pub const EXIT_INTERRUPTED: i32 = 77;
 /// Exit code: the provider refused this campaign's message (a paused template, a
 /// message type it cannot send); the controller stalls the campaign until a person
 /// edits or resumes it. The pod failure policy ignores it.
-pub const EXIT_CAMPAIGN_STOPPED: i32 = 78;
+pub(crate) const EXIT_CAMPAIGN_STOPPED: i32 = 78;
 
 /// Blocks a sender keeps in flight (see `batch::run_batch`).
-pub const SENDER_LANES: u32 = 4;
+pub(crate) const SENDER_LANES: u32 = 4;
 
 /// Postgres connections of a sender: one per lane, and one for the pause checks and
 /// usage counts beside them.
-pub const SENDER_CONNECTIONS: u32 = SENDER_LANES + 1;
+pub(crate) const SENDER_CONNECTIONS: u32 = SENDER_LANES + 1;
 
 /// Lanes for a channel: only a channel fast enough for the database round trips to be
 /// the bottleneck gets several. On a capped channel the caps are the bottleneck, and
@@ -76,7 +76,7 @@ pub fn lanes_for(limits: &crate::store::rate::Limits) -> u32 {
 }
 
 /// Exit codes the Job's pod failure policy must not count as failures.
-pub const IGNORED_EXIT_CODES: [i32; 4] =
+pub(crate) const IGNORED_EXIT_CODES: [i32; 4] =
     [EXIT_RATE_LIMITED, EXIT_CHANNEL_STOPPED, EXIT_INTERRUPTED, EXIT_CAMPAIGN_STOPPED];
 
 /// Where the provider lives (no secrets here).

@@ -37,16 +37,8 @@ pub enum Variable {
 }
 
 impl Variable {
-    /// The attribute key, for a preflight that counts contacts lacking it in SQL.
-    pub fn attribute_key(&self) -> Option<&str> {
-        match self {
-            Variable::Attribute(key) => Some(key),
-            _ => None,
-        }
-    }
-
     /// This variable's text for one contact.
-    pub fn resolve(&self, contact: &ContactView<'_>) -> Result<String, RenderError> {
+    pub(crate) fn resolve(&self, contact: &ContactView<'_>) -> Result<String, RenderError> {
         let missing = || RenderError::MissingVariable { variable: self.clone() };
         match self {
             Variable::Name => contact.name.filter(|n| !n.trim().is_empty()).map(str::to_owned).ok_or_else(missing),
@@ -176,7 +168,7 @@ pub fn render(template: &str, contact: &ContactView<'_>) -> Result<String, Rende
 
 /// The distinct variables a template uses, in order of first use. Malformed or
 /// unknown ones are left out: [`validate`] reports those.
-pub fn variables(template: &str) -> Vec<Variable> {
+pub(crate) fn variables(template: &str) -> Vec<Variable> {
     let mut found = Vec::new();
     let mut rest = template;
     while let Some(open) = rest.find("{{") {
@@ -190,12 +182,6 @@ pub fn variables(template: &str) -> Vec<Variable> {
         rest = &rest[inner_start + close + 2..];
     }
     found
-}
-
-/// Checks a template's syntax and variable names without a contact, so a campaign
-/// with a typo is refused before its audience is touched.
-pub fn validate(template: &str) -> Result<(), RenderError> {
-    parse(template).map(|_| ())
 }
 
 #[cfg(test)]
@@ -282,8 +268,6 @@ mod tests {
             Err(RenderError::UnknownVariable { .. })
         ));
         assert_eq!(render_for("ok {{contact.name", Some("Ana"), json!({})), Err(RenderError::Unclosed { offset: 3 }));
-        assert_eq!(validate("{{contact.name}} then {{oops"), Err(RenderError::Unclosed { offset: 22 }));
-        assert_eq!(validate("{{ contact.attributes.city }}"), Ok(()));
     }
 
     #[test]
@@ -292,7 +276,7 @@ mod tests {
             "{{contact.attributes.city}} {{ contact.name }} {{contact.attributes.city}} {{bogus}} {{contact.phone}}",
         );
         assert_eq!(vars, vec![Variable::Attribute("city".into()), Variable::Name, Variable::Phone]);
-        assert_eq!(vars[0].attribute_key(), Some("city"));
+        assert_eq!(vars[0], Variable::Attribute("city".into()));
         assert!(variables("plain").is_empty());
         assert_eq!(Variable::Attribute("city".into()).to_string(), "{{contact.attributes.city}}");
     }

@@ -18,7 +18,7 @@ use crate::account::{self, Admission, BUDGET_WINDOW, Signals, Tier};
 /// How the controller identifies a channel's number to the webhook service, which
 /// routes account webhooks by WABA id and display phone number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NumberIdentity {
+pub(crate) struct NumberIdentity {
     /// The business portfolio (spec.meta.businessPortfolio).
     pub portfolio: Option<String>,
     /// The WhatsApp Business Account id (spec.meta.wabaId).
@@ -29,7 +29,12 @@ pub struct NumberIdentity {
 
 /// Records the channel's number identity, and makes sure its portfolio has a row (the
 /// budget's lock).
-pub async fn observe_number(pool: &PgPool, organization: &str, channel: &str, id: &NumberIdentity) -> Result<()> {
+pub(crate) async fn observe_number(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    id: &NumberIdentity,
+) -> Result<()> {
     sqlx::query(
         r#"INSERT INTO channel_state AS s (organization, channel, portfolio, waba_id, display_phone) VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (organization, channel) DO UPDATE SET
@@ -57,7 +62,7 @@ pub async fn observe_number(pool: &PgPool, organization: &str, channel: &str, id
 
 /// What the Graph API says of a number.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NumberReading {
+pub(crate) struct NumberReading {
     /// The portfolio's tier (`whatsapp_business_manager_messaging_limit`).
     pub tier: Option<Tier>,
     /// `quality_rating`.
@@ -68,7 +73,7 @@ pub struct NumberReading {
 
 /// Records a Graph API reading: the number's quality and throughput, and its portfolio's
 /// tier. A limit that grew lifts a spent budget at once.
-pub async fn record_reading(
+pub(crate) async fn record_reading(
     pool: &PgPool,
     organization: &str,
     channel: &str,
@@ -93,7 +98,13 @@ pub async fn record_reading(
 }
 
 /// Sets a portfolio's tier (from `source`: `graph` or `webhook`).
-pub async fn set_tier(pool: &PgPool, organization: &str, portfolio: &str, tier: Tier, source: &str) -> Result<()> {
+pub(crate) async fn set_tier(
+    pool: &PgPool,
+    organization: &str,
+    portfolio: &str,
+    tier: Tier,
+    source: &str,
+) -> Result<()> {
     sqlx::query(
         r#"INSERT INTO portfolios AS p (organization, portfolio, tier, daily_limit, limit_source) VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (organization, portfolio) DO UPDATE SET
@@ -236,7 +247,7 @@ pub async fn signals(
 /// template's status on the channel's WABA, as the status webhook would. A status the
 /// webhook already recorded is kept (with its reason). Returns false when the channel's
 /// WABA is not known (the Channel names no `wabaId`): then nothing lifts it by itself.
-pub async fn record_template_refusal(
+pub(crate) async fn record_template_refusal(
     pool: &PgPool,
     organization: &str,
     channel: &str,
@@ -271,7 +282,7 @@ pub async fn record_template_refusal(
 }
 
 /// The quality score Meta last gave a template on the channel's WABA, if any.
-pub async fn template_quality(
+pub(crate) async fn template_quality(
     pool: &PgPool,
     organization: &str,
     channel: &str,
@@ -295,7 +306,7 @@ pub async fn template_quality(
 /// A portfolio's budget use now: recipients counted in the window and when the oldest
 /// leaves it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BudgetUse {
+pub(crate) struct BudgetUse {
     /// Unique recipients in the last 24 h.
     pub used: i64,
     /// When the oldest of them leaves the window.
@@ -303,7 +314,7 @@ pub struct BudgetUse {
 }
 
 /// How much of the portfolio's budget the last 24 h used.
-pub async fn budget_use(pool: &PgPool, organization: &str, portfolio: &str) -> Result<BudgetUse> {
+pub(crate) async fn budget_use(pool: &PgPool, organization: &str, portfolio: &str) -> Result<BudgetUse> {
     let (used, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         r#"SELECT count(*), min(last_sent_at) FROM portfolio_recipients
            WHERE organization = $1 AND portfolio = $2 AND last_sent_at > now() - interval '24 hours'"#,
@@ -318,7 +329,7 @@ pub async fn budget_use(pool: &PgPool, organization: &str, portfolio: &str) -> R
 /// Keeps a portfolio's spent mark true: lifted when the window has room again (time
 /// passed, or a higher tier), moved to the new reset instant otherwise. Also forgets
 /// recipients that left the window. Returns the instant the budget is spent until.
-pub async fn refresh_budget(
+pub(crate) async fn refresh_budget(
     pool: &PgPool,
     organization: &str,
     portfolio: &str,
@@ -353,7 +364,12 @@ pub async fn refresh_budget(
 /// same count. Returns which were admitted; the others must not be sent now. A refusal
 /// marks the budget spent until the oldest counted recipient leaves the window, which
 /// the controller shows as `RateLimited` with that `resumeAt`.
-pub async fn admit(pool: &PgPool, organization: &str, portfolio: &str, recipients: &[&str]) -> Result<Admission> {
+pub(crate) async fn admit(
+    pool: &PgPool,
+    organization: &str,
+    portfolio: &str,
+    recipients: &[&str],
+) -> Result<Admission> {
     let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO portfolios (organization, portfolio) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(organization)

@@ -49,7 +49,7 @@ pub struct AttributeFilter {
 impl AudienceQuery {
     /// Converts the spec's audience. The CRD schema already guarantees exactly one kind;
     /// this refuses a spec that bypassed it.
-    pub fn from_spec(audience: &api::Audience) -> Result<Self> {
+    pub(crate) fn from_spec(audience: &api::Audience) -> Result<Self> {
         let mut kinds = Vec::new();
         if audience.all_contacts == Some(true) {
             kinds.push(AudienceQuery::AllContacts);
@@ -189,7 +189,7 @@ async fn resolve_source(pool: &PgPool, organization: &str, audience: &AudienceQu
 }
 
 /// How many contacts the audience selects now (preflight; nothing is written).
-pub async fn preview_size(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<i64> {
+pub(crate) async fn preview_size(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<i64> {
     let source = resolve_source(pool, organization, audience).await?;
     let mut qb = QueryBuilder::new("SELECT count(*) FROM (");
     push_selection(&mut qb, organization, audience, source);
@@ -200,7 +200,7 @@ pub async fn preview_size(pool: &PgPool, organization: &str, audience: &Audience
 
 /// How many selected contacts lack at least one of `attribute_keys` or a name when
 /// `needs_name` (preflight: those messages would fail to render).
-pub async fn count_missing_variables(
+pub(crate) async fn count_missing_variables(
     pool: &PgPool,
     organization: &str,
     audience: &AudienceQuery,
@@ -310,7 +310,11 @@ pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &Audien
 
 /// The selected contacts by the first three digits of their number (for a cost estimate
 /// with the rate card).
-pub async fn size_by_prefix(pool: &PgPool, organization: &str, audience: &AudienceQuery) -> Result<Vec<(String, i64)>> {
+pub(crate) async fn size_by_prefix(
+    pool: &PgPool,
+    organization: &str,
+    audience: &AudienceQuery,
+) -> Result<Vec<(String, i64)>> {
     let source = resolve_source(pool, organization, audience).await?;
     let mut qb = QueryBuilder::new("SELECT substr(x.phone, 2, 3), count(*) FROM contacts x WHERE x.id IN (");
     push_selection(&mut qb, organization, audience, source);

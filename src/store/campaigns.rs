@@ -52,7 +52,7 @@ impl Counters {
 
     /// Finished messages that were attempted: what a failure rate is a share of
     /// (cancelled and skipped messages never reached the provider).
-    pub fn finished_attempted(&self) -> i64 {
+    pub(crate) fn finished_attempted(&self) -> i64 {
         self.unknown + self.sent + self.delivered + self.read + self.failed
     }
 
@@ -124,7 +124,7 @@ pub async fn delete(pool: &PgPool, campaign: Uuid) -> Result<u64> {
 }
 
 /// Campaigns other than `except` that share a channel and still have messages to send.
-pub async fn active_on_channel(pool: &PgPool, organization: &str, channel: &str, except: Uuid) -> Result<i64> {
+pub(crate) async fn active_on_channel(pool: &PgPool, organization: &str, channel: &str, except: Uuid) -> Result<i64> {
     let (n,): (i64,) = sqlx::query_as(
         r#"SELECT count(*) FROM campaigns c JOIN campaign_counters k ON k.campaign_uid = c.uid
            WHERE c.organization = $1 AND c.channel = $2 AND c.uid <> $3 AND (k.pending + k.sending) > 0"#,
@@ -138,7 +138,7 @@ pub async fn active_on_channel(pool: &PgPool, organization: &str, channel: &str,
 }
 
 /// The frozen campaign's batch count, if its audience was frozen.
-pub async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Option<i32>> {
+pub(crate) async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Option<i32>> {
     let row: Option<(i32,)> =
         sqlx::query_as("SELECT batches FROM campaigns WHERE uid = $1 AND audience_frozen_at IS NOT NULL")
             .bind(campaign)
@@ -161,7 +161,7 @@ pub async fn is_cancelled(pool: &PgPool, campaign: Uuid) -> Result<bool> {
 /// The campaign's delivered messages Meta charges for (`pricing.type` `regular`), by
 /// pricing category and the first three digits of the recipient's number (enough for
 /// any country calling code), for the rate card to price.
-pub async fn billable_by_prefix(pool: &PgPool, campaign: Uuid) -> Result<Vec<(String, String, i64)>> {
+pub(crate) async fn billable_by_prefix(pool: &PgPool, campaign: Uuid) -> Result<Vec<(String, String, i64)>> {
     Ok(sqlx::query_as(
         r#"SELECT m.pricing_category, substr(c.phone, 2, 3), count(*)
            FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id
@@ -186,7 +186,7 @@ pub async fn marketing_limited(pool: &PgPool, campaign: Uuid) -> Result<i64> {
 }
 
 /// When the campaign's earliest pending message is due (None: nothing pending).
-pub async fn next_due(pool: &PgPool, campaign: Uuid) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+pub(crate) async fn next_due(pool: &PgPool, campaign: Uuid) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
     let (at,): (Option<chrono::DateTime<chrono::Utc>>,) = sqlx::query_as(
         "SELECT min(next_attempt_at) FROM campaign_messages WHERE campaign_uid = $1 AND status = 'pending'",
     )

@@ -33,7 +33,7 @@ pub struct UpsertReport {
 /// not in the file and leaves the stored value alone, so re-importing a file without a
 /// `tags` column keeps everyone's tags.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContactUpdate {
+pub(crate) struct ContactUpdate {
     /// E.164 phone number, the key.
     pub phone: String,
     /// Display name, when given.
@@ -96,7 +96,11 @@ const UPSERT_ROUNDS: usize = 5;
 /// (`ON CONFLICT DO NOTHING`) and updates those that existed when it started, with the
 /// given-or-not of every field at hand. A phone that another transaction inserts
 /// meanwhile is neither: it is retried in a fresh statement, which then updates it.
-pub async fn upsert_given(pool: &PgPool, organization: &str, contacts: &[ContactUpdate]) -> Result<UpsertReport> {
+pub(crate) async fn upsert_given(
+    pool: &PgPool,
+    organization: &str,
+    contacts: &[ContactUpdate],
+) -> Result<UpsertReport> {
     let mut report = UpsertReport::default();
     let mut todo: Vec<&ContactUpdate> = contacts.iter().collect();
     for _ in 0..UPSERT_ROUNDS {

@@ -47,7 +47,7 @@ impl Error {
     /// retry wins (serialization failure 40001, deadlock 40P01), that it is shutting down
     /// or starting (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect
     /// now), a connection exception (class 08), or too many connections (53300).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             Error::Database(sqlx::Error::Database(db)) => db.code().is_some_and(|code| {
                 matches!(code.as_ref(), "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "53300")
@@ -70,7 +70,7 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The migrations compiled into the binary.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Opens a connection pool. `max_connections` bounds what one process takes from Postgres.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
@@ -84,7 +84,7 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
 
 /// Opens a pool that verifies the server against `ca_pem` (a PEM bundle), for callers
 /// that hold the CA as text rather than as a file (an organization's Secret).
-pub async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &str) -> Result<PgPool> {
+pub(crate) async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &str) -> Result<PgPool> {
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
     let options = options.ssl_root_cert_from_pem(ca_pem.as_bytes().to_vec());
     let pool = PgPoolOptions::new()
@@ -114,7 +114,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
 }
 
 /// Whether Postgres answers (for readiness probes).
-pub async fn ping(pool: &PgPool) -> Result<()> {
+pub(crate) async fn ping(pool: &PgPool) -> Result<()> {
     sqlx::query("SELECT 1").execute(pool).await?;
     Ok(())
 }

@@ -33,7 +33,12 @@ pub enum ChannelPause {
 
 /// Pauses the channel until `until`: a cap of a Hard channel is spent. A refusal in
 /// force is never replaced by a window pause.
-pub async fn pause_for_window(pool: &PgPool, organization: &str, channel: &str, until: DateTime<Utc>) -> Result<()> {
+pub(crate) async fn pause_for_window(
+    pool: &PgPool,
+    organization: &str,
+    channel: &str,
+    until: DateTime<Utc>,
+) -> Result<()> {
     sqlx::query(
         r#"INSERT INTO channel_state (organization, channel, pause_kind, paused_until) VALUES ($1, $2, 'window_spent', $3)
            ON CONFLICT (organization, channel) DO UPDATE SET
@@ -96,7 +101,7 @@ pub async fn channel_pause(pool: &PgPool, organization: &str, channel: &str) -> 
 }
 
 /// Lifts whatever pause the channel has (a person resumed it). Returns whether one was lifted.
-pub async fn clear_channel_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<bool> {
+pub(crate) async fn clear_channel_pause(pool: &PgPool, organization: &str, channel: &str) -> Result<bool> {
     let result = sqlx::query(
         r#"UPDATE channel_state SET pause_kind = NULL, paused_until = NULL, pause_code = NULL, pause_reason = NULL, updated_at = now()
            WHERE organization = $1 AND channel = $2 AND pause_kind IS NOT NULL"#,
@@ -147,7 +152,7 @@ impl From<StoredLimits> for Limits {
 /// logic: the caps in force and the version of the credentials. A stop whose credentials
 /// version differs from the new one is lifted (a person replaced the credentials).
 /// Returns whether a provider refusal was lifted.
-pub async fn observe_channel(
+pub(crate) async fn observe_channel(
     pool: &PgPool,
     organization: &str,
     channel: &str,
@@ -185,7 +190,7 @@ pub async fn observe_channel(
 
 /// What a running sender re-reads every second.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SendState {
+pub(crate) struct SendState {
     /// The channel's pause in force, if any.
     pub channel_pause: Option<ChannelPause>,
     /// The channel's caps as last observed by the controller (None: never observed; the
@@ -198,7 +203,7 @@ pub struct SendState {
 }
 
 /// Reads the channel's and the campaign's state in one round trip.
-pub async fn send_state(pool: &PgPool, organization: &str, channel: &str, campaign: Uuid) -> Result<SendState> {
+pub(crate) async fn send_state(pool: &PgPool, organization: &str, channel: &str, campaign: Uuid) -> Result<SendState> {
     type Row = (
         Option<String>,
         Option<DateTime<Utc>>,
@@ -236,7 +241,7 @@ pub async fn send_state(pool: &PgPool, organization: &str, channel: &str, campai
 }
 
 /// Stops one campaign: the provider refuses its message. The first stop's reason wins.
-pub async fn stop_campaign(pool: &PgPool, campaign: Uuid, code: &str, message: &str) -> Result<()> {
+pub(crate) async fn stop_campaign(pool: &PgPool, campaign: Uuid, code: &str, message: &str) -> Result<()> {
     sqlx::query("UPDATE campaigns SET stop_code = $2, stop_message = $3, stopped_at = now() WHERE uid = $1 AND stop_code IS NULL")
         .bind(campaign)
         .bind(code)
@@ -247,7 +252,7 @@ pub async fn stop_campaign(pool: &PgPool, campaign: Uuid, code: &str, message: &
 }
 
 /// The campaign's stop, if any (code, message).
-pub async fn campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<Option<(String, String)>> {
+pub(crate) async fn campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<Option<(String, String)>> {
     let row: Option<(Option<String>, Option<String>)> =
         sqlx::query_as("SELECT stop_code, stop_message FROM campaigns WHERE uid = $1")
             .bind(campaign)
@@ -258,7 +263,7 @@ pub async fn campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<Option<(Stri
 
 /// Lifts a campaign's stop (a person resumed it, or its message changed). Returns
 /// whether there was one.
-pub async fn clear_campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<bool> {
+pub(crate) async fn clear_campaign_stop(pool: &PgPool, campaign: Uuid) -> Result<bool> {
     let result = sqlx::query("UPDATE campaigns SET stop_code = NULL, stop_message = NULL, stopped_at = NULL WHERE uid = $1 AND stop_code IS NOT NULL")
         .bind(campaign)
         .execute(pool)

@@ -35,7 +35,7 @@ pub struct Limits {
 impl Limits {
     /// The reference system's defaults: Meta 20/min, 100/h, 500/day Hard; Evolution
     /// 1000/h Graceful with 500 ms spacing.
-    pub fn provider_default(provider: Provider) -> Self {
+    pub(crate) fn provider_default(provider: Provider) -> Self {
         match provider {
             Provider::Meta => Limits {
                 per_minute: Some(20),
@@ -55,7 +55,7 @@ impl Limits {
     }
 
     /// The spec's caps over the provider's defaults.
-    pub fn effective(provider: Provider, spec: &RateLimitsSpec) -> Self {
+    pub(crate) fn effective(provider: Provider, spec: &RateLimitsSpec) -> Self {
         let base = Self::provider_default(provider);
         let any_cap = spec.per_minute.is_some() || spec.per_hour.is_some() || spec.per_day.is_some();
         Limits {
@@ -84,7 +84,7 @@ impl Limits {
     }
 
     /// Whether nothing limits the channel (its tokens are only counted, never withheld).
-    pub fn is_unlimited(&self) -> bool {
+    pub(crate) fn is_unlimited(&self) -> bool {
         self.per_minute.is_none() && self.per_hour.is_none() && self.per_day.is_none() && self.min_interval.is_zero()
     }
 }
@@ -102,7 +102,7 @@ pub enum WindowKind {
 
 impl WindowKind {
     /// All windows, smallest first.
-    pub const ALL: [WindowKind; 3] = [WindowKind::Minute, WindowKind::Hour, WindowKind::Day];
+    pub(crate) const ALL: [WindowKind; 3] = [WindowKind::Minute, WindowKind::Hour, WindowKind::Day];
 
     fn as_str(self) -> &'static str {
         match self {

@@ -111,7 +111,7 @@ impl MessageStatus {
 
     /// Whether the status may move from `self` to `new`: the Rust mirror of the
     /// schema's `message_transition_allowed`, used to plan; the database re-checks.
-    pub fn can_move_to(self, new: MessageStatus) -> bool {
+    pub(crate) fn can_move_to(self, new: MessageStatus) -> bool {
         use MessageStatus::*;
         match self {
             Pending => matches!(new, Sending | Failed | Cancelled | Skipped),
@@ -141,7 +141,7 @@ pub enum ReceiptStatus {
 
 impl ReceiptStatus {
     /// The status a message takes when this receipt is applied.
-    pub fn message_status(self) -> MessageStatus {
+    pub(crate) fn message_status(self) -> MessageStatus {
         match self {
             ReceiptStatus::Sent => MessageStatus::Sent,
             ReceiptStatus::Delivered => MessageStatus::Delivered,
@@ -313,12 +313,12 @@ pub struct PlannedChange {
 
 /// Code recorded when a provider reports `failed` without saying why, so the failure
 /// still shows in the per-code breakdown.
-pub const UNSPECIFIED_ERROR_CODE: &str = "unspecified";
+pub(crate) const UNSPECIFIED_ERROR_CODE: &str = "unspecified";
 
 /// The key of a requeue's history entry that names the provider id of the attempt it
 /// ended. Late receipts of that attempt are recognised by it (the message's own
 /// provider id is cleared, and later holds the next attempt's).
-pub const REQUEUED_PROVIDER_ID_KEY: &str = "requeuedProviderId";
+pub(crate) const REQUEUED_PROVIDER_ID_KEY: &str = "requeuedProviderId";
 
 /// Whether a receipt is Meta's per-user marketing limit.
 fn is_marketing_limit(event: &StatusEvent) -> bool {
@@ -439,11 +439,6 @@ fn history_entry(event: &StatusEvent, note: Option<&str>) -> Value {
 /// within seconds of the provider's answer, and a kept receipt older than this is for a
 /// message that is not ours.
 pub const UNMATCHED_RECEIPT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
-
-/// Applies status events alone (see [`apply`]).
-pub async fn apply_status_events(pool: &PgPool, events: &[StatusEvent]) -> Result<Vec<ApplyOutcome>> {
-    Ok(apply(pool, events, &[]).await?.outcomes)
-}
 
 /// Applies status events and opt-outs in one transaction: when it returns `Ok`, every
 /// change is committed (so a webhook may be acknowledged), including the receipts kept
@@ -1006,7 +1001,7 @@ impl KeptRow {
 /// The E.164 forms a WhatsApp id may stand for. Brazilian mobile numbers registered
 /// before the ninth digit was added keep an 8-digit WhatsApp id (`55 DD 8xxxxxxx`)
 /// while the contact list holds the 9-digit number (`+55 DD 98xxxxxxx`).
-pub fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
+pub(crate) fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
     let digits: String = wa_id.chars().filter(char::is_ascii_digit).collect();
     let primary = format!("+{digits}");
     let alternative = match digits.strip_prefix("55") {
@@ -1084,7 +1079,7 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
 /// locking read, the history or the ordering rules of [`apply`]. For the benchmark only,
 /// to show what the schema itself costs beside what `apply` adds; it trusts that every
 /// move is allowed (the schema still refuses any that is not).
-pub async fn baseline_update(
+pub(crate) async fn baseline_update(
     pool: &PgPool,
     organization: &str,
     provider_ids: &[String],

@@ -83,15 +83,11 @@ impl MessagingLimit {
     /// Reads `max_daily_conversations_per_business`: -1 is unlimited, Meta's tier sizes
     /// are their tiers, any other count is kept as the limit without a tier. None for a
     /// number that cannot be a limit (below -1, or beyond what the column holds).
-    pub fn from_max_daily(value: i64) -> Option<Self> {
-        let tier = match value {
-            -1 => return Some(MessagingLimit { tier: Some(Tier::Unlimited), daily_limit: None }),
-            250 => Some(Tier::Tier250),
-            2_000 => Some(Tier::Tier2K),
-            10_000 => Some(Tier::Tier10K),
-            100_000 => Some(Tier::Tier100K),
-            _ => None,
-        };
+    pub(crate) fn from_max_daily(value: i64) -> Option<Self> {
+        let tier = Tier::from_daily_limit(value);
+        if tier == Some(Tier::Unlimited) {
+            return Some(MessagingLimit { tier, daily_limit: None });
+        }
         let daily_limit = i32::try_from(value).ok().filter(|n| *n >= 0)?;
         Some(MessagingLimit { tier, daily_limit: Some(daily_limit) })
     }
@@ -136,7 +132,7 @@ pub struct ChannelRow {
 /// The organization's channel rows a signal for `waba_id`, posted at `url_channel`'s
 /// URL, may concern: those of that WABA, and the URL's own row (the fallback when no
 /// channel has recorded that WABA yet).
-pub async fn channel_rows(
+pub(crate) async fn channel_rows(
     conn: &mut PgConnection,
     organization: &str,
     waba_id: &str,
@@ -160,7 +156,7 @@ pub async fn channel_rows(
 /// sets or lifts it (see [`QualityEvent::flagged`]). A channel without a row gets one,
 /// so a signal that comes before the controller's first write of the channel is kept.
 /// Returns the rows written.
-pub async fn record_quality_event(
+pub(crate) async fn record_quality_event(
     conn: &mut PgConnection,
     organization: &str,
     channels: &[String],
@@ -206,7 +202,7 @@ pub async fn record_quality_event(
 /// under the old limit has room again: `budget_spent_until` is cleared so senders
 /// recount at once instead of waiting for it. A limit that was not known (no row, or a
 /// row a sender created) did not grow. Returns the rows written.
-pub async fn record_messaging_limit(
+pub(crate) async fn record_messaging_limit(
     conn: &mut PgConnection,
     organization: &str,
     portfolios: &[String],
@@ -240,7 +236,7 @@ pub async fn record_messaging_limit(
 /// `account_update` with `RESTRICTED_BIZ_INITIATED_MESSAGING`): senders hold the
 /// portfolio's campaigns until it ends rather than have every message refused.
 /// Creates the rows if needed. Returns the rows written.
-pub async fn record_restriction(
+pub(crate) async fn record_restriction(
     conn: &mut PgConnection,
     organization: &str,
     portfolios: &[String],
@@ -270,7 +266,7 @@ pub async fn record_restriction(
 /// DISABLED template fails every message that uses it (docs/providers.md A2, 132015
 /// and 132016), so the controller and senders look here before sending. `reason` is
 /// Meta's, None when Meta says `NONE`. The quality already known is kept.
-pub async fn record_template_status(
+pub(crate) async fn record_template_status(
     conn: &mut PgConnection,
     organization: &str,
     template: &TemplateKey,
@@ -297,7 +293,7 @@ pub async fn record_template_status(
 /// Records a template's quality (`message_template_quality_update`): YELLOW or RED
 /// warn that Meta may soon pause it. The status already known is kept (NULL when only
 /// the quality is known).
-pub async fn record_template_quality(
+pub(crate) async fn record_template_quality(
     conn: &mut PgConnection,
     organization: &str,
     template: &TemplateKey,

@@ -20,7 +20,7 @@ pub fn role_name(organization: &str) -> Result<String> {
 
 /// A new random password: 40 letters and digits, so it needs no escaping in a URL or in
 /// SQL.
-pub fn new_password() -> String {
+pub(crate) fn new_password() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 40)
 }
 
@@ -29,7 +29,7 @@ pub fn new_password() -> String {
 /// the URL when the admin URL does not name one, so a tenant connection is never less
 /// protected than the admin's: without it, a sender would use `prefer`, which falls back
 /// to plaintext.
-pub fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<&str>) -> Result<String> {
+pub(crate) fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<&str>) -> Result<String> {
     let mut url = url::Url::parse(admin_url)
         .map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
     url.set_username(role).map_err(|()| Error::Invalid("the admin database URL cannot carry a user name".into()))?;
@@ -45,7 +45,7 @@ pub fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<
 /// Creates the organization's role with `password`, or sets its password if it exists,
 /// and records the organization. Idempotent; concurrent calls for one organization are
 /// serialized by an advisory lock.
-pub async fn provision(pool: &PgPool, organization: &str, namespace: &str, password: &str) -> Result<String> {
+pub(crate) async fn provision(pool: &PgPool, organization: &str, namespace: &str, password: &str) -> Result<String> {
     let role = role_name(organization)?;
     if !password.chars().all(|c| c.is_ascii_alphanumeric()) {
         return Err(Error::Invalid("a role password must be letters and digits".into()));
@@ -94,7 +94,7 @@ pub async fn record<'e>(
 
 /// The current organization id of a namespace name (the most recently provisioned one:
 /// a re-created namespace is a new organization).
-pub async fn organization_of(pool: &PgPool, namespace: &str) -> Result<Option<String>> {
+pub(crate) async fn organization_of(pool: &PgPool, namespace: &str) -> Result<Option<String>> {
     let row: Option<(String,)> =
         sqlx::query_as("SELECT id FROM organizations WHERE namespace = $1 ORDER BY created_at DESC LIMIT 1")
             .bind(namespace)

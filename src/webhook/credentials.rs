@@ -38,7 +38,7 @@ impl SecretValue {
     }
 
     /// The bytes, for comparing or keying an HMAC.
-    pub fn expose(&self) -> &[u8] {
+    pub(crate) fn expose(&self) -> &[u8] {
         &self.0
     }
 }

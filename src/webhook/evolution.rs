@@ -16,7 +16,7 @@ use crate::store::receipts::{ProviderError, ReceiptStatus};
 
 /// What a status string of Evolution means for delivery tracking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EvolutionStatus {
+pub(crate) enum EvolutionStatus {
     /// A delivery status.
     Receipt(ReceiptStatus),
     /// Counted, no effect: `PENDING` (not acked yet), `DELETED` (Evolution's fallback
@@ -26,7 +26,7 @@ pub enum EvolutionStatus {
 
 /// Maps Baileys' names (`SERVER_ACK`, `DELIVERY_ACK`, `READ`, `PLAYED`, `ERROR`) and
 /// the Cloud-API channel's (`SENT`, `DELIVERED`, `READ`, `FAILED`), in any case.
-pub fn map_status(status: &str) -> EvolutionStatus {
+pub(crate) fn map_status(status: &str) -> EvolutionStatus {
     use EvolutionStatus::*;
     match status.trim().to_ascii_uppercase().as_str() {
         "SERVER_ACK" | "SENT" => Receipt(ReceiptStatus::Sent),
@@ -39,7 +39,7 @@ pub fn map_status(status: &str) -> EvolutionStatus {
 
 /// The code recorded for an Evolution failure: Evolution forwards no WhatsApp error
 /// code, only the status string.
-pub const ERROR_CODE: &str = "evolution_error";
+pub(crate) const ERROR_CODE: &str = "evolution_error";
 
 /// Parses one event. `received_at` is the time recorded for its statuses.
 pub fn parse(body: &[u8], received_at: DateTime<Utc>) -> Result<Notification, ParseError> {

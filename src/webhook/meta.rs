@@ -21,12 +21,12 @@ use super::signals::{SignalField, parse_change};
 use crate::store::receipts::{Pricing, ProviderError, ReceiptStatus};
 
 /// Prefix of `biz_opaque_callback_data` set by the sender: `disparo:<message id>`.
-pub const CALLBACK_PREFIX: &str = "disparo:";
+pub(crate) const CALLBACK_PREFIX: &str = "disparo:";
 
 /// Failure codes that mean the recipient opted out: 131050, "user has stopped marketing
 /// messages" (they blocked this business's marketing, e.g. with the "Stop promotions"
 /// button). Treated as an opt-out of everything, like a STOP keyword.
-pub const OPT_OUT_ERROR_CODES: &[&str] = &["131050"];
+pub(crate) const OPT_OUT_ERROR_CODES: &[&str] = &["131050"];
 
 /// Parses a notification. `received_at` stands in for missing timestamps.
 pub fn parse(body: &[u8], received_at: DateTime<Utc>) -> Result<Notification, ParseError> {
@@ -76,7 +76,7 @@ fn text_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
 
 /// Meta's status vocabulary. `played` (first play of a voice message) counts as read;
 /// `deleted` and `warning` (On-Premises only) have no delivery meaning.
-pub fn map_status(status: &str) -> Option<ReceiptStatus> {
+pub(crate) fn map_status(status: &str) -> Option<ReceiptStatus> {
     Some(match status {
         "sent" => ReceiptStatus::Sent,
         "delivered" => ReceiptStatus::Delivered,
@@ -87,7 +87,7 @@ pub fn map_status(status: &str) -> Option<ReceiptStatus> {
 }
 
 /// Our message id from `biz_opaque_callback_data`, when it is in the sender's format.
-pub fn callback_message_id(data: &str) -> Option<i64> {
+pub(crate) fn callback_message_id(data: &str) -> Option<i64> {
     data.strip_prefix(CALLBACK_PREFIX)?.parse::<i64>().ok().filter(|id| *id > 0)
 }
 

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 
 /// Labels of the events counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EventLabels {
+pub(crate) struct EventLabels {
     /// `meta` or `evolution`.
     pub provider: &'static str,
     /// `sent`, `delivered`, `read`, `failed`, `inbound`, or `none` (not parsed, ignored items).
@@ -24,7 +24,7 @@ pub struct EventLabels {
 
 /// Labels of the account signals counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SignalLabels {
+pub(crate) struct SignalLabels {
     /// Meta's `field`: `phone_number_quality_update`, `business_capability_update`,
     /// `account_update`, `message_template_status_update`, `message_template_quality_update`.
     pub field: &'static str,
@@ -34,7 +34,7 @@ pub struct SignalLabels {
 
 /// Labels of the requests counter and latency histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub(crate) struct RequestLabels {
     /// `meta` or `evolution`.
     pub provider: &'static str,
     /// HTTP status code answered.
@@ -43,14 +43,14 @@ pub struct RequestLabels {
 
 /// Labels by provider only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProviderLabels {
+pub(crate) struct ProviderLabels {
     /// `meta` or `evolution`.
     pub provider: &'static str,
 }
 
 /// The webhook service's metrics.
 #[derive(Clone)]
-pub struct WebhookMetrics {
+pub(crate) struct WebhookMetrics {
     /// Events by provider, status and outcome.
     pub events: Family<EventLabels, Counter>,
     /// Account health signals (Meta's account, number and template fields) by field and outcome.

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 /// The defaults: the usual English carrier keywords and their Portuguese counterparts,
 /// and the text of the quick-reply button Meta adds to marketing templates (its reply
 /// arrives as an inbound message with that text).
-pub const DEFAULT_KEYWORDS: &[&str] = &[
+pub(crate) const DEFAULT_KEYWORDS: &[&str] = &[
     "STOP",
     "STOPALL",
     "UNSUBSCRIBE",

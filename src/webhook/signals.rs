@@ -65,7 +65,7 @@ impl SignalField {
 }
 
 /// The one restriction type that stops campaigns: business-initiated messaging.
-pub const BIZ_INITIATED_RESTRICTION: &str = "RESTRICTED_BIZ_INITIATED_MESSAGING";
+pub(crate) const BIZ_INITIATED_RESTRICTION: &str = "RESTRICTED_BIZ_INITIATED_MESSAGING";
 
 /// What a change says, with the WABA it came for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +138,7 @@ impl AccountSignal {
 /// names the field when the change lacks what it needs (no WABA id, no event, no
 /// template name): it is acknowledged and counted, never an error to Meta, which
 /// would retry it for days.
-pub fn parse_change(
+pub(crate) fn parse_change(
     field: SignalField,
     waba_id: Option<&Value>,
     value: Option<&Value>,
@@ -291,7 +291,7 @@ impl SignalOutcome {
 }
 
 /// The metric outcome of a change that could not be understood.
-pub const INVALID: &str = "invalid";
+pub(crate) const INVALID: &str = "invalid";
 
 /// Applies the signals of one request, in payload order, in one transaction (they are
 /// few, and a retried request applies them again to the same effect). Returns one

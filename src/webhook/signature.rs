@@ -12,7 +12,7 @@ type HmacSha256 = Hmac<Sha256>;
 /// Why a request was not authenticated. The variants are for logs and metrics; the
 /// caller answers 401 for all of them and tells the client nothing more.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// No signature, token or bearer header.
     #[error("missing credentials")]
     Missing,
@@ -29,7 +29,7 @@ pub enum Rejection {
 
 /// Checks Meta's `X-Hub-Signature-256` header (`sha256=<lowercase hex HMAC-SHA256 of
 /// the raw body, keyed with the app secret>`). Hex is accepted in either case.
-pub fn verify_meta(app_secret: &[u8], body: &[u8], header: Option<&[u8]>) -> Result<(), Rejection> {
+pub(crate) fn verify_meta(app_secret: &[u8], body: &[u8], header: Option<&[u8]>) -> Result<(), Rejection> {
     let header = header.ok_or(Rejection::Missing)?;
     let hex_digest = header.strip_prefix(b"sha256=").ok_or(Rejection::Malformed)?;
     let mut expected = [0u8; 32];
@@ -54,7 +54,7 @@ pub fn sign_meta(app_secret: &[u8], body: &[u8]) -> String {
 
 /// Whether two secrets are equal, in time independent of their contents and lengths
 /// (both are hashed first, so not even the length leaks).
-pub fn secrets_match(expected: &[u8], given: &[u8]) -> bool {
+pub(crate) fn secrets_match(expected: &[u8], given: &[u8]) -> bool {
     let a = Sha256::digest(expected);
     let b = Sha256::digest(given);
     !expected.is_empty() && bool::from(a.as_slice().ct_eq(b.as_slice()))
@@ -66,7 +66,7 @@ const JWT_LEEWAY_SECS: i64 = 60;
 /// Checks an `Authorization: Bearer <jwt>` value as Evolution sends it when the
 /// webhook's headers hold a `jwt_key`: HS256, payload `{iat, exp, app, action}`, valid
 /// for ten minutes. The key is the Channel's webhook token.
-pub fn verify_evolution_jwt(key: &[u8], authorization: &[u8], now: DateTime<Utc>) -> Result<(), Rejection> {
+pub(crate) fn verify_evolution_jwt(key: &[u8], authorization: &[u8], now: DateTime<Utc>) -> Result<(), Rejection> {
     let token = authorization
         .strip_prefix(b"Bearer ")
         .or_else(|| authorization.strip_prefix(b"bearer "))
@@ -140,7 +140,7 @@ fn base64url_decode(input: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Encodes unpadded base64url (tests and the benchmark sign JWTs with it).
-pub fn base64url_encode(input: &[u8]) -> String {
+pub(crate) fn base64url_encode(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {

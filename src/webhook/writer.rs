@@ -40,7 +40,7 @@ impl Default for BatchConfig {
 
 /// Why events were not applied. Cloned to every request of a failed batch.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WriteError {
+pub(crate) enum WriteError {
     /// Postgres is unreachable, shutting down, or kept losing races for the rows
     /// (`store::Error::is_transient`), or did not answer in time: the provider should
     /// retry (503).
@@ -71,7 +71,7 @@ impl Job {
 
 /// A handle to the writer task. Cheap to clone; the task ends when every handle is gone.
 #[derive(Clone)]
-pub struct Writer {
+pub(crate) struct Writer {
     tx: mpsc::Sender<Job>,
 }
 
@@ -86,7 +86,7 @@ impl Writer {
     /// Applies events and opt-outs; returns once they are committed, or why not.
     /// Gives up after `timeout` (the events may still be applied later: a provider
     /// retry then finds them duplicates).
-    pub async fn submit(
+    pub(crate) async fn submit(
         &self,
         statuses: Vec<StatusEvent>,
         opt_outs: Vec<OptOut>,

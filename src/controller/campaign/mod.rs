@@ -31,7 +31,7 @@ use crate::store::{self, audience::AudienceQuery, campaigns::Counters};
 /// Finalizer that lets the controller clean Postgres when a campaign asks for it.
 pub const FINALIZER: &str = "disparo.io/cleanup";
 /// Field manager of status writes (server-side apply).
-pub const FIELD_MANAGER: &str = "disparo-controller";
+pub(crate) const FIELD_MANAGER: &str = "disparo-controller";
 /// How often a running campaign's status is refreshed from the counters.
 const REFRESH: Duration = Duration::from_secs(3);
 /// A spent cap that resets sooner than this is waited out by the senders in place; a
@@ -40,7 +40,7 @@ const SUSPEND_WHEN_RATE_LIMITED_FOR: chrono::Duration = chrono::Duration::second
 
 /// Entry point of the Campaign controller.
 #[instrument(skip_all, fields(namespace = campaign.namespace().unwrap_or_default(), campaign = campaign.name_any()))]
-pub async fn reconcile(campaign: Arc<Campaign>, ctx: Arc<Context>) -> Result<Action> {
+pub(crate) async fn reconcile(campaign: Arc<Campaign>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.start("Campaign");
     let namespace = campaign.namespace().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
     let api: Api<Campaign> = Api::namespaced(ctx.client.clone(), &namespace);
