@@ -548,3 +548,33 @@ async fn a_cancel_mid_block_sends_nothing_more() {
     assert_eq!(sandbox.ledger().accepted_count(), 0, "nothing is sent after the cancel");
     assert_eq!(statuses(&pool, uid).await, BTreeMap::from([("cancelled".to_owned(), 40)]));
 }
+
+/// Meta's per-user marketing limit answered on send (131049) is not a failure: the
+/// message goes back to pending for a day without spending an attempt, and the batch
+/// ends instead of idling a pod for a day (a later Job sends it).
+#[tokio::test]
+async fn a_131049_answer_puts_the_message_back_for_a_day_and_ends_the_batch() {
+    let (pool, _) = common::fresh_db().await;
+    let faults = Faults { codes: [(131049, 1.0)].into_iter().collect(), ..Default::default() };
+    let sandbox = sandbox(0, faults).await;
+    let (uid, _) = campaign(&pool, 5, 100).await;
+    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 8);
+    let ended = tokio::time::timeout(Duration::from_secs(60), run_in_process(&pool, &cfg, 0)).await;
+    assert_eq!(ended.expect("the batch ends, it does not wait a day"), sender::BatchEnd::Done);
+    type Row = (String, i32, i16, Option<String>, chrono::DateTime<chrono::Utc>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT status::text, attempts, marketing_requeues, last_error_code, next_attempt_at FROM campaign_messages WHERE campaign_uid = $1",
+    )
+    .bind(uid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 5);
+    for (status, attempts, requeues, code, at) in rows {
+        assert_eq!((status.as_str(), attempts, requeues, code.as_deref()), ("pending", 0, 1, Some("131049")));
+        let hours = (at - chrono::Utc::now()).num_minutes() as f64 / 60.0;
+        assert!((23.0..=24.1).contains(&hours), "due again in a day, not {hours} h");
+    }
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.pending, counters.failed), (5, 0));
+}

@@ -708,3 +708,49 @@ async fn lost_claims_of_a_cancelled_campaign_are_released_as_cancelled() {
     assert_eq!((counters.cancelled, counters.pending, counters.sending), (4, 0, 0));
     assert!(messages::claim_due(&pool, uid, 0, 10).await.unwrap().is_empty());
 }
+
+/// `spec.frequencyCap`: contacts other campaigns of the organization already sent the
+/// capped number of marketing messages in the period are skipped when the audience is
+/// frozen; older messages, other categories and other organizations do not count.
+#[tokio::test]
+async fn contacts_at_the_marketing_frequency_cap_are_skipped() {
+    let (pool, _) = common::fresh_db().await;
+    let phones = common::seed_contacts(&pool, "acme", 4, |_| (vec![], json!({}))).await;
+    let (earlier, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let claimed = messages::claim_due(&pool, earlier, 0, 10).await.unwrap();
+    let sent: Vec<(i64, Outcome)> =
+        claimed.iter().map(|m| (m.id, Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })).collect();
+    messages::record_outcomes(&pool, &sent, "test-run").await.unwrap();
+    // contact 0: a marketing message delivered yesterday; 1: a utility one; 2: a
+    // marketing one ten days ago; 3: nothing
+    for (i, category, days_ago) in [(0, "marketing", 1), (1, "utility", 1), (2, "marketing", 10)] {
+        sqlx::query(
+            r#"UPDATE campaign_messages m SET status = 'delivered', pricing_category = $3, pricing_type = 'regular',
+                   updated_at = now() - make_interval(days => $4)
+               FROM contacts c WHERE c.id = m.contact_id AND m.campaign_uid = $1 AND c.phone = $2"#,
+        )
+        .bind(earlier)
+        .bind(&phones[i])
+        .bind(category)
+        .bind(days_ago)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let uid = Uuid::new_v4();
+    let key = CampaignKey { uid, organization: "acme", name: "capped", channel: "ch", batch_size: 10 };
+    let cap = audience::FrequencyCap { messages: 1, days: 7 };
+    audience::materialize_capped(&pool, &key, &AudienceQuery::AllContacts, Some(cap)).await.unwrap();
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT c.phone, m.status::text, m.last_error_code FROM campaign_messages m JOIN contacts c ON c.id = m.contact_id WHERE m.campaign_uid = $1 ORDER BY c.phone",
+    )
+    .bind(uid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let skipped: Vec<&str> = rows.iter().filter(|(_, s, _)| s == "skipped").map(|(p, _, _)| p.as_str()).collect();
+    assert_eq!(skipped, vec![phones[0].as_str()], "{rows:?}");
+    assert!(rows.iter().all(|(_, s, code)| s == "pending" || code.as_deref() == Some("frequency_cap")));
+    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
+    assert_eq!((counters.skipped, counters.pending), (1, 3));
+}

@@ -29,6 +29,12 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Delivered", type_ = "integer", json_path = ".status.messages.delivered"),
     printcolumn(name = "Read", type_ = "integer", json_path = ".status.messages.read"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.messages.failed"),
+    printcolumn(
+        name = "Cost",
+        type_ = "number",
+        json_path = ".status.cost.estimated",
+        description = "estimated cost of the delivered messages, in the rate card's currency"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = Rule::new("!(has(oldSelf.cancel) && oldSelf.cancel) || (has(self.cancel) && self.cancel)").message("spec.cancel cannot be undone: a cancelled campaign stays cancelled (create a new campaign instead)").field_path(".cancel"))]
@@ -71,6 +77,9 @@ pub struct CampaignSpec {
     /// A cost limit, applied with the rate card (see `kubectl disparo status`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<Budget>,
+    /// A per-contact marketing frequency cap across the namespace's campaigns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_cap: Option<FrequencyCap>,
 }
 
 /// Reference to a Channel in the Campaign's namespace.
@@ -140,6 +149,20 @@ impl TemplateCategory {
             TemplateCategory::Authentication => "authentication",
         }
     }
+}
+
+/// At most `messages` marketing messages per contact in `days` days, across every
+/// campaign of the namespace: when the audience is frozen, contacts at the cap are
+/// `skipped`, never sent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrequencyCap {
+    /// Marketing messages allowed per contact in the period.
+    #[schemars(range(min = 1, max = 1000))]
+    pub messages: u32,
+    /// The period, in days.
+    #[schemars(range(min = 1, max = 90))]
+    pub days: u32,
 }
 
 /// A spending limit for the campaign, in the rate card's currency.

@@ -569,7 +569,7 @@ async fn take_block(
             return Ok(Taken::End(BatchEnd::Done));
         }
         if let Some(due) = remaining.next_due.filter(|due| *due > Utc::now()) {
-            return Ok(if sleep_until(due, shutdown).await { Taken::Again } else { Taken::End(BatchEnd::Interrupted) });
+            return Ok(wait_for_due(due, shutdown).await);
         }
         // Reserving no more than is pending leaves the rest of a window to the
         // channel's other senders, even for the moment before unused tokens go back.
@@ -599,12 +599,28 @@ async fn take_block(
         return Ok(Taken::End(BatchEnd::Done));
     }
     match remaining.next_due.filter(|due| *due > Utc::now()) {
-        Some(due) if !sleep_until(due, shutdown).await => return Ok(Taken::End(BatchEnd::Interrupted)),
-        Some(_) => {}
+        Some(due) => Ok(wait_for_due(due, shutdown).await),
         // Another lane holds the due messages for a moment.
-        None => tokio::time::sleep(Duration::from_millis(20)).await,
+        None => {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(Taken::Again)
+        }
     }
-    Ok(Taken::Again)
+}
+
+/// The longest a sender waits in place for its next due message (a retry's backoff).
+/// A later one (a message Meta's per-user marketing limit put back for a day) ends the
+/// batch: the controller sends it with a new Job when it is due, instead of a pod
+/// idling for a day.
+const WAIT_FOR_DUE_IN_PLACE: chrono::Duration = chrono::Duration::minutes(15);
+
+/// Waits for the next due message, or ends the batch when it is far off.
+async fn wait_for_due(due: DateTime<Utc>, shutdown: &CancellationToken) -> Taken {
+    if due - Utc::now() > WAIT_FOR_DUE_IN_PLACE {
+        info!(%due, "the next message is due much later; a later Job sends it");
+        return Taken::End(BatchEnd::Done);
+    }
+    if sleep_until(due, shutdown).await { Taken::Again } else { Taken::End(BatchEnd::Interrupted) }
 }
 
 /// A cap is spent until `until`. Hard: the channel pauses (its campaigns show

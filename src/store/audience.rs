@@ -254,6 +254,28 @@ pub struct Frozen {
 /// and records the batch count. Idempotent: a campaign already frozen returns what was
 /// frozen.
 pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &AudienceQuery) -> Result<Frozen> {
+    materialize_capped(pool, key, audience, None).await
+}
+
+/// A per-contact cap on marketing messages across the organization's campaigns: at
+/// most `messages` in the last `days` days.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrequencyCap {
+    /// Marketing messages allowed in the period.
+    pub messages: u32,
+    /// The period.
+    pub days: u32,
+}
+
+/// [`materialize`], and in the same transaction, contacts that other campaigns of the
+/// organization already sent `cap.messages` marketing messages in the last `cap.days`
+/// days (by Meta's pricing category, as its receipts say) are `skipped`, never sent.
+pub async fn materialize_capped(
+    pool: &PgPool,
+    key: &CampaignKey<'_>,
+    audience: &AudienceQuery,
+    cap: Option<FrequencyCap>,
+) -> Result<Frozen> {
     if key.batch_size == 0 {
         return Err(Error::Invalid("batch size must be positive".into()));
     }
@@ -299,6 +321,25 @@ pub async fn materialize(pool: &PgPool, key: &CampaignKey<'_>, audience: &Audien
         .bind(key.uid)
         .execute(&mut *tx)
         .await?;
+    if let Some(cap) = cap {
+        sqlx::query(
+            r#"UPDATE campaign_messages m SET status = 'skipped', last_error_code = 'frequency_cap',
+                   last_error_message = 'the contact already got the most marketing messages spec.frequencyCap allows',
+                   updated_at = now(),
+                   status_history = m.status_history || jsonb_build_array(jsonb_build_object('status', 'skipped', 'at', now(), 'code', 'frequency_cap'))
+               WHERE m.campaign_uid = $1 AND m.status = 'pending' AND m.contact_id IN (
+                   SELECT o.contact_id FROM campaign_messages o
+                   WHERE o.organization = $2 AND o.campaign_uid <> $1 AND o.pricing_category = 'marketing'
+                     AND o.status IN ('sent', 'delivered', 'read') AND o.updated_at > now() - make_interval(days => $4)
+                   GROUP BY o.contact_id HAVING count(*) >= $3)"#,
+        )
+        .bind(key.uid)
+        .bind(key.organization)
+        .bind(i64::from(cap.messages))
+        .bind(cap.days as i32)
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query("UPDATE campaigns SET audience_frozen_at = now(), batches = $2 WHERE uid = $1")
         .bind(key.uid)
         .bind(batches)

@@ -110,7 +110,14 @@ pub(super) async fn preflight(
         channel: &campaign.spec.channel_ref.name,
         batch_size: campaign.spec.execution.batch_size,
     };
-    let frozen = store::audience::materialize(&ctx.pool, &key, &query).await?;
+    // The cap counts marketing messages: a campaign sending another category is not capped.
+    let cap = campaign
+        .spec
+        .frequency_cap
+        .as_ref()
+        .filter(|_| category == Some(crate::api::TemplateCategory::Marketing))
+        .map(|c| store::audience::FrequencyCap { messages: c.messages, days: c.days });
+    let frozen = store::audience::materialize_capped(&ctx.pool, &key, &query, cap).await?;
     status.audience = Some(AudienceStatus {
         frozen_at: Some(time::k8s(Utc::now())),
         frozen_generation: campaign.metadata.generation,
