@@ -627,7 +627,7 @@ async fn a_marketing_limited_recipient_is_accepted_then_fails_with_131049() {
         status["errors"][0]["title"],
         "This message was not delivered to maintain healthy ecosystem engagement."
     );
-    assert_eq!(disparo::providers::classify_meta_webhook(131049), ErrorClass::Permanent);
+    assert_eq!(disparo::providers::classify_meta_webhook(131049), ErrorClass::MarketingLimited);
 
     // A utility template to the same recipient is not a marketing message.
     accepted(client.send(&template_named("+5511900000001", "receipt", 1)).await);
