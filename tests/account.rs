@@ -159,6 +159,14 @@ async fn a_paused_template_pauses_only_its_campaigns() {
     stack.apply(&campaign("paused-one", "main", "promo", "{tags: {anyOf: [a]}}", ""));
     stack.apply(&campaign("other", "main", "welcome", "{tags: {anyOf: [b]}}", ""));
     wait_for_sends(&stack, &sandbox, 10).await;
+    // Meta rates the template RED first: a warning on the campaigns using it.
+    control(&sandbox, reqwest::Method::POST, "meta/templates/promo/pt_BR/quality", json!({"score": "RED"})).await;
+    stack
+        .wait_for("campaign", "paused-one", "TemplateQualityLow", Duration::from_secs(60), |c| {
+            is_true_with(c, "TemplateQualityLow", "QualityRed")
+        })
+        .await;
+    assert!(!is_true_with(&stack.get("campaign", "other"), "TemplateQualityLow", "QualityRed"));
     control(
         &sandbox,
         reqwest::Method::PUT,
@@ -280,6 +288,17 @@ async fn costs_bsuid_receipts_and_the_marketing_limit() {
     assert!(text.contains("USD estimated for 58 billable messages"), "{text}");
     assert!(text.contains("withheld by Meta's per-user marketing limit"), "{text}");
     assert!(text.contains("Budget"), "{text}");
+
+    // A campaign whose audience alone would cost more than its budget does not start.
+    stack.apply(&campaign("too-dear", "main", "promo", "{allContacts: true}", "  budget: {maxCost: 1.5}\n"));
+    let c = stack
+        .wait_for("campaign", "too-dear", "PreflightFailed", Duration::from_secs(60), |c| {
+            is_true_with(c, "Stalled", "PreflightFailed")
+        })
+        .await;
+    let why = condition(&c, "Stalled").unwrap()["message"].as_str().unwrap().to_owned();
+    assert!(why.contains("3.75 USD") && why.contains("maxCost 1.50"), "{why}");
+    assert_eq!(c["status"]["preflight"]["estimatedCost"], 3.75);
 
     // A day later the withheld messages are due: a new Job sends them, Meta withholds
     // them again, and they wait two days this time.

@@ -80,7 +80,7 @@ fn names_columns_and_categories() {
     let version = &crd.spec.versions[0];
     let columns: Vec<&str> =
         version.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-    assert_eq!(columns, ["Phase", "Progress", "Total", "Sent", "Delivered", "Read", "Failed", "Age"]);
+    assert_eq!(columns, ["Phase", "Progress", "Total", "Sent", "Delivered", "Read", "Failed", "Cost", "Age"]);
     assert!(version.subresources.as_ref().unwrap().status.is_some());
     assert_eq!(Channel::crd().spec.names.short_names, Some(vec!["chan".to_owned()]));
 }

@@ -133,14 +133,26 @@ pub enum TemplateCategory {
     /// Promotions and offers: counted by Meta's per-user marketing limit, held back
     /// first when a number's quality drops.
     #[default]
+    #[serde(alias = "MARKETING")]
     Marketing,
     /// Updates about something the user did or asked for.
+    #[serde(alias = "UTILITY")]
     Utility,
     /// One-time passwords.
+    #[serde(alias = "AUTHENTICATION")]
     Authentication,
 }
 
 impl TemplateCategory {
+    /// The name of Meta's template webhooks (`message_template_category`).
+    pub fn as_meta(self) -> &'static str {
+        match self {
+            TemplateCategory::Marketing => "MARKETING",
+            TemplateCategory::Utility => "UTILITY",
+            TemplateCategory::Authentication => "AUTHENTICATION",
+        }
+    }
+
     /// The name Meta uses in `pricing.category` and rate cards.
     pub(crate) fn as_pricing(self) -> &'static str {
         match self {

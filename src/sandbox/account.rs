@@ -92,38 +92,9 @@ impl TemplateStatus {
     }
 }
 
-/// A template's category, which decides its price (docs/providers.md A6).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum TemplateCategory {
-    /// Promotions; subject to the per-user marketing limit (131049).
-    #[default]
-    Marketing,
-    /// Transactional updates.
-    Utility,
-    /// One-time codes.
-    Authentication,
-}
-
-impl TemplateCategory {
-    /// The `pricing.category` of its status webhooks.
-    pub fn pricing(self) -> &'static str {
-        match self {
-            TemplateCategory::Marketing => "marketing",
-            TemplateCategory::Utility => "utility",
-            TemplateCategory::Authentication => "authentication",
-        }
-    }
-
-    /// Meta's name of the category (`message_template_category`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TemplateCategory::Marketing => "MARKETING",
-            TemplateCategory::Utility => "UTILITY",
-            TemplateCategory::Authentication => "AUTHENTICATION",
-        }
-    }
-}
+/// A template's category, which decides its price (docs/providers.md A6): the
+/// operator's own type, so the two cannot disagree.
+pub use crate::api::TemplateCategory;
 
 /// What `account_update` restricts (`restriction_info[].restriction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -366,7 +337,7 @@ impl Account {
             "message_template_name": name,
             "message_template_language": language,
             "reason": reason.unwrap_or_else(|| "NONE".to_owned()),
-            "message_template_category": state.category.as_str(),
+            "message_template_category": state.category.as_meta(),
         });
         if status == TemplateStatus::Disabled {
             value["disable_info"] = json!({ "disable_date": now_unix });
@@ -546,7 +517,7 @@ mod tests {
         assert_eq!(TemplateStatus::Paused.refusal(), Some(132015));
         assert_eq!(TemplateStatus::Disabled.refusal(), Some(132016));
         assert_eq!(TemplateStatus::Rejected.refusal(), Some(132001));
-        assert_eq!(TemplateCategory::Utility.pricing(), "utility");
+        assert_eq!(TemplateCategory::Utility.as_pricing(), "utility");
     }
 
     #[test]

@@ -139,7 +139,7 @@ pub async fn send(
             with_phone: !shared.is_bsuid_only(&request.digits),
             recipient: request.digits.clone(),
             callback_data: request.callback_data.clone(),
-            category: request.template.map_or("service", TemplateCategory::pricing),
+            category: request.template.map_or("service", TemplateCategory::as_pricing),
             clock: shared.clock.clone(),
         };
         let ledger = shared.ledger.clone();
