@@ -219,8 +219,6 @@ async fn a_restriction_pauses_the_portfolio_until_it_expires() {
     let c = stack.wait_for("campaign", "promo", "Completed", LONG, |c| phase(c) == "Completed").await;
     let during: Vec<_> = sandbox.ledger().entries().into_iter().filter(|e| e.at > held && e.at < expiration).collect();
     assert!(during.is_empty(), "{} sends while restricted: {during:?}", during.len());
-    let summary = ledger(&sandbox).await;
-    assert!(summary["sent_while_restricted"].as_u64().unwrap() < 20, "only the second before the hold: {summary}");
     assert_eq!(c["status"]["messages"]["sent"], 200);
 }
 

@@ -92,6 +92,9 @@ pub enum PhaseEvent {
     /// A person resumed a Failed campaign whose messages are not all final: its Job is
     /// replaced and the remaining messages are sent.
     Restart,
+    /// Meta withheld messages of a completed campaign under its per-user marketing
+    /// limit (a late 131049 receipt): they are pending again, so the campaign runs again.
+    Requeued,
 }
 
 /// A transition the lifecycle does not allow.
@@ -112,6 +115,7 @@ pub fn transition(from: Option<Phase>, event: PhaseEvent) -> Result<Phase, Inval
     let refused = || InvalidTransition { from, event };
     let to = match (from, event) {
         (Some(Failed), Restart) => Running,
+        (Some(Completed), Requeued) => Running,
         (Some(p), _) if p.is_terminal() => return Err(refused()),
         (_, Cancel) => Cancelled,
         (None | Some(Draft), CreatedSuspended | Suspend) => Draft,
@@ -195,6 +199,8 @@ mod tests {
         ];
         assert_eq!(transition(Some(Failed), Restart), Ok(Running), "a person may resume a failed campaign");
         assert!(transition(Some(Completed), Restart).is_err() && transition(Some(Cancelled), Restart).is_err());
+        assert_eq!(transition(Some(Completed), Requeued), Ok(Running), "messages Meta withheld run it again");
+        assert!(transition(Some(Cancelled), Requeued).is_err() && transition(Some(Failed), Requeued).is_err());
         for phase in Phase::ALL.into_iter().filter(|p| p.is_terminal()) {
             for event in events {
                 assert!(transition(Some(phase), event).is_err(), "{phase} moved on {event:?}");

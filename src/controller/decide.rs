@@ -115,6 +115,8 @@ pub(crate) enum Step {
     AwaitRequeued(DateTime<Utc>),
     /// Messages put back for later are due: delete the completed Job, so a new one sends them.
     SendRequeued,
+    /// A completed campaign has messages pending again (a late 131049): run it again.
+    Reopen,
     /// The Job's pods cannot run (why); the Job keeps trying, a person should look.
     PodsFailing(String),
     /// Every message is final.
@@ -158,6 +160,9 @@ pub(crate) fn next_step(
 ) -> Step {
     if memory.phase == Some(Phase::Failed) && memory.resume_requested && !spec.cancel && unfinished(counters) {
         return Step::Restart;
+    }
+    if memory.phase == Some(Phase::Completed) && !spec.cancel && counters.is_some_and(|c| c.pending > 0) {
+        return Step::Reopen;
     }
     if memory.phase.is_some_and(Phase::is_terminal) {
         return Step::Nothing;
@@ -301,6 +306,7 @@ mod tests {
             ("a held campaign still completes when nothing is left", spec(), Memory { account_hold: Some(crate::account::Hold::QualityDegraded { signal: "FLAGGED".into() }), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(0, 10, 0)), Step::Complete),
             ("a complete job with messages put back for a day waits for them", spec(), Memory { next_due: Some(later), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(2, 8, 0)), Step::AwaitRequeued(later)),
             ("a complete job with messages due again is replaced", spec(), Memory { next_due: Some(now()), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(2, 8, 0)), Step::SendRequeued),
+            ("a completed campaign with messages withheld late runs again", spec(), Memory { phase: Some(Phase::Completed), ..running() }, ready.clone(), Some(JobView { complete: true, ..Default::default() }), Some(counters(2, 8, 0)), Step::Reopen),
             ("a resumed failed campaign with nothing left stays failed", spec(), Memory { resume_requested: true, ..failed_phase }, ready.clone(), Some(failed), Some(counters(0, 10, 0)), Step::Nothing),
         ];
         for (name, spec, memory, channel, job, counters, expected) in cases {

@@ -62,7 +62,30 @@ pub(super) async fn execute(
     let stalled =
         |reason: &'static str, why: &String| DesiredCondition::truthy(ConditionType::Stalled, reason, why.clone());
     Ok(match step {
+        // Receipts keep arriving for a day after a campaign completes: its status follows.
+        Step::Nothing
+            if status.phase == Some(Phase::Completed)
+                && status
+                    .finished_at
+                    .as_ref()
+                    .is_some_and(|at| r.now - time::instant(&at.0) < chrono::Duration::hours(24)) =>
+        {
+            Action::requeue(Duration::from_secs(30))
+        }
         Step::Nothing | Step::Draft => Action::await_change(),
+        Step::Reopen => {
+            delete_job(&r.jobs, &r.job_name).await?;
+            status.finished_at = None;
+            publish(
+                r.ctx,
+                r.campaign,
+                EventType::Normal,
+                "Reopened",
+                "Meta withheld messages under its per-user marketing limit after the campaign completed: they are sent again when due".into(),
+            )
+            .await;
+            Action::requeue(Duration::from_secs(1))
+        }
         Step::Cancel => {
             if job.is_some() {
                 r.jobs

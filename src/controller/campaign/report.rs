@@ -37,6 +37,7 @@ pub(super) fn event_for(step: &Step, old: Option<Phase>, has_job: bool) -> Optio
         Step::Complete => PhaseEvent::JobSucceeded,
         Step::Fail(_) => PhaseEvent::Fail,
         Step::Restart => PhaseEvent::Restart,
+        Step::Reopen => PhaseEvent::Requeued,
     })
 }
 
