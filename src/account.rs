@@ -20,6 +20,9 @@ pub(crate) const BUDGET_WINDOW: Duration = Duration::hours(24);
 /// `whatsapp_business_manager_messaging_limit` names it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
 pub enum Tier {
+    /// 50 unique recipients per 24 h (Meta lists it for restricted portfolios).
+    #[serde(rename = "TIER_50")]
+    Tier50,
     /// 250 unique recipients per 24 h (a new portfolio).
     #[serde(rename = "TIER_250")]
     Tier250,
@@ -47,6 +50,7 @@ impl Tier {
     /// Parses Graph's `whatsapp_business_manager_messaging_limit`.
     pub fn parse(name: &str) -> Option<Tier> {
         Some(match name {
+            "TIER_50" => Tier::Tier50,
             "TIER_250" => Tier::Tier250,
             "TIER_2K" => Tier::Tier2K,
             "TIER_10K" => Tier::Tier10K,
@@ -59,6 +63,7 @@ impl Tier {
     /// The name Graph uses.
     pub fn as_str(self) -> &'static str {
         match self {
+            Tier::Tier50 => "TIER_50",
             Tier::Tier250 => "TIER_250",
             Tier::Tier2K => "TIER_2K",
             Tier::Tier10K => "TIER_10K",
@@ -70,6 +75,7 @@ impl Tier {
     /// Unique recipients per moving 24 h (None: unlimited).
     pub fn daily_limit(self) -> Option<i64> {
         match self {
+            Tier::Tier50 => Some(50),
             Tier::Tier250 => Some(250),
             Tier::Tier2K => Some(2_000),
             Tier::Tier10K => Some(10_000),
@@ -87,6 +93,7 @@ impl Tier {
     pub(crate) fn from_daily_limit(limit: i64) -> Option<Tier> {
         Some(match limit {
             -1 => Tier::Unlimited,
+            50 => Tier::Tier50,
             250 => Tier::Tier250,
             2_000 => Tier::Tier2K,
             10_000 => Tier::Tier10K,
@@ -414,7 +421,7 @@ mod tests {
 
     #[test]
     fn tiers_round_trip_through_graph_and_webhook_values() {
-        for tier in [Tier::Tier250, Tier::Tier2K, Tier::Tier10K, Tier::Tier100K, Tier::Unlimited] {
+        for tier in [Tier::Tier50, Tier::Tier250, Tier::Tier2K, Tier::Tier10K, Tier::Tier100K, Tier::Unlimited] {
             assert_eq!(Tier::parse(tier.as_str()), Some(tier));
             assert_eq!(Tier::from_daily_limit(tier.daily_limit().unwrap_or(-1)), Some(tier));
         }
