@@ -212,10 +212,9 @@ async fn a_restriction_pauses_the_portfolio_until_it_expires() {
         })
         .await;
     assert_eq!(phase(&c), "Paused");
-    // Senders look at the signals between blocks (a block of 16 at 100 ms spacing takes
-    // 1.6 s) and at least every second: from three seconds after the campaign shows the
-    // hold, nothing is sent until the restriction expires.
-    let held = chrono::Utc::now() + chrono::Duration::seconds(3);
+    // Senders look at the signals every second, even mid-block: from a second after the
+    // campaign shows the hold, nothing is sent until the restriction expires.
+    let held = chrono::Utc::now() + chrono::Duration::seconds(1);
     let c = stack.wait_for("campaign", "promo", "Completed", LONG, |c| phase(c) == "Completed").await;
     let during: Vec<_> = sandbox.ledger().entries().into_iter().filter(|e| e.at > held && e.at < expiration).collect();
     assert!(during.is_empty(), "{} sends while restricted: {during:?}", during.len());

@@ -219,9 +219,10 @@ async fn run_lanes(
     // calls. Each lane claims its own messages (SKIP LOCKED) and reserves its own
     // tokens, so the caps hold whatever the number of lanes.
     let stop_lanes = shutdown.child_token();
-    // A cancel stops the lanes at once, even mid-block: messages still waiting for their
-    // send slot are given back, and a cancelled campaign records them `cancelled`.
-    let watcher = tokio::spawn(stop_on_cancel(pool.clone(), job.campaign, stop_lanes.clone()));
+    // A cancel or a hold by Meta's signals stops the lanes at once, even mid-block:
+    // messages still waiting for their send slot are given back (a cancelled campaign
+    // records them `cancelled`).
+    let watcher = tokio::spawn(watch(pool.clone(), job.clone(), stop_lanes.clone()));
     let lanes = (0..job.lanes.max(1)).map(|_| {
         let client = client.clone();
         let stop_lanes = stop_lanes.clone();
@@ -238,8 +239,13 @@ async fn run_lanes(
         }
     });
     let ends = futures::future::join_all(lanes).await;
-    watcher.abort();
-    let mut outcome = BatchEnd::Done;
+    let held = if watcher.is_finished() {
+        watcher.await.ok().flatten()
+    } else {
+        watcher.abort();
+        None
+    };
+    let mut outcome = held.unwrap_or(BatchEnd::Done);
     for end in ends {
         match end? {
             BatchEnd::Done => {}
@@ -251,18 +257,28 @@ async fn run_lanes(
     Ok(outcome)
 }
 
-/// Cancels `lanes` when the campaign is cancelled (looked at every second).
-async fn stop_on_cancel(pool: PgPool, campaign: Uuid, lanes: CancellationToken) {
+/// Cancels `lanes` when the campaign is cancelled, or when Meta's signals hold it back
+/// (then returns how the batch ends), looking every second.
+async fn watch(pool: PgPool, job: BatchJob, lanes: CancellationToken) -> Option<BatchEnd> {
     loop {
         tokio::select! {
-            _ = lanes.cancelled() => return,
+            _ = lanes.cancelled() => return None,
             _ = tokio::time::sleep(PAUSE_CHECK_EVERY) => {}
         }
         // A failed look is tried again a second later; the lanes report store errors.
-        if store::campaigns::is_cancelled(&pool, campaign).await.unwrap_or(false) {
+        if store::campaigns::is_cancelled(&pool, job.campaign).await.unwrap_or(false) {
             info!("the campaign was cancelled; stopping");
             lanes.cancel();
-            return;
+            return None;
+        }
+        let Some(settings) = &job.account else { continue };
+        let key = job.message.template_key();
+        if let Ok((_, signals)) = store::account::signals(&pool, &job.organization, &job.channel, key).await
+            && let Some(hold) = account::hold(&signals, settings.quality_policy, job.message.category(), Utc::now())
+        {
+            info!(reason = hold.reason(), "Meta's signals hold the campaign back; stopping mid-block");
+            lanes.cancel();
+            return Some(BatchEnd::Held(hold.message()));
         }
     }
 }
