@@ -74,17 +74,8 @@ pub(super) async fn execute(
         }
         Step::Nothing | Step::Draft => Action::await_change(),
         Step::Reopen => {
-            delete_job(&r.jobs, &r.job_name).await?;
             status.finished_at = None;
-            publish(
-                r.ctx,
-                r.campaign,
-                EventType::Normal,
-                "Reopened",
-                "Meta withheld messages under its per-user marketing limit after the campaign completed: they are sent again when due".into(),
-            )
-            .await;
-            Action::requeue(Duration::from_secs(1))
+            send_again(r, "Reopened", "Meta withheld messages under its per-user marketing limit after the campaign completed: they are sent again when due").await?
         }
         Step::Cancel => {
             if job.is_some() {
@@ -193,18 +184,13 @@ pub(super) async fn execute(
         }
         Step::Track => Action::requeue(REFRESH),
         Step::SendRequeued => {
-            delete_job(&r.jobs, &r.job_name).await?;
-            publish(
-                r.ctx,
-                r.campaign,
-                EventType::Normal,
+            send_again(
+                r,
                 "SendingRequeued",
-                "messages Meta withheld under its per-user marketing limit are due again: a new Job sends them".into(),
+                "messages Meta withheld under its per-user marketing limit are due again: a new Job sends them",
             )
-            .await;
-            Action::requeue(Duration::from_secs(1))
+            .await?
         }
-        // Receipts keep arriving after the Job completed: status is refreshed meanwhile.
         Step::AwaitRequeued(at) => {
             Action::requeue((*at - r.now).to_std().unwrap_or(Duration::ZERO).min(Duration::from_secs(10)))
         }
@@ -213,19 +199,18 @@ pub(super) async fn execute(
             Action::await_change()
         }
         Step::Restart => {
-            delete_job(&r.jobs, &r.job_name).await?;
             status.finished_at = None;
-            publish(
-                r.ctx,
-                r.campaign,
-                EventType::Normal,
-                "Restarted",
-                "resumed after failing: the remaining messages are sent by a new Job".into(),
-            )
-            .await;
-            Action::requeue(Duration::from_secs(1))
+            send_again(r, "Restarted", "resumed after failing: the remaining messages are sent by a new Job").await?
         }
     })
+}
+
+/// Deletes the finished Job so that the next reconcile creates one for the messages
+/// still pending, and says why in an Event.
+async fn send_again(r: &Reconcile<'_>, reason: &str, note: &str) -> Result<Action> {
+    delete_job(&r.jobs, &r.job_name).await?;
+    publish(r.ctx, r.campaign, EventType::Normal, reason, note.to_owned()).await;
+    Ok(Action::requeue(Duration::from_secs(1)))
 }
 
 /// A cap of the channel is spent until `until`. The Job is suspended only when the wait
