@@ -198,7 +198,9 @@ async fn a_restriction_pauses_the_portfolio_until_it_expires() {
     stack.apply(&portfolio_channel("main", &sandbox.base_url(), "111", 100));
     stack.apply(&campaign("promo", "main", "promo", "{allContacts: true}", ""));
     wait_for_sends(&stack, &sandbox, 10).await;
-    let expiration = chrono::Utc::now() + chrono::Duration::seconds(45);
+    // Meta's expiration is in whole seconds: the restriction ends at the second itself.
+    let expiration =
+        chrono::DateTime::from_timestamp((chrono::Utc::now() + chrono::Duration::seconds(45)).timestamp(), 0).unwrap();
     control(
         &sandbox,
         reqwest::Method::POST,
