@@ -42,38 +42,28 @@ pub async fn observe(
         Utc::now() - time::instant(&at.0) >= chrono::Duration::from_std(POLL_EVERY).unwrap_or_default()
     });
     let mut display_phone = None;
+    let mut reading = None;
     if due {
         status.checked_at = Some(time::k8s(Utc::now()));
         match read_graph(channel, ctx, namespace).await? {
             Ok(health) => {
                 status.check_error = None;
                 display_phone = health.display_phone_number.as_deref().map(digits);
-                let reading = NumberReading {
+                reading = Some(NumberReading {
                     tier: health.whatsapp_business_manager_messaging_limit.as_deref().and_then(Tier::parse),
                     quality_rating: health.quality_rating.clone(),
                     throughput_level: health.throughput.as_ref().and_then(|t| t.level.clone()),
-                };
-                store::observe_number(
-                    &ctx.pool,
-                    organization,
-                    name,
-                    &identity(meta.business_portfolio.clone(), meta.waba_id.clone(), display_phone.clone()),
-                )
-                .await?;
-                store::record_reading(&ctx.pool, organization, name, meta.business_portfolio.as_deref(), &reading)
-                    .await?;
+                });
             }
             Err(why) => status.check_error = Some(why),
         }
     }
-    if display_phone.is_none() {
-        store::observe_number(
-            &ctx.pool,
-            organization,
-            name,
-            &identity(meta.business_portfolio.clone(), meta.waba_id.clone(), None),
-        )
-        .await?;
+    // The identity first: a reading's tier lands on the portfolio row it makes sure of.
+    let id =
+        NumberIdentity { portfolio: meta.business_portfolio.clone(), waba_id: meta.waba_id.clone(), display_phone };
+    store::observe_number(&ctx.pool, organization, name, &id).await?;
+    if let Some(reading) = &reading {
+        store::record_reading(&ctx.pool, organization, name, meta.business_portfolio.as_deref(), reading).await?;
     }
     let view = store::account(&ctx.pool, organization, name).await?;
     status.quality_rating = view.quality_rating.clone();
@@ -83,8 +73,7 @@ pub async fn observe(
     status.tier = view.tier.clone();
     status.budget = match &view.portfolio {
         Some(portfolio) => {
-            store::refresh_budget(&ctx.pool, organization, portfolio, view.daily_limit).await?;
-            let usage = store::budget_use(&ctx.pool, organization, portfolio).await?;
+            let usage = store::refresh_budget(&ctx.pool, organization, portfolio, view.daily_limit).await?;
             Some(PortfolioBudget {
                 portfolio: portfolio.clone(),
                 limit: view.daily_limit,
@@ -111,10 +100,6 @@ pub async fn observe(
         None => DesiredCondition::falsy(ConditionType::QualityDegraded, "QualityOk", "Meta has not flagged the number"),
     };
     Ok(Some(Observed { status, condition }))
-}
-
-fn identity(portfolio: Option<String>, waba_id: Option<String>, display_phone: Option<String>) -> NumberIdentity {
-    NumberIdentity { portfolio, waba_id, display_phone }
 }
 
 fn digits(phone: &str) -> String {

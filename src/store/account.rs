@@ -328,13 +328,13 @@ pub(crate) async fn budget_use(pool: &PgPool, organization: &str, portfolio: &st
 
 /// Keeps a portfolio's spent mark true: lifted when the window has room again (time
 /// passed, or a higher tier), moved to the new reset instant otherwise. Also forgets
-/// recipients that left the window. Returns the instant the budget is spent until.
+/// recipients that left the window. Returns the budget's use now.
 pub(crate) async fn refresh_budget(
     pool: &PgPool,
     organization: &str,
     portfolio: &str,
     limit: Option<i64>,
-) -> Result<Option<DateTime<Utc>>> {
+) -> Result<BudgetUse> {
     sqlx::query(
         "DELETE FROM portfolio_recipients WHERE organization = $1 AND portfolio = $2 AND last_sent_at <= now() - interval '24 hours'",
     )
@@ -356,7 +356,7 @@ pub(crate) async fn refresh_budget(
     .bind(spent_until)
     .execute(pool)
     .await?;
-    Ok(spent_until)
+    Ok(usage)
 }
 
 /// Counts `recipients` in the portfolio's budget, as far as it has room, under the
