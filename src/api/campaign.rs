@@ -181,8 +181,8 @@ pub struct FrequencyCap {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
-    /// The campaign pauses (in status, until a person resumes) when its estimated cost
-    /// reaches this amount; preflight refuses to start when the audience alone costs more.
+    /// Preflight refuses to start the campaign (Stalled: PreflightFailed) when the
+    /// audience's estimated cost, with the rate card, reaches this amount.
     #[schemars(range(min = 0.0))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_cost: Option<f64>,
