@@ -78,7 +78,10 @@ async fn a_portfolio_at_tier_250_messages_250_recipients_then_waits_for_the_wind
     stack.apply(&campaign("first", "one", "promo", "{tags: {anyOf: [a]}}", ""));
     stack.apply(&campaign("second", "two", "promo", "{tags: {anyOf: [b]}}", ""));
     for name in ["first", "second"] {
-        stack.wait_for("campaign", name, "RateLimited", LONG, |c| phase(c) == "RateLimited").await;
+        let c = stack.wait_for("campaign", name, "RateLimited", LONG, |c| phase(c) == "RateLimited").await;
+        // Senders finish the block they were admitted for, end by themselves, and then
+        // the Job is suspended.
+        stack.wait_for_no_pods(&common::stack::uid(&c)).await;
     }
     let summary = ledger(&sandbox).await;
     let unique: HashSet<String> = recipients(&sandbox).into_iter().collect();

@@ -221,7 +221,7 @@ pub(super) async fn rate_limit(
     status: &mut CampaignStatus,
     conditions: &mut Vec<DesiredCondition>,
 ) -> Result<Action> {
-    if until - r.now > SUSPEND_WHEN_RATE_LIMITED_FOR {
+    if until - r.now > SUSPEND_WHEN_RATE_LIMITED_FOR && senders_had_time_to_stop(status, r.now) {
         set_job_suspended(&r.jobs, &r.job_name, true).await?;
     }
     let mut info = status.rate_limit.clone().unwrap_or_default();
@@ -240,6 +240,16 @@ pub(super) async fn rate_limit(
     Ok(Action::requeue(
         ((until - r.now).to_std().unwrap_or(Duration::ZERO) + Duration::from_millis(500)).min(Duration::from_secs(10)),
     ))
+}
+
+/// Whether the campaign has been rate-limited long enough for its senders to have ended
+/// by themselves. Senders enforce the windows and the portfolio's budget before each
+/// block; suspending the Job earlier would cut a block whose recipients were already
+/// counted in the budget, leaving them counted but not messaged until the window moves.
+fn senders_had_time_to_stop(status: &CampaignStatus, now: DateTime<Utc>) -> bool {
+    crate::api::condition::find(&status.conditions, ConditionType::RateLimited)
+        .filter(|c| c.status == "True")
+        .is_some_and(|c| now - time::instant(&c.last_transition_time.0) >= SENDERS_END_THEIR_BLOCK_WITHIN)
 }
 
 /// Replaces a Job built from an older spec: suspend it, wait for its pods to go, then

@@ -37,6 +37,9 @@ const REFRESH: Duration = Duration::from_secs(3);
 /// A spent cap that resets sooner than this is waited out by the senders in place; a
 /// longer one suspends the Job (senders end their run with exit 75 then).
 const SUSPEND_WHEN_RATE_LIMITED_FOR: chrono::Duration = chrono::Duration::seconds(60);
+/// How long a rate-limited campaign's senders are given to finish the block they hold
+/// and end by themselves before the Job is suspended.
+const SENDERS_END_THEIR_BLOCK_WITHIN: chrono::Duration = chrono::Duration::seconds(30);
 
 /// Entry point of the Campaign controller.
 #[instrument(skip_all, fields(namespace = campaign.namespace().unwrap_or_default(), campaign = campaign.name_any()))]
