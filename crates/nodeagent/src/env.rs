@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Container, ObjectFieldSelector, Pod};
 
-use super::{LOCAL_IP, command::expand};
+use super::{LOCAL_IP, command::expand, pod_ip};
 
 /// Why a container's configuration could not be built; reported on the pod as
 /// `CreateContainerConfigError` with this text, as kubelet does.
@@ -90,7 +90,7 @@ impl PodFields {
         }
     }
 
-    /// The value of a `fieldRef`, with the pod and host IP both loopback.
+    /// The value of a `fieldRef`; the pod's IP is its own loopback address.
     fn get(&self, selector: &ObjectFieldSelector) -> Result<String, ConfigError> {
         let path = selector.field_path.as_str();
         let value = match path {
@@ -99,7 +99,8 @@ impl PodFields {
             "metadata.uid" => self.uid.clone(),
             "spec.nodeName" => self.node_name.clone(),
             "spec.serviceAccountName" => self.service_account_name.clone(),
-            "status.podIP" | "status.podIPs" | "status.hostIP" | "status.hostIPs" => LOCAL_IP.to_string(),
+            "status.podIP" | "status.podIPs" => pod_ip(&self.uid).to_string(),
+            "status.hostIP" | "status.hostIPs" => LOCAL_IP.to_string(),
             _ => {
                 if let Some(key) = subscript(path, "metadata.annotations") {
                     self.annotations.get(key).cloned().unwrap_or_default()
@@ -398,7 +399,7 @@ mod tests {
             ("POD_NAMESPACE", "acme"),
             ("POD_UID", "0b4c-uid"),
             ("NODE", "disparo-local"),
-            ("POD_IP", "127.0.0.1"),
+            ("POD_IP", &crate::pod_ip("0b4c-uid").to_string()),
             ("APP", "sender"),
             ("NO_SUCH_LABEL", ""),
             ("TOKEN", "s3cr3t"),

@@ -50,9 +50,35 @@ pub use args::NodeAgentArgs;
 /// owns the node, its lease and the pod statuses.
 const FIELD_MANAGER: &str = "disparo-node-agent";
 
-/// The address every pod and the node itself report: processes share the host's
-/// network namespace, so loopback is the honest answer.
+/// The node's address: processes share the host's network namespace, so loopback is
+/// the honest answer.
 const LOCAL_IP: &str = "127.0.0.1";
+
+/// A pod's own address, derived from its UID: every address of 127.0.0.0/8 is loopback
+/// on Linux, so each pod gets one of its own. Two pods that bind the same port on their
+/// pod IP (a sender's metrics port, found by Prometheus through `status.podIP`) then do
+/// not collide, as they would not in separate network namespaces. A process binding
+/// 0.0.0.0 still shares the host's ports, as under `hostNetwork`.
+fn pod_ip(uid: &str) -> std::net::Ipv4Addr {
+    // FNV-1a: stable across builds, so an agent restarted on a running pod reports the
+    // address that pod was given.
+    let hash = uid.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let [a, b, c, _] = hash.to_be_bytes();
+    std::net::Ipv4Addr::new(127, 1 + a % 254, b, 1 + c % 254)
+}
+
+#[cfg(test)]
+mod pod_ip_tests {
+    use super::pod_ip;
+
+    #[test]
+    fn pods_get_distinct_loopback_addresses_that_never_are_the_node_s() {
+        let addresses: std::collections::HashSet<_> = (0..1000).map(|i| pod_ip(&format!("uid-{i}"))).collect();
+        assert!(addresses.len() >= 999, "almost no collisions among 1,000 pods");
+        assert!(addresses.iter().all(|ip| ip.is_loopback() && ip.octets()[1] != 0 && ip.octets()[3] != 0));
+        assert_eq!(pod_ip("same"), pod_ip("same"));
+    }
+}
 
 /// Why the node agent could not do its job.
 #[derive(Debug, thiserror::Error)]

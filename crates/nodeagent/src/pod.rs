@@ -509,6 +509,7 @@ impl Supervisor {
             last_state: self.last_termination.clone(),
             reason: None,
             message: None,
+            pod_ip: crate::pod_ip(&self.uid),
             disruption: None,
         }
     }

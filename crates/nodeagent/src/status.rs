@@ -301,6 +301,8 @@ pub struct PodReport {
     pub reason: Option<String>,
     /// Pod-level message.
     pub message: Option<String>,
+    /// The pod's own loopback address (see `pod_ip`).
+    pub pod_ip: std::net::Ipv4Addr,
     /// Set when the pod ends because the node agent goes away; adds the
     /// `DisruptionTarget` condition pod failure policies can match on.
     pub disruption: Option<String>,
@@ -393,8 +395,8 @@ pub fn pod_status(report: &PodReport, previous: &[PodCondition], now: Timestamp)
         message: report.message.clone(),
         host_ip: Some(LOCAL_IP.to_string()),
         host_ips: Some(vec![HostIP { ip: LOCAL_IP.to_string() }]),
-        pod_ip: Some(LOCAL_IP.to_string()),
-        pod_ips: Some(vec![PodIP { ip: LOCAL_IP.to_string() }]),
+        pod_ip: Some(report.pod_ip.to_string()),
+        pod_ips: Some(vec![PodIP { ip: report.pod_ip.to_string() }]),
         start_time: Some(Time(report.start_time)),
         conditions: Some(conditions),
         container_statuses: Some(vec![container]),
@@ -490,6 +492,7 @@ mod tests {
             last_state: None,
             reason: None,
             message: None,
+            pod_ip: std::net::Ipv4Addr::new(127, 3, 2, 1),
             disruption: None,
         }
     }
@@ -503,7 +506,7 @@ mod tests {
         let state = Lifecycle::Running { started_at: at(5), container_id: "disparo-node-agent://42".into() };
         let status = pod_status(&report(state, Phase::Running), &[], at(6));
         assert_eq!(status.phase.as_deref(), Some("Running"));
-        assert_eq!(status.pod_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(status.pod_ip.as_deref(), Some("127.3.2.1"));
         assert_eq!(status.host_ip.as_deref(), Some("127.0.0.1"));
         assert_eq!(condition(&status, "Ready").status, "True");
         assert_eq!(condition(&status, "ContainersReady").status, "True");
