@@ -9,8 +9,8 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, SeccompProfile, SecretKeySelector,
-    SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecretKeySelector, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
@@ -18,6 +18,11 @@ use kube::Resource;
 use super::{Error, Result};
 use crate::api::{Campaign, Channel, Provider, SecretKeyRef};
 use crate::sender::{IGNORED_EXIT_CODES, MessageTemplate, ProviderTarget, SendConfig};
+
+/// Port of a sender's `/metrics` while its batch runs.
+pub(crate) const SENDER_METRICS_PORT: i32 = 9102;
+/// Name of that port, which the chart's PodMonitor scrapes.
+pub(crate) const SENDER_METRICS_PORT_NAME: &str = "metrics";
 
 /// Label on everything Disparo creates for a campaign, holding the Campaign's UID: a
 /// label value holds at most 63 characters and a Campaign name up to 253.
@@ -225,7 +230,28 @@ pub(crate) fn build_job(
             },
             EnvVar { name: "DISPARO_SEND_CONFIG".to_owned(), value: Some(config_json), ..Default::default() },
             EnvVar { name: "DISPARO_LOG_FORMAT".to_owned(), value: Some("json".to_owned()), ..Default::default() },
+            // Metrics on the pod's own IP, where a PodMonitor finds them.
+            EnvVar {
+                name: "DISPARO_METRICS_HOST".to_owned(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector { field_path: "status.podIP".to_owned(), api_version: None }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            EnvVar {
+                name: "DISPARO_METRICS_PORT".to_owned(),
+                value: Some(SENDER_METRICS_PORT.to_string()),
+                ..Default::default()
+            },
+            EnvVar { name: "DISPARO_CAMPAIGN_NAME".to_owned(), value: Some(name.clone()), ..Default::default() },
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some(SENDER_METRICS_PORT_NAME.to_owned()),
+            container_port: SENDER_METRICS_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]),
         resources: execution.resources.clone(),
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
@@ -377,6 +403,19 @@ mod tests {
     fn parallelism_never_exceeds_the_batches() {
         let job = build_job(&campaign(), &channel(), "acme", 3, false, &settings()).unwrap();
         assert_eq!(job.spec.unwrap().parallelism, Some(3));
+    }
+
+    #[test]
+    fn senders_serve_metrics_on_a_named_port_of_their_pod_ip() {
+        let job = build_job(&campaign(), &channel(), "acme", 2, false, &settings()).unwrap();
+        let container = &job.spec.unwrap().template.spec.unwrap().containers[0];
+        let port = &container.ports.as_ref().unwrap()[0];
+        assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), SENDER_METRICS_PORT));
+        let env = |name: &str| container.env.iter().flatten().find(|e| e.name == name).cloned().unwrap();
+        assert_eq!(env("DISPARO_METRICS_PORT").value.as_deref(), Some("9102"));
+        let host = env("DISPARO_METRICS_HOST").value_from.unwrap().field_ref.unwrap();
+        assert_eq!(host.field_path, "status.podIP");
+        assert_eq!(env("DISPARO_CAMPAIGN_NAME").value, campaign().metadata.name);
     }
 
     #[test]

@@ -158,9 +158,18 @@ pub struct SendArgs {
     /// Provider credential: Meta access token or Evolution api key.
     #[arg(long, env = "DISPARO_PROVIDER_TOKEN", hide_env_values = true)]
     pub provider_token: String,
-    /// Serve Prometheus metrics on this address while the batch runs.
-    #[arg(long, env = "DISPARO_METRICS_ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
+    /// Serve Prometheus metrics on this port while the batch runs (the Job names it
+    /// `metrics`, where the chart's PodMonitor scrapes it).
+    #[arg(long, env = "DISPARO_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    /// Address the metrics port binds: the pod's IP in a Job (an IPv6 address needs no
+    /// brackets here, unlike in a socket address).
+    #[arg(long, env = "DISPARO_METRICS_HOST", default_value = "0.0.0.0")]
+    pub metrics_host: std::net::IpAddr,
+    /// The Campaign's name, a label on every metric (the namespace comes from the
+    /// scrape's discovery).
+    #[arg(long, env = "DISPARO_CAMPAIGN_NAME", default_value = "")]
+    pub campaign_name: String,
 }
 
 /// Builds the provider client for a target.
@@ -228,9 +237,17 @@ pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<
             crate::store::connect(&args.database_url, SENDER_CONNECTIONS).await.context("connecting to Postgres")?;
         let client =
             build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_labels(
+            [
+                ("campaign".into(), args.campaign_name.clone().into()),
+                ("channel".into(), config.channel.clone().into()),
+                ("batch".into(), args.batch.to_string().into()),
+            ]
+            .into_iter(),
+        );
         let metrics = metrics::SenderMetrics::new(&mut registry);
-        if let Some(addr) = args.metrics_addr {
+        if let Some(port) = args.metrics_port {
+            let addr = SocketAddr::new(args.metrics_host, port);
             let registry = Arc::new(registry);
             let stop = shutdown.clone();
             tokio::spawn(async move {
