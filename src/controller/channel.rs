@@ -281,6 +281,8 @@ pub(crate) async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Resul
         let patch = json!({"apiVersion": "disparo.io/v1alpha1", "kind": "Channel", "status": status});
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
+    let caps = [("minute", limits.per_minute), ("hour", limits.per_hour), ("day", limits.per_day)];
+    ctx.metrics.observe_channel(&namespace, &name, &status, &caps);
     // A refused channel is looked at more often, so new credentials take effect soon.
     Ok(Action::requeue(if matches!(pause, Some(ChannelPause::ProviderRefused { .. })) {
         Duration::from_secs(5)

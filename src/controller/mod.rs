@@ -248,6 +248,7 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
         return Ok(());
     }
     leading.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
     let lost = CancellationToken::new();
     let holder = tokio::spawn(leader::hold(leases, lease, shutdown.clone(), lost.clone()));
 
@@ -298,15 +299,14 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
     };
     let campaigns = Controller::new(campaign_api, watcher::Config::default())
         .owns(job_api, watcher::Config::default().labels(job::CAMPAIGN_LABEL))
-        .graceful_shutdown_on(stop.clone())
-        .run(campaign::reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
-    let channels = Controller::new(channel_api, watcher::Config::default())
-        .graceful_shutdown_on(stop)
-        .run(channel::reconcile, error_policy, ctx.clone())
-        .for_each(|_| futures::future::ready(()));
+        .graceful_shutdown_on(stop.clone());
+    let channels = Controller::new(channel_api, watcher::Config::default()).graceful_shutdown_on(stop.clone());
+    let sweep = metrics::sweep_deleted(ctx.clone(), campaigns.store(), channels.store(), stop);
+    let campaigns =
+        campaigns.run(campaign::reconcile, error_policy, ctx.clone()).for_each(|_| futures::future::ready(()));
+    let channels = channels.run(channel::reconcile, error_policy, ctx.clone()).for_each(|_| futures::future::ready(()));
     info!("reconciling campaigns and channels");
-    futures::future::join(campaigns, channels).await;
+    futures::future::join3(campaigns, channels, sweep).await;
     shutdown.cancel();
     let _ = holder.await;
     let _ = server.await;

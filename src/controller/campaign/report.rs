@@ -186,6 +186,7 @@ pub(super) async fn finish(
         api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     }
     ctx.metrics.set_phase(&format!("{namespace}/{name}"), status.phase);
+    ctx.metrics.observe_campaign(&namespace, &name, &campaign.spec.channel_ref.name, &status, now);
     if status.phase != old.phase {
         let (type_, event_reason, note) = match (status.phase, &reason) {
             (Some(Phase::Failed), Some((r, why))) => (EventType::Warning, *r, why.clone()),
