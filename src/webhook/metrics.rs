@@ -73,6 +73,13 @@ pub(crate) struct WebhookMetrics {
     pub kept_expired: Counter,
     /// Sweeps of kept receipts that failed (retried at the next sweep).
     pub sweep_failures: Counter,
+    /// Seconds from the provider's timestamp of a status to its application, by
+    /// provider: how far receipts lag behind what happened.
+    pub receipt_lag_seconds: Family<ProviderLabels, Histogram, fn() -> Histogram>,
+}
+
+fn lag_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.25, 2.0, 16))
 }
 
 fn latency_histogram() -> Histogram {
@@ -94,6 +101,7 @@ impl WebhookMetrics {
             kept_applied: Counter::default(),
             kept_expired: Counter::default(),
             sweep_failures: Counter::default(),
+            receipt_lag_seconds: Family::new_with_constructor(lag_histogram as fn() -> Histogram),
         };
         registry.register(
             "disparo_webhook_events",
@@ -149,6 +157,11 @@ impl WebhookMetrics {
             "disparo_webhook_sweep_failures",
             "Sweeps of kept receipts that failed",
             metrics.sweep_failures.clone(),
+        );
+        registry.register(
+            "disparo_webhook_receipt_lag_seconds",
+            "Seconds from a status's provider timestamp to its application",
+            metrics.receipt_lag_seconds.clone(),
         );
         metrics
     }

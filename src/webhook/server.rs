@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -453,10 +453,16 @@ impl AppState {
             return (StatusCode::OK, axum::Json(summary)).into_response();
         }
         let statuses_of: Vec<&'static str> = events.iter().map(|e| e.status.as_str()).collect();
+        let happened_at: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
         match self.writer.submit(events, opt_outs, self.apply_timeout).await {
             Ok(report) => {
-                for (status, outcome) in statuses_of.iter().zip(&report.outcomes) {
+                let now = Utc::now();
+                let lag = self.metrics.receipt_lag_seconds.get_or_create(&ProviderLabels { provider });
+                for ((status, outcome), at) in statuses_of.iter().zip(&report.outcomes).zip(&happened_at) {
                     self.metrics.count(provider, status, outcome.as_str(), 1);
+                    if *outcome == ApplyOutcome::Applied {
+                        lag.observe((now - *at).num_milliseconds().max(0) as f64 / 1000.0);
+                    }
                     summary[outcome.as_str()] = json!(summary[outcome.as_str()].as_u64().unwrap_or(0) + 1);
                 }
                 let opted_out = report.opted_out.iter().filter(|m| **m).count() as u64;
