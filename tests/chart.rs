@@ -472,7 +472,7 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
             "--set",
             "postgres.bundled.enabled=true",
             "--set",
-            "monitoring.enabled=true",
+            "monitoring.serviceMonitor.enabled=true",
             "--set",
             "networkPolicy.enabled=true",
         ][..],

@@ -65,16 +65,29 @@ pub struct CampaignMessageLabels {
     pub status: String,
 }
 
-/// Labels of a true condition of a Campaign or Channel.
+/// Labels of a campaign's condition that holds.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConditionLabels {
-    /// The object's namespace.
+pub struct CampaignConditionLabels {
+    /// The Campaign's namespace.
     pub namespace: String,
     /// Its name.
-    pub name: String,
+    pub campaign: String,
     /// The condition type, e.g. Stalled.
     pub condition: String,
     /// Its reason, e.g. ChannelStopped.
+    pub reason: String,
+}
+
+/// Labels of a channel's condition that holds.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelConditionLabels {
+    /// The Channel's namespace.
+    pub namespace: String,
+    /// Its name.
+    pub channel: String,
+    /// The condition type, e.g. QualityDegraded.
+    pub condition: String,
+    /// Its reason.
     pub reason: String,
 }
 
@@ -110,11 +123,16 @@ const EXPORTED_CONDITIONS: [ConditionType; 6] = [
 ];
 
 /// What was last exported for one object, to remove it exactly when it goes.
-#[derive(Default)]
-struct Exported {
-    conditions: Vec<ConditionLabels>,
+struct Exported<C> {
+    conditions: Vec<C>,
     caps: Vec<CapLabels>,
     channel: Option<String>,
+}
+
+impl<C> Default for Exported<C> {
+    fn default() -> Self {
+        Exported { conditions: Vec::new(), caps: Vec::new(), channel: None }
+    }
 }
 
 /// The controller's metrics.
@@ -135,14 +153,14 @@ pub struct Metrics {
     campaign_eta: Family<CampaignLabels, Gauge>,
     campaign_rate_limit_pauses: Family<CampaignLabels, Gauge>,
     campaign_phase: Family<CampaignPhaseLabels, Gauge>,
-    campaign_conditions: Family<ConditionLabels, Gauge>,
-    channel_conditions: Family<ConditionLabels, Gauge>,
+    campaign_conditions: Family<CampaignConditionLabels, Gauge>,
+    channel_conditions: Family<ChannelConditionLabels, Gauge>,
     channel_caps: Family<CapLabels, Gauge>,
     channel_budget_used: Family<ChannelLabels, Gauge>,
     channel_budget_limit: Family<ChannelLabels, Gauge>,
     known: Mutex<HashMap<String, Phase>>,
-    exported_campaigns: Mutex<HashMap<(String, String), Exported>>,
-    exported_channels: Mutex<HashMap<(String, String), Exported>>,
+    exported_campaigns: Mutex<HashMap<(String, String), Exported<CampaignConditionLabels>>>,
+    exported_channels: Mutex<HashMap<(String, String), Exported<ChannelConditionLabels>>>,
 }
 
 /// Labels of a campaign's phase series (1 for its current phase).
@@ -330,7 +348,17 @@ impl Metrics {
                 self.campaign_phase.remove(&phase_labels);
             }
         }
-        let conditions = export_conditions(&self.campaign_conditions, namespace, name, &status.conditions, previous);
+        let conditions = export_conditions(
+            &self.campaign_conditions,
+            &status.conditions,
+            previous.conditions,
+            |condition, reason| CampaignConditionLabels {
+                namespace: namespace.into(),
+                campaign: name.into(),
+                condition,
+                reason,
+            },
+        );
         exported.insert(key, Exported { conditions, caps: Vec::new(), channel: Some(channel.to_owned()) });
     }
 
@@ -367,7 +395,7 @@ impl Metrics {
         }
     }
 
-    fn remove_campaign_series(&self, namespace: &str, name: &str, previous: &Exported) {
+    fn remove_campaign_series(&self, namespace: &str, name: &str, previous: &Exported<CampaignConditionLabels>) {
         let labels = CampaignLabels {
             namespace: namespace.into(),
             campaign: name.into(),
@@ -430,7 +458,17 @@ impl Metrics {
                 self.channel_budget_limit.remove(&labels);
             }
         }
-        let conditions = export_conditions(&self.channel_conditions, namespace, name, &status.conditions, previous);
+        let conditions = export_conditions(
+            &self.channel_conditions,
+            &status.conditions,
+            previous.conditions,
+            |condition, reason| ChannelConditionLabels {
+                namespace: namespace.into(),
+                channel: name.into(),
+                condition,
+                reason,
+            },
+        );
         exported.insert(key, Exported { conditions, caps: exported_caps, channel: None });
     }
 
@@ -515,23 +553,18 @@ pub(crate) fn exported_conditions(
 }
 
 /// Sets the conditions' series and removes those that stopped holding.
-fn export_conditions(
-    family: &Family<ConditionLabels, Gauge>,
-    namespace: &str,
-    name: &str,
+fn export_conditions<L>(
+    family: &Family<L, Gauge>,
     conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    previous: Exported,
-) -> Vec<ConditionLabels> {
-    let now: Vec<ConditionLabels> = exported_conditions(conditions)
-        .into_iter()
-        .map(|(condition, reason)| ConditionLabels {
-            namespace: namespace.into(),
-            name: name.into(),
-            condition,
-            reason,
-        })
-        .collect();
-    for stale in previous.conditions.iter().filter(|c| !now.contains(c)) {
+    previous: Vec<L>,
+    labels: impl Fn(String, String) -> L,
+) -> Vec<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
+{
+    let now: Vec<L> =
+        exported_conditions(conditions).into_iter().map(|(condition, reason)| labels(condition, reason)).collect();
+    for stale in previous.iter().filter(|c| !now.contains(c)) {
         family.remove(stale);
     }
     for c in &now {
@@ -609,7 +642,7 @@ mod tests {
         );
         assert!(!text.contains(r#"phase="Running"} 1"#));
         assert!(text.contains(
-            r#"disparo_campaign_condition{namespace="acme",name="promo",condition="Stalled",reason="ChannelStopped"} 1"#
+            r#"disparo_campaign_condition{namespace="acme",campaign="promo",condition="Stalled",reason="ChannelStopped"} 1"#
         ));
         assert!(text.contains(r#"condition="Ready",reason="Paused"} 1"#), "Ready is exported while it does not hold");
         assert!(!text.contains(r#"condition="RateLimited""#), "a condition that does not hold is not exported");
@@ -653,7 +686,7 @@ mod tests {
         assert!(text.contains(r#"disparo_channel_budget_used{namespace="acme",channel="main"} 40"#));
         assert!(text.contains(r#"disparo_channel_budget_limit{namespace="acme",channel="main"} 250"#));
         assert!(text.contains(
-            r#"disparo_channel_condition{namespace="acme",name="main",condition="Ready",reason="ProviderRefused"} 1"#
+            r#"disparo_channel_condition{namespace="acme",channel="main",condition="Ready",reason="ProviderRefused"} 1"#
         ));
         m.retain(|_, _| true, |_, _| false);
         assert!(!encoded(&registry).contains(r#"channel="main""#));

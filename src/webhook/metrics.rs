@@ -158,6 +158,11 @@ impl WebhookMetrics {
             "Sweeps of kept receipts that failed",
             metrics.sweep_failures.clone(),
         );
+        // Alerts take the increase of rejections: the series must exist at zero before
+        // the first one, or that first burst would not count.
+        for provider in ["meta", "evolution"] {
+            metrics.events.get_or_create(&EventLabels { provider, status: "none", outcome: "rejected_signature" });
+        }
         registry.register(
             "disparo_webhook_receipt_lag_seconds",
             "Seconds from a status's provider timestamp to its application",
