@@ -9,21 +9,9 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/disparo");
+use disparo_testkit::bin::helm;
 
-fn helm() -> String {
-    if let Ok(helm) = std::env::var("HELM") {
-        return helm;
-    }
-    let cache = std::env::var("DISPARO_CACHE")
-        .unwrap_or_else(|_| format!("{}/.cache/disparo", std::env::var("HOME").unwrap_or_default()));
-    let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
-    assert!(
-        std::path::Path::new(&cached).exists(),
-        "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)"
-    );
-    cached
-}
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/disparo");
 
 fn run(cmd: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));

@@ -16,7 +16,6 @@
 use disparo_testkit as common;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -32,19 +31,7 @@ const AUDIENCE: usize = 300;
 /// `helm install --wait` and the campaign each get this long.
 const TIMEOUT: Duration = Duration::from_secs(300);
 
-fn helm() -> String {
-    if let Ok(helm) = std::env::var("HELM") {
-        return helm;
-    }
-    let home = std::env::var("HOME").unwrap_or_default();
-    let cache = std::env::var("DISPARO_CACHE").unwrap_or_else(|_| format!("{home}/.cache/disparo"));
-    let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
-    assert!(
-        Path::new(&cached).exists(),
-        "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)"
-    );
-    cached
-}
+use common::bin::helm;
 
 /// Everything the test started, torn down in order even when it panics: the release
 /// first (so its pods are stopped gracefully by the agents), then the agents, then

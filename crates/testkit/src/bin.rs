@@ -68,3 +68,18 @@ fn built(package: &str, name: &str) -> PathBuf {
         Err(error) => panic!("{} is missing and `{command}` could not run ({error}): run it yourself", path.display()),
     }
 }
+
+/// The helm binary: `$HELM`, or the one tests/controlplane/build.sh caches.
+pub fn helm() -> String {
+    if let Ok(helm) = std::env::var("HELM") {
+        return helm;
+    }
+    let cache = std::env::var("DISPARO_CACHE")
+        .unwrap_or_else(|_| format!("{}/.cache/disparo", std::env::var("HOME").unwrap_or_default()));
+    let cached = format!("{cache}/controlplane/v1.36.3/bin/helm");
+    assert!(
+        Path::new(&cached).exists(),
+        "helm not found at {cached}: run tests/controlplane/build.sh (scripts/test does)"
+    );
+    cached
+}

@@ -16,6 +16,7 @@ pub mod bin;
 pub mod cluster;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 pub mod stack;
 
 use std::sync::OnceLock;

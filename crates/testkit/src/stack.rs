@@ -29,6 +29,8 @@ pub struct Stack {
     pub extra_namespaces: Vec<String>,
     /// Arguments every controller of the stack gets besides the usual ones.
     pub controller_args: Vec<String>,
+    /// Where each controller serves /metrics, in start order.
+    pub controller_metrics: Vec<String>,
 }
 
 /// A sandbox answering fast, with the given changes to its default configuration.
@@ -66,6 +68,7 @@ impl Stack {
             agents: Vec::new(),
             extra_namespaces: Vec::new(),
             controller_args: controller_args.iter().map(|a| (*a).to_owned()).collect(),
+            controller_metrics: Vec::new(),
         };
         create_meta_credentials(&ns);
         stack.spawn_controller("controller", &ns);
@@ -76,6 +79,7 @@ impl Stack {
     /// A controller for namespace `ns` (its Lease there too), on the stack's database.
     pub fn spawn_controller(&mut self, identity: &str, ns: &str) -> usize {
         let metrics = format!("127.0.0.1:{}", free_port());
+        self.controller_metrics.push(metrics.clone());
         let args = ["controller", "--metrics-addr", &metrics, "--lease-namespace", ns, "--watch-namespace", ns];
         let mut all: Vec<&str> = args.to_vec();
         all.extend(["--identity", identity, "--lease-seconds", "6"]);
