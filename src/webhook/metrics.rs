@@ -161,7 +161,10 @@ impl WebhookMetrics {
         // Alerts take the increase of rejections: the series must exist at zero before
         // the first one, or that first burst would not count.
         for provider in ["meta", "evolution"] {
-            metrics.events.get_or_create(&EventLabels { provider, status: "none", outcome: "rejected_signature" }).inc_by(0);
+            metrics
+                .events
+                .get_or_create(&EventLabels { provider, status: "none", outcome: "rejected_signature" })
+                .inc_by(0);
         }
         registry.register(
             "disparo_webhook_receipt_lag_seconds",
