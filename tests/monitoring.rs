@@ -229,6 +229,30 @@ fn the_dashboard_has_unique_panels_a_datasource_variable_and_no_fixed_namespace(
     assert!(panel_queries(&dashboard).len() >= 15);
 }
 
+/// Writes every panel's series over the test's run to `path`, for
+/// `scripts/dashboard-png` to draw the README's picture from (set
+/// `DISPARO_DASHBOARD_SNAPSHOT=path` to make one).
+async fn snapshot(prometheus: &Prometheus, dashboard: &Value, seconds: u64, path: &str) {
+    let mut panels = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let mut targets = Vec::new();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = with_grafana_variables(target["expr"].as_str().unwrap());
+            let series = prometheus.query_range(&expr, seconds, 2).await;
+            targets.push(serde_json::json!({"legend": target["legendFormat"], "series": series}));
+        }
+        panels.push(serde_json::json!({
+            "title": panel["title"], "type": panel["type"], "gridPos": panel["gridPos"],
+            "unit": panel["fieldConfig"]["defaults"]["unit"], "targets": targets,
+        }));
+    }
+    std::fs::write(
+        path,
+        serde_json::to_string(&serde_json::json!({"title": dashboard["title"], "panels": panels})).unwrap(),
+    )
+    .unwrap();
+}
+
 /// A Meta channel of a portfolio at a per-minute cap, with the stack's credentials or
 /// another Secret's.
 fn channel(name: &str, base_url: &str, secret: &str, per_minute: u32) -> String {
@@ -243,6 +267,7 @@ async fn prometheus_evaluates_every_panel_and_the_provoked_faults_fire_their_ale
     let (rules, alerts) = rule_file(&docs);
     let queries = panel_queries(&dashboard(&docs));
 
+    let started = Instant::now();
     let mut stack = Stack::start("mon").await;
     let ns = stack.ns.clone();
     let webhook_port = free_port();
@@ -390,6 +415,9 @@ async fn prometheus_evaluates_every_panel_and_the_provoked_faults_fire_their_ale
             .any(|a| a["labels"]["alertname"] == "DisparoWebhookRejectingSignatures" && a["state"] == "firing"),
         "{firing}"
     );
+    if let Ok(path) = std::env::var("DISPARO_DASHBOARD_SNAPSHOT") {
+        snapshot(&prometheus, &dashboard(&docs), started.elapsed().as_secs(), &path).await;
+    }
     // The sender pods were scraped through the API server's pod IPs, one per pod.
     let senders = prometheus.query("count by (pod) (last_over_time(disparo_sender_rate_limit_waits_total[10m]))").await;
     assert!(!senders.is_empty(), "sender pods were scraped");

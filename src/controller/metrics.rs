@@ -111,16 +111,13 @@ pub struct CapLabels {
     pub window: String,
 }
 
-/// The conditions exported as series while true (Ready while false: a campaign or
-/// channel not ready is what pages).
-const EXPORTED_CONDITIONS: [ConditionType; 6] = [
-    ConditionType::Stalled,
-    ConditionType::Held,
-    ConditionType::RateLimited,
-    ConditionType::TemplateQualityLow,
-    ConditionType::QualityDegraded,
-    ConditionType::Ready,
-];
+/// A campaign's conditions exported as series while they hold. Its `Ready` is false
+/// all the while it runs, so it says nothing a person must act on.
+const CAMPAIGN_CONDITIONS: [ConditionType; 4] =
+    [ConditionType::Stalled, ConditionType::Held, ConditionType::RateLimited, ConditionType::TemplateQualityLow];
+/// A channel's conditions exported as series while they hold, and `Ready` while it
+/// does not (a channel that cannot send is what pages).
+const CHANNEL_CONDITIONS: [ConditionType; 2] = [ConditionType::QualityDegraded, ConditionType::Ready];
 
 /// What was last exported for one object, to remove it exactly when it goes.
 struct Exported<C> {
@@ -350,6 +347,7 @@ impl Metrics {
         }
         let conditions = export_conditions(
             &self.campaign_conditions,
+            &CAMPAIGN_CONDITIONS,
             &status.conditions,
             previous.conditions,
             |condition, reason| CampaignConditionLabels {
@@ -460,6 +458,7 @@ impl Metrics {
         }
         let conditions = export_conditions(
             &self.channel_conditions,
+            &CHANNEL_CONDITIONS,
             &status.conditions,
             previous.conditions,
             |condition, reason| ChannelConditionLabels {
@@ -538,14 +537,15 @@ fn phase_labels(labels: &CampaignLabels, phase: Phase) -> CampaignPhaseLabels {
     }
 }
 
-/// Which conditions are exported: those that hold, and Ready when it does not.
+/// Which of `types` are exported: those that hold, and Ready when it does not.
 pub(crate) fn exported_conditions(
+    types: &[ConditionType],
     conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
 ) -> Vec<(String, String)> {
     conditions
         .iter()
         .filter(|c| {
-            EXPORTED_CONDITIONS.iter().any(|t| t.as_str() == c.type_)
+            types.iter().any(|t| t.as_str() == c.type_)
                 && (c.status == "True") != (c.type_ == ConditionType::Ready.as_str())
         })
         .map(|c| (c.type_.clone(), c.reason.clone()))
@@ -555,6 +555,7 @@ pub(crate) fn exported_conditions(
 /// Sets the conditions' series and removes those that stopped holding.
 fn export_conditions<L>(
     family: &Family<L, Gauge>,
+    types: &[ConditionType],
     conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
     previous: Vec<L>,
     labels: impl Fn(String, String) -> L,
@@ -562,8 +563,10 @@ fn export_conditions<L>(
 where
     L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug,
 {
-    let now: Vec<L> =
-        exported_conditions(conditions).into_iter().map(|(condition, reason)| labels(condition, reason)).collect();
+    let now: Vec<L> = exported_conditions(types, conditions)
+        .into_iter()
+        .map(|(condition, reason)| labels(condition, reason))
+        .collect();
     for stale in previous.iter().filter(|c| !now.contains(c)) {
         family.remove(stale);
     }
@@ -644,7 +647,7 @@ mod tests {
         assert!(text.contains(
             r#"disparo_campaign_condition{namespace="acme",campaign="promo",condition="Stalled",reason="ChannelStopped"} 1"#
         ));
-        assert!(text.contains(r#"condition="Ready",reason="Paused"} 1"#), "Ready is exported while it does not hold");
+        assert!(!text.contains(r#"condition="Ready""#), "a campaign's Ready says nothing to act on");
         assert!(!text.contains(r#"condition="RateLimited""#), "a condition that does not hold is not exported");
 
         status.phase = Some(Phase::Running);

@@ -87,6 +87,22 @@ impl Prometheus {
         response["data"]["result"].as_array().cloned().unwrap_or_default()
     }
 
+    /// A range query (`/api/v1/query_range`) over the last `seconds`, one point every
+    /// `step` seconds; panics if Prometheus refuses the expression.
+    pub async fn query_range(&self, expr: &str, seconds: u64, step: u64) -> Vec<Value> {
+        let end = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let params = [
+            ("query", expr.to_owned()),
+            ("start", (end - seconds).to_string()),
+            ("end", end.to_string()),
+            ("step", step.to_string()),
+        ];
+        let url = reqwest::Url::parse_with_params(&format!("{}/api/v1/query_range", self.url), &params).unwrap();
+        let response: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        assert_eq!(response["status"], "success", "Prometheus refused {expr}: {response}");
+        response["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
     /// A GET of an API path, as JSON.
     pub async fn get(&self, path: &str) -> Value {
         reqwest::get(format!("{}{path}", self.url)).await.unwrap().json().await.unwrap()
