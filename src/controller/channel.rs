@@ -26,6 +26,9 @@ use crate::store::rate::{Limits, WindowKind};
 /// How often a Channel is re-checked (window usage, connection state).
 const RECHECK: Duration = Duration::from_secs(15);
 
+/// How often a Channel that cannot send is re-checked.
+const RECHECK_NOT_READY: Duration = Duration::from_secs(5);
+
 fn secret_refs(channel: &Channel) -> Vec<(&'static str, &SecretKeyRef)> {
     let mut refs = Vec::new();
     if let Some(meta) = &channel.spec.meta {
@@ -113,12 +116,47 @@ fn unusable(field: &str, r: &SecretKeyRef, read: &SecretRead, namespace: &str) -
     }
 }
 
-/// Why the channel cannot send, if it cannot.
-async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<Option<(&'static str, String)>> {
+/// Whether the channel can send, as its `Ready` condition says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Readiness {
+    /// It can (what a person reads).
+    Ready(String),
+    /// It cannot: the condition's reason and message.
+    NotReady(&'static str, String),
+}
+
+/// What an Evolution instance's connection state means for its channel: only `open`
+/// sends; any other state is a dropped WhatsApp session a person reconnects by scanning
+/// the QR code (docs/providers.md B1). The state is shown as Evolution writes it.
+fn instance_readiness(
+    instance: &str,
+    state: Result<crate::providers::evolution::ConnectionState, String>,
+) -> Readiness {
+    use crate::providers::evolution::ConnectionState;
+    match state {
+        Ok(ConnectionState::Open) => Readiness::Ready(format!(
+            "Evolution instance {instance:?} is connected (connection state \"open\"); the channel can send"
+        )),
+        Ok(state) => Readiness::NotReady(
+            "InstanceNotConnected",
+            format!(
+                "Evolution instance {instance:?} is not connected (connection state {:?}): its campaigns wait; scan the QR code in Evolution to connect the WhatsApp number again",
+                state.as_str()
+            ),
+        ),
+        Err(error) => Readiness::NotReady(
+            "InstanceUnreachable",
+            format!("cannot ask Evolution for instance {instance:?}'s connection state: {error}"),
+        ),
+    }
+}
+
+/// Whether the channel can send, and why not.
+async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<Readiness> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     for (field, r) in secret_refs(channel) {
-        if let Some(reason) = unusable(field, r, &read_secret(&secrets, r).await?, namespace) {
-            return Ok(Some(reason));
+        if let Some((reason, message)) = unusable(field, r, &read_secret(&secrets, r).await?, namespace) {
+            return Ok(Readiness::NotReady(reason, message));
         }
     }
     if let (Provider::Evolution, Some(evo)) = (channel.spec.provider, &channel.spec.evolution) {
@@ -126,7 +164,12 @@ async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<
         // not a labelled value now is not sent anywhere.
         let api_key = match read_secret(&secrets, &evo.api_key).await? {
             SecretRead::Value(value) => value,
-            other => return Ok(unusable("evolution.apiKey", &evo.api_key, &other, namespace)),
+            other => {
+                // Not a value, so `unusable` always has a reason.
+                let (reason, message) = unusable("evolution.apiKey", &evo.api_key, &other, namespace)
+                    .unwrap_or(("SecretMissing", String::new()));
+                return Ok(Readiness::NotReady(reason, message));
+            }
         };
         let client = crate::providers::evolution::EvolutionClient::new(
             ctx.http.clone(),
@@ -134,26 +177,21 @@ async fn readiness(channel: &Channel, ctx: &Context, namespace: &str) -> Result<
             evo.instance.clone(),
             crate::providers::Secret::new(api_key),
         );
-        match client.connection_state().await {
-            Ok(crate::providers::evolution::ConnectionState::Open) => {}
-            Ok(state) => {
-                return Ok(Some((
-                    "InstanceNotConnected",
-                    format!(
-                        "Evolution instance {:?} is {state:?}, not Open: scan the QR code in Evolution to connect the WhatsApp number",
-                        evo.instance
-                    ),
-                )));
-            }
-            Err(error) => {
-                return Ok(Some((
-                    "InstanceUnreachable",
-                    format!("cannot ask Evolution for the instance's state: {error}"),
-                )));
-            }
-        }
+        let state = client.connection_state().await.map_err(|error| error.to_string());
+        return Ok(instance_readiness(&evo.instance, state));
     }
-    Ok(None)
+    Ok(Readiness::Ready("credentials found; the channel can send".to_owned()))
+}
+
+/// How soon the channel is looked at again: a channel that cannot send (a dropped
+/// Evolution session, a refused credential) often, so that its campaigns go on soon
+/// after a person fixed it; otherwise every [`RECHECK`].
+fn recheck_after(readiness: &Readiness, pause: Option<&ChannelPause>) -> Duration {
+    if matches!(readiness, Readiness::NotReady(..)) || matches!(pause, Some(ChannelPause::ProviderRefused { .. })) {
+        RECHECK_NOT_READY
+    } else {
+        RECHECK
+    }
 }
 
 /// The version of the channel's credentials: the resourceVersions of the Secrets it
@@ -208,7 +246,7 @@ pub(crate) async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Resul
     // import contacts before the first campaign.
     let organization = super::tenant::ensure(&ctx, &namespace).await?;
     let resume = take_resume_request(&channel, &ctx, &organization, &name, &old).await?;
-    let not_ready = readiness(&channel, &ctx, &namespace).await?;
+    let readiness = readiness(&channel, &ctx, &namespace).await?;
     let limits = Limits::effective(channel.spec.provider, &channel.spec.rate_limits);
     // The caps reach running senders through Postgres; new credentials lift a stop.
     if pauses::observe_channel(
@@ -234,16 +272,18 @@ pub(crate) async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Resul
     let pause = pauses::channel_pause(&ctx.pool, &organization, &name).await?;
     let account =
         super::account::observe(&channel, &ctx, &namespace, &organization, &name, old.account.as_ref()).await?;
-    let condition = match (&not_ready, &pause) {
-        (Some((reason, message)), _) => DesiredCondition::falsy(ConditionType::Ready, reason, message.clone()),
-        (None, Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(
+    let condition = match (&readiness, &pause) {
+        (Readiness::NotReady(reason, message), _) => {
+            DesiredCondition::falsy(ConditionType::Ready, reason, message.clone())
+        }
+        (Readiness::Ready(_), Some(ChannelPause::ProviderRefused { code, message })) => DesiredCondition::falsy(
             ConditionType::Ready,
             "ProviderRefused",
             format!(
                 "sending stopped: the provider refused the channel (error {code}: {message}); fix the credentials or account, then `kubectl disparo resume` a campaign of this channel or replace the credentials' Secret"
             ),
         ),
-        (None, _) => DesiredCondition::truthy(ConditionType::Ready, "Ready", "credentials found; the channel can send"),
+        (Readiness::Ready(message), _) => DesiredCondition::truthy(ConditionType::Ready, "Ready", message.clone()),
     };
     let status = ChannelStatus {
         observed_generation: channel.meta().generation,
@@ -283,12 +323,7 @@ pub(crate) async fn reconcile(channel: Arc<Channel>, ctx: Arc<Context>) -> Resul
     }
     let caps = [("minute", limits.per_minute), ("hour", limits.per_hour), ("day", limits.per_day)];
     ctx.metrics.observe_channel(&namespace, &name, &status, &caps);
-    // A refused channel is looked at more often, so new credentials take effect soon.
-    Ok(Action::requeue(if matches!(pause, Some(ChannelPause::ProviderRefused { .. })) {
-        Duration::from_secs(5)
-    } else {
-        RECHECK
-    }))
+    Ok(Action::requeue(recheck_after(&readiness, pause.as_ref())))
 }
 
 /// A Warning Event when the number's quality drops, a Normal one when it recovers.
@@ -360,6 +395,44 @@ mod tests {
         ] {
             assert_eq!(read_key(Some(&secret(labels, &[("api-key", "k")])), &r), SecretRead::NotMarked, "{labels:?}");
         }
+    }
+
+    #[test]
+    fn an_instance_is_ready_only_when_open_and_says_its_state() {
+        use crate::providers::evolution::ConnectionState;
+        let Readiness::Ready(message) = instance_readiness("shop", Ok(ConnectionState::Open)) else {
+            panic!("open is ready")
+        };
+        assert!(message.contains("\"shop\"") && message.contains("\"open\""), "{message}");
+        for (state, shown) in [
+            (ConnectionState::Close, "close"),
+            (ConnectionState::Connecting, "connecting"),
+            (ConnectionState::Unknown, "unknown"),
+        ] {
+            match instance_readiness("shop", Ok(state)) {
+                Readiness::NotReady(reason, message) => {
+                    assert_eq!(reason, "InstanceNotConnected");
+                    assert!(message.contains(&format!("\"{shown}\"")) && message.contains("QR code"), "{message}");
+                }
+                other => panic!("{state:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            instance_readiness("shop", Err("connection refused".into())),
+            Readiness::NotReady("InstanceUnreachable", m) if m.contains("connection refused")
+        ));
+    }
+
+    #[test]
+    fn a_channel_that_cannot_send_is_looked_at_often() {
+        let ready = Readiness::Ready(String::new());
+        let dropped = Readiness::NotReady("InstanceNotConnected", String::new());
+        let refused = ChannelPause::ProviderRefused { code: "190".into(), message: String::new() };
+        let spent = ChannelPause::WindowSpent { until: Utc::now() };
+        assert_eq!(recheck_after(&ready, None), RECHECK);
+        assert_eq!(recheck_after(&ready, Some(&spent)), RECHECK);
+        assert_eq!(recheck_after(&dropped, None), RECHECK_NOT_READY);
+        assert_eq!(recheck_after(&ready, Some(&refused)), RECHECK_NOT_READY);
     }
 
     #[test]

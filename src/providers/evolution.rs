@@ -108,6 +108,19 @@ pub enum ConnectionState {
     Unknown,
 }
 
+impl ConnectionState {
+    /// The state as Evolution writes it (`open`, `connecting`, `close`; `unknown` for a
+    /// state this client does not know).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Open => "open",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Close => "close",
+            ConnectionState::Unknown => "unknown",
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct StateBody {
     instance: StateInstance,
@@ -220,6 +233,9 @@ mod tests {
             let body = format!(r#"{{"instance":{{"instanceName":"my-instance","state":"{state}"}}}}"#);
             let parsed = serde_json::from_str::<StateBody>(&body).map(|b| b.instance.state).ok();
             assert_eq!(parsed, Some(expected));
+            if expected != ConnectionState::Unknown {
+                assert_eq!(expected.as_str(), state);
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! The simulated Evolution API: `POST /message/sendText/{instance}`,
-//! `GET /instance/connectionState/{instance}` and `messages.update` webhooks
-//! (docs/providers.md B1, B2).
+//! `GET /instance/connectionState/{instance}`, `messages.update` webhooks, and the
+//! `messages.upsert` of a person writing to the instance's number (docs/providers.md
+//! B1, B2).
 
 use std::sync::Arc;
 
@@ -10,10 +11,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{SecondsFormat, Utc};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::debug;
 
 use super::behaviour::{self, Batching, Fault, Status};
+use super::control::Posted;
 use super::ledger::{Accepted, Admission};
 use super::server::{Shared, credential_matches, gateway_timeout};
 use crate::api::Provider;
@@ -170,6 +173,92 @@ pub async fn connection_state(
     Json(json!({ "instance": { "instanceName": instance, "state": state } })).into_response()
 }
 
+/// What a person writes to the instance's number.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Inbound {
+    /// The person's number (E.164 or digits).
+    from: String,
+    /// The text they write.
+    text: String,
+}
+
+/// `POST /_sandbox/evolution/{instance}/inbound` `{"from", "text"}`: a person writes to
+/// the instance's number; the sandbox posts the `messages.upsert` Evolution posts for it,
+/// with the shared-secret header, and answers `{"webhooks": [{"field", "delivered"}]}`
+/// once the receiver answered (so a rehearsal goes on knowing the receiver has it).
+pub(crate) async fn post_inbound(
+    State(shared): State<Arc<Shared>>,
+    Path(instance): Path<String>,
+    body: Bytes,
+) -> Response {
+    if shared.instance_state(&instance).is_none() {
+        return (StatusCode::NOT_FOUND, format!("no Evolution instance named {instance:?}")).into_response();
+    }
+    let inbound: Inbound = match serde_json::from_slice(&body) {
+        Ok(inbound) => inbound,
+        Err(why) => return (StatusCode::BAD_REQUEST, why.to_string()).into_response(),
+    };
+    let digits = behaviour::digits(&inbound.from);
+    if digits.is_empty() || inbound.text.trim().is_empty() {
+        return (StatusCode::BAD_REQUEST, "\"from\" needs digits and \"text\" some text").into_response();
+    }
+    let Some(target) = &shared.evolution_target else {
+        return (StatusCode::CONFLICT, "evolution.webhook_url is not configured").into_response();
+    };
+    let received = Received {
+        instance: instance.clone(),
+        instance_id: shared.instance_ids.get(&instance).cloned().unwrap_or_default(),
+        key_id: behaviour::evolution_key_id(&mut rand::rng()),
+        remote_jid: format!("{digits}@s.whatsapp.net"),
+        text: inbound.text,
+        timestamp: shared.clock.now().timestamp(),
+        destination: target.url.clone(),
+        owner_jid: format!("{}@s.whatsapp.net", shared.config.evolution.owner_number),
+        server_url: shared.server_url.clone(),
+    };
+    let body = serde_json::to_vec(&upsert_body(&received)).unwrap_or_default();
+    let delivered = shared.webhooks.post_now(target, body).await;
+    Json(json!({ "webhooks": [Posted { field: "messages.upsert".to_owned(), delivered }] })).into_response()
+}
+
+/// What a `messages.upsert` of an inbound text needs.
+struct Received {
+    instance: String,
+    instance_id: String,
+    key_id: String,
+    remote_jid: String,
+    text: String,
+    timestamp: i64,
+    destination: String,
+    owner_jid: String,
+    server_url: String,
+}
+
+/// The `messages.upsert` envelope of an inbound text: `data` is the stored message
+/// record, the shape of the sendText answer with `fromMe: false` (docs/providers.md B2).
+fn upsert_body(received: &Received) -> Value {
+    json!({
+        "event": "messages.upsert",
+        "instance": received.instance,
+        "data": {
+            "key": { "remoteJid": received.remote_jid, "fromMe": false, "id": received.key_id },
+            "pushName": "Contato",
+            "status": "DELIVERY_ACK",
+            "message": { "conversation": received.text },
+            "messageType": "conversation",
+            "messageTimestamp": received.timestamp,
+            "instanceId": received.instance_id,
+            "source": "android",
+        },
+        "destination": received.destination,
+        "date_time": Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true),
+        "sender": received.owner_jid,
+        "server_url": received.server_url,
+        "apikey": null,
+    })
+}
+
 fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
     let presented = headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok());
     presented.is_some_and(|key| credential_matches(key, shared.config.evolution.api_key.expose()))
@@ -246,5 +335,28 @@ mod tests {
             assert_eq!(body["apikey"], Value::Null);
             assert!(body["date_time"].as_str().is_some_and(|d| d.ends_with('Z')));
         }
+    }
+
+    #[test]
+    fn an_inbound_text_is_an_upsert_the_webhook_reads_as_an_opt_out() {
+        let received = Received {
+            instance: "my-instance".into(),
+            instance_id: "0b5c".into(),
+            key_id: "3EB0C0FFEE".into(),
+            remote_jid: "5511999999999@s.whatsapp.net".into(),
+            text: "SAIR".into(),
+            timestamp: 1_750_263_773,
+            destination: "http://hook".into(),
+            owner_jid: "5511988887777@s.whatsapp.net".into(),
+            server_url: "http://sandbox".into(),
+        };
+        let body = upsert_body(&received);
+        assert_eq!(body["event"], "messages.upsert");
+        assert_eq!(body["data"]["key"]["fromMe"], false);
+        assert_eq!(body["data"]["messageTimestamp"], 1_750_263_773);
+        let parsed = crate::webhook::evolution::parse(body.to_string().as_bytes(), Utc::now()).ok().unwrap_or_default();
+        assert_eq!(parsed.inbound.len(), 1, "{parsed:?}");
+        assert_eq!(parsed.inbound[0].from.as_deref(), Some("5511999999999"));
+        assert_eq!(parsed.inbound[0].text.as_deref(), Some("SAIR"));
     }
 }

@@ -24,7 +24,10 @@
 //! Control endpoints (JSON bodies):
 //! - `GET /_sandbox/ledger` (the [`LedgerSummary`] and webhook counts),
 //!   `POST /_sandbox/reset` (empties the ledger), `GET|PUT /_sandbox/faults`,
-//!   `PUT /_sandbox/evolution/{instance}/state` `{"state"}`, `GET /healthz`;
+//!   `PUT /_sandbox/evolution/{instance}/state` `{"state": "open" | "connecting" |
+//!   "close"}` (what `connectionState` answers from then on), `GET /healthz`;
+//! - `POST /_sandbox/evolution/{instance}/inbound` `{"from", "text"}` (posts the
+//!   `messages.upsert` of a person writing to the instance's number);
 //! - `GET /_sandbox/clock` → `{"now"}`; `POST /_sandbox/clock` `{"advance_seconds"}`;
 //! - `GET /_sandbox/meta/account`; `PUT /_sandbox/meta/account` `{"tier"?,
 //!   "quality_rating"?, "throughput_level"?}` (a tier change posts

@@ -216,6 +216,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_sandbox/reset", post(reset))
         .route("/_sandbox/faults", get(get_faults).put(put_faults))
         .route("/_sandbox/evolution/{instance}/state", put(put_instance_state))
+        .route("/_sandbox/evolution/{instance}/inbound", post(evolution::post_inbound))
         .route("/_sandbox/clock", get(control::get_clock).post(control::advance_clock))
         .route("/_sandbox/meta/account", get(control::get_account).put(control::put_account))
         .route("/_sandbox/meta/quality", post(control::post_quality))

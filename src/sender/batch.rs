@@ -663,7 +663,9 @@ async fn blocked(
 
 /// Sends one block concurrently, each message at its reserved slot. A message still
 /// waiting for its slot when the lane is told to stop is requeued, never left to be
-/// killed mid-wait (which would make it `unknown`).
+/// killed mid-wait (which would make it `unknown`); so is one that woke too late for
+/// its spaced slot: sent now, it would be closer than the channel's minimum gap to the
+/// next slot's send (`rate::missed_slot`).
 async fn send_block(
     job: &BatchJob,
     client: &Arc<dyn ProviderClient>,
@@ -672,7 +674,7 @@ async fn send_block(
     claimed: Vec<messages::ClaimedMessage>,
     reservation: &rate::Reservation,
 ) -> Vec<(i64, messages::Outcome, Effect)> {
-    let expires_at = reservation.expires_at;
+    let (expires_at, spaced) = (reservation.expires_at, reservation.spaced);
     futures::stream::iter(claimed.into_iter().zip(reservation.slots.clone()))
         .map(|(message, slot)| {
             let client = client.clone();
@@ -684,8 +686,12 @@ async fn send_block(
                 };
                 // A token from a window that has ended is void: spending it would put
                 // this send into the next window, over its cap.
-                if !waited || expires_at.is_some_and(|end| Utc::now() + TOKEN_MARGIN >= end) {
-                    return (message.id, messages::Outcome::Requeue { at: Utc::now() }, Effect::Continue);
+                let now = Utc::now();
+                if !waited
+                    || expires_at.is_some_and(|end| now + TOKEN_MARGIN >= end)
+                    || (spaced && rate::missed_slot(slot, now))
+                {
+                    return (message.id, messages::Outcome::Requeue { at: now }, Effect::Continue);
                 }
                 send_one(job, client.as_ref(), metrics, message).await
             }

@@ -218,6 +218,9 @@ pub fn plan(stored: &[WindowState], limits: &Limits, wanted: u32, now: DateTime<
 pub struct Reservation {
     /// Send instants, one per granted token (all `now` unless the channel spaces sends).
     pub slots: Vec<DateTime<Utc>>,
+    /// The slots are spaced: a send that cannot go out at its slot (within
+    /// [`SEND_PRECISION`]) must not go out at all ([`missed_slot`]).
+    pub spaced: bool,
     /// Tokens are void after this instant.
     pub expires_at: Option<DateTime<Utc>>,
     /// Nothing granted: try again at this instant.
@@ -237,6 +240,48 @@ impl Reservation {
 
 /// How far ahead spaced slots may be reserved, so tokens are not hoarded by one sender.
 const SLOT_LOOKAHEAD: Duration = Duration::from_secs(2);
+
+/// How late after its slot a spaced send may still go out; a later one goes back to
+/// pending ([`missed_slot`]). A sender wakes for its slot a little late (timers, a busy
+/// node), and by a different amount each time: without a bound, one late send and the
+/// next one on time are closer than the channel's minimum gap.
+pub const SEND_PRECISION: Duration = Duration::from_millis(10);
+
+/// What consecutive spaced slots are apart beyond the channel's minimum gap: a tenth of
+/// the gap, at least twice [`SEND_PRECISION`]. Each send goes out within
+/// [`SEND_PRECISION`] of its slot, so two sends leave the senders at least the gap plus
+/// the guard less [`SEND_PRECISION`] apart; that rest covers the varying time a request
+/// takes to reach the provider, so that the gap holds as the provider sees it.
+fn slot_guard(min_interval: Duration) -> Duration {
+    (min_interval / 10).max(SEND_PRECISION * 2)
+}
+
+/// How far after the reservation an idle channel's first slot is: the sender claims its
+/// messages in between, and a slot taken at the reservation's instant would already be
+/// late when the message is ready to go.
+const SLOT_LEAD: Duration = Duration::from_millis(100);
+
+/// The send slots of `count` tokens on a channel spaced by `min_interval`, given the
+/// channel's next free slot and the time of the reservation; and the channel's next free
+/// slot after them (see [`slot_guard`], [`SLOT_LEAD`]).
+pub fn spaced_slots(
+    next_free: DateTime<Utc>,
+    now: DateTime<Utc>,
+    min_interval: Duration,
+    count: u32,
+) -> (Vec<DateTime<Utc>>, DateTime<Utc>) {
+    let step = ChronoDuration::from_std(min_interval + slot_guard(min_interval)).unwrap_or(ChronoDuration::zero());
+    let lead = ChronoDuration::from_std(SLOT_LEAD).unwrap_or(ChronoDuration::zero());
+    let first = next_free.max(now + lead);
+    let slots = (0..count).map(|i| first + step * i as i32).collect();
+    (slots, first + step * count as i32)
+}
+
+/// Whether a spaced send is too late for its slot at `now` and must go back to pending
+/// rather than go out (see [`SEND_PRECISION`]).
+pub fn missed_slot(slot: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    (now - slot).to_std().is_ok_and(|late| late > SEND_PRECISION)
+}
 
 /// The window kinds in the order every statement locks their rows (text order, as
 /// `ORDER BY window_kind` sorts them), so concurrent senders never deadlock.
@@ -258,6 +303,7 @@ pub async fn reserve(
     if limits.is_unlimited() {
         return Ok(Reservation {
             slots: vec![Utc::now(); wanted as usize],
+            spaced: false,
             expires_at: None,
             blocked_until: None,
             day_spent: false,
@@ -318,13 +364,12 @@ pub async fn reserve(
     }
     let mut slots = vec![now; decided.granted as usize];
     if decided.granted > 0 && !limits.min_interval.is_zero() {
-        let interval = ChronoDuration::from_std(limits.min_interval).unwrap_or(ChronoDuration::zero());
         sqlx::query("INSERT INTO channel_state (organization, channel) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(organization)
             .bind(channel)
             .execute(&mut *tx)
             .await?;
-        let (next_slot,): (DateTime<Utc>,) = sqlx::query_as(
+        let (next_free,): (DateTime<Utc>,) = sqlx::query_as(
             "SELECT greatest(next_slot_at, $3) FROM channel_state WHERE organization = $1 AND channel = $2 FOR UPDATE",
         )
         .bind(organization)
@@ -332,15 +377,14 @@ pub async fn reserve(
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        for (i, slot) in slots.iter_mut().enumerate() {
-            *slot = next_slot + interval * i as i32;
-        }
+        let next;
+        (slots, next) = spaced_slots(next_free, now, limits.min_interval, decided.granted);
         sqlx::query(
             "UPDATE channel_state SET next_slot_at = $3, updated_at = now() WHERE organization = $1 AND channel = $2",
         )
         .bind(organization)
         .bind(channel)
-        .bind(next_slot + interval * decided.granted as i32)
+        .bind(next)
         .execute(&mut *tx)
         .await?;
     }
@@ -349,6 +393,7 @@ pub async fn reserve(
         if decided.granted > 0 { decided.windows.iter().map(|w| (w.kind, w.start)).collect() } else { Vec::new() };
     Ok(Reservation {
         slots,
+        spaced: !limits.min_interval.is_zero(),
         expires_at: decided.expires_at,
         blocked_until: decided.blocked_until,
         day_spent: decided.day_spent,
@@ -501,6 +546,40 @@ mod tests {
         let p = plan(&[], &Limits::unlimited(), 1000, at(1, 2, 3));
         assert_eq!(p.granted, 1000);
         assert_eq!(p.expires_at, None);
+    }
+
+    #[test]
+    fn spaced_slots_keep_the_gap_with_a_guard_and_leave_time_to_claim() {
+        let now = at(10, 0, 0);
+        let ms = ChronoDuration::milliseconds;
+        // An idle channel: the first slot leaves the sender time to claim its messages.
+        let (slots, next) = spaced_slots(now - ms(5000), now, Duration::from_millis(500), 3);
+        assert_eq!(slots, vec![now + ms(100), now + ms(650), now + ms(1200)]);
+        assert_eq!(next, now + ms(1750));
+        // A busy channel: the slots follow the ones other senders hold.
+        let (slots, next) = spaced_slots(now + ms(800), now, Duration::from_millis(500), 2);
+        assert_eq!(slots, vec![now + ms(800), now + ms(1350)]);
+        assert_eq!(next, now + ms(1900));
+        // A short gap gets at least twice the send precision.
+        let (slots, _) = spaced_slots(now, now, Duration::from_millis(40), 2);
+        assert_eq!(slots[1] - slots[0], ms(60));
+    }
+
+    #[test]
+    fn sends_late_for_their_slot_by_more_than_the_precision_are_missed() {
+        let slot = at(10, 0, 0);
+        let ms = ChronoDuration::milliseconds;
+        assert!(!missed_slot(slot, slot - ms(3)));
+        assert!(!missed_slot(slot, slot));
+        assert!(!missed_slot(slot, slot + ms(10)));
+        assert!(missed_slot(slot, slot + ms(11)));
+        // Two sends of consecutive slots, the first as late as allowed, the second on
+        // time, are still more than the minimum gap apart.
+        for gap in [10, 40, 500, 60_000] {
+            let (slots, _) = spaced_slots(slot, slot, Duration::from_millis(gap), 2);
+            let latest_first = slots[0] + ChronoDuration::from_std(SEND_PRECISION).unwrap();
+            assert!(slots[1] - latest_first >= ms(gap as i64) + ms(10), "{gap} ms");
+        }
     }
 
     #[test]
