@@ -361,7 +361,11 @@ pub(crate) fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> 
             tags: None,
             segment: None,
             contacts: None,
-            from_campaign: Some(FromCampaign { name: source.name_any(), statuses: vec![SourceMessageStatus::Failed] }),
+            from_campaign: Some(FromCampaign {
+                name: source.name_any(),
+                statuses: vec![SourceMessageStatus::Failed],
+                error_codes: vec![],
+            }),
         },
         suspend: suspended,
         cancel: false,
