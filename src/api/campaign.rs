@@ -300,8 +300,8 @@ pub struct FromCampaign {
     #[schemars(length(min = 1, max = 8))]
     pub statuses: Vec<SourceMessageStatus>,
     /// Only the messages whose last error has one of these codes (provider codes such
-    /// as `131026`, or Disparo's own such as `render`); empty or absent: any error, or
-    /// none. Applied when the audience is frozen, like the statuses.
+    /// as `131026`, or Disparo's own such as `render`). Absent or empty, the statuses
+    /// alone decide. Applied when the audience is frozen, like the statuses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub error_codes: Vec<ErrorCode>,
