@@ -356,6 +356,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             return if reader_left(&e) { Ok(()) } else { Err(e).context("writing the export") };
         }
     };
+    // One page after another. Reading the next page on another task while this one is
+    // written saved nothing measurable (Postgres dominates) and raised the peak RSS from
+    // 37 to 51 MiB (allocations freed on another thread than made them).
     let mut after = i64::MIN;
     let mut written: u64 = 0;
     loop {

@@ -65,7 +65,7 @@ pub struct ExportRow {
     pub created_at: DateTime<Utc>,
     /// The last change.
     pub updated_at: DateTime<Utc>,
-    /// The latest instant the history records the message `sent`.
+    /// The instant of the last `sent` entry of the message's history.
     pub sent_at: Option<DateTime<Utc>>,
     /// ... `delivered`.
     pub delivered_at: Option<DateTime<Utc>>,
@@ -113,6 +113,15 @@ pub async fn count(pool: &PgPool, organization: &str, campaign: Uuid, filter: &E
 /// The next page: up to `limit` messages the filter selects whose contact id is above
 /// `after_contact` (`i64::MIN` for the first page), in contact id order. The page after
 /// it starts at the last row's `contact_id`; a page shorter than `limit` is the last.
+///
+/// The instants are the `at` of the last history entry of each status (entries are
+/// appended as they happen; a requeued message's last `sent` is its current attempt's),
+/// found by a JSON path: expanding each history into rows and aggregating them cost
+/// Postgres seven times as much (300 ms a page of 5,000 against 44).
+///
+/// `c.id > $3` repeats `m.contact_id > $3` for the planner: without it, the merge join
+/// with `contacts` read that table's primary key from its first row on every page, so
+/// a page cost grew with its position (170 ms at the middle of a million, against 12).
 pub async fn page(
     pool: &PgPool,
     organization: &str,
@@ -125,18 +134,16 @@ pub async fn page(
         r#"
         SELECT m.id AS message_id, m.contact_id, c.phone, c.name, m.status::text AS status, m.attempts,
                m.last_error_code AS error_code, m.last_error_message AS error_message, m.provider_message_id,
-               m.created_at, m.updated_at, h.sent_at, h.delivered_at, h.read_at, h.failed_at,
+               m.created_at, m.updated_at,
+               (jsonb_path_query_array(m.status_history, '$[*] ? (@.status == "sent").at') ->> -1)::timestamptz AS sent_at,
+               (jsonb_path_query_array(m.status_history, '$[*] ? (@.status == "delivered").at') ->> -1)::timestamptz
+                   AS delivered_at,
+               (jsonb_path_query_array(m.status_history, '$[*] ? (@.status == "read").at') ->> -1)::timestamptz AS read_at,
+               (jsonb_path_query_array(m.status_history, '$[*] ? (@.status == "failed").at') ->> -1)::timestamptz AS failed_at,
                m.pricing_category, m.pricing_type, m.marketing_requeues
         FROM campaign_messages m
         JOIN contacts c ON c.id = m.contact_id
-        CROSS JOIN LATERAL (
-            SELECT max((e ->> 'at')::timestamptz) FILTER (WHERE e ->> 'status' = 'sent') AS sent_at,
-                   max((e ->> 'at')::timestamptz) FILTER (WHERE e ->> 'status' = 'delivered') AS delivered_at,
-                   max((e ->> 'at')::timestamptz) FILTER (WHERE e ->> 'status' = 'read') AS read_at,
-                   max((e ->> 'at')::timestamptz) FILTER (WHERE e ->> 'status' = 'failed') AS failed_at
-            FROM jsonb_array_elements(m.status_history) e
-        ) h
-        WHERE m.campaign_uid = $1 AND m.organization = $2 AND m.contact_id > $3
+        WHERE m.campaign_uid = $1 AND m.organization = $2 AND m.contact_id > $3 AND c.id > $3
           AND (cardinality($4::text[]) = 0 OR m.status = ANY($4::text[]::message_status[]))
           AND (cardinality($5::text[]) = 0 OR m.last_error_code = ANY($5::text[]))
         ORDER BY m.contact_id
