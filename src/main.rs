@@ -39,6 +39,9 @@ enum Command {
     Cancel(disparo::cli::plugin::CancelArgs),
     /// Create a campaign aimed at the failed messages of another.
     RetryFailed(disparo::cli::plugin::RetryFailedArgs),
+    /// Export a campaign's messages, one row per recipient, as CSV or JSON lines
+    /// (phone numbers masked unless --unmask).
+    Export(disparo::cli::export::ExportArgs),
     /// Measure the store, the sender or the webhook and print the figures.
     Bench(disparo::bench::BenchArgs),
     /// Apply the database migrations (safe to run concurrently).
@@ -113,6 +116,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Resume(target) => disparo::cli::plugin::resume(target).await?,
         Command::Cancel(args) => disparo::cli::plugin::cancel(args).await?,
         Command::RetryFailed(args) => disparo::cli::plugin::retry_failed(args).await?,
+        Command::Export(args) => disparo::cli::export::run(args).await?,
         Command::Bench(args) => disparo::bench::run(args).await?,
         Command::Migrate(args) => {
             let pool = disparo::store::connect(&args.database_url, 2).await.context("connecting to Postgres")?;

@@ -331,6 +331,17 @@ const CALLS: &[Call] = &[
         "api.create(&PostParams::default(), &campaign)",
     ),
     call(Plugin, "", "events", "list", Cluster, None, "src/cli/plugin.rs", "api.list(&ListParams::default().fields("),
+    // `export` reads the campaign (through plugin.rs's `get`) for its UID.
+    call(
+        Plugin,
+        "disparo.io",
+        "campaigns",
+        "get",
+        Cluster,
+        None,
+        "src/cli/export.rs",
+        "let campaigns: Api<Campaign> = Api::namespaced(client, &namespace)",
+    ),
     call(
         Plugin,
         "disparo.io",

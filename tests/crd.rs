@@ -57,6 +57,10 @@ fn campaign_schema_carries_the_admission_rules() {
     assert_eq!(spec["execution"]["properties"]["batchSize"]["maximum"], 10000.0);
     assert_eq!(spec["execution"]["properties"]["parallelism"]["maximum"], 64.0);
     assert!(spec["audience"]["description"].as_str().unwrap().contains("Who receives"));
+    let codes = &spec["audience"]["properties"]["fromCampaign"]["properties"]["errorCodes"];
+    assert_eq!(codes["maxItems"], 50, "fromCampaign.errorCodes is bounded: {codes}");
+    assert_eq!(codes["items"]["maxLength"], 64);
+    assert_eq!(codes["items"]["pattern"], "^[A-Za-z0-9_.-]+$");
 }
 
 #[test]

@@ -12,8 +12,10 @@ use chrono::Utc;
 use disparo::api::{AttributeOperator, RateLimitMode};
 use disparo::store::audience::{self, AttributeFilter, AudienceQuery, CampaignKey};
 use disparo::store::campaigns;
+use disparo::store::export::{self, ExportFilter, ExportRow};
 use disparo::store::messages::{self, Outcome};
 use disparo::store::rate::{self, Limits};
+use disparo::store::receipts::MessageStatus;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use sqlx::PgPool;
@@ -133,11 +135,12 @@ async fn each_audience_kind_materializes_exactly_the_expected_contacts() {
     messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap();
     let name: (String,) =
         sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(e).fetch_one(&pool).await.unwrap();
-    let from = AudienceQuery::FromCampaign { name: name.0, statuses: vec!["failed"] };
+    let from = AudienceQuery::FromCampaign { name: name.0, statuses: vec!["failed"], error_codes: vec![] };
     let (f, _) = freeze(&pool, "acme", &from, 100).await;
     assert_eq!(phones_of(&pool, f).await, vec![phones[1].clone()]);
 
-    let missing = AudienceQuery::FromCampaign { name: "never-ran".into(), statuses: vec!["failed"] };
+    let missing =
+        AudienceQuery::FromCampaign { name: "never-ran".into(), statuses: vec!["failed"], error_codes: vec![] };
     let err = audience::materialize(
         &pool,
         &CampaignKey { uid: Uuid::new_v4(), organization: "acme", name: "x", channel: "ch", batch_size: 10 },
@@ -753,4 +756,192 @@ async fn contacts_at_the_marketing_frequency_cap_are_skipped() {
     assert!(rows.iter().all(|(_, s, code)| s == "pending" || code.as_deref() == Some("frequency_cap")));
     let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
     assert_eq!((counters.skipped, counters.pending), (1, 3));
+}
+
+/// A campaign of `n` contacts whose messages end as `outcome(i)` says (None: left
+/// pending); returns its UID, name and the contacts' phones.
+async fn campaign_with_outcomes(
+    pool: &PgPool,
+    org: &str,
+    n: usize,
+    outcome: impl Fn(usize) -> Option<Outcome>,
+) -> (Uuid, String, Vec<String>) {
+    let phones = common::seed_contacts(pool, org, n, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(pool, org, &AudienceQuery::AllContacts, 100).await;
+    let claimed = messages::claim_due(pool, uid, 0, n as i64).await.unwrap();
+    let outcomes: Vec<(i64, Outcome)> = claimed
+        .iter()
+        .filter_map(|m| {
+            let i = phones.iter().position(|p| *p == m.phone).unwrap();
+            outcome(i).map(|o| (m.id, o))
+        })
+        .collect();
+    messages::record_outcomes(pool, &outcomes, "test-run").await.unwrap();
+    // what was claimed and got no outcome goes back to pending
+    messages::release_lost_claims(pool, uid, 0).await.unwrap();
+    let (name,): (String,) =
+        sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(uid).fetch_one(pool).await.unwrap();
+    (uid, name, phones)
+}
+
+fn failed(code: &str) -> Option<Outcome> {
+    Some(Outcome::Failed { code: code.into(), message: format!("error {code}") })
+}
+
+/// `fromCampaign.errorCodes`: the freeze takes the source's messages in the statuses
+/// whose last error has one of the codes; no codes, any error.
+#[tokio::test]
+async fn from_campaign_error_codes_freeze_only_those_failures() {
+    let (pool, _) = common::fresh_db().await;
+    let (_, source, phones) = campaign_with_outcomes(&pool, "acme", 7, |i| match i {
+        0 | 2 => failed("131026"),
+        1 => failed("131049"),
+        3 => Some(Outcome::Sent { provider_message_id: "wamid.3".into() }),
+        4 => Some(Outcome::Unknown { reason: "timed out".into() }),
+        5 => failed("render"),
+        _ => None,
+    })
+    .await;
+    let from = |statuses: Vec<&'static str>, codes: &[&str]| AudienceQuery::FromCampaign {
+        name: source.clone(),
+        statuses,
+        error_codes: codes.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    let picked = |ids: &[usize]| ids.iter().map(|i| phones[*i].clone()).collect::<Vec<_>>();
+
+    let (only_131026, frozen) = freeze(&pool, "acme", &from(vec!["failed"], &["131026"]), 100).await;
+    assert_eq!(phones_of(&pool, only_131026).await, picked(&[0, 2]));
+    assert_eq!(frozen.messages, 2);
+    let (two_codes, _) = freeze(&pool, "acme", &from(vec!["failed", "unknown"], &["131026", "unknown"]), 100).await;
+    assert_eq!(phones_of(&pool, two_codes).await, picked(&[0, 2, 4]));
+    let (any_code, _) = freeze(&pool, "acme", &from(vec!["failed"], &[]), 100).await;
+    assert_eq!(phones_of(&pool, any_code).await, picked(&[0, 1, 2, 5]));
+    // a code the statuses do not have selects nothing
+    let (none, frozen) = freeze(&pool, "acme", &from(vec!["sent"], &["131026"]), 100).await;
+    assert!(phones_of(&pool, none).await.is_empty());
+    assert_eq!(frozen.messages, 0);
+}
+
+async fn export_all(pool: &PgPool, org: &str, uid: Uuid, filter: &ExportFilter, page: i64) -> Vec<ExportRow> {
+    let mut rows = Vec::new();
+    let mut after = i64::MIN;
+    loop {
+        let got = export::page(pool, org, uid, filter, after, page).await.unwrap();
+        let last = got.len() < page as usize;
+        if let Some(row) = got.last() {
+            after = row.contact_id;
+        }
+        rows.extend(got);
+        if last {
+            return rows;
+        }
+    }
+}
+
+/// The export's pages: every message once, in contact order, through any page size;
+/// the status and error code filters; the instants from the history; pricing; and
+/// nothing of another organization or campaign.
+#[tokio::test]
+async fn export_pages_every_message_once_with_its_filters_and_history() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, _, phones) = campaign_with_outcomes(&pool, "acme", 9, |i| match i {
+        0..=2 => Some(Outcome::Sent { provider_message_id: format!("wamid.{i}") }),
+        3 | 4 => failed("131026"),
+        5 => failed("131049"),
+        6 => Some(Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "try later".into() }),
+        7 => Some(Outcome::Unknown { reason: "timed out".into() }),
+        _ => None,
+    })
+    .await;
+    // another organization's campaign over the same numbers, and another of acme's
+    let (other_org, _, _) = campaign_with_outcomes(&pool, "globex", 9, |_| failed("131026")).await;
+    let (other, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 100).await;
+    // receipts: 0 delivered then read (marketing, charged), 1 delivered (service, free)
+    for (i, statuses, category, pricing) in [
+        (0, &["delivered", "read"][..], "marketing", "regular"),
+        (1, &["delivered"][..], "service", "free_customer_service"),
+    ] {
+        for (n, status) in statuses.iter().enumerate() {
+            sqlx::query(
+                r#"UPDATE campaign_messages m SET status = $3::message_status, pricing_category = $4, pricing_type = $5,
+                       status_history = m.status_history || jsonb_build_array(jsonb_build_object(
+                           'status', $3::text, 'at', '2025-06-18T16:23:0' || $6::text || 'Z', 'source', 'webhook'))
+                   FROM contacts c WHERE c.id = m.contact_id AND m.campaign_uid = $1 AND c.phone = $2"#,
+            )
+            .bind(uid)
+            .bind(&phones[i])
+            .bind(*status)
+            .bind(category)
+            .bind(pricing)
+            .bind(n.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    }
+    sqlx::query("UPDATE contacts SET name = NULL WHERE organization = 'acme' AND phone = $1")
+        .bind(&phones[8])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let everything = ExportFilter::default();
+    let all = export_all(&pool, "acme", uid, &everything, 2).await;
+    assert_eq!(all.iter().map(|r| r.phone.clone()).collect::<Vec<_>>(), phones, "each message once, by contact");
+    assert_eq!(export_all(&pool, "acme", uid, &everything, 1000).await, all, "any page size");
+    assert_eq!(export::count(&pool, "acme", uid, &everything).await.unwrap(), 9);
+    let status: Vec<&str> = all.iter().map(|r| r.status.as_str()).collect();
+    assert_eq!(
+        status,
+        ["read", "delivered", "sent", "failed", "failed", "failed", "pending", "unknown", "pending"],
+        "{all:#?}"
+    );
+
+    let read = &all[0];
+    assert_eq!(read.provider_message_id.as_deref(), Some("wamid.0"));
+    assert_eq!(read.attempts, 1);
+    assert_eq!((read.pricing_category.as_deref(), read.pricing_type.as_deref()), (Some("marketing"), Some("regular")));
+    assert_eq!(read.delivered_at.unwrap().to_rfc3339(), "2025-06-18T16:23:00+00:00");
+    assert_eq!(read.read_at.unwrap().to_rfc3339(), "2025-06-18T16:23:01+00:00");
+    assert!(read.sent_at.is_some_and(|at| at >= read.created_at) && read.failed_at.is_none());
+    assert_eq!(read.name.as_deref(), Some("Contact 0"));
+    let failure = &all[3];
+    assert_eq!(
+        (failure.error_code.as_deref(), failure.error_message.as_deref()),
+        (Some("131026"), Some("error 131026"))
+    );
+    assert!(failure.failed_at.is_some() && failure.sent_at.is_none() && failure.provider_message_id.is_none());
+    assert_eq!(all[6].error_code.as_deref(), Some("131000"), "a retry keeps its last error");
+    assert_eq!(all[7].error_code.as_deref(), Some("unknown"));
+    assert_eq!((all[8].name.as_deref(), all[8].attempts, all[8].sent_at), (None, 0, None));
+
+    let filter = |statuses: &[MessageStatus], codes: &[&str]| ExportFilter {
+        statuses: statuses.to_vec(),
+        error_codes: codes.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    let phones_for = |f: ExportFilter| {
+        let pool = pool.clone();
+        async move {
+            let rows = export_all(&pool, "acme", uid, &f, 2).await;
+            assert_eq!(export::count(&pool, "acme", uid, &f).await.unwrap(), rows.len() as i64);
+            rows.into_iter().map(|r| r.phone).collect::<Vec<_>>()
+        }
+    };
+    let picked = |ids: &[usize]| ids.iter().map(|i| phones[*i].clone()).collect::<Vec<_>>();
+    assert_eq!(phones_for(filter(&[MessageStatus::Failed], &[])).await, picked(&[3, 4, 5]));
+    assert_eq!(phones_for(filter(&[MessageStatus::Failed], &["131026"])).await, picked(&[3, 4]));
+    assert_eq!(phones_for(filter(&[], &["131049", "131000"])).await, picked(&[5, 6]));
+    assert_eq!(phones_for(filter(&[MessageStatus::Failed, MessageStatus::Unknown], &[])).await, picked(&[3, 4, 5, 7]));
+    assert_eq!(phones_for(filter(&[MessageStatus::Pending], &[])).await, picked(&[6, 8]));
+    assert!(phones_for(filter(&[MessageStatus::Skipped], &[])).await.is_empty());
+    assert!(phones_for(filter(&[MessageStatus::Delivered], &["131026"])).await.is_empty());
+
+    // other organizations and campaigns stay out
+    assert!(export_all(&pool, "acme", other_org, &everything, 100).await.is_empty());
+    assert!(export_all(&pool, "globex", uid, &everything, 100).await.is_empty());
+    assert_eq!(export_all(&pool, "globex", other_org, &everything, 100).await.len(), 9);
+    assert!(export_all(&pool, "acme", other, &everything, 100).await.iter().all(|r| r.status == "pending"));
+    assert!(export::is_frozen(&pool, "acme", uid).await.unwrap());
+    assert!(!export::is_frozen(&pool, "globex", uid).await.unwrap(), "another organization's campaign");
+    assert!(!export::is_frozen(&pool, "acme", Uuid::new_v4()).await.unwrap(), "never frozen");
 }

@@ -299,6 +299,33 @@ pub struct FromCampaign {
     #[serde(default = "default_from_statuses")]
     #[schemars(length(min = 1, max = 8))]
     pub statuses: Vec<SourceMessageStatus>,
+    /// Only the messages whose last error has one of these codes (provider codes such
+    /// as `131026`, or Disparo's own such as `render`). Absent or empty, the statuses
+    /// alone decide. Applied when the audience is frozen, like the statuses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub error_codes: Vec<ErrorCode>,
+}
+
+/// An error code as messages record it: Meta's numeric codes (`131026`), Evolution's
+/// HTTP answers (`http_500`), or Disparo's own (`render`, `max_attempts`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(transparent)]
+pub struct ErrorCode(#[schemars(length(min = 1, max = 64), pattern(r"^[A-Za-z0-9_.-]+$"))] pub String);
+
+impl ErrorCode {
+    /// Checks a code as the CRD schema does (1 to 64 letters, digits, `_`, `.`, `-`),
+    /// for the command line that fills `errorCodes` and filters by code.
+    pub fn parse(code: &str) -> Result<ErrorCode, String> {
+        let code = code.trim();
+        let fits = (1..=64).contains(&code.len())
+            && code.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if fits {
+            Ok(ErrorCode(code.to_owned()))
+        } else {
+            Err(format!("{code:?} is not an error code (1 to 64 letters, digits, '_', '.' or '-', e.g. 131026)"))
+        }
+    }
 }
 
 fn default_from_statuses() -> Vec<SourceMessageStatus> {
@@ -321,6 +348,39 @@ pub enum SourceMessageStatus {
     Unknown,
     /// Never sent because the campaign was cancelled.
     Cancelled,
+}
+
+impl SourceMessageStatus {
+    /// Every status, in the order the CRD lists them.
+    pub const ALL: [SourceMessageStatus; 6] = [
+        SourceMessageStatus::Failed,
+        SourceMessageStatus::Sent,
+        SourceMessageStatus::Delivered,
+        SourceMessageStatus::Read,
+        SourceMessageStatus::Unknown,
+        SourceMessageStatus::Cancelled,
+    ];
+
+    /// The name the CRD uses (`failed`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceMessageStatus::Failed => "failed",
+            SourceMessageStatus::Sent => "sent",
+            SourceMessageStatus::Delivered => "delivered",
+            SourceMessageStatus::Read => "read",
+            SourceMessageStatus::Unknown => "unknown",
+            SourceMessageStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the CRD's name, or says which names there are.
+    pub fn parse(label: &str) -> Result<SourceMessageStatus, String> {
+        let label = label.trim();
+        Self::ALL.into_iter().find(|s| s.as_str() == label).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|s| s.as_str()).collect();
+            format!("{label:?} is not a status a campaign can be aimed at: one of {}", names.join(", "))
+        })
+    }
 }
 
 /// When the campaign sends.
@@ -765,4 +825,39 @@ pub struct FailureBaseline {
     pub failed: i64,
     /// Finished messages (cancelled excluded) then.
     pub finished: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_short_words() {
+        assert_eq!(ErrorCode::parse(" 131026 "), Ok(ErrorCode("131026".into())));
+        assert!(ErrorCode::parse("http_500").is_ok() && ErrorCode::parse("max_attempts").is_ok());
+        for bad in ["", "a b", "13;1", &"9".repeat(65), "código"] {
+            assert!(ErrorCode::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ErrorCode::parse(&"9".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn source_statuses_parse_by_their_crd_names() {
+        for status in SourceMessageStatus::ALL {
+            assert_eq!(SourceMessageStatus::parse(status.as_str()), Ok(status));
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+        let err = SourceMessageStatus::parse("pending").unwrap_err();
+        assert!(err.contains("failed, sent, delivered, read, unknown, cancelled"), "{err}");
+    }
+
+    #[test]
+    fn from_campaign_error_codes_are_optional() {
+        let from: FromCampaign = serde_json::from_value(serde_json::json!({"name": "spring"})).unwrap();
+        assert!(from.error_codes.is_empty());
+        assert_eq!(serde_json::to_value(&from).unwrap(), serde_json::json!({"name": "spring", "statuses": ["failed"]}));
+        let from: FromCampaign =
+            serde_json::from_value(serde_json::json!({"name": "spring", "errorCodes": ["131026"]})).unwrap();
+        assert_eq!(from.error_codes, vec![ErrorCode("131026".into())]);
+    }
 }

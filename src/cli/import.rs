@@ -463,10 +463,10 @@ fn row_from_csv(headers: &[String], phone_col: usize, record: &csv::StringRecord
     Ok(row)
 }
 
-/// Runs the command: imports, prints the report, fails when any row was rejected.
 /// The namespace's own database credential, read with the caller's Kubernetes rights:
-/// (URL, organization id).
-async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String, Option<String>)> {
+/// (URL, organization id, CA bundle). `purpose` completes "so you may not ..." when the
+/// caller may not read it.
+async fn namespace_credential(namespace: &str, purpose: &str) -> anyhow::Result<(String, String, Option<String>)> {
     use crate::controller::tenant::{CA_KEY, DATABASE_SECRET, ORGANIZATION_KEY, URL_KEY};
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API (kubeconfig)")?;
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, namespace);
@@ -477,7 +477,7 @@ async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String
         ),
         Err(kube::Error::Api(e)) if e.code == 403 => {
             bail!(
-                "you may not read Secret {DATABASE_SECRET} in namespace {namespace:?}, so you may not import contacts there ({})",
+                "you may not read Secret {DATABASE_SECRET} in namespace {namespace:?}, so you may not {purpose} there ({})",
                 e.message
             )
         }
@@ -494,23 +494,40 @@ async fn namespace_credential(namespace: &str) -> anyhow::Result<(String, String
     Ok((value(URL_KEY)?, value(ORGANIZATION_KEY)?, value(CA_KEY).ok()))
 }
 
-pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let (url, organization, ca) = match &args.admin_database_url {
+/// A pool on the organization of `namespace` and its id. Without `admin_url`, through
+/// the namespace's own credential (the `disparo-database` Secret, read with the
+/// caller's Kubernetes rights, its CA bundle verifying the server and its URL's
+/// `sslmode` as the controller wrote it), so row-level security confines the caller to
+/// that organization; with it, the operator's escape hatch.
+pub(crate) async fn organization_pool(
+    namespace: &str,
+    admin_url: Option<&str>,
+    purpose: &str,
+    max_connections: u32,
+) -> anyhow::Result<(PgPool, String)> {
+    let (url, organization, ca) = match admin_url {
         Some(url) => {
             let pool = crate::store::connect(url, 1).await.context("connecting to Postgres")?;
-            let organization =
-                crate::store::tenancy::organization_of(&pool, &args.namespace).await?.with_context(|| {
-                    format!("namespace {:?} has no organization yet: create a Channel there first", args.namespace)
-                })?;
-            (url.clone(), organization, None)
+            let organization = crate::store::tenancy::organization_of(&pool, namespace).await?.with_context(|| {
+                format!("namespace {namespace:?} has no organization yet: create a Channel there first")
+            })?;
+            pool.close().await;
+            (url.to_owned(), organization, None)
         }
-        None => namespace_credential(&args.namespace).await?,
+        None => namespace_credential(namespace, purpose).await?,
     };
     let pool = match &ca {
-        Some(pem) => crate::store::connect_with_ca(&url, 4, pem).await,
-        None => crate::store::connect(&url, 4).await,
+        Some(pem) => crate::store::connect_with_ca(&url, max_connections, pem).await,
+        None => crate::store::connect(&url, max_connections).await,
     }
     .context("connecting to Postgres")?;
+    Ok((pool, organization))
+}
+
+/// Runs the command: imports, prints the report, fails when any row was rejected.
+pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let (pool, organization) =
+        organization_pool(&args.namespace, args.admin_database_url.as_deref(), "import contacts", 4).await?;
     let report =
         import_file(&pool, &organization, &args.file, args.format, args.default_region.as_deref(), args.batch_size)
             .await?;

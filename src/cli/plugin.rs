@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
-use crate::api::{AudienceStatus, Campaign, CampaignSpec, FromCampaign, Phase, SourceMessageStatus};
+use crate::api::{AudienceStatus, Campaign, CampaignSpec, ErrorCode, FromCampaign, Phase, SourceMessageStatus};
 
 /// Output formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -71,6 +71,14 @@ pub struct RetryFailedArgs {
     /// Create it suspended (a Draft) to review first.
     #[arg(long)]
     suspended: bool,
+    /// Which of its messages, by status (comma-separated: failed, sent, delivered, read,
+    /// unknown, cancelled).
+    #[arg(long, value_delimiter = ',', value_parser = SourceMessageStatus::parse, default_value = "failed")]
+    status: Vec<SourceMessageStatus>,
+    /// Only those whose last error has one of these codes (comma-separated, e.g.
+    /// 131026,131049); the new campaign's `fromCampaign.errorCodes`.
+    #[arg(long, value_delimiter = ',', value_parser = ErrorCode::parse)]
+    reason: Vec<ErrorCode>,
 }
 
 async fn api(namespace: Option<&str>) -> anyhow::Result<Api<Campaign>> {
@@ -81,7 +89,7 @@ async fn api(namespace: Option<&str>) -> anyhow::Result<Api<Campaign>> {
     })
 }
 
-async fn get(api: &Api<Campaign>, name: &str) -> anyhow::Result<Campaign> {
+pub(crate) async fn get(api: &Api<Campaign>, name: &str) -> anyhow::Result<Campaign> {
     match api.get_opt(name).await? {
         Some(c) => Ok(c),
         None => bail!("campaign {name:?} not found (kubectl get campaigns lists them)"),
@@ -353,15 +361,38 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
     set_spec(&args.target, json!({"cancel": true}), "cancelled").await
 }
 
-/// The campaign that retries `source`'s failed messages.
-pub(crate) fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> Campaign {
+/// The campaign that retries `source`'s messages in `statuses` whose last error has one
+/// of `codes` (any error when empty); each status and code once.
+pub(crate) fn retry_campaign(
+    source: &Campaign,
+    name: &str,
+    suspended: bool,
+    statuses: &[SourceMessageStatus],
+    codes: &[ErrorCode],
+) -> Campaign {
+    let mut unique_statuses: Vec<SourceMessageStatus> = Vec::new();
+    for status in statuses {
+        if !unique_statuses.contains(status) {
+            unique_statuses.push(*status);
+        }
+    }
+    let mut unique_codes: Vec<ErrorCode> = Vec::new();
+    for code in codes {
+        if !unique_codes.contains(code) {
+            unique_codes.push(code.clone());
+        }
+    }
     let spec = CampaignSpec {
         audience: crate::api::Audience {
             all_contacts: None,
             tags: None,
             segment: None,
             contacts: None,
-            from_campaign: Some(FromCampaign { name: source.name_any(), statuses: vec![SourceMessageStatus::Failed] }),
+            from_campaign: Some(FromCampaign {
+                name: source.name_any(),
+                statuses: unique_statuses,
+                error_codes: unique_codes,
+            }),
         },
         suspend: suspended,
         cancel: false,
@@ -374,17 +405,35 @@ pub(crate) fn retry_campaign(source: &Campaign, name: &str, suspended: bool) -> 
     campaign
 }
 
+/// "the failed or unknown messages of spring whose last error is 131026 or 131049".
+pub(crate) fn aimed_at(source: &str, statuses: &[SourceMessageStatus], codes: &[ErrorCode]) -> String {
+    let statuses: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+    let mut out = format!("the {} messages of {source}", statuses.join(" or "));
+    if !codes.is_empty() {
+        let codes: Vec<&str> = codes.iter().map(|c| c.0.as_str()).collect();
+        out.push_str(&format!(" whose last error is {}", codes.join(" or ")));
+    }
+    out
+}
+
 /// `retry-failed`.
 pub async fn retry_failed(args: RetryFailedArgs) -> anyhow::Result<()> {
     let api = api(args.target.namespace.as_deref()).await?;
     let source = get(&api, &args.target.name).await?;
     let name = args.new_name.unwrap_or_else(|| format!("{}-retry", args.target.name));
-    let campaign = retry_campaign(&source, &name, args.suspended);
+    let campaign = retry_campaign(&source, &name, args.suspended, &args.status, &args.reason);
+    let aimed = campaign
+        .spec
+        .audience
+        .from_campaign
+        .as_ref()
+        .map(|from| aimed_at(&from.name, &from.statuses, &from.error_codes))
+        .unwrap_or_default();
     api.create(&PostParams::default(), &campaign).await.map_err(|e| match e {
         kube::Error::Api(s) => anyhow::anyhow!("the API server refused: {}", s.message),
         other => other.into(),
     })?;
-    println!("campaign {name} created: it sends to the failed messages of {}", args.target.name);
+    println!("campaign {name} created: it sends to {aimed}");
     Ok(())
 }
 
@@ -426,11 +475,48 @@ mod tests {
     }
 
     #[test]
+    fn retry_failed_can_narrow_the_audience_by_status_and_error_code() {
+        let statuses = [SourceMessageStatus::Failed, SourceMessageStatus::Unknown, SourceMessageStatus::Failed];
+        let codes = [ErrorCode("131026".into()), ErrorCode("131049".into()), ErrorCode("131026".into())];
+        let retry = retry_campaign(&campaign(), "spring-retry", true, &statuses, &codes);
+        let from = retry.spec.audience.from_campaign.unwrap();
+        assert_eq!(from.statuses, vec![SourceMessageStatus::Failed, SourceMessageStatus::Unknown], "once each");
+        assert_eq!(from.error_codes, vec![ErrorCode("131026".into()), ErrorCode("131049".into())]);
+        assert!(retry.spec.suspend);
+        assert_eq!(
+            aimed_at("spring", &from.statuses, &from.error_codes),
+            "the failed or unknown messages of spring whose last error is 131026 or 131049"
+        );
+        assert_eq!(aimed_at("spring", &[SourceMessageStatus::Failed], &[]), "the failed messages of spring");
+    }
+
+    #[test]
+    fn retry_failed_parses_its_filters_from_the_command_line() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: RetryFailedArgs,
+        }
+        let plain = Cli::try_parse_from(["x", "spring"]).unwrap().args;
+        assert_eq!((plain.status, plain.reason), (vec![SourceMessageStatus::Failed], vec![]));
+        let narrowed = Cli::try_parse_from(["x", "spring", "--status", "failed,unknown", "--reason", "131026,131049"])
+            .unwrap()
+            .args;
+        assert_eq!(narrowed.status, vec![SourceMessageStatus::Failed, SourceMessageStatus::Unknown]);
+        assert_eq!(narrowed.reason, vec![ErrorCode("131026".into()), ErrorCode("131049".into())]);
+        let bad = Cli::try_parse_from(["x", "spring", "--status", "pending"]).err().unwrap().to_string();
+        assert!(bad.contains("not a status a campaign can be aimed at"), "{bad}");
+        assert!(Cli::try_parse_from(["x", "spring", "--reason", "a b"]).is_err());
+    }
+
+    #[test]
     fn retry_failed_targets_the_failed_messages_and_starts_clean() {
-        let retry = retry_campaign(&campaign(), "spring-retry", false);
+        let retry = retry_campaign(&campaign(), "spring-retry", false, &[SourceMessageStatus::Failed], &[]);
         let from = retry.spec.audience.from_campaign.unwrap();
         assert_eq!(from.name, "spring");
         assert_eq!(from.statuses, vec![SourceMessageStatus::Failed]);
+        assert!(from.error_codes.is_empty());
         assert!(retry.spec.audience.tags.is_none());
         assert!(!retry.spec.cancel);
         assert_eq!(retry.metadata.namespace.as_deref(), Some("acme"));

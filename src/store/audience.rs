@@ -6,7 +6,7 @@ use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{Error, Result};
-use crate::api::{self, AttributeOperator, SourceMessageStatus};
+use crate::api::{self, AttributeOperator};
 
 /// The audience as the store queries it (converted once from the wire type).
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,8 @@ pub enum AudienceQuery {
         name: String,
         /// Statuses selected (`failed`, `sent`, ...).
         statuses: Vec<&'static str>,
+        /// Only messages whose last error code is one of these (empty: any).
+        error_codes: Vec<String>,
     },
 }
 
@@ -80,7 +82,8 @@ impl AudienceQuery {
         if let Some(from) = &audience.from_campaign {
             kinds.push(AudienceQuery::FromCampaign {
                 name: from.name.clone(),
-                statuses: from.statuses.iter().map(|s| source_status(*s)).collect(),
+                statuses: from.statuses.iter().map(|s| s.as_str()).collect(),
+                error_codes: from.error_codes.iter().map(|c| c.0.clone()).collect(),
             });
         }
         match kinds.len() {
@@ -90,17 +93,6 @@ impl AudienceQuery {
             )),
             _ => Err(Error::Invalid("the audience sets more than one kind".into())),
         }
-    }
-}
-
-fn source_status(status: SourceMessageStatus) -> &'static str {
-    match status {
-        SourceMessageStatus::Failed => "failed",
-        SourceMessageStatus::Sent => "sent",
-        SourceMessageStatus::Delivered => "delivered",
-        SourceMessageStatus::Read => "read",
-        SourceMessageStatus::Unknown => "unknown",
-        SourceMessageStatus::Cancelled => "cancelled",
     }
 }
 
@@ -158,7 +150,7 @@ fn push_selection(
         AudienceQuery::Contacts(phones) => {
             qb.push(" AND c.phone = ANY(").push_bind(phones).push("::text[])");
         }
-        AudienceQuery::FromCampaign { statuses, .. } => {
+        AudienceQuery::FromCampaign { statuses, error_codes, .. } => {
             let statuses: Vec<String> = statuses.iter().map(|s| (*s).to_owned()).collect();
             qb.push(" AND c.id IN (SELECT m.contact_id FROM campaign_messages m WHERE m.organization = ")
                 .push_bind(organization)
@@ -166,7 +158,11 @@ fn push_selection(
                 .push_bind(source_uid)
                 .push(" AND m.status::text = ANY(")
                 .push_bind(statuses)
-                .push("::text[]))");
+                .push("::text[])");
+            if !error_codes.is_empty() {
+                qb.push(" AND m.last_error_code = ANY(").push_bind(error_codes.clone()).push("::text[])");
+            }
+            qb.push(")");
         }
     }
 }

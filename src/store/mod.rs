@@ -7,6 +7,7 @@ pub mod account;
 pub mod audience;
 pub mod campaigns;
 pub mod contacts;
+pub mod export;
 pub mod messages;
 pub mod pauses;
 pub mod rate;

@@ -78,6 +78,19 @@ pub enum MessageStatus {
 }
 
 impl MessageStatus {
+    /// Every status, in the schema's order.
+    pub const ALL: [MessageStatus; 9] = [
+        MessageStatus::Pending,
+        MessageStatus::Sending,
+        MessageStatus::Unknown,
+        MessageStatus::Sent,
+        MessageStatus::Delivered,
+        MessageStatus::Read,
+        MessageStatus::Failed,
+        MessageStatus::Cancelled,
+        MessageStatus::Skipped,
+    ];
+
     /// The schema's enum label.
     pub fn as_str(self) -> &'static str {
         match self {
