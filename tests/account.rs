@@ -13,7 +13,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::process::free_port;
-use common::stack::{Stack, campaign, condition, is_true_with, phase, recipients, sandbox_with, wait_for_sends};
+use common::stack::{
+    Stack, campaign, condition, is_true_with, phase, recipients, sandbox_control, sandbox_with, wait_for_sends,
+};
 use disparo::sandbox::{SandboxConfig, SandboxHandle, WebhookBehaviour};
 
 use serde_json::{Value, json};
@@ -47,17 +49,6 @@ async fn stack_with_webhooks(
     .await;
     stack.spawn("webhook", &["webhook", "--listen", &format!("127.0.0.1:{port}")]);
     (stack, sandbox)
-}
-
-async fn control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let response = reqwest::Client::new()
-        .request(method, format!("{}/_sandbox/{path}", sandbox.base_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "sandbox {path}: {}", response.status());
-    response.json().await.unwrap_or(Value::Null)
 }
 
 async fn ledger(sandbox: &SandboxHandle) -> Value {
@@ -109,7 +100,7 @@ async fn a_portfolio_at_tier_250_messages_250_recipients_then_waits_for_the_wind
         .await;
 
     // A day passes, for the sandbox and for the recipients Disparo counted.
-    control(&sandbox, reqwest::Method::POST, "clock", json!({"advance_seconds": 24 * 3600 + 60})).await;
+    sandbox_control(&sandbox, reqwest::Method::POST, "clock", json!({"advance_seconds": 24 * 3600 + 60})).await;
     sqlx::query("UPDATE portfolio_recipients SET last_sent_at = last_sent_at - interval '24 hours 1 minute'")
         .execute(&stack.pool)
         .await
@@ -130,7 +121,7 @@ async fn a_flagged_number_pauses_its_marketing_and_unflagged_resumes_it() {
     stack.apply(&portfolio_channel("main", &sandbox.base_url(), "111", 100));
     stack.apply(&campaign("promo", "main", "promo", "{allContacts: true}", ""));
     wait_for_sends(&stack, &sandbox, 20).await;
-    control(&sandbox, reqwest::Method::POST, "meta/quality", json!({"event": "FLAGGED"})).await;
+    sandbox_control(&sandbox, reqwest::Method::POST, "meta/quality", json!({"event": "FLAGGED"})).await;
     let c = stack
         .wait_for("campaign", "promo", "Held", Duration::from_secs(60), |c| is_true_with(c, "Held", "QualityDegraded"))
         .await;
@@ -146,7 +137,7 @@ async fn a_flagged_number_pauses_its_marketing_and_unflagged_resumes_it() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sandbox.ledger().accepted_count(), held_at, "nothing is sent while the number is flagged");
 
-    control(&sandbox, reqwest::Method::POST, "meta/quality", json!({"event": "UNFLAGGED"})).await;
+    sandbox_control(&sandbox, reqwest::Method::POST, "meta/quality", json!({"event": "UNFLAGGED"})).await;
     stack.wait_for("campaign", "promo", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(sandbox.ledger().accepted_count(), 300);
     assert!(sandbox.ledger().duplicates().is_empty(), "no duplicate after the resume");
@@ -163,14 +154,15 @@ async fn a_paused_template_pauses_only_its_campaigns() {
     stack.apply(&campaign("other", "main", "welcome", "{tags: {anyOf: [b]}}", ""));
     wait_for_sends(&stack, &sandbox, 10).await;
     // Meta rates the template RED first: a warning on the campaigns using it.
-    control(&sandbox, reqwest::Method::POST, "meta/templates/promo/pt_BR/quality", json!({"score": "RED"})).await;
+    sandbox_control(&sandbox, reqwest::Method::POST, "meta/templates/promo/pt_BR/quality", json!({"score": "RED"}))
+        .await;
     stack
         .wait_for("campaign", "paused-one", "TemplateQualityLow", Duration::from_secs(60), |c| {
             is_true_with(c, "TemplateQualityLow", "QualityRed")
         })
         .await;
     assert!(!is_true_with(&stack.get("campaign", "other"), "TemplateQualityLow", "QualityRed"));
-    control(
+    sandbox_control(
         &sandbox,
         reqwest::Method::PUT,
         "meta/templates/promo/pt_BR",
@@ -186,7 +178,7 @@ async fn a_paused_template_pauses_only_its_campaigns() {
     stack.wait_for("campaign", "other", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(phase(&stack.get("campaign", "paused-one")), "Paused", "still held");
 
-    control(&sandbox, reqwest::Method::PUT, "meta/templates/promo/pt_BR", json!({"status": "APPROVED"})).await;
+    sandbox_control(&sandbox, reqwest::Method::PUT, "meta/templates/promo/pt_BR", json!({"status": "APPROVED"})).await;
     let c = stack.wait_for("campaign", "paused-one", "Completed", LONG, |c| phase(c) == "Completed").await;
     assert_eq!(c["status"]["messages"]["failed"], 0, "{}", c["status"]);
     assert_eq!(sandbox.ledger().accepted_count(), 200);
@@ -204,7 +196,7 @@ async fn a_restriction_pauses_the_portfolio_until_it_expires() {
     // Meta's expiration is in whole seconds: the restriction ends at the second itself.
     let expiration =
         chrono::DateTime::from_timestamp((chrono::Utc::now() + chrono::Duration::seconds(45)).timestamp(), 0).unwrap();
-    control(
+    sandbox_control(
         &sandbox,
         reqwest::Method::POST,
         "meta/restriction",

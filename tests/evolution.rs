@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::process::free_port;
-use common::stack::{Stack, condition, phase, recipients, sandbox_with, uid, wait_for_sends};
+use common::stack::{Stack, condition, phase, recipients, sandbox_control, sandbox_with, uid, wait_for_sends};
 use disparo::sandbox::{SandboxConfig, SandboxHandle};
 use serde_json::{Value, json};
 
@@ -47,15 +47,7 @@ async fn evolution_stack(
     })
     .await;
     stack.spawn("webhook", &["webhook", "--listen", &format!("127.0.0.1:{port}")]);
-    stack.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "evo-creds",
-        "--from-literal=api-key=sandbox-api-key",
-        &format!("--from-literal=webhook-token={WEBHOOK_SECRET}"),
-    ]);
-    stack.kubectl(&["label", "secret", "evo-creds", "disparo.io/credentials=true"]);
+    common::stack::create_evolution_credentials(&stack.ns, WEBHOOK_SECRET);
     (stack, sandbox, url)
 }
 
@@ -75,23 +67,10 @@ fn text_campaign(name: &str, channel: &str, audience: &str, execution: &str) -> 
     )
 }
 
-/// A control endpoint of the sandbox; panics unless it answers 2xx.
-async fn control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let response = reqwest::Client::new()
-        .request(method, format!("{}/_sandbox/{path}", sandbox.base_url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let text = response.text().await.unwrap_or_default();
-    assert!(status.is_success(), "sandbox {path}: {status} {text}");
-    serde_json::from_str(&text).unwrap_or(Value::Null)
-}
-
 /// Sets the instance's connection state as Evolution names it (`open`, `connecting`, `close`).
 async fn set_state(sandbox: &SandboxHandle, state: &str) {
-    control(sandbox, reqwest::Method::PUT, &format!("evolution/{INSTANCE}/state"), json!({"state": state})).await;
+    sandbox_control(sandbox, reqwest::Method::PUT, &format!("evolution/{INSTANCE}/state"), json!({"state": state}))
+        .await;
 }
 
 /// What `GET /instance/connectionState/{instance}` answers, as Evolution does.
@@ -330,7 +309,7 @@ async fn an_inbound_sair_opts_out_a_contact_before_the_campaign_reaches_them() {
     let leaving = [(&phones[19], "SAIR"), (&phones[17], "stop")];
     for (phone, text) in leaving {
         assert!(!recipients(&sandbox).contains(phone), "{phone} was not messaged yet");
-        let answer = control(
+        let answer = sandbox_control(
             &sandbox,
             reqwest::Method::POST,
             &format!("evolution/{INSTANCE}/inbound"),

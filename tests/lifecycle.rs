@@ -351,15 +351,7 @@ async fn a_refused_message_stops_only_its_campaign() {
         .unwrap();
     assert_eq!(stopped, None, "the channel was not paused");
 
-    stack.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "evo-creds",
-        "--from-literal=api-key=sandbox-api-key",
-        "--from-literal=webhook-token=t",
-    ]);
-    stack.kubectl(&["label", "secret", "evo-creds", "disparo.io/credentials=true"]);
+    common::stack::create_evolution_credentials(&stack.ns, "t");
     let evolution = format!(
         "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: evo}}\nspec:\n  provider: evolution\n  evolution:\n    baseUrl: {}\n    instance: sandbox\n    apiKey: {{name: evo-creds, key: api-key}}\n    webhookToken: {{name: evo-creds, key: webhook-token}}\n",
         paused.base_url()

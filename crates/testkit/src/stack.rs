@@ -276,6 +276,32 @@ pub fn create_meta_credentials(ns: &str) {
     kubectl_ok(&["-n", ns, "label", "secret", "meta-creds", "disparo.io/credentials=true"], None);
 }
 
+/// An Evolution credentials Secret `evo-creds` in `ns` (the sandbox's api key and the
+/// given webhook token), labelled for Disparo.
+pub fn create_evolution_credentials(ns: &str, webhook_token: &str) {
+    let token = format!("--from-literal=webhook-token={webhook_token}");
+    kubectl_ok(
+        &["-n", ns, "create", "secret", "generic", "evo-creds", "--from-literal=api-key=sandbox-api-key", &token],
+        None,
+    );
+    kubectl_ok(&["-n", ns, "label", "secret", "evo-creds", "disparo.io/credentials=true"], None);
+}
+
+/// A control endpoint of the sandbox (`/_sandbox/{path}`); panics unless it answers
+/// 2xx. Returns its JSON answer (null when it has none).
+pub async fn sandbox_control(sandbox: &SandboxHandle, method: reqwest::Method, path: &str, body: Value) -> Value {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}/_sandbox/{path}", sandbox.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    assert!(status.is_success(), "sandbox {path}: {status} {text}");
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
 /// `status.phase`.
 pub fn phase(object: &Value) -> &str {
     object["status"]["phase"].as_str().unwrap_or("")
