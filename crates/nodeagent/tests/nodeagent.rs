@@ -386,8 +386,11 @@ async fn environment_comes_from_secrets_config_maps_and_fields() -> Result<()> {
         .await?;
 
         let log = std::fs::read_to_string(h.log_of("env", "main"))?;
+        // The pod's own loopback address, the one its status reports (not the node's).
+        let ip = pods.get("env").await?.status.and_then(|s| s.pod_ip).unwrap_or_default();
+        assert!(ip.starts_with("127.") && ip != "127.0.0.1", "{ip}");
         let expected = format!(
-            "token=s3cr3t rate=20 pod=env ns={} ip=127.0.0.1 arg=per-minute=20 optional=unset k8s=unset",
+            "token=s3cr3t rate=20 pod=env ns={} ip={ip} arg=per-minute=20 optional=unset k8s=unset",
             h.namespace
         );
         assert_eq!(log.trim(), expected);
