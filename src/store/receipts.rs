@@ -444,7 +444,7 @@ pub const UNMATCHED_RECEIPT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// change is committed (so a webhook may be acknowledged), including the receipts kept
 /// because no message has their id yet; on `Err` nothing is.
 pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -> Result<ReceiptsReport> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     let applied = apply_events(&mut tx, events).await?;
     keep_unmatched(&mut tx, events, &applied.outcomes).await?;
     let opted_out = apply_opt_outs(&mut tx, opt_outs, &applied.opting_out).await?;
@@ -845,16 +845,18 @@ const SWEEP_LOCK: i64 = 0x6469_7370_6172_6f01; // "disparo" + 1
 /// applied; a page that another replica is sweeping at the same moment is left to it.
 pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepReport> {
     let max_age_secs = max_age.as_secs_f64();
+    let mut db = super::Autocommit::open(pool).await?;
     let expired = sqlx::query("DELETE FROM unmatched_receipts WHERE received_at < now() - make_interval(secs => $1)")
         .bind(max_age_secs)
-        .execute(pool)
+        .execute(db.conn())
         .await?
         .rows_affected();
+    db.commit().await?;
     let mut report = SweepReport { applied: 0, expired };
     // keyset pagination, so receipts that still find nothing never hide later ones
     let mut after: Option<(DateTime<Utc>, String, String, String, String, String)> = None;
     loop {
-        let mut tx = pool.begin().await?;
+        let mut tx = super::begin(pool).await?;
         let (locked,): (bool,) =
             sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(SWEEP_LOCK).fetch_one(&mut *tx).await?;
         if !locked {

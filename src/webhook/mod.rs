@@ -70,6 +70,10 @@ pub struct WebhookArgs {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// How the URL reaches Postgres: `direct`, or `pgbouncer-transaction` when it points
+    /// at PgBouncer in transaction pooling mode.
+    #[arg(long, env = "DISPARO_DB_POOLER", value_enum, default_value_t = crate::store::Pooler::Direct)]
+    pub db_pooler: crate::store::Pooler,
     /// Largest request body accepted (413 above). Meta payloads reach about 3 MB.
     #[arg(long, env = "DISPARO_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -198,6 +202,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
     let WebhookArgs {
         listen,
         database_url,
+        db_pooler,
         max_body_bytes,
         max_concurrent_requests,
         header_read_timeout_ms,
@@ -208,8 +213,8 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         db_max_connections,
         sweep_interval_ms,
     } = args;
-    let pool =
-        crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
+    let pool = crate::store::connect_lazy_via(&database_url, db_max_connections, db_pooler)
+        .context("configuring the Postgres pool")?;
     let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
     let (credentials, watch_task) = KubeCredentials::start(client, shutdown.clone());
     let keywords = match &opt_out_keywords {
