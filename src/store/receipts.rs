@@ -516,11 +516,15 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     // business-scoped user id, then (Evolution) phone (an `unknown` message, the only
     // one to that contact on the channel whose attempt ended within a day of the
     // receipt).
+    //
+    // The resolution is materialized before the join that locks: joined on the
+    // expression itself, the planner hashes the whole table for a large batch (a full
+    // scan of campaign_messages per transaction), where a lookup by primary key per
+    // event is what it takes.
     let rows: Vec<Resolved> = sqlx::query_as(
         r#"
-        SELECT v.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
-               (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM v.pid
-                AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))) AS superseded
+        WITH r AS MATERIALIZED (
+        SELECT v.idx, v.pid, r.id
         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $9::text[])
              WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, bsuid, idx)
         CROSS JOIN LATERAL (
@@ -553,7 +557,11 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
                  HAVING count(*) = 1)
             ) AS id
         ) r
-        JOIN campaign_messages m ON m.id = r.id
+        )
+        SELECT r.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
+               (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM r.pid
+                AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, r.pid))) AS superseded
+        FROM r JOIN campaign_messages m ON m.id = r.id
         ORDER BY m.id
         FOR UPDATE OF m
         "#,
