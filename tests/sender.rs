@@ -8,122 +8,24 @@
 
 use disparo_testkit as common;
 
+mod send_scenarios;
+
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use disparo::api::{QualityPolicy, RateLimitMode, RateLimitsSpec, RetryPolicy, TemplateCategory};
-use disparo::sandbox::{self, Faults, Latency, SandboxConfig, SandboxHandle};
-use disparo::sender::{self, MessageTemplate, ProviderTarget, SendConfig};
-use disparo::store::audience::{self, AudienceQuery, CampaignKey};
+use common::pgbouncer::Reach;
+use disparo::api::{RateLimitMode, RateLimitsSpec, RetryPolicy};
+use disparo::sandbox::{Faults, SandboxHandle};
+use disparo::sender::{self, SendConfig};
 use disparo::store::campaigns;
-use prometheus_client::registry::Registry;
-use serde_json::json;
+use send_scenarios::{campaign, config, run_in_process, sandbox, sender_process, statuses, unlimited};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-
-async fn sandbox(latency_ms: u64, faults: Faults) -> SandboxHandle {
-    disparo::telemetry::install_crypto_provider();
-    let config = SandboxConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        latency: Latency { min_ms: latency_ms, max_ms: latency_ms },
-        faults,
-        ..Default::default()
-    };
-    sandbox::start(config).await.unwrap()
-}
-
-fn config(
-    campaign: Uuid,
-    channel: &str,
-    sandbox: &SandboxHandle,
-    retry: RetryPolicy,
-    limits: RateLimitsSpec,
-    block: u32,
-) -> SendConfig {
-    SendConfig {
-        campaign_uid: campaign,
-        organization: "acme".into(),
-        channel: channel.into(),
-        target: ProviderTarget::Meta {
-            base_url: sandbox.base_url(),
-            api_version: "v23.0".into(),
-            phone_number_id: "106540352242922".into(),
-        },
-        message: MessageTemplate::Template {
-            name: "promo".into(),
-            language: "pt_BR".into(),
-            body_parameters: vec!["{{contact.name}}".into()],
-            category: TemplateCategory::Marketing,
-        },
-        retry,
-        rate_limits: limits,
-        block_size: block,
-        request_timeout_millis: 2_000,
-        portfolio: None,
-        quality_policy: QualityPolicy::Pause,
-    }
-}
-
-fn unlimited() -> RateLimitsSpec {
-    RateLimitsSpec {
-        per_minute: None,
-        per_hour: None,
-        per_day: Some(100_000_000),
-        mode: Some(RateLimitMode::Graceful),
-        min_interval_millis: Some(0),
-    }
-}
-
-async fn campaign(pool: &PgPool, n: usize, batch_size: u32) -> (Uuid, i32) {
-    common::seed_contacts(pool, "acme", n, |i| (vec![], json!({"i": i}))).await;
-    let uid = Uuid::new_v4();
-    let key = CampaignKey { uid, organization: "acme", name: &format!("c-{uid}"), channel: "main", batch_size };
-    let frozen = audience::materialize(pool, &key, &AudienceQuery::AllContacts).await.unwrap();
-    (uid, frozen.batches)
-}
-
-async fn run_in_process(pool: &PgPool, cfg: &SendConfig, batch: i32) -> sender::BatchEnd {
-    let client =
-        sender::build_client(&cfg.target, "sandbox-meta-token", Duration::from_millis(cfg.request_timeout_millis))
-            .unwrap();
-    let metrics = sender::metrics::SenderMetrics::new(&mut Registry::default());
-    sender::run_batch(pool, &cfg.batch_job(batch), client, &metrics, &CancellationToken::new()).await.unwrap()
-}
-
-async fn statuses(pool: &PgPool, campaign: Uuid) -> BTreeMap<String, i64> {
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status::text, count(*) FROM campaign_messages WHERE campaign_uid = $1 GROUP BY 1")
-            .bind(campaign)
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    rows.into_iter().collect()
-}
 
 #[tokio::test]
 async fn ten_thousand_messages_match_the_ledger() {
-    let (pool, _) = common::fresh_db().await;
-    let sandbox = sandbox(0, Faults::default()).await;
-    let (uid, batches) = campaign(&pool, 10_000, 10_000).await;
-    assert_eq!(batches, 1);
-    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 64);
-    assert_eq!(run_in_process(&pool, &cfg, 0).await, sender::BatchEnd::Done);
-    let ledger = sandbox.ledger();
-    assert_eq!(ledger.accepted_count(), 10_000);
-    assert!(ledger.duplicates().is_empty());
-    let counters = campaigns::counters(&pool, uid).await.unwrap().unwrap();
-    assert_eq!((counters.sent, counters.pending, counters.failed), (10_000, 0, 0));
-    // every recorded provider id is one the sandbox handed out
-    let (distinct,): (i64,) =
-        sqlx::query_as("SELECT count(DISTINCT provider_message_id) FROM campaign_messages WHERE campaign_uid = $1")
-            .bind(uid)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(distinct, 10_000);
+    send_scenarios::ten_thousand_messages_match_the_ledger(&Reach::direct().await).await;
 }
 
 #[tokio::test]
@@ -213,50 +115,9 @@ async fn four_senders_on_a_hard_channel_respect_its_minute_cap() {
     assert!(per_minute.len() >= 3, "48 messages at 20/min need at least three minutes: {per_minute:?}");
 }
 
-fn sender_process(url: &str, cfg: &SendConfig, batch: i32) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_disparo"))
-        .arg("send")
-        .env("DATABASE_URL", url)
-        .env("DISPARO_SEND_CONFIG", serde_json::to_string(cfg).unwrap())
-        .env("JOB_COMPLETION_INDEX", batch.to_string())
-        .env("DISPARO_PROVIDER_TOKEN", "sandbox-meta-token")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn sigkill_mid_batch_neither_duplicates_nor_loses() {
-    let (pool, url) = common::fresh_db().await;
-    let sandbox = sandbox(20, Faults::default()).await;
-    let (uid, _) = campaign(&pool, 600, 1000).await;
-    let cfg = config(uid, "main", &sandbox, RetryPolicy::default(), unlimited(), 8);
-    let mut child = sender_process(&url, &cfg, 0);
-    let ledger = sandbox.ledger();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while ledger.accepted_count() < 150 {
-        assert!(std::time::Instant::now() < deadline, "the sender made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.start_kill().unwrap(); // SIGKILL
-    child.wait().await.unwrap();
-    let before = statuses(&pool, uid).await;
-    assert!(before.get("pending").copied().unwrap_or(0) > 0, "killed before the end: {before:?}");
-
-    let status = sender_process(&url, &cfg, 0).wait().await.unwrap();
-    assert_eq!(status.code(), Some(0));
-    assert!(ledger.duplicates().is_empty(), "a recipient got the message twice: {:?}", ledger.duplicates());
-    let after = statuses(&pool, uid).await;
-    let sent = after.get("sent").copied().unwrap_or(0);
-    let unknown = after.get("unknown").copied().unwrap_or(0);
-    assert_eq!(after.get("pending"), None, "{after:?}");
-    assert_eq!(sent + unknown, 600, "every message is accounted for: {after:?}");
-    let in_flight = 8 * i64::from(sender::lanes_for(&cfg.batch_job(0).limits));
-    assert!(unknown <= in_flight, "at most one block per lane was in flight when killed: {after:?}");
-    // every accepted message is either recorded as sent or is one of the unknown ones
-    assert!(ledger.accepted_count() as i64 >= sent && ledger.accepted_count() as i64 <= sent + unknown);
+    send_scenarios::sigkill_mid_batch_neither_duplicates_nor_loses(&Reach::direct().await).await;
 }
 
 #[tokio::test]

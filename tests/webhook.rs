@@ -1001,11 +1001,14 @@ async fn with_postgres_down_the_service_answers_503_and_applies_the_retry_once_i
 #[tokio::test]
 async fn the_benchmark_runs() {
     let (pool, _) = common::fresh_db().await;
-    let options =
-        disparo::bench::webhook::BenchOptions { events: 200, clients: 4, baseline_batch: 50, ..Default::default() };
+    use disparo::bench::webhook::{BenchOptions, Scenario};
+    let scenarios =
+        vec![Scenario { statuses_per_request: 1, clients: 64 }, Scenario { statuses_per_request: 50, clients: 4 }];
+    let options = BenchOptions { events: 200, scenarios, baseline_batch: 50, ..Default::default() };
     let report = disparo::bench::webhook::bench(pool.clone(), options).await.unwrap();
     assert_eq!(report.scenarios.len(), 2);
-    assert!(report.scenarios.iter().all(|s| s.events == 200 && s.events_per_second() > 0.0));
+    assert!(report.scenarios.iter().all(|s| s.events == 200 && s.rows_moved == 200 && s.events_per_second() > 0.0));
+    assert_eq!(report.scenarios[0].requests - report.scenarios[0].refused, 200, "one status per request");
     println!("{report}");
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM campaign_messages").fetch_one(&pool).await.unwrap();
     assert_eq!(left, 0, "the benchmark deletes its campaign");
@@ -1403,6 +1406,87 @@ async fn a_receipt_posted_at_one_channel_never_changes_another_channels_messages
     assert_eq!(row(&pool, on_evo2[0]).await.provider_message_id.as_deref(), Some("3EB0OTHER"));
     assert_counters_match(&pool, meta_uid).await;
     assert_counters_match(&pool, evo_uid).await;
+    service.stop().await;
+}
+
+/// Opens a connection to the service and starts a POST of a Meta notification whose
+/// body is `declared` bytes long, sending only its first byte: the upload holds its room
+/// until it is dropped (or the read timeout ends it).
+async fn stalled_upload(service: &Service, declared: usize) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(service.addr).await.unwrap();
+    let head = format!(
+        "POST /webhooks/meta/acme/wa HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {declared}\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.flush().await.unwrap();
+    stream
+}
+
+/// Meta posts one status per request, many at once: the room for request bodies is
+/// counted in bytes (`max_concurrent_requests` bodies of the largest size), so small
+/// notifications are not held to that count of requests.
+#[tokio::test]
+async fn small_notifications_are_not_held_to_the_count_of_large_bodies() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550123456"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let config = ServiceConfig {
+        max_concurrent_requests: 2,
+        request_wait: Duration::from_millis(300),
+        ..ServiceConfig::default()
+    };
+    let service = Service::start(pool.clone(), config).await;
+    // Three small uploads in flight at once, more than the count of large bodies...
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        stalled.push(stalled_upload(&service, 600).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... and a fourth small request is still handled at once.
+    assert_eq!(service.meta("acme", fixture("meta_delivered")).await["applied"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "delivered");
+    assert_counters_match(&pool, uid).await;
+    drop(stalled);
+    service.stop().await;
+}
+
+/// When the room for bodies is full, a request waits `request_wait` for room, then gets
+/// 503 with `Retry-After` and changes nothing; Meta retries any answer but 2xx, and the
+/// retry, once there is room, is applied: an overload delays statuses, never loses them.
+#[tokio::test]
+async fn a_full_service_answers_503_and_applies_the_retry() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550123456"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let config = ServiceConfig {
+        max_concurrent_requests: 1,
+        max_body_bytes: 64 * 1024,
+        request_wait: Duration::from_millis(300),
+        ..ServiceConfig::default()
+    };
+    let service = Service::start(pool.clone(), config).await;
+    // one upload of the largest size takes all the room
+    let stalled = stalled_upload(&service, 64 * 1024).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = service
+        .http
+        .post(service.url("/webhooks/meta/acme/wa"))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sign_meta(APP_SECRET.as_bytes(), fixture("meta_delivered").as_bytes()))
+        .body(fixture("meta_delivered"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()), Some("5".into()));
+    assert_eq!(row(&pool, ids[0]).await.status, "sent", "a refused request changes nothing");
+    // the upload goes away; Meta's retry finds room
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(service.meta("acme", fixture("meta_delivered")).await["applied"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "delivered");
+    assert_counters_match(&pool, uid).await;
     service.stop().await;
 }
 

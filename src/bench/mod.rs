@@ -31,6 +31,10 @@ pub struct BenchArgs {
     /// Sender lanes (sender benchmark; default: what `disparo send` chooses).
     #[arg(long)]
     pub lanes: Option<u32>,
+    /// Concurrent clients of the webhook benchmark's one-status-per-request scenarios,
+    /// comma-separated (default: 64,256,1024).
+    #[arg(long, value_delimiter = ',')]
+    pub clients: Option<Vec<usize>>,
 }
 
 /// Benchmarks.
@@ -208,6 +212,24 @@ async fn status_refresh_cost(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit of open files to its hard limit, and fails when
+/// that leaves fewer than `needed`: a benchmark that opens a thousand client
+/// connections to a server in the same process needs two descriptors for each.
+pub(crate) fn raise_open_files_limit(needed: u64) -> anyhow::Result<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+    if limit.current != limit.maximum {
+        setrlimit(Resource::Nofile, raised).context("raising the open files limit")?;
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        now >= needed,
+        "the open files limit is {now}, the benchmark needs {needed}: raise the hard limit (ulimit -Hn) first"
+    );
+    Ok(now)
+}
+
 /// Runs a benchmark.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pool = store::connect(&args.database_url, 20).await.context("connecting to Postgres")?;
@@ -215,6 +237,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
         BenchTarget::Sender => sender::run(&pool, &args.database_url, args.messages, args.lanes).await,
-        BenchTarget::Webhook => webhook::run(&pool, args.messages).await,
+        BenchTarget::Webhook => webhook::run(&pool, args.messages, args.clients).await,
     }
 }

@@ -149,6 +149,10 @@ pub struct SendArgs {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// How the URL reaches Postgres: `direct`, or `pgbouncer-transaction` when it points
+    /// at PgBouncer in transaction pooling mode.
+    #[arg(long, env = "DISPARO_DB_POOLER", value_enum, default_value_t = crate::store::Pooler::Direct)]
+    pub db_pooler: crate::store::Pooler,
     /// The batch configuration, as JSON.
     #[arg(long, env = "DISPARO_SEND_CONFIG")]
     pub config: String,
@@ -233,8 +237,9 @@ pub async fn run(args: SendArgs, shutdown: CancellationToken) -> anyhow::Result<
     let span =
         info_span!("send", namespace = %config.organization, campaign = %config.campaign_uid, batch = args.batch);
     async move {
-        let pool =
-            crate::store::connect(&args.database_url, SENDER_CONNECTIONS).await.context("connecting to Postgres")?;
+        let pool = crate::store::connect_via(&args.database_url, SENDER_CONNECTIONS, args.db_pooler)
+            .await
+            .context("connecting to Postgres")?;
         let client =
             build_client(&config.target, &args.provider_token, Duration::from_millis(config.request_timeout_millis))?;
         let mut registry = Registry::with_labels(

@@ -174,6 +174,7 @@ type AccountRow = (
 
 /// The channel's account as known now (a channel never observed reads as empty).
 pub async fn account(pool: &PgPool, organization: &str, channel: &str) -> Result<AccountView> {
+    let mut db = super::Autocommit::open(pool).await?;
     let row: Option<AccountRow> = sqlx::query_as(
         r#"SELECT s.quality_rating, s.quality_event, s.quality_flagged, s.throughput_level, s.portfolio,
                   p.tier, p.daily_limit, p.restricted_until, p.budget_spent_until
@@ -183,8 +184,9 @@ pub async fn account(pool: &PgPool, organization: &str, channel: &str) -> Result
     )
     .bind(organization)
     .bind(channel)
-    .fetch_optional(pool)
+    .fetch_optional(db.conn())
     .await?;
+    db.commit().await?;
     let Some((
         quality_rating,
         quality_event,
@@ -228,6 +230,7 @@ pub async fn signals(
     let view = account(pool, organization, channel).await?;
     let mut signals = view.signals();
     if let Some((name, language)) = template {
+        let mut db = super::Autocommit::open(pool).await?;
         signals.template_status = sqlx::query_as::<_, (String, Option<String>)>(
             r#"SELECT t.status, t.reason FROM template_state t
                JOIN channel_state s ON s.organization = t.organization AND s.waba_id = t.waba_id
@@ -237,8 +240,9 @@ pub async fn signals(
         .bind(channel)
         .bind(name)
         .bind(language)
-        .fetch_optional(pool)
+        .fetch_optional(db.conn())
         .await?;
+        db.commit().await?;
     }
     Ok((view, signals))
 }
@@ -254,6 +258,7 @@ pub(crate) async fn record_template_refusal(
     template: (&str, &str),
     status: &str,
 ) -> Result<bool> {
+    let mut db = super::Autocommit::open(pool).await?;
     let result = sqlx::query(
         r#"INSERT INTO template_state (organization, waba_id, name, language, status)
            SELECT organization, waba_id, $3, $4, $5 FROM channel_state
@@ -267,17 +272,19 @@ pub(crate) async fn record_template_refusal(
     .bind(template.0)
     .bind(template.1)
     .bind(status)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
     if result.rows_affected() > 0 {
+        db.commit().await?;
         return Ok(true);
     }
     let known: Option<(Option<String>,)> =
         sqlx::query_as("SELECT waba_id FROM channel_state WHERE organization = $1 AND channel = $2")
             .bind(organization)
             .bind(channel)
-            .fetch_optional(pool)
+            .fetch_optional(db.conn())
             .await?;
+    db.commit().await?;
     Ok(known.is_some_and(|(waba,)| waba.is_some()))
 }
 
@@ -370,7 +377,7 @@ pub(crate) async fn admit(
     portfolio: &str,
     recipients: &[&str],
 ) -> Result<Admission> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     sqlx::query("INSERT INTO portfolios (organization, portfolio) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(organization)
         .bind(portfolio)

@@ -276,7 +276,7 @@ pub async fn materialize_capped(
         return Err(Error::Invalid("batch size must be positive".into()));
     }
     let source = resolve_source(pool, key.organization, audience).await?;
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     sqlx::query(
         "INSERT INTO campaigns (uid, organization, name, channel, batch_size) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (uid) DO NOTHING",
     )

@@ -112,7 +112,7 @@ pub async fn error_breakdown(pool: &PgPool, campaign: Uuid, limit: i64) -> Resul
 
 /// Deletes everything Postgres holds for a campaign (retention: Delete).
 pub async fn delete(pool: &PgPool, campaign: Uuid) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     let deleted = sqlx::query("DELETE FROM campaign_messages WHERE campaign_uid = $1")
         .bind(campaign)
         .execute(&mut *tx)
@@ -151,10 +151,12 @@ pub(crate) async fn frozen_batches(pool: &PgPool, campaign: Uuid) -> Result<Opti
 /// sending as soon as it is. One primary-key lookup. A campaign never frozen reads as
 /// not cancelled.
 pub async fn is_cancelled(pool: &PgPool, campaign: Uuid) -> Result<bool> {
+    let mut db = super::Autocommit::open(pool).await?;
     let row: Option<(bool,)> = sqlx::query_as("SELECT cancelled_at IS NOT NULL FROM campaigns WHERE uid = $1")
         .bind(campaign)
-        .fetch_optional(pool)
+        .fetch_optional(db.conn())
         .await?;
+    db.commit().await?;
     Ok(row.is_some_and(|(cancelled,)| cancelled))
 }
 

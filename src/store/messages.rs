@@ -53,6 +53,7 @@ pub struct ClaimedMessage {
 /// history entry is written once, with its outcome (see [`record_outcomes`]), because
 /// every message goes through here and an entry costs a rewrite of the JSONB.
 pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Result<Vec<ClaimedMessage>> {
+    let mut db = super::Autocommit::open(pool).await?;
     let rows = sqlx::query_as::<_, ClaimedMessage>(
         r#"
         WITH due AS (
@@ -82,8 +83,9 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) ->
     .bind(campaign)
     .bind(batch)
     .bind(limit)
-    .fetch_all(pool)
+    .fetch_all(db.conn())
     .await?;
+    db.commit().await?;
     Ok(rows)
 }
 
@@ -193,6 +195,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         marketing.push(matches!(outcome, Outcome::MarketingHeld { .. }));
     }
     let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
+    let mut db = super::Autocommit::open(pool).await?;
     let result = sqlx::query(
         r#"
         WITH locked AS (
@@ -240,8 +243,9 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     .bind(run_id)
     .bind(may_go_back)
     .bind(&marketing)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(result.rows_affected())
 }
 
@@ -254,6 +258,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
 /// instead, the campaign row is read under a share lock so a cancel under way is seen,
 /// and the rows are locked in ascending id order.
 pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<u64> {
+    let mut db = super::Autocommit::open(pool).await?;
     let result = sqlx::query(
         r#"
         WITH locked AS (
@@ -279,8 +284,9 @@ pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> R
     )
     .bind(campaign)
     .bind(batch)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(result.rows_affected())
 }
 
@@ -288,6 +294,7 @@ pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> R
 /// a sender starts: only one sender runs per batch index at a time, so any `sending` row
 /// there belongs to a run that died mid-call.
 pub async fn recover_interrupted(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<u64> {
+    let mut db = super::Autocommit::open(pool).await?;
     let result = sqlx::query(
         r#"
         UPDATE campaign_messages m SET
@@ -301,8 +308,9 @@ pub async fn recover_interrupted(pool: &PgPool, campaign: Uuid, batch: i32) -> R
     )
     .bind(campaign)
     .bind(batch)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(result.rows_affected())
 }
 
@@ -317,13 +325,15 @@ pub struct BatchRemaining {
 
 /// How many messages of the batch are not final yet, and when the next one is due.
 pub async fn batch_remaining(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<BatchRemaining> {
+    let mut db = super::Autocommit::open(pool).await?;
     let (pending, next_due): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT count(*), min(next_attempt_at) FROM campaign_messages WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'pending'",
     )
     .bind(campaign)
     .bind(batch)
-    .fetch_one(pool)
+    .fetch_one(db.conn())
     .await?;
+    db.commit().await?;
     Ok(BatchRemaining { pending, next_due })
 }
 
@@ -338,7 +348,7 @@ pub async fn batch_remaining(pool: &PgPool, campaign: Uuid, batch: i32) -> Resul
 /// lock, and only then does the second statement look for pending messages, so it sees
 /// what that recording put back to `pending`.
 pub async fn cancel_pending(pool: &PgPool, campaign: Uuid) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     sqlx::query("UPDATE campaigns SET cancelled_at = coalesce(cancelled_at, now()) WHERE uid = $1")
         .bind(campaign)
         .execute(&mut *tx)

@@ -18,7 +18,7 @@ pub mod tenancy;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 /// What can go wrong talking to Postgres.
 #[derive(Debug, thiserror::Error)]
@@ -73,14 +73,53 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The migrations compiled into the binary.
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Opens a connection pool. `max_connections` bounds what one process takes from Postgres.
+/// How a process reaches Postgres (`--db-pooler`, `DISPARO_DB_POOLER`). See
+/// docs/architecture.md, "Connection budget and poolers".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Pooler {
+    /// Straight to Postgres, or through a pooler in session mode: sqlx's defaults
+    /// (prepared statements cached per connection).
+    #[default]
+    Direct,
+    /// Through PgBouncer in transaction pooling mode, where consecutive transactions of
+    /// one client connection may run on different server connections. sqlx then keeps
+    /// no statement cache (a cached statement lives on one server connection), sends no
+    /// `extra_float_digits` (PgBouncer 1.18 refuses the startup parameter), and every
+    /// store function that runs here issues its statements inside a transaction that
+    /// starts by dropping the prepared statements a previous client of the server
+    /// connection left behind ([`begin`], [`Autocommit`]).
+    PgbouncerTransaction,
+}
+
+/// The `application_name` of connections opened for [`Pooler::PgbouncerTransaction`]:
+/// how store functions recognise such a pool ([`pooled`]), and how a database
+/// administrator tells them apart in `pg_stat_activity`.
+pub const POOLED_APPLICATION_NAME: &str = "disparo-pgbouncer-transaction";
+
+fn pool_options(url: &str, max_connections: u32, pooler: Pooler) -> Result<(PgPoolOptions, PgConnectOptions)> {
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new().max_connections(max_connections);
+    Ok(match pooler {
+        Pooler::Direct => (pool, options),
+        Pooler::PgbouncerTransaction => (
+            // A test query checks the link to PgBouncer, not a server connection
+            // (PgBouncer checks those itself): not worth a round trip per acquire.
+            pool.test_before_acquire(false),
+            options.statement_cache_capacity(0).extra_float_digits(None).application_name(POOLED_APPLICATION_NAME),
+        ),
+    })
+}
+
+/// Opens a connection pool straight to Postgres. `max_connections` bounds what one
+/// process takes from Postgres.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool> {
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await?;
-    Ok(pool)
+    connect_via(url, max_connections, Pooler::Direct).await
+}
+
+/// Opens a connection pool to Postgres as `pooler` says it is reached.
+pub async fn connect_via(url: &str, max_connections: u32, pooler: Pooler) -> Result<PgPool> {
+    let (pool, options) = pool_options(url, max_connections, pooler)?;
+    Ok(pool.acquire_timeout(Duration::from_secs(10)).connect_with(options).await?)
 }
 
 /// Opens a pool that verifies the server against `ca_pem` (a PEM bundle), for callers
@@ -96,27 +135,97 @@ pub(crate) async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &st
     Ok(pool)
 }
 
-/// Opens a pool without connecting yet, so a service can start (and answer 503) while
-/// Postgres is down, and recover by itself when it comes back.
+/// Opens a pool straight to Postgres without connecting yet, so a service can start
+/// (and answer 503) while Postgres is down, and recover by itself when it comes back.
 pub fn connect_lazy(url: &str, max_connections: u32) -> Result<PgPool> {
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy(url)?;
-    Ok(pool)
+    connect_lazy_via(url, max_connections, Pooler::Direct)
+}
+
+/// [`connect_lazy`] as `pooler` says Postgres is reached.
+pub fn connect_lazy_via(url: &str, max_connections: u32, pooler: Pooler) -> Result<PgPool> {
+    let (pool, options) = pool_options(url, max_connections, pooler)?;
+    Ok(pool.acquire_timeout(Duration::from_secs(3)).connect_lazy_with(options))
+}
+
+/// Whether `pool` was opened for [`Pooler::PgbouncerTransaction`].
+pub fn pooled(pool: &PgPool) -> bool {
+    pool.connect_options().get_application_name() == Some(POOLED_APPLICATION_NAME)
+}
+
+/// The statement that opens a transaction behind a transaction-mode pooler. The server
+/// connection may have served another client a moment ago, and sqlx names the
+/// statements it prepares `sqlx_s_1`, `sqlx_s_2`, … on every connection, never closing
+/// them when it keeps no cache: without the `DEALLOCATE ALL`, a name that client left
+/// makes our `Parse` fail ("prepared statement already exists"). Prepared statements are
+/// not transactional, so it takes effect at once; one round trip with the `BEGIN`.
+const POOLED_BEGIN: &str = "BEGIN; DEALLOCATE ALL";
+
+/// Begins a transaction on `pool` (see [`POOLED_BEGIN`] for a pooled one).
+pub(crate) async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    Ok(if pooled(pool) { pool.begin_with(POOLED_BEGIN).await? } else { pool.begin().await? })
+}
+
+/// Where a store function runs statements that commit on their own. Straight to
+/// Postgres it is a connection of the pool, exactly what `.execute(pool)` takes. Behind
+/// a transaction-mode pooler it is a transaction ([`begin`]): sqlx sends a statement's
+/// `Parse` and its `Bind` in two exchanges, each ending in `Sync`, and outside a
+/// transaction the pooler may give the server connection to another client in between,
+/// whose next statement would then run with our parameters, or ours with theirs.
+pub(crate) struct Autocommit(Held);
+
+enum Held {
+    Direct(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Pooled(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl Autocommit {
+    /// Takes a connection (direct) or begins a transaction (pooled).
+    pub(crate) async fn open(pool: &PgPool) -> Result<Autocommit> {
+        Ok(Autocommit(if pooled(pool) {
+            Held::Pooled(begin(pool).await?)
+        } else {
+            Held::Direct(pool.acquire().await?)
+        }))
+    }
+
+    /// The connection to run statements on.
+    pub(crate) fn conn(&mut self) -> &mut sqlx::PgConnection {
+        match &mut self.0 {
+            Held::Direct(conn) => conn,
+            Held::Pooled(tx) => tx,
+        }
+    }
+
+    /// Commits what ran (pooled); a no-op straight to Postgres, where each statement
+    /// committed by itself. Dropping it instead rolls back what a pooled one ran.
+    pub(crate) async fn commit(self) -> Result<()> {
+        if let Held::Pooled(tx) = self.0 {
+            tx.commit().await?;
+        }
+        Ok(())
+    }
 }
 
 /// Applies pending migrations. sqlx holds a Postgres advisory lock while migrating, so
 /// concurrent runs (two controller replicas, a Helm hook) are safe: one migrates, the
 /// others wait and find nothing left to do.
+///
+/// The lock is a session's: migrations need a direct connection, never one through a
+/// transaction-mode pooler (refused here).
 pub async fn migrate(pool: &PgPool) -> Result<()> {
+    if pooled(pool) {
+        return Err(Error::Invalid(
+            "migrations hold a session-level advisory lock: run them on a direct connection, not through a transaction-mode pooler".into(),
+        ));
+    }
     MIGRATOR.run(pool).await?;
     Ok(())
 }
 
-/// Whether Postgres answers (for readiness probes).
+/// Whether Postgres answers (for readiness probes). A simple query, one message: safe
+/// through a transaction-mode pooler too.
 pub(crate) async fn ping(pool: &PgPool) -> Result<()> {
-    sqlx::query("SELECT 1").execute(pool).await?;
+    sqlx::raw_sql("SELECT 1").execute(pool).await?;
     Ok(())
 }
 

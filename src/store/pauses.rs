@@ -39,6 +39,7 @@ pub(crate) async fn pause_for_window(
     channel: &str,
     until: DateTime<Utc>,
 ) -> Result<()> {
+    let mut db = super::Autocommit::open(pool).await?;
     sqlx::query(
         r#"INSERT INTO channel_state (organization, channel, pause_kind, paused_until) VALUES ($1, $2, 'window_spent', $3)
            ON CONFLICT (organization, channel) DO UPDATE SET
@@ -51,14 +52,16 @@ pub(crate) async fn pause_for_window(
     .bind(organization)
     .bind(channel)
     .bind(until)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(())
 }
 
 /// Stops the channel: the provider refused it. Remembers the credentials version in
 /// force, so that new credentials lift the stop.
 pub async fn stop_channel(pool: &PgPool, organization: &str, channel: &str, code: &str, message: &str) -> Result<()> {
+    let mut db = super::Autocommit::open(pool).await?;
     sqlx::query(
         r#"INSERT INTO channel_state (organization, channel, pause_kind, pause_code, pause_reason) VALUES ($1, $2, 'provider_refused', $3, $4)
            ON CONFLICT (organization, channel) DO UPDATE SET
@@ -69,8 +72,9 @@ pub async fn stop_channel(pool: &PgPool, organization: &str, channel: &str, code
     .bind(channel)
     .bind(code)
     .bind(message)
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(())
 }
 
@@ -214,6 +218,7 @@ pub(crate) async fn send_state(pool: &PgPool, organization: &str, channel: &str,
         Option<String>,
         bool,
     );
+    let mut db = super::Autocommit::open(pool).await?;
     let row: Option<Row> = sqlx::query_as(
         r#"SELECT s.pause_kind::text, s.paused_until, s.pause_code, s.pause_reason, s.limits, c.stop_code, c.stop_message,
                   coalesce(c.cancelled, false)
@@ -227,8 +232,9 @@ pub(crate) async fn send_state(pool: &PgPool, organization: &str, channel: &str,
     .bind(organization)
     .bind(channel)
     .bind(campaign)
-    .fetch_optional(pool)
+    .fetch_optional(db.conn())
     .await?;
+    db.commit().await?;
     let Some((kind, until, code, reason, limits, stop_code, stop_message, cancelled)) = row else {
         return Ok(SendState::default());
     };
@@ -242,12 +248,14 @@ pub(crate) async fn send_state(pool: &PgPool, organization: &str, channel: &str,
 
 /// Stops one campaign: the provider refuses its message. The first stop's reason wins.
 pub(crate) async fn stop_campaign(pool: &PgPool, campaign: Uuid, code: &str, message: &str) -> Result<()> {
+    let mut db = super::Autocommit::open(pool).await?;
     sqlx::query("UPDATE campaigns SET stop_code = $2, stop_message = $3, stopped_at = now() WHERE uid = $1 AND stop_code IS NULL")
         .bind(campaign)
         .bind(code)
         .bind(message)
-        .execute(pool)
+        .execute(db.conn())
         .await?;
+    db.commit().await?;
     Ok(())
 }
 

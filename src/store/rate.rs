@@ -316,7 +316,7 @@ pub async fn reserve(
         let fit = (SLOT_LOOKAHEAD.as_millis() / limits.min_interval.as_millis().max(1)) as u32;
         wanted.min(fit.max(1))
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     // A fresh row's start is irrelevant: a window whose start is not the current one
     // counts as empty.
     sqlx::query(
@@ -407,6 +407,7 @@ pub async fn count_usage(pool: &PgPool, organization: &str, channel: &str, sent:
     if sent == 0 {
         return Ok(());
     }
+    let mut db = super::Autocommit::open(pool).await?;
     sqlx::query(
         r#"INSERT INTO channel_rate_windows AS w (organization, channel, window_kind, window_start, used)
            SELECT $1, $2, k, date_trunc(k, clock_timestamp(), 'UTC'), $4 FROM unnest($3::text[]) AS k
@@ -418,8 +419,9 @@ pub async fn count_usage(pool: &PgPool, organization: &str, channel: &str, sent:
     .bind(channel)
     .bind(LOCK_ORDER)
     .bind(i32::try_from(sent).unwrap_or(i32::MAX))
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(())
 }
 
@@ -438,6 +440,7 @@ pub async fn release(
     }
     let kinds: Vec<&str> = reservation.taken_from.iter().map(|(kind, _)| kind.as_str()).collect();
     let starts: Vec<DateTime<Utc>> = reservation.taken_from.iter().map(|(_, start)| *start).collect();
+    let mut db = super::Autocommit::open(pool).await?;
     sqlx::query(
         r#"WITH locked AS (
                SELECT w.window_kind FROM channel_rate_windows w
@@ -453,8 +456,9 @@ pub async fn release(
     .bind(&kinds)
     .bind(&starts)
     .bind(i32::try_from(unused).unwrap_or(i32::MAX))
-    .execute(pool)
+    .execute(db.conn())
     .await?;
+    db.commit().await?;
     Ok(())
 }
 

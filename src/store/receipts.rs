@@ -457,7 +457,7 @@ pub const UNMATCHED_RECEIPT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// change is committed (so a webhook may be acknowledged), including the receipts kept
 /// because no message has their id yet; on `Err` nothing is.
 pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -> Result<ReceiptsReport> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     let applied = apply_events(&mut tx, events).await?;
     keep_unmatched(&mut tx, events, &applied.outcomes).await?;
     let opted_out = apply_opt_outs(&mut tx, opt_outs, &applied.opting_out).await?;
@@ -529,11 +529,15 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     // business-scoped user id, then (Evolution) phone (an `unknown` message, the only
     // one to that contact on the channel whose attempt ended within a day of the
     // receipt).
+    //
+    // The resolution is materialized before the join that locks: joined on the
+    // expression itself, the planner hashes the whole table for a large batch (a full
+    // scan of campaign_messages per transaction), where a lookup by primary key per
+    // event is what it takes.
     let rows: Vec<Resolved> = sqlx::query_as(
         r#"
-        SELECT v.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
-               (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM v.pid
-                AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))) AS superseded
+        WITH r AS MATERIALIZED (
+        SELECT v.idx, v.pid, r.id
         FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $9::text[])
              WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, bsuid, idx)
         CROSS JOIN LATERAL (
@@ -566,7 +570,11 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
                  HAVING count(*) = 1)
             ) AS id
         ) r
-        JOIN campaign_messages m ON m.id = r.id
+        )
+        SELECT r.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
+               (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM r.pid
+                AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, r.pid))) AS superseded
+        FROM r JOIN campaign_messages m ON m.id = r.id
         ORDER BY m.id
         FOR UPDATE OF m
         "#,
@@ -858,16 +866,18 @@ const SWEEP_LOCK: i64 = 0x6469_7370_6172_6f01; // "disparo" + 1
 /// applied; a page that another replica is sweeping at the same moment is left to it.
 pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepReport> {
     let max_age_secs = max_age.as_secs_f64();
+    let mut db = super::Autocommit::open(pool).await?;
     let expired = sqlx::query("DELETE FROM unmatched_receipts WHERE received_at < now() - make_interval(secs => $1)")
         .bind(max_age_secs)
-        .execute(pool)
+        .execute(db.conn())
         .await?
         .rows_affected();
+    db.commit().await?;
     let mut report = SweepReport { applied: 0, expired };
     // keyset pagination, so receipts that still find nothing never hide later ones
     let mut after: Option<(DateTime<Utc>, String, String, String, String, String)> = None;
     loop {
-        let mut tx = pool.begin().await?;
+        let mut tx = super::begin(pool).await?;
         let (locked,): (bool,) =
             sqlx::query_as("SELECT pg_try_advisory_xact_lock($1)").bind(SWEEP_LOCK).fetch_one(&mut *tx).await?;
         if !locked {

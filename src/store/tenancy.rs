@@ -50,7 +50,7 @@ pub(crate) async fn provision(pool: &PgPool, organization: &str, namespace: &str
     if !password.chars().all(|c| c.is_ascii_alphanumeric()) {
         return Err(Error::Invalid("a role password must be letters and digits".into()));
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('disparo.tenancy'), hashtext($1))")
         .bind(organization)
         .execute(&mut *tx)
@@ -95,11 +95,13 @@ pub async fn record<'e>(
 /// The current organization id of a namespace name (the most recently provisioned one:
 /// a re-created namespace is a new organization).
 pub(crate) async fn organization_of(pool: &PgPool, namespace: &str) -> Result<Option<String>> {
+    let mut db = super::Autocommit::open(pool).await?;
     let row: Option<(String,)> =
         sqlx::query_as("SELECT id FROM organizations WHERE namespace = $1 ORDER BY created_at DESC LIMIT 1")
             .bind(namespace)
-            .fetch_optional(pool)
+            .fetch_optional(db.conn())
             .await?;
+    db.commit().await?;
     Ok(row.map(|(id,)| id))
 }
 

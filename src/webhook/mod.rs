@@ -61,6 +61,9 @@ pub enum Error {
 /// Result alias of the webhook module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Postgres connections of a webhook replica unless told otherwise.
+pub const DEFAULT_DB_CONNECTIONS: u32 = 4;
+
 /// Arguments of `disparo webhook`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WebhookArgs {
@@ -70,11 +73,18 @@ pub struct WebhookArgs {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
+    /// How the URL reaches Postgres: `direct`, or `pgbouncer-transaction` when it points
+    /// at PgBouncer in transaction pooling mode.
+    #[arg(long, env = "DISPARO_DB_POOLER", value_enum, default_value_t = crate::store::Pooler::Direct)]
+    pub db_pooler: crate::store::Pooler,
     /// Largest request body accepted (413 above). Meta payloads reach about 3 MB.
     #[arg(long, env = "DISPARO_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Webhook requests read or handled at once; more wait up to 5 s for a place, then
-    /// get 503. Bodies take at most this many times --max-body-bytes of memory.
+    /// Room for this many request bodies of the largest size (--max-body-bytes) read or
+    /// handled at once: bodies take at most this many times --max-body-bytes of memory.
+    /// A request takes room for the length it declares (at least 16 KiB), so far more
+    /// small notifications (Meta's one status per request) are handled at once. A request
+    /// that finds no room within 5 s gets 503 with Retry-After (providers retry it).
     #[arg(long, env = "DISPARO_WEBHOOK_MAX_CONCURRENT_REQUESTS", default_value_t = 32)]
     pub max_concurrent_requests: usize,
     /// How long a request's headers may take to arrive, in milliseconds (the
@@ -97,7 +107,7 @@ pub struct WebhookArgs {
     #[arg(long, env = "DISPARO_WEBHOOK_BATCH_MAX_DELAY_MS", default_value_t = 0)]
     pub batch_max_delay_ms: u64,
     /// Postgres connections this process may open.
-    #[arg(long, env = "DISPARO_WEBHOOK_DB_CONNECTIONS", default_value_t = 4)]
+    #[arg(long, env = "DISPARO_WEBHOOK_DB_CONNECTIONS", default_value_t = DEFAULT_DB_CONNECTIONS)]
     pub db_max_connections: u32,
     /// How often receipts that came before their message's provider id was recorded are
     /// matched again, in milliseconds.
@@ -122,9 +132,10 @@ pub struct ServiceConfig {
     pub sweep_interval: Duration,
     /// How long a receipt that finds no message is kept.
     pub kept_for: Duration,
-    /// Webhook requests read or handled at once (see [`WebhookArgs`]).
+    /// Room for this many bodies of `max_body_bytes` read or handled at once (see
+    /// [`WebhookArgs`]).
     pub max_concurrent_requests: usize,
-    /// How long a webhook request waits for a place before it gets 503.
+    /// How long a webhook request waits for room before it gets 503.
     pub request_wait: Duration,
     /// How long a request's headers may take to arrive.
     pub header_read_timeout: Duration,
@@ -176,12 +187,12 @@ pub async fn serve(
         keywords: config.keywords,
         apply_timeout: config.apply_timeout,
     });
-    let limits = Arc::new(server::BodyLimits {
-        permits: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests.max(1))),
-        wait: config.request_wait,
-        read_timeout: config.body_read_timeout,
-        max_bytes: config.max_body_bytes,
-    });
+    let limits = Arc::new(server::BodyLimits::new(
+        config.max_concurrent_requests,
+        config.max_body_bytes,
+        config.request_wait,
+        config.body_read_timeout,
+    ));
     let app = server::router(state, limits);
     server::serve_http1(listener, app, config.header_read_timeout, shutdown).await;
     // The router (and with it the last writer handle) is gone: the writer drains and ends.
@@ -198,6 +209,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
     let WebhookArgs {
         listen,
         database_url,
+        db_pooler,
         max_body_bytes,
         max_concurrent_requests,
         header_read_timeout_ms,
@@ -208,8 +220,8 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         db_max_connections,
         sweep_interval_ms,
     } = args;
-    let pool =
-        crate::store::connect_lazy(&database_url, db_max_connections).context("configuring the Postgres pool")?;
+    let pool = crate::store::connect_lazy_via(&database_url, db_max_connections, db_pooler)
+        .context("configuring the Postgres pool")?;
     let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
     let (credentials, watch_task) = KubeCredentials::start(client, shutdown.clone());
     let keywords = match &opt_out_keywords {

@@ -66,15 +66,43 @@ type Shared = State<Arc<AppState>>;
 /// How the webhook routes read request bodies, before anything else looks at them.
 #[derive(Debug)]
 pub(crate) struct BodyLimits {
-    /// Requests that may be read or handled at once: the memory bodies take is at most
-    /// this many times `max_bytes`, whatever clients do.
-    pub(crate) permits: Arc<Semaphore>,
-    /// How long a request waits for a place before it is answered 503.
+    /// Room for the bodies of the requests being read or handled, in units of
+    /// [`ROOM_UNIT`] bytes: room for `max_concurrent_requests` bodies of the largest
+    /// size. A request takes room for the length it declares (at least one unit), or
+    /// for the largest size when it declares none, and holds it until its answer is
+    /// ready: the memory bodies take stays bounded whatever clients do, while many
+    /// small requests (Meta posts one status per request, many at once) are handled
+    /// together, and their statuses share the writer's transactions.
+    pub(crate) room: Arc<Semaphore>,
+    /// How long a request waits for room before it is answered 503.
     pub(crate) wait: Duration,
-    /// How long the whole body may take to arrive once its request has a place.
+    /// How long the whole body may take to arrive once its request has room.
     pub(crate) read_timeout: Duration,
     /// The body cap.
     pub(crate) max_bytes: usize,
+}
+
+/// The room one request takes at least: its body, what it is parsed into and its
+/// answer, for a notification of a few statuses.
+pub(crate) const ROOM_UNIT: usize = 16 * 1024;
+
+impl BodyLimits {
+    /// Limits with room for `requests` bodies of `max_bytes`.
+    pub(crate) fn new(requests: usize, max_bytes: usize, wait: Duration, read_timeout: Duration) -> BodyLimits {
+        let room = requests.max(1).saturating_mul(units(max_bytes)).min(Semaphore::MAX_PERMITS);
+        BodyLimits { room: Arc::new(Semaphore::new(room)), wait, read_timeout, max_bytes }
+    }
+
+    /// The room a request takes: for the length it declares, or for the largest body.
+    fn units_for(&self, declared: Option<u64>) -> u32 {
+        let bytes = declared.map_or(self.max_bytes, |length| (length as usize).min(self.max_bytes));
+        u32::try_from(units(bytes)).unwrap_or(u32::MAX)
+    }
+}
+
+/// Units of [`ROOM_UNIT`] that `bytes` take (at least one).
+fn units(bytes: usize) -> usize {
+    bytes.div_ceil(ROOM_UNIT).max(1)
 }
 
 /// The routes of `disparo webhook`. The probes and /metrics are outside the limits of
@@ -97,26 +125,31 @@ pub(crate) fn router(state: Arc<AppState>, limits: Arc<BodyLimits>) -> Router {
 }
 
 /// Reads the whole body of a webhook request under [`BodyLimits`] before the handler
-/// runs (and before anything about the channel is looked up): a place among the
-/// requests in flight, the cap, the read timeout. Slow or endless uploads to any URL
-/// therefore hold at most `permits` places and `permits × max_bytes` of memory, each
-/// for at most `read_timeout`. The place is held until the answer is ready.
+/// runs (and before anything about the channel is looked up): room for the body, the
+/// cap, the read timeout. Slow or endless uploads to any URL therefore hold at most the
+/// room (`max_concurrent_requests × max_bytes` of memory), each for at most
+/// `read_timeout`. The room is held until the answer is ready.
+///
+/// A request that finds no room within `wait` gets 503 with `Retry-After`: Meta retries
+/// any answer but 2xx (docs/providers.md A4), so an overload delays statuses, never
+/// loses them (docs/architecture.md, "The webhook under load").
 async fn read_body(State(limits): State<Arc<BodyLimits>>, request: Request, next: Next) -> Response {
     let provider = if request.uri().path().starts_with("/webhooks/meta/") { META } else { EVOLUTION };
-    let permit = match tokio::time::timeout(limits.wait, limits.permits.clone().acquire_owned()).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
-            debug!(provider, "no place for the request in time");
-            return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "busy, retry later"))
-                .into_response();
-        }
-    };
     let too_large = || (StatusCode::PAYLOAD_TOO_LARGE, "request body too large").into_response();
     let declared =
         request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limits.max_bytes as u64) {
         return too_large();
     }
+    let units = limits.units_for(declared);
+    let permit = match tokio::time::timeout(limits.wait, limits.room.clone().acquire_many_owned(units)).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            debug!(provider, "no room for the request in time");
+            return ([(header::RETRY_AFTER, "5")], (StatusCode::SERVICE_UNAVAILABLE, "busy, retry later"))
+                .into_response();
+        }
+    };
     let (parts, body) = request.into_parts();
     let read = async {
         let mut stream = body.into_data_stream();
@@ -545,4 +578,26 @@ pub(crate) async fn serve_http1(
         });
     }
     while connections.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_takes_room_for_its_declared_length_at_least_one_unit() {
+        let limits = BodyLimits::new(32, 3 * 1024 * 1024, Duration::from_secs(5), Duration::from_secs(20));
+        let largest = (3 * 1024 * 1024 / ROOM_UNIT) as u32;
+        assert_eq!(limits.room.available_permits(), 32 * largest as usize, "room for 32 of the largest bodies");
+        // Meta's one-status notification: one unit; thousands fit at once
+        assert_eq!(limits.units_for(Some(700)), 1);
+        assert_eq!(limits.units_for(Some(0)), 1);
+        assert_eq!(limits.units_for(Some(ROOM_UNIT as u64 + 1)), 2);
+        // no declared length (chunked): room for the largest body
+        assert_eq!(limits.units_for(None), largest);
+        assert_eq!(limits.units_for(Some(u64::MAX)), largest);
+        // a service allowed a single request still takes the largest one
+        let one = BodyLimits::new(0, 100, Duration::from_secs(5), Duration::from_secs(20));
+        assert_eq!((one.room.available_permits(), one.units_for(None)), (1, 1));
+    }
 }

@@ -302,7 +302,7 @@ pub async fn apply(
     url_channel: &str,
     signals: &[AccountSignal],
 ) -> crate::store::Result<Vec<SignalOutcome>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = crate::store::begin(pool).await?;
     let mut outcomes = Vec::with_capacity(signals.len());
     for signal in signals {
         let waba_id = signal.waba_id.as_str();

@@ -4,6 +4,7 @@
 //! - here: a real Postgres (the throwaway server `scripts/pg` starts, or `DATABASE_URL`
 //!   when given) with one fresh, migrated database per test, and contacts to seed it;
 //! - [`postgres`]: a Postgres server of one test's own, to stop and start;
+//! - [`pgbouncer`]: a real PgBouncer in transaction pooling mode in front of a test Postgres;
 //! - [`cluster`]: kubectl, the CRDs and namespaces on the shared control plane;
 //! - [`bin`]: the executables tests spawn (`disparo`, `disparo-nodeagent`);
 //! - [`process`]: processes with their logs, free ports, node agents;
@@ -14,6 +15,7 @@
 
 pub mod bin;
 pub mod cluster;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
 pub mod prometheus;
