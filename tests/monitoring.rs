@@ -253,11 +253,11 @@ async fn snapshot(prometheus: &Prometheus, dashboard: &Value, seconds: u64, path
     .unwrap();
 }
 
-/// A Meta channel of a portfolio at a per-minute cap, with the stack's credentials or
-/// another Secret's.
-fn channel(name: &str, base_url: &str, secret: &str, per_minute: u32) -> String {
+/// A Meta channel of a portfolio spacing its sends by `spacing_ms`, with the stack's
+/// credentials or another Secret's.
+fn channel(name: &str, base_url: &str, secret: &str, spacing_ms: u32) -> String {
     format!(
-        "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: {name}}}\nspec:\n  provider: meta\n  meta:\n    phoneNumberId: '111'\n    baseUrl: {base_url}\n    accessToken: {{name: {secret}, key: access-token}}\n    appSecret: {{name: {secret}, key: app-secret}}\n    verifyToken: {{name: {secret}, key: verify-token}}\n    businessPortfolio: pf-1\n    wabaId: '102290129340398'\n  rateLimits: {{perMinute: {per_minute}, perHour: 100000, perDay: 1000000, mode: Graceful}}\n"
+        "apiVersion: disparo.io/v1alpha1\nkind: Channel\nmetadata: {{name: {name}}}\nspec:\n  provider: meta\n  meta:\n    phoneNumberId: '111'\n    baseUrl: {base_url}\n    accessToken: {{name: {secret}, key: access-token}}\n    appSecret: {{name: {secret}, key: app-secret}}\n    verifyToken: {{name: {secret}, key: verify-token}}\n    businessPortfolio: pf-1\n    wabaId: '102290129340398'\n  rateLimits: {{perMinute: 100000, perHour: 1000000, perDay: 10000000, mode: Graceful, minIntervalMillis: {spacing_ms}}}\n"
     )
 }
 
@@ -308,8 +308,10 @@ async fn prometheus_evaluates_every_panel_and_the_provoked_faults_fire_their_ale
     });
     let prometheus = Prometheus::start(&serde_yaml::to_string(&config).unwrap(), Some(&rules)).await;
 
-    stack.apply(&channel("main", &sandbox.base_url(), "meta-creds", 100));
-    stack.apply(&channel("revoked", &sandbox.base_url(), "revoked-creds", 100));
+    // Sends spaced over about half a minute: sender pods live long enough for several
+    // scrapes, as a campaign's do at any real pace.
+    stack.apply(&channel("main", &sandbox.base_url(), "meta-creds", 300));
+    stack.apply(&channel("revoked", &sandbox.base_url(), "revoked-creds", 0));
     stack.apply(&campaign("promo", "main", "promo", "{tags: {anyOf: [a]}}", ""));
     stack.apply(&campaign("doomed", "revoked", "promo", "{tags: {anyOf: [b]}}", ""));
 
