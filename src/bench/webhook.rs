@@ -457,24 +457,7 @@ async fn rows_moved(pool: &PgPool, organization: &str, ids: &[String]) -> Result
 fn events_of(body: &[u8], organization: &str) -> Result<Vec<StatusEvent>, BenchError> {
     let notification =
         crate::webhook::meta::parse(body, Utc::now()).map_err(|e| BenchError::Unexpected(e.to_string()))?;
-    Ok(notification
-        .statuses
-        .into_iter()
-        .map(|s| StatusEvent {
-            provider: Provider::Meta,
-            organization: organization.to_owned(),
-            channel: CHANNEL.to_owned(),
-            provider_message_id: s.provider_message_id,
-            message_id: s.message_id,
-            status: s.status,
-            at: s.at,
-            error: s.error,
-            recipient: s.recipient,
-            opts_out: s.opts_out,
-            recipient_bsuid: s.recipient_bsuid,
-            pricing: s.pricing,
-        })
-        .collect())
+    Ok(notification.statuses.into_iter().map(|s| s.into_event(Provider::Meta, organization, CHANNEL)).collect())
 }
 
 /// A signed Meta payload of `delivered` statuses, in the shape the sandbox posts

@@ -5,7 +5,7 @@
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::signals::{AccountSignal, SignalField};
-use crate::store::receipts::{Pricing, ProviderError, ReceiptStatus};
+use crate::store::receipts::{Pricing, Provider, ProviderError, ReceiptStatus, StatusEvent};
 
 /// A status a provider reported, not yet bound to an organization.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +28,26 @@ pub struct ReportedStatus {
     pub recipient_bsuid: Option<String>,
     /// What the provider says it charges for the message (Meta `pricing`).
     pub pricing: Option<Pricing>,
+}
+
+impl ReportedStatus {
+    /// The status bound to the organization and channel whose URL it was posted at.
+    pub(crate) fn into_event(self, provider: Provider, organization: &str, channel: &str) -> StatusEvent {
+        StatusEvent {
+            provider,
+            organization: organization.to_owned(),
+            channel: channel.to_owned(),
+            provider_message_id: self.provider_message_id,
+            message_id: self.message_id,
+            status: self.status,
+            at: self.at,
+            error: self.error,
+            recipient: self.recipient,
+            opts_out: self.opts_out,
+            recipient_bsuid: self.recipient_bsuid,
+            pricing: self.pricing,
+        }
+    }
 }
 
 /// A message a user sent to the business number, from a phone number, a

@@ -454,20 +454,7 @@ impl AppState {
                         bsuid: s.recipient_bsuid.clone(),
                     });
                 }
-                StatusEvent {
-                    provider: source,
-                    organization: organization.to_owned(),
-                    channel: channel.to_owned(),
-                    provider_message_id: s.provider_message_id,
-                    message_id: s.message_id,
-                    status: s.status,
-                    at: s.at,
-                    error: s.error,
-                    recipient: s.recipient,
-                    opts_out: s.opts_out,
-                    recipient_bsuid: s.recipient_bsuid,
-                    pricing: s.pricing,
-                }
+                s.into_event(source, organization, channel)
             })
             .collect();
         for message in inbound {
