@@ -1,8 +1,9 @@
 //! The batch loop: reserve tokens, claim that many due messages (giving back the tokens
-//! of messages that were not due), send them concurrently, record the outcomes in one
-//! statement, repeat until every message of the batch is final. On an uncapped channel
-//! nothing is reserved and nothing counted first: a block is two statements, its claim
-//! and its record.
+//! of messages that were not due) and keep them locked, commit the block's intent, send
+//! them concurrently, write the outcomes and drop the intent in the claim's one commit,
+//! repeat until every message of the batch is final (`store::blocks`, and
+//! docs/architecture.md, "One write per message"). On an uncapped channel nothing is
+//! reserved and nothing counted first: a block is its claim, its intent and its commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use super::{Error, Result};
 use crate::account;
 use crate::api::{QualityPolicy, RateLimitMode, TemplateCategory};
 use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
-use crate::store::{self, messages, pauses, rate};
+use crate::store::{self, blocks, messages, pauses, rate};
 
 /// The message as configured (before per-contact rendering).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -177,33 +178,23 @@ pub async fn run_batch(
     shutdown: &CancellationToken,
 ) -> Result<BatchEnd> {
     let run_id = Uuid::new_v4().simple().to_string();
-    let interrupted =
-        retrying("recovering interrupted sends", || messages::recover_interrupted(pool, job.campaign, job.batch))
+    let interrupted = retrying("recovering interrupted sends", || blocks::recover(pool, job.campaign, job.batch, &run_id))
+        .await?
+        // rows a sender of an earlier version left `sending`
+        + retrying("recovering interrupted sends", || messages::recover_interrupted(pool, job.campaign, job.batch))
             .await?;
     if interrupted > 0 {
         warn!(interrupted, "messages left mid-send by a previous run are now unknown (never re-sent)");
     }
-    loop {
-        let outcome = run_lanes(pool, job, client.clone(), metrics, shutdown, &run_id).await?;
-        if shutdown.is_cancelled() && outcome == BatchEnd::Done {
-            let remaining =
-                retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
-            if remaining.pending > 0 {
-                return Ok(BatchEnd::Interrupted);
-            }
+    let outcome = run_lanes(pool, job, client.clone(), metrics, shutdown, &run_id).await?;
+    if shutdown.is_cancelled() && outcome == BatchEnd::Done {
+        let remaining =
+            retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;
+        if remaining.pending > 0 {
+            return Ok(BatchEnd::Interrupted);
         }
-        if outcome != BatchEnd::Done || shutdown.is_cancelled() {
-            return Ok(outcome);
-        }
-        // Nothing is in flight now: a row still `sending` was claimed by a statement whose
-        // answer was lost to a dropped connection, and never sent.
-        let lost =
-            retrying("releasing lost claims", || messages::release_lost_claims(pool, job.campaign, job.batch)).await?;
-        if lost == 0 {
-            return Ok(BatchEnd::Done);
-        }
-        warn!(lost, "claims whose answer was lost go back to pending");
     }
+    Ok(outcome)
 }
 
 /// Runs the lanes until each ends; the first end other than `Done` wins.
@@ -454,9 +445,9 @@ async fn admit_to_budget(
 /// Runs a store operation, retrying transient failures (connection lost, Postgres
 /// restarting, serialization failures, deadlocks) with backoff for a few minutes, so a
 /// database restart costs a pause instead of a failed pod. Every operation retried here
-/// is safe to repeat: a claim that committed without its answer leaves rows `sending`,
-/// which the next run of the batch turns `unknown` (never re-sent); recording outcomes
-/// only moves rows still `sending`.
+/// is safe to repeat: a claim writes nothing (a failed one's locks go with its
+/// transaction), and settling a block's outcomes writes them only while its intent is
+/// there.
 async fn retrying<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -470,7 +461,7 @@ where
             Err(error) if error.is_transient() && std::time::Instant::now() < give_up => {
                 warn!(error = %crate::telemetry::chain(&error), what, retry_in = ?delay, "Postgres failed; retrying");
                 // Shutdown does not cut this short: an outcome must be recorded before
-                // the process exits, or its message would be left `sending`.
+                // the process exits, or its message would end `unknown`.
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
@@ -509,24 +500,24 @@ async fn send_blocks(
                 Look::End(end) => return Ok(end),
             }
         }
-        let (reservation, claimed) = match take_block(pool, job, &caps.in_force, metrics, shutdown, usage).await? {
-            Taken::Block(reservation, claimed) => (reservation, claimed),
+        let (reservation, mut block) = match take_block(pool, job, &caps.in_force, metrics, shutdown, usage).await? {
+            Taken::Block(reservation, block) => (reservation, block),
             Taken::Again => continue,
             Taken::End(end) => return Ok(end),
         };
-        let (claimed, over_budget, budget_until) = admit_to_budget(pool, job, claimed).await?;
+        let (claimed, over_budget, budget_until) = admit_to_budget(pool, job, block.take_messages()).await?;
         if !over_budget.is_empty() {
             let unused = over_budget.len() as u32;
-            retrying("putting back messages over the messaging limit", || {
-                messages::record_outcomes(pool, &over_budget, run_id)
-            })
-            .await?;
             retrying("giving back tokens", || {
                 rate::release(pool, &job.organization, &job.channel, &reservation, unused)
             })
             .await?;
         }
+        if !claimed.is_empty() && !announce(pool, job, &mut block, &claimed, run_id).await? {
+            continue;
+        }
         if claimed.is_empty() {
+            record_block(pool, block, &over_budget, run_id).await?;
             if let Some(until) = budget_until {
                 metrics.rate_limit_waits.inc();
                 info!(%until, "the portfolio's 24 h messaging limit is spent");
@@ -538,18 +529,62 @@ async fn send_blocks(
             continue;
         }
         let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
-        let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
-        retrying("recording outcomes", || messages::record_outcomes(pool, &outcomes, run_id)).await?;
+        let outcomes: Vec<(i64, messages::Outcome)> =
+            over_budget.into_iter().chain(results.iter().map(|(id, o, _)| (*id, o.clone()))).collect();
+        record_block(pool, block, &outcomes, run_id).await?;
         if let Some(end) = apply_effects(pool, job, metrics, shutdown, &results).await? {
             return Ok(end);
         }
     }
 }
 
+/// Commits the intent to send `claimed` before their provider calls. Returns false when
+/// that failed and the block was given back (its messages are claimed again later).
+async fn announce(
+    pool: &PgPool,
+    job: &BatchJob,
+    block: &mut blocks::HeldBlock,
+    claimed: &[messages::ClaimedMessage],
+    run_id: &str,
+) -> Result<bool> {
+    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
+    let Err(error) = block.announce(pool, &ids, run_id).await else { return Ok(true) };
+    if !error.is_transient() {
+        return Err(error.into());
+    }
+    warn!(error = %crate::telemetry::chain(&error), "committing a block's intent failed; claiming again");
+    // Its commit may have happened without its answer: an intent nobody acts on would
+    // keep these messages from being claimed.
+    retrying("forgetting an unused intent", || blocks::forget(pool, job.campaign, job.batch, run_id, &ids)).await?;
+    Ok(false)
+}
+
+/// Writes a block's outcomes in its held transaction's commit. If that fails, the block's
+/// intent decides: still there, the outcomes were not written, and are (a block that
+/// sent nothing has no intent: its messages are pending again, which is true).
+async fn record_block(
+    pool: &PgPool,
+    block: blocks::HeldBlock,
+    outcomes: &[(i64, messages::Outcome)],
+    run_id: &str,
+) -> Result<()> {
+    let intent = block.intent();
+    let Err(error) = block.record(outcomes, run_id).await else { return Ok(()) };
+    match intent {
+        Some(intent) if error.is_transient() => {
+            warn!(error = %crate::telemetry::chain(&error), "committing a block's outcomes failed; writing them again");
+            retrying("recording outcomes", || blocks::settle(pool, intent, outcomes, run_id)).await?;
+            Ok(())
+        }
+        None if error.is_transient() => Ok(()),
+        _ => Err(error.into()),
+    }
+}
+
 /// What taking a block gave.
 enum Taken {
-    /// Tokens and the messages claimed with them (never empty).
-    Block(rate::Reservation, Vec<messages::ClaimedMessage>),
+    /// Tokens and the messages claimed with them, held locked (never empty).
+    Block(rate::Reservation, blocks::HeldBlock),
     /// Nothing due yet, or the caps made the lane wait: go round again.
     Again,
     /// The lane ends.
@@ -567,10 +602,9 @@ async fn take_block(
     usage: &mut UsageTally,
 ) -> Result<Taken> {
     let (reservation, claimed) = if limits.is_unlimited() {
-        let claimed = retrying("claiming messages", || {
-            messages::claim_due(pool, job.campaign, job.batch, i64::from(job.block_size))
-        })
-        .await?;
+        let claimed =
+            retrying("claiming messages", || blocks::claim(pool, job.campaign, job.batch, i64::from(job.block_size)))
+                .await?;
         usage.add(pool, job, claimed.len()).await?;
         let counted = claimed.len() as u32;
         (
@@ -597,8 +631,7 @@ async fn take_block(
             return blocked(pool, job, limits, metrics, shutdown, until).await;
         }
         let granted = reservation.granted() as i64;
-        let claimed =
-            retrying("claiming messages", || messages::claim_due(pool, job.campaign, job.batch, granted)).await?;
+        let claimed = retrying("claiming messages", || blocks::claim(pool, job.campaign, job.batch, granted)).await?;
         (reservation, claimed)
     };
     if claimed.len() < reservation.granted() {
@@ -608,6 +641,10 @@ async fn take_block(
     }
     if !claimed.is_empty() {
         return Ok(Taken::Block(reservation, claimed));
+    }
+    // Nothing to send; contacts who opted out are written `skipped` now.
+    if claimed.has_opted_out() {
+        record_block(pool, claimed, &[], "").await?;
     }
     let remaining =
         retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;

@@ -135,13 +135,68 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn status(&self) -> &'static str {
+    pub(super) fn status(&self) -> &'static str {
         match self {
             Outcome::Sent { .. } => "sent",
             Outcome::RetryAt { .. } | Outcome::Requeue { .. } | Outcome::MarketingHeld { .. } => "pending",
             Outcome::Failed { .. } => "failed",
             Outcome::Unknown { .. } => "unknown",
         }
+    }
+}
+
+/// Outcomes as the column arrays the recording statements unnest.
+pub(super) struct OutcomeColumns {
+    pub(super) ids: Vec<i64>,
+    pub(super) statuses: Vec<&'static str>,
+    pub(super) provider_ids: Vec<Option<String>>,
+    pub(super) codes: Vec<Option<String>>,
+    pub(super) messages: Vec<Option<String>>,
+    pub(super) next_at: Vec<Option<DateTime<Utc>>>,
+    /// The attempt is given back (not attempted after all).
+    pub(super) refund: Vec<bool>,
+    pub(super) marketing: Vec<bool>,
+}
+
+impl OutcomeColumns {
+    pub(super) fn of(outcomes: &[(i64, Outcome)]) -> OutcomeColumns {
+        let mut c = OutcomeColumns {
+            ids: Vec::with_capacity(outcomes.len()),
+            statuses: Vec::with_capacity(outcomes.len()),
+            provider_ids: Vec::with_capacity(outcomes.len()),
+            codes: Vec::with_capacity(outcomes.len()),
+            messages: Vec::with_capacity(outcomes.len()),
+            next_at: Vec::with_capacity(outcomes.len()),
+            refund: Vec::with_capacity(outcomes.len()),
+            marketing: Vec::with_capacity(outcomes.len()),
+        };
+        for (id, outcome) in outcomes {
+            let (pid, code, msg, at, give_back) = match outcome {
+                Outcome::Sent { provider_message_id } => (Some(provider_message_id.clone()), None, None, None, false),
+                Outcome::RetryAt { at, code, message } => {
+                    (None, Some(code.clone()), Some(message.clone()), Some(*at), false)
+                }
+                Outcome::Requeue { at } => (None, None, None, Some(*at), true),
+                Outcome::MarketingHeld { at, message } => (
+                    None,
+                    Some(crate::account::MARKETING_LIMIT_CODE.to_owned()),
+                    Some(message.clone()),
+                    Some(*at),
+                    true,
+                ),
+                Outcome::Failed { code, message } => (None, Some(code.clone()), Some(message.clone()), None, false),
+                Outcome::Unknown { reason } => (None, Some("unknown".to_owned()), Some(reason.clone()), None, false),
+            };
+            c.ids.push(*id);
+            c.statuses.push(outcome.status());
+            c.provider_ids.push(pid);
+            c.codes.push(code);
+            c.messages.push(msg);
+            c.next_at.push(at);
+            c.refund.push(give_back);
+            c.marketing.push(matches!(outcome, Outcome::MarketingHeld { .. }));
+        }
+        c
     }
 }
 
@@ -164,36 +219,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     if outcomes.is_empty() {
         return Ok(0);
     }
-    let mut ids = Vec::with_capacity(outcomes.len());
-    let mut statuses = Vec::with_capacity(outcomes.len());
-    let mut provider_ids: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
-    let mut codes: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
-    let mut messages: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
-    let mut next_at: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(outcomes.len());
-    let mut refund: Vec<bool> = Vec::with_capacity(outcomes.len());
-    let mut marketing: Vec<bool> = Vec::with_capacity(outcomes.len());
-    for (id, outcome) in outcomes {
-        ids.push(*id);
-        statuses.push(outcome.status());
-        let (pid, code, msg, at, give_back) = match outcome {
-            Outcome::Sent { provider_message_id } => (Some(provider_message_id.clone()), None, None, None, false),
-            Outcome::RetryAt { at, code, message } => {
-                (None, Some(code.clone()), Some(message.clone()), Some(*at), false)
-            }
-            Outcome::Requeue { at } => (None, None, None, Some(*at), true),
-            Outcome::MarketingHeld { at, message } => {
-                (None, Some(crate::account::MARKETING_LIMIT_CODE.to_owned()), Some(message.clone()), Some(*at), true)
-            }
-            Outcome::Failed { code, message } => (None, Some(code.clone()), Some(message.clone()), None, false),
-            Outcome::Unknown { reason } => (None, Some("unknown".to_owned()), Some(reason.clone()), None, false),
-        };
-        provider_ids.push(pid);
-        codes.push(code);
-        messages.push(msg);
-        next_at.push(at);
-        refund.push(give_back);
-        marketing.push(matches!(outcome, Outcome::MarketingHeld { .. }));
-    }
+    let columns = OutcomeColumns::of(outcomes);
     let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
     let mut db = super::Autocommit::open(pool).await?;
     let result = sqlx::query(
@@ -233,57 +259,16 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         WHERE m.id = v.id AND m.status = 'sending'
         "#,
     )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&provider_ids)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(&next_at)
-    .bind(&refund)
+    .bind(&columns.ids)
+    .bind(&columns.statuses)
+    .bind(&columns.provider_ids)
+    .bind(&columns.codes)
+    .bind(&columns.messages)
+    .bind(&columns.next_at)
+    .bind(&columns.refund)
     .bind(run_id)
     .bind(may_go_back)
-    .bind(&marketing)
-    .execute(db.conn())
-    .await?;
-    db.commit().await?;
-    Ok(result.rows_affected())
-}
-
-/// Puts back to pending the messages of a batch left `sending` by claims of this run
-/// whose answer never arrived (the connection dropped after the claim committed).
-/// Called only when no send of the run is in flight: such rows were never handed to the
-/// provider, so sending them is their first attempt, not a re-send.
-///
-/// Like a requeue in [`record_outcomes`]: in a cancelled campaign they end `cancelled`
-/// instead, the campaign row is read under a share lock so a cancel under way is seen,
-/// and the rows are locked in ascending id order.
-pub async fn release_lost_claims(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<u64> {
-    let mut db = super::Autocommit::open(pool).await?;
-    let result = sqlx::query(
-        r#"
-        WITH locked AS (
-            SELECT id FROM campaign_messages
-            WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'sending'
-            ORDER BY id
-            FOR UPDATE
-        ), campaign AS (
-            SELECT cancelled_at IS NOT NULL AS cancelled FROM campaigns WHERE uid = $1 FOR SHARE
-        ), decided AS (
-            SELECT coalesce((SELECT cancelled FROM campaign), false) AS cancelled
-        )
-        UPDATE campaign_messages m SET
-            status = CASE WHEN d.cancelled THEN 'cancelled' ELSE 'pending' END::message_status,
-            attempts = m.attempts - 1,
-            updated_at = now(),
-            status_history = CASE WHEN d.cancelled
-                THEN m.status_history || jsonb_build_array(jsonb_build_object('status', 'cancelled', 'at', now()))
-                ELSE m.status_history END
-        FROM locked, decided d
-        WHERE m.id = locked.id AND m.status = 'sending'
-        "#,
-    )
-    .bind(campaign)
-    .bind(batch)
+    .bind(&columns.marketing)
     .execute(db.conn())
     .await?;
     db.commit().await?;
@@ -353,11 +338,20 @@ pub async fn cancel_pending(pool: &PgPool, campaign: Uuid) -> Result<u64> {
         .bind(campaign)
         .execute(&mut *tx)
         .await?;
+    // Rows a sender's held block locks are skipped, not waited for: that block's commit
+    // reads this campaign under a share lock, which waits for this transaction, and
+    // then writes its retries and requeues `cancelled` itself (`blocks`).
     let result = sqlx::query(
         r#"
+        WITH pending AS (
+            SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'pending'
+            ORDER BY id
+            FOR UPDATE SKIP LOCKED
+        )
         UPDATE campaign_messages m SET status = 'cancelled', updated_at = now(),
             status_history = m.status_history || jsonb_build_array(jsonb_build_object('status', 'cancelled', 'at', now()))
-        WHERE campaign_uid = $1 AND status = 'pending'
+        FROM pending
+        WHERE m.campaign_uid = $1 AND m.id = pending.id AND m.status = 'pending'
         "#,
     )
     .bind(campaign)

@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod audience;
+pub mod blocks;
 pub mod campaigns;
 pub mod contacts;
 pub mod export;
