@@ -1,19 +1,19 @@
 -- One write per message on the send path (docs/architecture.md, "One write per message").
 --
 -- A sender used to mark each claimed message `sending` (one write), call the provider,
--- then record the outcome (a second write). Now it claims a block with
--- `FOR UPDATE SKIP LOCKED` inside a transaction it holds across the provider calls,
--- commits one `send_intents` row naming the block on another connection before the
--- first call, and writes the outcomes and deletes the intent in the held transaction's
--- one commit. A message therefore goes straight from `pending` to its outcome.
+-- then record the outcome (a second write). Now a block's claim writes one
+-- `send_intents` row naming the messages it is about to send, in the transaction that
+-- locks them (`FOR UPDATE SKIP LOCKED`), and the transaction that writes the outcomes
+-- deletes it. A message therefore goes straight from `pending` to its outcome, and no
+-- transaction is held across the provider calls.
 --
--- An intent row outliving its transaction means the sender died, or lost its
--- connection, with the block's calls possibly made: the block's messages that are
--- still `pending` are never claimed again and become `unknown` (or get the outcomes
--- the sender still holds, when it is alive to write them).
+-- No claim takes a message an intent names. An intent still there when its run is gone
+-- means the block's calls may have been made: the next run of the batch turns its
+-- messages that are still `pending` into `unknown`, never sending them again. The id is
+-- the sender's: a claim whose commit answer was lost can delete its own intent.
 
 CREATE TABLE send_intents (
-    id            BIGSERIAL   PRIMARY KEY,
+    id            UUID        PRIMARY KEY,
     organization  TEXT        NOT NULL,
     campaign_uid  UUID        NOT NULL,
     batch_index   INT         NOT NULL,
@@ -24,7 +24,6 @@ CREATE TABLE send_intents (
 CREATE INDEX send_intents_batch_idx ON send_intents (campaign_uid, batch_index);
 
 GRANT SELECT, INSERT, DELETE ON send_intents TO disparo_tenant;
-GRANT USAGE ON SEQUENCE send_intents_id_seq TO disparo_tenant;
 ALTER TABLE send_intents ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON send_intents TO disparo_tenant
     USING (organization = (SELECT current_organization())) WITH CHECK (organization = (SELECT current_organization()));

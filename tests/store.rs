@@ -251,10 +251,9 @@ async fn counters_equal_a_recount_after_random_changes() {
         let batch = rng.random_range(0..6);
         // the sender's one-write blocks, and the two-write path tools still use
         let limit = rng.random_range(1..20);
-        let (block, claimed) = if round % 2 == 0 {
-            let mut block = blocks::claim(&pool, uid, batch, limit).await.unwrap();
-            let claimed = block.take_messages();
-            (Some(block), claimed)
+        let (intent, claimed) = if round % 2 == 0 {
+            let block = claim(&pool, uid, batch, limit, "test-run").await;
+            (block.intent, block.messages)
         } else {
             (None, messages::claim_due(&pool, uid, batch, limit).await.unwrap())
         };
@@ -271,8 +270,8 @@ async fn counters_equal_a_recount_after_random_changes() {
                 (m.id, outcome)
             })
             .collect();
-        match block {
-            Some(block) => block.record(&outcomes, "test-run").await.unwrap(),
+        match intent {
+            Some(intent) => blocks::record(&pool, intent, &outcomes, "test-run").await.unwrap(),
             None => messages::record_outcomes(&pool, &outcomes, "test-run").await.unwrap(),
         };
         // webhook-like moves on random sent messages, some stale
@@ -773,9 +772,9 @@ async fn campaign_with_outcomes(
 ) -> (Uuid, String, Vec<String>) {
     let phones = common::seed_contacts(pool, org, n, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(pool, org, &AudienceQuery::AllContacts, 100).await;
-    let mut block = blocks::claim(pool, uid, 0, n as i64).await.unwrap();
+    let block = claim(pool, uid, 0, n as i64, "test-run").await;
     let outcomes: Vec<(i64, Outcome)> = block
-        .take_messages()
+        .messages
         .iter()
         .filter_map(|m| {
             let i = phones.iter().position(|p| *p == m.phone).unwrap();
@@ -783,7 +782,7 @@ async fn campaign_with_outcomes(
         })
         .collect();
     // what was claimed and got no outcome stays pending
-    block.record(&outcomes, "test-run").await.unwrap();
+    blocks::record(pool, block.intent.unwrap(), &outcomes, "test-run").await.unwrap();
     let (name,): (String,) =
         sqlx::query_as("SELECT name FROM campaigns WHERE uid = $1").bind(uid).fetch_one(pool).await.unwrap();
     (uid, name, phones)
@@ -960,32 +959,39 @@ async fn intents_of(pool: &PgPool, campaign: Uuid) -> i64 {
     count
 }
 
-/// The sender's block: its messages go from `pending` straight to their outcome in the
-/// claim's one commit, with one history entry, the attempt spent, and the intent gone.
+async fn claim(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64, run: &str) -> blocks::Block {
+    blocks::claim(pool, campaign, batch, limit, run, Uuid::new_v4()).await.unwrap()
+}
+
+fn all_sent(ids: &[i64]) -> Vec<(i64, Outcome)> {
+    ids.iter().map(|id| (*id, Outcome::Sent { provider_message_id: format!("wamid.{id}") })).collect()
+}
+
+/// The sender's block: its messages go from `pending` straight to their outcome, with
+/// one history entry and the attempt spent; the intent names them until then.
 #[tokio::test]
-async fn a_block_writes_each_outcome_in_its_one_commit() {
+async fn a_block_writes_each_outcome_once() {
     let (pool, _) = common::fresh_db().await;
     common::seed_contacts(&pool, "acme", 6, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
-    let mut block = blocks::claim(&pool, uid, 0, 4).await.unwrap();
-    let claimed = block.take_messages();
-    assert_eq!(claimed.len(), 4);
-    assert!(claimed.iter().all(|m| m.attempts == 1), "the attempt about to be made");
-    // held: another claim skips them, and nothing was written yet
-    let other = blocks::claim(&pool, uid, 0, 10).await.unwrap();
-    assert_eq!(other.len(), 2, "a held block's messages are not claimed twice");
-    drop(other);
-    assert_eq!(assert_counters_equal_recount(&pool, uid).await.pending, 6);
-    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
-    block.announce(&pool, &ids, "run-a").await.unwrap();
-    assert_eq!(intents_of(&pool, uid).await, 1, "the intent is committed before the calls");
+    let block = claim(&pool, uid, 0, 4, "run-a").await;
+    assert_eq!(block.messages.len(), 4);
+    assert!(block.messages.iter().all(|m| m.attempts == 1), "the attempt about to be made");
+    assert_eq!(intents_of(&pool, uid).await, 1, "the intent is committed with the claim");
+    assert_eq!(assert_counters_equal_recount(&pool, uid).await.pending, 6, "nothing else was written");
+    let other = claim(&pool, uid, 0, 10, "run-b").await;
+    assert_eq!(other.messages.len(), 2, "a block's messages are not claimed twice");
+    blocks::record(&pool, other.intent.unwrap(), &[], "run-b").await.unwrap();
+    let ids: Vec<i64> = block.messages.iter().map(|m| m.id).collect();
     let outcomes = vec![
         (ids[0], Outcome::Sent { provider_message_id: "wamid.0".into() }),
         (ids[1], Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() }),
         (ids[2], Outcome::Failed { code: "131026".into(), message: "undeliverable".into() }),
         (ids[3], Outcome::Requeue { at: Utc::now() }),
     ];
-    assert_eq!(block.record(&outcomes, "run-a").await.unwrap(), 4);
+    let intent = block.intent.unwrap();
+    assert_eq!(blocks::record(&pool, intent, &outcomes, "run-a").await.unwrap(), 4);
+    assert_eq!(blocks::record(&pool, intent, &outcomes, "run-a").await.unwrap(), 0, "recording again writes nothing");
     assert_eq!(intents_of(&pool, uid).await, 0);
     let rows: Vec<(String, i32, serde_json::Value)> = sqlx::query_as(
         "SELECT status::text, attempts, status_history FROM campaign_messages WHERE id = ANY($1) ORDER BY id",
@@ -1005,20 +1011,18 @@ async fn a_block_writes_each_outcome_in_its_one_commit() {
     assert_eq!(errors, vec![("131000".to_owned(), 1), ("131026".to_owned(), 1)]);
 }
 
-/// A sender that dies mid-block (its transaction rolled back, its intent left): the
-/// block's messages are never claimed again, and the next run makes them `unknown`.
+/// A sender that dies mid-block leaves its intent: the block's messages are never
+/// claimed again, and the next run of the batch makes them `unknown`.
 #[tokio::test]
 async fn a_block_left_by_a_dead_sender_becomes_unknown_and_is_never_sent_again() {
     let (pool, _) = common::fresh_db().await;
     common::seed_contacts(&pool, "acme", 5, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
-    let mut block = blocks::claim(&pool, uid, 0, 3).await.unwrap();
-    let ids: Vec<i64> = block.take_messages().iter().map(|m| m.id).collect();
-    block.announce(&pool, &ids, "dead-run").await.unwrap();
-    drop(block); // the process is gone: Postgres rolls the held transaction back
-    let again = blocks::claim(&pool, uid, 0, 10).await.unwrap();
-    assert_eq!(again.len(), 2, "messages named by an intent are not claimed");
-    drop(again);
+    let dead = claim(&pool, uid, 0, 3, "dead-run").await;
+    let ids: Vec<i64> = dead.messages.iter().map(|m| m.id).collect();
+    let again = claim(&pool, uid, 0, 10, "dead-run").await;
+    assert_eq!(again.messages.len(), 2, "messages named by an intent are not claimed");
+    blocks::record(&pool, again.intent.unwrap(), &[], "dead-run").await.unwrap();
     assert_eq!(blocks::recover(&pool, uid, 0, "next-run").await.unwrap(), 3);
     for id in &ids {
         assert_eq!(status_of(&pool, *id).await, "unknown", "it may have been sent: never re-sent");
@@ -1027,73 +1031,95 @@ async fn a_block_left_by_a_dead_sender_becomes_unknown_and_is_never_sent_again()
     assert_eq!(blocks::recover(&pool, uid, 0, "next-run").await.unwrap(), 0, "recovering twice changes nothing");
     let counters = assert_counters_equal_recount(&pool, uid).await;
     assert_eq!((counters.unknown, counters.pending), (3, 2));
-    // a run's own intents are its blocks in flight, not a dead run's
-    let mut mine = blocks::claim(&pool, uid, 0, 1).await.unwrap();
-    let id = mine.take_messages()[0].id;
-    mine.announce(&pool, &[id], "live-run").await.unwrap();
+    // a run's own intents are its blocks in flight
+    let mine = claim(&pool, uid, 0, 1, "live-run").await;
     assert_eq!(blocks::recover(&pool, uid, 0, "live-run").await.unwrap(), 0);
-    mine.record(&[(id, Outcome::Sent { provider_message_id: "wamid.live".into() })], "live-run").await.unwrap();
+    let id = mine.messages[0].id;
+    blocks::record(&pool, mine.intent.unwrap(), &all_sent(&[id]), "live-run").await.unwrap();
     assert_eq!(status_of(&pool, id).await, "sent");
 }
 
-/// A commit that failed (the connection dropped) leaves the intent: the sender writes
-/// the outcomes it holds on a new transaction, once; a commit that happened leaves
-/// nothing for settling to write.
+/// A claim whose commit answer was lost may have left its intent: forgetting it lets
+/// its messages be claimed again (no call was made).
 #[tokio::test]
-async fn settling_writes_a_blocks_outcomes_only_while_its_intent_is_there() {
+async fn a_forgotten_claim_gives_its_messages_back() {
     let (pool, _) = common::fresh_db().await;
-    common::seed_contacts(&pool, "acme", 4, |_| (vec![], json!({}))).await;
+    common::seed_contacts(&pool, "acme", 3, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
-    let mut block = blocks::claim(&pool, uid, 0, 2).await.unwrap();
-    let ids: Vec<i64> = block.take_messages().iter().map(|m| m.id).collect();
-    block.announce(&pool, &ids, "run").await.unwrap();
-    let intent = block.intent().unwrap();
-    drop(block);
-    let sent: Vec<(i64, Outcome)> =
-        ids.iter().map(|id| (*id, Outcome::Sent { provider_message_id: format!("wamid.{id}") })).collect();
-    assert_eq!(blocks::settle(&pool, intent, &sent, "run").await.unwrap(), 2);
-    assert_eq!(blocks::settle(&pool, intent, &sent, "run").await.unwrap(), 0, "written once");
-    let mut committed = blocks::claim(&pool, uid, 0, 2).await.unwrap();
-    let ids: Vec<i64> = committed.take_messages().iter().map(|m| m.id).collect();
-    committed.announce(&pool, &ids, "run").await.unwrap();
-    let intent = committed.intent().unwrap();
-    let failed: Vec<(i64, Outcome)> =
-        ids.iter().map(|id| (*id, Outcome::Failed { code: "131026".into(), message: "x".into() })).collect();
-    committed.record(&failed, "run").await.unwrap();
-    assert_eq!(blocks::settle(&pool, intent, &sent, "run").await.unwrap(), 0, "the commit happened");
-    let counters = assert_counters_equal_recount(&pool, uid).await;
-    assert_eq!((counters.sent, counters.failed), (2, 2));
+    let intent = Uuid::new_v4();
+    let lost = blocks::claim(&pool, uid, 0, 3, "run", intent).await.unwrap();
+    assert_eq!(lost.messages.len(), 3);
+    assert!(claim(&pool, uid, 0, 3, "run").await.messages.is_empty());
+    assert_eq!(blocks::forget(&pool, intent).await.unwrap(), 1);
+    let again = claim(&pool, uid, 0, 3, "run").await;
+    assert_eq!(again.messages.len(), 3);
+    let ids: Vec<i64> = again.messages.iter().map(|m| m.id).collect();
+    blocks::record(&pool, again.intent.unwrap(), &all_sent(&ids), "run").await.unwrap();
+    assert_eq!(assert_counters_equal_recount(&pool, uid).await.sent, 3);
 }
 
-/// A cancel while a block is held does not wait for it (nor deadlock with its commit):
-/// the block's sends finish, its retries and requeues end `cancelled`.
+/// A cancel while a block is being sent leaves the block to its sender: its sends
+/// finish, its retries and requeues end `cancelled`; opted-out contacts are skipped.
 #[tokio::test]
-async fn a_cancel_during_a_held_block_cancels_its_retries() {
+async fn a_cancel_during_a_block_cancels_its_retries() {
     let (pool, _) = common::fresh_db().await;
     let phones = common::seed_contacts(&pool, "acme", 6, |_| (vec![], json!({}))).await;
     let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
     disparo::store::contacts::opt_out(&pool, "acme", &phones[0]).await.unwrap();
-    let mut block = blocks::claim(&pool, uid, 0, 4).await.unwrap();
-    assert!(block.has_opted_out());
-    let claimed = block.take_messages();
-    assert_eq!(claimed.len(), 3, "the opted-out contact is not sent to");
-    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
-    block.announce(&pool, &ids, "run").await.unwrap();
-    assert_eq!(messages::cancel_pending(&pool, uid).await.unwrap(), 2, "only what the block does not hold");
+    let block = claim(&pool, uid, 0, 4, "run").await;
+    assert_eq!((block.messages.len(), block.skipped), (3, 1), "the opted-out contact is not sent to");
+    let ids: Vec<i64> = block.messages.iter().map(|m| m.id).collect();
+    assert_eq!(messages::cancel_pending(&pool, uid).await.unwrap(), 2, "only what no block holds");
     let outcomes = vec![
         (ids[0], Outcome::Sent { provider_message_id: "wamid.in-flight".into() }),
         (ids[1], Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() }),
         (ids[2], Outcome::Requeue { at: Utc::now() }),
     ];
-    assert_eq!(block.record(&outcomes, "run").await.unwrap(), 4);
+    assert_eq!(blocks::record(&pool, block.intent.unwrap(), &outcomes, "run").await.unwrap(), 3);
     let got: Vec<String> = futures::future::join_all(ids.iter().map(|id| status_of(&pool, *id))).await;
     assert_eq!(got, vec!["sent", "cancelled", "cancelled"]);
     let counters = assert_counters_equal_recount(&pool, uid).await;
     assert_eq!((counters.sent, counters.cancelled, counters.skipped, counters.pending), (1, 4, 1, 0));
-    assert!(blocks::claim(&pool, uid, 0, 10).await.unwrap().is_empty());
+    assert!(claim(&pool, uid, 0, 10, "run").await.messages.is_empty());
 }
 
-/// Parallel held blocks never share a message.
+/// A cancel that commits while a block records its retries: the retries end
+/// `cancelled`, whichever waits for the other.
+#[tokio::test]
+async fn a_block_recorded_while_the_cancel_commits_cancels_its_retries() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 3, |_| (vec![], json!({}))).await;
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let block = claim(&pool, uid, 0, 1, "run").await;
+    let id = block.messages[0].id;
+    let cancel = {
+        let pool = pool.clone();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("UPDATE campaigns SET cancelled_at = now() WHERE uid = $1")
+            .bind(uid)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    };
+    let recording = {
+        let pool = pool.clone();
+        let intent = block.intent.unwrap();
+        tokio::spawn(async move {
+            let retry = Outcome::RetryAt { at: Utc::now(), code: "131000".into(), message: "boom".into() };
+            blocks::record(&pool, intent, &[(id, retry)], "run").await
+        })
+    };
+    assert!(blocked_on_a_lock(&pool, &recording).await, "the record waits for the cancel's campaign row");
+    cancel.commit().await.unwrap();
+    assert_eq!(recording.await.unwrap().unwrap(), 1);
+    assert_eq!(status_of(&pool, id).await, "cancelled");
+    messages::cancel_pending(&pool, uid).await.unwrap();
+    let counters = assert_counters_equal_recount(&pool, uid).await;
+    assert_eq!((counters.cancelled, counters.pending), (3, 0));
+}
+
+/// Parallel blocks never share a message.
 #[tokio::test]
 async fn parallel_blocks_never_overlap() {
     let (pool, _) = common::fresh_db().await;
@@ -1104,18 +1130,12 @@ async fn parallel_blocks_never_overlap() {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let mut mine = Vec::new();
+                let run = format!("lane-{lane}");
                 loop {
-                    let mut block = blocks::claim(&pool, uid, 0, 7).await.unwrap();
-                    let claimed = block.take_messages();
-                    if claimed.is_empty() {
-                        break;
-                    }
-                    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
-                    let run = format!("lane-{lane}");
-                    block.announce(&pool, &ids, &run).await.unwrap();
-                    let outcomes: Vec<(i64, Outcome)> =
-                        ids.iter().map(|id| (*id, Outcome::Sent { provider_message_id: format!("w.{id}") })).collect();
-                    block.record(&outcomes, &run).await.unwrap();
+                    let block = claim(&pool, uid, 0, 7, &run).await;
+                    let Some(intent) = block.intent else { break };
+                    let ids: Vec<i64> = block.messages.iter().map(|m| m.id).collect();
+                    blocks::record(&pool, intent, &all_sent(&ids), &run).await.unwrap();
                     mine.extend(ids);
                 }
                 mine

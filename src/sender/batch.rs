@@ -1,9 +1,9 @@
-//! The batch loop: reserve tokens, claim that many due messages (giving back the tokens
-//! of messages that were not due) and keep them locked, commit the block's intent, send
-//! them concurrently, write the outcomes and drop the intent in the claim's one commit,
-//! repeat until every message of the batch is final (`store::blocks`, and
-//! docs/architecture.md, "One write per message"). On an uncapped channel nothing is
-//! reserved and nothing counted first: a block is its claim, its intent and its commit.
+//! The batch loop: reserve tokens, claim that many due messages with the intent to send
+//! them (giving back the tokens of messages that were not due), send them concurrently,
+//! write the outcomes and drop the intent in one transaction, repeat until every message
+//! of the batch is final (`store::blocks`, and docs/architecture.md, "One write per
+//! message"). On an uncapped channel nothing is reserved and nothing counted first: a
+//! block is two transactions, its claim and its record.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -500,12 +500,13 @@ async fn send_blocks(
                 Look::End(end) => return Ok(end),
             }
         }
-        let (reservation, mut block) = match take_block(pool, job, &caps.in_force, metrics, shutdown, usage).await? {
-            Taken::Block(reservation, block) => (reservation, block),
-            Taken::Again => continue,
-            Taken::End(end) => return Ok(end),
-        };
-        let (claimed, over_budget, budget_until) = admit_to_budget(pool, job, block.take_messages()).await?;
+        let (reservation, intent, claimed) =
+            match take_block(pool, job, &caps.in_force, metrics, shutdown, usage, run_id).await? {
+                Taken::Block(reservation, intent, claimed) => (reservation, intent, claimed),
+                Taken::Again => continue,
+                Taken::End(end) => return Ok(end),
+            };
+        let (claimed, over_budget, budget_until) = admit_to_budget(pool, job, claimed).await?;
         if !over_budget.is_empty() {
             let unused = over_budget.len() as u32;
             retrying("giving back tokens", || {
@@ -513,11 +514,8 @@ async fn send_blocks(
             })
             .await?;
         }
-        if !claimed.is_empty() && !announce(pool, job, &mut block, &claimed, run_id).await? {
-            continue;
-        }
         if claimed.is_empty() {
-            record_block(pool, block, &over_budget, run_id).await?;
+            retrying("recording outcomes", || blocks::record(pool, intent, &over_budget, run_id)).await?;
             if let Some(until) = budget_until {
                 metrics.rate_limit_waits.inc();
                 info!(%until, "the portfolio's 24 h messaging limit is spent");
@@ -531,60 +529,35 @@ async fn send_blocks(
         let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
         let outcomes: Vec<(i64, messages::Outcome)> =
             over_budget.into_iter().chain(results.iter().map(|(id, o, _)| (*id, o.clone()))).collect();
-        record_block(pool, block, &outcomes, run_id).await?;
+        retrying("recording outcomes", || blocks::record(pool, intent, &outcomes, run_id)).await?;
         if let Some(end) = apply_effects(pool, job, metrics, shutdown, &results).await? {
             return Ok(end);
         }
     }
 }
 
-/// Commits the intent to send `claimed` before their provider calls. Returns false when
-/// that failed and the block was given back (its messages are claimed again later).
-async fn announce(
-    pool: &PgPool,
-    job: &BatchJob,
-    block: &mut blocks::HeldBlock,
-    claimed: &[messages::ClaimedMessage],
-    run_id: &str,
-) -> Result<bool> {
-    let ids: Vec<i64> = claimed.iter().map(|m| m.id).collect();
-    let Err(error) = block.announce(pool, &ids, run_id).await else { return Ok(true) };
-    if !error.is_transient() {
-        return Err(error.into());
-    }
-    warn!(error = %crate::telemetry::chain(&error), "committing a block's intent failed; claiming again");
-    // Its commit may have happened without its answer: an intent nobody acts on would
-    // keep these messages from being claimed.
-    retrying("forgetting an unused intent", || blocks::forget(pool, job.campaign, job.batch, run_id, &ids)).await?;
-    Ok(false)
-}
-
-/// Writes a block's outcomes in its held transaction's commit. If that fails, the block's
-/// intent decides: still there, the outcomes were not written, and are (a block that
-/// sent nothing has no intent: its messages are pending again, which is true).
-async fn record_block(
-    pool: &PgPool,
-    block: blocks::HeldBlock,
-    outcomes: &[(i64, messages::Outcome)],
-    run_id: &str,
-) -> Result<()> {
-    let intent = block.intent();
-    let Err(error) = block.record(outcomes, run_id).await else { return Ok(()) };
-    match intent {
-        Some(intent) if error.is_transient() => {
-            warn!(error = %crate::telemetry::chain(&error), "committing a block's outcomes failed; writing them again");
-            retrying("recording outcomes", || blocks::settle(pool, intent, outcomes, run_id)).await?;
-            Ok(())
+/// Claims a block of up to `limit` messages with the intent to send them. A claim that
+/// failed may have committed its intent without the answer arriving: that intent is
+/// deleted (no call was made for it) before claiming again.
+async fn claim_block(pool: &PgPool, job: &BatchJob, limit: i64, run_id: &str) -> Result<blocks::Block> {
+    let give_up = std::time::Instant::now() + STORE_RETRY_FOR;
+    loop {
+        let intent = Uuid::new_v4();
+        match blocks::claim(pool, job.campaign, job.batch, limit, run_id, intent).await {
+            Ok(block) => return Ok(block),
+            Err(error) if error.is_transient() && std::time::Instant::now() < give_up => {
+                warn!(error = %crate::telemetry::chain(&error), "claiming messages failed; retrying");
+                retrying("forgetting a failed claim", || blocks::forget(pool, intent)).await?;
+            }
+            Err(error) => return Err(error.into()),
         }
-        None if error.is_transient() => Ok(()),
-        _ => Err(error.into()),
     }
 }
 
 /// What taking a block gave.
 enum Taken {
-    /// Tokens and the messages claimed with them, held locked (never empty).
-    Block(rate::Reservation, blocks::HeldBlock),
+    /// Tokens, the intent, and the messages claimed with them (never empty).
+    Block(rate::Reservation, blocks::Intent, Vec<messages::ClaimedMessage>),
     /// Nothing due yet, or the caps made the lane wait: go round again.
     Again,
     /// The lane ends.
@@ -600,13 +573,12 @@ async fn take_block(
     metrics: &SenderMetrics,
     shutdown: &CancellationToken,
     usage: &mut UsageTally,
+    run_id: &str,
 ) -> Result<Taken> {
     let (reservation, claimed) = if limits.is_unlimited() {
-        let claimed =
-            retrying("claiming messages", || blocks::claim(pool, job.campaign, job.batch, i64::from(job.block_size)))
-                .await?;
-        usage.add(pool, job, claimed.len()).await?;
-        let counted = claimed.len() as u32;
+        let claimed = claim_block(pool, job, i64::from(job.block_size), run_id).await?;
+        usage.add(pool, job, claimed.messages.len()).await?;
+        let counted = claimed.messages.len() as u32;
         (
             retrying("reserving tokens", || rate::reserve(pool, &job.organization, &job.channel, limits, counted))
                 .await?,
@@ -631,20 +603,15 @@ async fn take_block(
             return blocked(pool, job, limits, metrics, shutdown, until).await;
         }
         let granted = reservation.granted() as i64;
-        let claimed = retrying("claiming messages", || blocks::claim(pool, job.campaign, job.batch, granted)).await?;
-        (reservation, claimed)
+        (reservation, claim_block(pool, job, granted, run_id).await?)
     };
-    if claimed.len() < reservation.granted() {
-        let unused = (reservation.granted() - claimed.len()) as u32;
+    if claimed.messages.len() < reservation.granted() {
+        let unused = (reservation.granted() - claimed.messages.len()) as u32;
         retrying("giving back tokens", || rate::release(pool, &job.organization, &job.channel, &reservation, unused))
             .await?;
     }
-    if !claimed.is_empty() {
-        return Ok(Taken::Block(reservation, claimed));
-    }
-    // Nothing to send; contacts who opted out are written `skipped` now.
-    if claimed.has_opted_out() {
-        record_block(pool, claimed, &[], "").await?;
+    if let Some(intent) = claimed.intent {
+        return Ok(Taken::Block(reservation, intent, claimed.messages));
     }
     let remaining =
         retrying("counting what remains", || messages::batch_remaining(pool, job.campaign, job.batch)).await?;

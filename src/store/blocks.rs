@@ -1,21 +1,21 @@
-//! The send path's one write per message: a block of due messages is claimed and kept
-//! locked by a transaction held across its provider calls, and its outcomes are written
-//! in that transaction's one commit (docs/architecture.md, "One write per message").
+//! The send path's one write per message (docs/architecture.md, "One write per
+//! message"). A block of due messages is claimed by a short transaction that locks them
+//! and commits an *intent* naming those it is about to send; the outcomes are written,
+//! and the intent deleted, by one transaction after the provider calls. A message goes
+//! straight from `pending` to its outcome: nothing marks it `sending`.
 //!
-//! What makes it crash-safe is the block's *intent*: a `send_intents` row naming the
-//! block's messages, committed on another connection before the first provider call and
-//! deleted by the commit that writes the outcomes. A crash or a lost connection rolls
-//! the held transaction back, so the messages read `pending` again, but the intent
-//! outlives it and says that calls may have been made:
+//! The intent is what a `sending` mark used to be, for the whole block at once:
 //!
-//! - nothing claims a message named by an intent ([`claim`] leaves them out);
-//! - a sender still alive writes the outcomes it holds with [`settle`], which applies
-//!   them only if the intent is still there (it is gone once a commit wrote them);
-//! - the next run of the batch turns what dead runs' intents name into `unknown`
+//! - no claim takes a message an intent names ([`claim`] checks after taking the locks,
+//!   with a fresh snapshot, so a block committed a moment before is seen);
+//! - an intent is deleted only by the transaction that writes its outcomes, so it is
+//!   there if and only if they were not written, and writing them is safe to repeat
+//!   ([`record`]);
+//! - the next run of a batch turns what dead runs' intents name into `unknown`
 //!   ([`recover`]), never sending it again.
 //!
 //! Opt-outs and cancels are honoured as in [`super::messages`]: a claimed message whose
-//! contact opted out is written `skipped` by the commit, and a cancelled campaign's
+//! contact opted out is written `skipped` by the claim, and a cancelled campaign's
 //! retries and requeues are written `cancelled`.
 
 use chrono::{DateTime, Utc};
@@ -25,24 +25,22 @@ use uuid::Uuid;
 use super::Result;
 use super::messages::{ClaimedMessage, Outcome, OutcomeColumns};
 
-/// A claimed block: its messages are locked by the held transaction until
-/// [`HeldBlock::record`] writes their outcomes.
-pub struct HeldBlock {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    campaign: Uuid,
-    batch: i32,
-    intent: Option<i64>,
-    started_at: DateTime<Utc>,
-    messages: Vec<ClaimedMessage>,
-    opted_out: Vec<i64>,
+/// A claimed block: the messages to send and the intent naming them.
+#[derive(Debug)]
+pub struct Block {
+    /// The intent to hand to [`record`] (none when there is nothing to send).
+    pub intent: Option<Intent>,
+    /// The messages to send (opted-out contacts were written `skipped`).
+    pub messages: Vec<ClaimedMessage>,
+    /// How many opted-out contacts' messages the claim wrote `skipped`.
+    pub skipped: u64,
 }
 
-/// The intent of a block whose commit failed, to be settled with [`settle`].
+/// A committed intent to send a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Intent {
-    id: i64,
+    id: Uuid,
     campaign: Uuid,
-    started_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -56,13 +54,21 @@ struct ClaimedRow {
     opted_out: bool,
 }
 
-/// Claims up to `limit` due pending messages of one batch, skipping rows other
-/// transactions hold and messages named by an intent, and keeps them locked. Nothing is
-/// written: dropping the block (or an error) gives them back. Before calling the
-/// provider, the caller announces what it sends ([`HeldBlock::announce`]).
+/// Claims up to `limit` due pending messages of one batch and commits the intent to
+/// send them, as `intent_id` (chosen by the caller: if this fails after its commit, the
+/// caller can [`forget`] it). Rows other transactions hold are skipped, so parallel
+/// claims never take the same message, and so are messages an intent names.
 ///
-/// The returned messages carry the attempt they are about to make (`attempts` + 1).
-pub async fn claim(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Result<HeldBlock> {
+/// The claimed messages carry the attempt they are about to make (`attempts` + 1), which
+/// [`record`] spends. A cancelled campaign yields nothing.
+pub async fn claim(
+    pool: &PgPool,
+    campaign: Uuid,
+    batch: i32,
+    limit: i64,
+    run_id: &str,
+    intent_id: Uuid,
+) -> Result<Block> {
     let mut tx = super::begin(pool).await?;
     let rows = sqlx::query_as::<_, ClaimedRow>(
         r#"
@@ -88,8 +94,35 @@ pub async fn claim(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Res
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
-    let (opted_out, sendable): (Vec<ClaimedRow>, Vec<ClaimedRow>) = rows.into_iter().partition(|r| r.opted_out);
-    let messages = sendable
+    if rows.is_empty() {
+        tx.commit().await?;
+        return Ok(Block { intent: None, messages: Vec::new(), skipped: 0 });
+    }
+    // The statement above saw the intents of its snapshot. A block that committed after
+    // it began had locked its rows until then, and its intent is visible now that they
+    // are ours: this statement's fresh snapshot sees it.
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let taken: Vec<(i64,)> = sqlx::query_as(
+        r#"
+        SELECT id FROM unnest($3::bigint[]) AS id
+        WHERE id IN (SELECT unnest(message_ids) FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2)
+        "#,
+    )
+    .bind(campaign)
+    .bind(batch)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let taken: std::collections::HashSet<i64> = taken.into_iter().map(|(id,)| id).collect();
+    let (opted_out, sendable): (Vec<ClaimedRow>, Vec<ClaimedRow>) =
+        rows.into_iter().filter(|r| !taken.contains(&r.id)).partition(|r| r.opted_out);
+    let skipped = if opted_out.is_empty() {
+        0
+    } else {
+        let ids: Vec<i64> = opted_out.iter().map(|r| r.id).collect();
+        write_skipped(&mut tx, campaign, &ids).await?
+    };
+    let messages: Vec<ClaimedMessage> = sendable
         .into_iter()
         .map(|r| ClaimedMessage {
             id: r.id,
@@ -100,141 +133,81 @@ pub async fn claim(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) -> Res
             marketing_requeues: r.marketing_requeues,
         })
         .collect();
-    Ok(HeldBlock {
-        tx,
-        campaign,
-        batch,
-        intent: None,
-        started_at: Utc::now(),
-        messages,
-        opted_out: opted_out.into_iter().map(|r| r.id).collect(),
-    })
+    let intent = if messages.is_empty() {
+        None
+    } else {
+        let ids: Vec<i64> = messages.iter().map(|m| m.id).collect();
+        sqlx::query(
+            r#"
+            INSERT INTO send_intents (id, organization, campaign_uid, batch_index, run_id, message_ids)
+            SELECT $1, organization, uid, $3, $4, $5 FROM campaigns WHERE uid = $2
+            "#,
+        )
+        .bind(intent_id)
+        .bind(campaign)
+        .bind(batch)
+        .bind(run_id)
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+        Some(Intent { id: intent_id, campaign })
+    };
+    tx.commit().await?;
+    Ok(Block { intent, messages, skipped })
 }
 
-/// Deletes the intent a failed [`HeldBlock::announce`] may have committed without its
+/// Deletes the intent of a [`claim`] that failed, which may have committed without its
 /// answer arriving: no call was made for it, and left behind it would keep its messages
 /// from being claimed until the next run turned them `unknown`.
-pub async fn forget(pool: &PgPool, campaign: Uuid, batch: i32, run_id: &str, ids: &[i64]) -> Result<u64> {
+pub async fn forget(pool: &PgPool, intent_id: Uuid) -> Result<u64> {
     let mut db = super::Autocommit::open(pool).await?;
-    let result = sqlx::query(
-        "DELETE FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2 AND run_id = $3 AND message_ids = $4",
-    )
-    .bind(campaign)
-    .bind(batch)
-    .bind(run_id)
-    .bind(ids)
-    .execute(db.conn())
-    .await?;
+    let result = sqlx::query("DELETE FROM send_intents WHERE id = $1").bind(intent_id).execute(db.conn()).await?;
     db.commit().await?;
     Ok(result.rows_affected())
 }
 
-/// Commits the block's intent on a connection of its own: it must be durable before the
-/// first provider call, whatever becomes of the held transaction.
-async fn record_intent(pool: &PgPool, campaign: Uuid, batch: i32, run_id: &str, ids: &[i64]) -> Result<i64> {
-    let mut db = super::Autocommit::open(pool).await?;
-    let (id,): (i64,) = sqlx::query_as(
-        r#"
-        INSERT INTO send_intents (organization, campaign_uid, batch_index, run_id, message_ids)
-        SELECT organization, uid, $2, $3, $4 FROM campaigns WHERE uid = $1
-        RETURNING id
-        "#,
-    )
-    .bind(campaign)
-    .bind(batch)
-    .bind(run_id)
-    .bind(ids)
-    .fetch_one(db.conn())
-    .await?;
-    db.commit().await?;
-    Ok(id)
-}
-
-impl HeldBlock {
-    /// Takes the messages to send, leaving the block to record their outcomes.
-    pub fn take_messages(&mut self) -> Vec<ClaimedMessage> {
-        std::mem::take(&mut self.messages)
-    }
-
-    /// How many messages the block has to send.
-    pub fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    /// Whether the block has nothing to send.
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-
-    /// Whether the block claimed messages of contacts who opted out (written `skipped`
-    /// by [`HeldBlock::record`]).
-    pub fn has_opted_out(&self) -> bool {
-        !self.opted_out.is_empty()
-    }
-
-    /// Commits the intent to send `ids` (messages of this block), on another
-    /// connection: it must be durable before the first provider call. On an error the
-    /// intent may or may not exist: call [`forget`] before giving the block up.
-    pub async fn announce(&mut self, pool: &PgPool, ids: &[i64], run_id: &str) -> Result<()> {
-        self.started_at = Utc::now();
-        self.intent = Some(record_intent(pool, self.campaign, self.batch, run_id, ids).await?);
-        Ok(())
-    }
-
-    /// The intent to settle if [`HeldBlock::record`] fails (none when nothing was to be
-    /// sent).
-    pub fn intent(&self) -> Option<Intent> {
-        self.intent.map(|id| Intent { id, campaign: self.campaign, started_at: self.started_at })
-    }
-
-    /// Writes the outcomes (and the opted-out contacts' `skipped`), deletes the intent,
-    /// and commits: the block's one write per message. On an error the transaction is
-    /// rolled back (dropped) and the outcomes must be written with [`settle`].
-    pub async fn record(mut self, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
-        if let Some(id) = self.intent {
-            sqlx::query("DELETE FROM send_intents WHERE id = $1").bind(id).execute(&mut *self.tx).await?;
-        }
-        let mut written = write_outcomes(&mut self.tx, self.campaign, self.started_at, outcomes, run_id).await?;
-        if !self.opted_out.is_empty() {
-            written += write_skipped(&mut self.tx, self.campaign, &self.opted_out).await?;
-        }
-        self.tx.commit().await?;
-        Ok(written)
-    }
-}
-
-/// Writes the outcomes of a block whose held transaction failed, if they were not
-/// written: the intent still being there says they were not (its commit deletes it).
-/// The intent's row lock makes this wait for a held transaction still finishing on a
-/// broken connection. Safe to repeat. Returns how many messages moved.
-pub async fn settle(pool: &PgPool, intent: Intent, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
+/// Writes a block's outcomes and deletes its intent, in one transaction, if the intent
+/// is still there (it is gone once they were written): safe to repeat after an error
+/// whose commit may or may not have happened. Returns how many messages moved.
+///
+/// A retry or a requeue of a cancelled campaign is written `cancelled`. When the block
+/// has such outcomes, the campaign row is read under a share lock first, before any
+/// message row is locked: a cancel under way is waited for and seen, and a cancel that
+/// starts meanwhile waits for this commit and then finds these messages `pending`
+/// (see [`super::messages::cancel_pending`], which leaves alone what an intent names).
+pub async fn record(pool: &PgPool, intent: Intent, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
     let mut tx = super::begin(pool).await?;
-    let found =
-        sqlx::query("DELETE FROM send_intents WHERE id = $1").bind(intent.id).execute(&mut *tx).await?.rows_affected();
-    let written = if found == 0 {
-        0
+    let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
+    let cancelled = if may_go_back {
+        let (cancelled,): (bool,) =
+            sqlx::query_as("SELECT cancelled_at IS NOT NULL FROM campaigns WHERE uid = $1 FOR SHARE")
+                .bind(intent.campaign)
+                .fetch_one(&mut *tx)
+                .await?;
+        cancelled
     } else {
-        // Unlocked now, but no claim takes a message its intent names, and the intent
-        // is deleted only with this write.
-        write_outcomes(&mut tx, intent.campaign, intent.started_at, outcomes, run_id).await?
+        false
     };
+    let started_at: Option<(DateTime<Utc>,)> =
+        sqlx::query_as("DELETE FROM send_intents WHERE id = $1 RETURNING created_at")
+            .bind(intent.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((started_at,)) = started_at else {
+        tx.commit().await?;
+        return Ok(0);
+    };
+    let written = write_outcomes(&mut tx, intent.campaign, started_at, cancelled, outcomes, run_id).await?;
     tx.commit().await?;
     Ok(written)
 }
 
-/// One statement for the block's outcomes, on messages still `pending` (each was locked
-/// by the block, or named by its intent, since it was claimed).
-///
-/// A retry or a requeue of a cancelled campaign is written `cancelled`. The campaign row
-/// is read under a share lock only when the block has such outcomes: a cancel under way
-/// is waited for and seen; a cancel that starts meanwhile waits for this commit and then
-/// finds these messages `pending` (see [`super::messages::cancel_pending`], which skips
-/// the rows a held block locks rather than waiting for them while holding the campaign
-/// row this waits for).
+/// One statement for a block's outcomes, on its messages still `pending`.
 async fn write_outcomes(
     conn: &mut sqlx::PgConnection,
     campaign: Uuid,
     started_at: DateTime<Utc>,
+    cancelled: bool,
     outcomes: &[(i64, Outcome)],
     run_id: &str,
 ) -> Result<u64> {
@@ -242,15 +215,10 @@ async fn write_outcomes(
         return Ok(0);
     }
     let columns = OutcomeColumns::of(outcomes);
-    let may_go_back = outcomes.iter().any(|(_, o)| o.status() == "pending");
     let result = sqlx::query(
         r#"
-        WITH campaign AS (
-            SELECT cancelled_at IS NOT NULL AS cancelled FROM campaigns WHERE $9 AND uid = $11 FOR SHARE
-        ), v AS (
-            SELECT v.id,
-                   CASE WHEN v.status = 'pending' AND coalesce((SELECT cancelled FROM campaign), false)
-                        THEN 'cancelled' ELSE v.status END AS status,
+        WITH v AS (
+            SELECT v.id, CASE WHEN v.status = 'pending' AND $9 THEN 'cancelled' ELSE v.status END AS status,
                    v.provider_id, v.code, v.message, v.next_at, v.refund, v.marketing
             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $10::bool[])
                  AS v(id, status, provider_id, code, message, next_at, refund, marketing)
@@ -280,7 +248,7 @@ async fn write_outcomes(
     .bind(&columns.next_at)
     .bind(&columns.refund)
     .bind(run_id)
-    .bind(may_go_back)
+    .bind(cancelled)
     .bind(&columns.marketing)
     .bind(campaign)
     .bind(started_at)
@@ -289,7 +257,7 @@ async fn write_outcomes(
     Ok(result.rows_affected())
 }
 
-/// Marks the block's opted-out contacts' messages `skipped` (no attempt spent).
+/// Marks the claimed messages of contacts who opted out `skipped` (no attempt spent).
 async fn write_skipped(conn: &mut sqlx::PgConnection, campaign: Uuid, ids: &[i64]) -> Result<u64> {
     let result = sqlx::query(
         r#"
@@ -308,32 +276,17 @@ async fn write_skipped(conn: &mut sqlx::PgConnection, campaign: Uuid, ids: &[i64
 /// Turns the messages named by intents that runs other than `run_id` left in a batch
 /// into `unknown`, and deletes those intents. Called when a sender starts: only one
 /// sender runs per batch index at a time, so such an intent belongs to a run that died
-/// (or lost Postgres for good) after its block's calls may have started.
-///
-/// The messages are written before the intents are deleted: a held transaction still
-/// open on a connection Postgres has not yet seen die holds the messages' locks, so
-/// this waits for it to end, and writes nothing over outcomes it committed. (Deleting
-/// the intent first would lock the row that transaction's commit deletes, and each
-/// would wait for the other.) Returns how many messages became `unknown`.
+/// (or lost Postgres for good) after its block's calls may have started. Returns how
+/// many messages became `unknown`.
 pub async fn recover(pool: &PgPool, campaign: Uuid, batch: i32, run_id: &str) -> Result<u64> {
     let mut tx = super::begin(pool).await?;
-    let dead: Vec<(i64,)> = sqlx::query_as(
-        "SELECT id FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2 AND run_id <> $3 ORDER BY id",
-    )
-    .bind(campaign)
-    .bind(batch)
-    .bind(run_id)
-    .fetch_all(&mut *tx)
-    .await?;
-    if dead.is_empty() {
-        tx.commit().await?;
-        return Ok(0);
-    }
-    let dead: Vec<i64> = dead.into_iter().map(|(id,)| id).collect();
     let result = sqlx::query(
         r#"
-        WITH named AS (
-            SELECT unnest(message_ids) AS id, created_at FROM send_intents WHERE id = ANY($2)
+        WITH dead AS (
+            DELETE FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2 AND run_id <> $3
+            RETURNING message_ids, created_at
+        ), named AS (
+            SELECT unnest(message_ids) AS id, created_at FROM dead
         )
         UPDATE campaign_messages m SET
             status = 'unknown', attempts = m.attempts + 1, last_error_code = 'interrupted',
@@ -347,23 +300,10 @@ pub async fn recover(pool: &PgPool, campaign: Uuid, batch: i32, run_id: &str) ->
         "#,
     )
     .bind(campaign)
-    .bind(&dead)
+    .bind(batch)
+    .bind(run_id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM send_intents WHERE id = ANY($1)").bind(&dead).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(result.rows_affected())
-}
-
-/// How many blocks of a batch are in flight or were left by dead runs (their intents).
-pub async fn intents_in_flight(pool: &PgPool, campaign: Uuid, batch: i32) -> Result<i64> {
-    let mut db = super::Autocommit::open(pool).await?;
-    let (count,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2")
-            .bind(campaign)
-            .bind(batch)
-            .fetch_one(db.conn())
-            .await?;
-    db.commit().await?;
-    Ok(count)
 }

@@ -338,20 +338,22 @@ pub async fn cancel_pending(pool: &PgPool, campaign: Uuid) -> Result<u64> {
         .bind(campaign)
         .execute(&mut *tx)
         .await?;
-    // Rows a sender's held block locks are skipped, not waited for: that block's commit
-    // reads this campaign under a share lock, which waits for this transaction, and
-    // then writes its retries and requeues `cancelled` itself (`blocks`).
+    // A block being sent is left to its sender, which writes its retries and requeues
+    // `cancelled` (`blocks::record`). Its intent is seen by a statement that starts after
+    // the block's rows are locked here (its claim held them until it committed the
+    // intent), hence two statements.
+    sqlx::query(
+        "SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'pending' ORDER BY id FOR UPDATE",
+    )
+    .bind(campaign)
+    .execute(&mut *tx)
+    .await?;
     let result = sqlx::query(
         r#"
-        WITH pending AS (
-            SELECT id FROM campaign_messages WHERE campaign_uid = $1 AND status = 'pending'
-            ORDER BY id
-            FOR UPDATE SKIP LOCKED
-        )
         UPDATE campaign_messages m SET status = 'cancelled', updated_at = now(),
             status_history = m.status_history || jsonb_build_array(jsonb_build_object('status', 'cancelled', 'at', now()))
-        FROM pending
-        WHERE m.campaign_uid = $1 AND m.id = pending.id AND m.status = 'pending'
+        WHERE m.campaign_uid = $1 AND m.status = 'pending'
+          AND m.id NOT IN (SELECT unnest(message_ids) FROM send_intents WHERE campaign_uid = $1)
         "#,
     )
     .bind(campaign)
