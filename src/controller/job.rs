@@ -51,6 +51,11 @@ pub struct SenderSettings {
     pub request_timeout_millis: u64,
     /// Seconds a finished Job is kept.
     pub ttl_seconds_after_finished: i32,
+    /// How senders reach Postgres (`DISPARO_DB_POOLER`).
+    pub db_pooler: crate::store::Pooler,
+    /// Where senders reach Postgres, when not where the operator does (written into the
+    /// namespaces' database URLs, see `tenant`).
+    pub db_address: Option<String>,
 }
 
 /// The Job's name for a campaign: stable (a restarted controller finds it) and unique
@@ -177,6 +182,12 @@ pub(crate) fn provider_credential(channel: &Channel) -> Result<&SecretKeyRef> {
     .ok_or_else(|| Error::InvalidChannel("the channel has no settings for its provider".into()))
 }
 
+/// The command-line name of a pooler setting (what `DISPARO_DB_POOLER` takes).
+fn pooler_name(pooler: crate::store::Pooler) -> String {
+    use clap::ValueEnum;
+    pooler.to_possible_value().map_or_else(|| "direct".to_owned(), |v| v.get_name().to_owned())
+}
+
 /// Builds the sending Job.
 pub(crate) fn build_job(
     campaign: &Campaign,
@@ -245,6 +256,11 @@ pub(crate) fn build_job(
                 ..Default::default()
             },
             EnvVar { name: "DISPARO_CAMPAIGN_NAME".to_owned(), value: Some(name.clone()), ..Default::default() },
+            EnvVar {
+                name: "DISPARO_DB_POOLER".to_owned(),
+                value: Some(pooler_name(settings.db_pooler)),
+                ..Default::default()
+            },
         ]),
         ports: Some(vec![ContainerPort {
             name: Some(SENDER_METRICS_PORT_NAME.to_owned()),
@@ -363,6 +379,8 @@ mod tests {
             block_size: 16,
             request_timeout_millis: 10_000,
             ttl_seconds_after_finished: 3600,
+            db_pooler: crate::store::Pooler::Direct,
+            db_address: None,
         }
     }
 
@@ -413,6 +431,12 @@ mod tests {
         assert_eq!((port.name.as_deref(), port.container_port), (Some("metrics"), SENDER_METRICS_PORT));
         let env = |name: &str| container.env.iter().flatten().find(|e| e.name == name).cloned().unwrap();
         assert_eq!(env("DISPARO_METRICS_PORT").value.as_deref(), Some("9102"));
+        assert_eq!(env("DISPARO_DB_POOLER").value.as_deref(), Some("direct"));
+        let pooled = SenderSettings { db_pooler: crate::store::Pooler::PgbouncerTransaction, ..settings() };
+        let job = build_job(&campaign(), &channel(), "acme", 2, false, &pooled).unwrap();
+        let pod = job.spec.and_then(|s| s.template.spec).unwrap();
+        let pooler = pod.containers[0].env.as_ref().unwrap().iter().find(|e| e.name == "DISPARO_DB_POOLER").cloned();
+        assert_eq!(pooler.and_then(|e| e.value).as_deref(), Some("pgbouncer-transaction"), "what `disparo send` takes");
         let host = env("DISPARO_METRICS_HOST").value_from.unwrap().field_ref.unwrap();
         assert_eq!(host.field_path, "status.podIP");
         assert_eq!(env("DISPARO_CAMPAIGN_NAME").value, campaign().metadata.name);

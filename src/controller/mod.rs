@@ -154,6 +154,14 @@ pub struct ControllerArgs {
     /// Provider request timeout of sender pods, in milliseconds.
     #[arg(long, env = "DISPARO_SENDER_TIMEOUT_MS", default_value_t = 15_000)]
     pub sender_timeout_ms: u64,
+    /// How sender pods reach Postgres: straight, or through PgBouncer in transaction
+    /// mode (passed to them as `DISPARO_DB_POOLER`).
+    #[arg(long, env = "DISPARO_SENDER_DB_POOLER", value_enum, default_value_t = crate::store::Pooler::Direct)]
+    pub sender_db_pooler: crate::store::Pooler,
+    /// `host:port` sender pods connect to instead of the admin URL's (a pooler in front
+    /// of Postgres): the namespaces' database URLs point there.
+    #[arg(long, env = "DISPARO_SENDER_DB_ADDRESS")]
+    pub sender_db_address: Option<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "DISPARO_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -267,6 +275,8 @@ pub async fn run(args: ControllerArgs, shutdown: CancellationToken) -> anyhow::R
             block_size: args.sender_block_size,
             request_timeout_millis: args.sender_timeout_ms,
             ttl_seconds_after_finished: 3600,
+            db_pooler: args.sender_db_pooler,
+            db_address: args.sender_db_address.clone(),
         },
         http: crate::providers::http_client(crate::providers::Timeouts {
             connect: Duration::from_secs(2),

@@ -63,19 +63,31 @@ pub(crate) async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
     let existing = secrets.get_opt(DATABASE_SECRET).await?;
     let ca = admin_ca();
+    let address = ctx.sender.db_address.as_deref();
+    let wanted_address = tenancy::address_of(&tenancy::scoped_url(&ctx.database_url, "r", "p", None, address)?);
     if let Some(current) =
         existing.as_ref().filter(|s| secret_value(s, ORGANIZATION_KEY).as_deref() == Some(organization.as_str()))
     {
-        if secret_value(current, CA_KEY) == ca {
+        let url = secret_value(current, URL_KEY);
+        let moved = url.as_deref().and_then(tenancy::address_of) != wanted_address;
+        if secret_value(current, CA_KEY) == ca && !moved {
             return Ok(organization);
         }
-        // The CA changed (rotated, or TLS turned on): hand on the new one, same password.
+        // The CA changed (rotated, or TLS turned on), or senders are to reach Postgres
+        // elsewhere (a pooler): hand on the new one, same password.
         let mut updated = current.clone();
         let data = updated.data.get_or_insert_with(BTreeMap::new);
         match &ca {
             Some(pem) => data.insert(CA_KEY.to_owned(), ByteString(pem.clone().into_bytes())),
             None => data.remove(CA_KEY),
         };
+        if let (true, Some(url), Some(wanted)) = (moved, url, wanted_address.as_deref()) {
+            let url = url::Url::parse(&url).map_err(|e| {
+                crate::store::Error::Invalid(format!("the namespace's database URL cannot be parsed: {e}"))
+            })?;
+            let url = tenancy::at_address(url, wanted)?;
+            data.insert(URL_KEY.to_owned(), ByteString(String::from(url).into_bytes()));
+        }
         secrets.replace(DATABASE_SECRET, &PostParams::default(), &updated).await?;
         return Ok(organization);
     }
@@ -84,7 +96,7 @@ pub(crate) async fn ensure(ctx: &Context, namespace: &str) -> Result<String> {
     let password = tenancy::new_password();
     let role = tenancy::provision(&ctx.pool, &organization, namespace, &password).await?;
     let ssl_mode = std::env::var("PGSSLMODE").ok();
-    let url = tenancy::scoped_url(&ctx.database_url, &role, &password, ssl_mode.as_deref())?;
+    let url = tenancy::scoped_url(&ctx.database_url, &role, &password, ssl_mode.as_deref(), address)?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(DATABASE_SECRET.to_owned()),

@@ -29,9 +29,18 @@ pub(crate) fn new_password() -> String {
 /// the URL when the admin URL does not name one, so a tenant connection is never less
 /// protected than the admin's: without it, a sender would use `prefer`, which falls back
 /// to plaintext.
-pub(crate) fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: Option<&str>) -> Result<String> {
+pub(crate) fn scoped_url(
+    admin_url: &str,
+    role: &str,
+    password: &str,
+    ssl_mode: Option<&str>,
+    address: Option<&str>,
+) -> Result<String> {
     let mut url = url::Url::parse(admin_url)
         .map_err(|e| Error::Invalid(format!("the admin database URL cannot be parsed: {e}")))?;
+    if let Some(address) = address {
+        url = at_address(url, address)?;
+    }
     url.set_username(role).map_err(|()| Error::Invalid("the admin database URL cannot carry a user name".into()))?;
     url.set_password(Some(password))
         .map_err(|()| Error::Invalid("the admin database URL cannot carry a password".into()))?;
@@ -40,6 +49,33 @@ pub(crate) fn scoped_url(admin_url: &str, role: &str, password: &str, ssl_mode: 
         url.query_pairs_mut().append_pair("sslmode", mode);
     }
     Ok(url.into())
+}
+
+/// `url` pointed at `address` (`host:port`, or `host` for the URL's port): where senders
+/// reach Postgres when that is not where the operator does (a pooler in front of it, see
+/// docs/architecture.md, "Connection budget and poolers").
+pub(crate) fn at_address(mut url: url::Url, address: &str) -> Result<url::Url> {
+    let invalid = || Error::Invalid(format!("the sender database address {address:?} is not host or host:port"));
+    let (host, port) = match address.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') || (host.starts_with('[') && host.ends_with(']')) => {
+            (host, Some(port.parse::<u16>().map_err(|_| invalid())?))
+        }
+        _ => (address, None),
+    };
+    if host.is_empty() {
+        return Err(invalid());
+    }
+    url.set_host(Some(host)).map_err(|_| invalid())?;
+    if let Some(port) = port {
+        url.set_port(Some(port)).map_err(|()| invalid())?;
+    }
+    Ok(url)
+}
+
+/// The `host:port` of a database URL (the port 5432 when it names none).
+pub(crate) fn address_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    Some(format!("{}:{}", url.host_str()?, url.port().unwrap_or(5432)))
 }
 
 /// Creates the organization's role with `password`, or sets its password if it exists,
@@ -110,6 +146,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn senders_can_be_pointed_at_a_pooler() {
+        let admin = "postgres://admin:secret@db.example:5432/disparo?sslmode=verify-full";
+        let url = scoped_url(admin, "disparo_org_ab", "pw", None, Some("pooler.disparo.svc:6432")).unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw@pooler.disparo.svc:6432/disparo?sslmode=verify-full");
+        let url = scoped_url(admin, "disparo_org_ab", "pw", None, Some("pooler")).unwrap();
+        assert_eq!(url, "postgres://disparo_org_ab:pw@pooler:5432/disparo?sslmode=verify-full", "the URL's port kept");
+        assert_eq!(address_of(&url).as_deref(), Some("pooler:5432"));
+        assert_eq!(address_of("postgres://a:b@db/x").as_deref(), Some("db:5432"));
+        for bad in ["", ":6432", "pooler:port", "pooler:99999"] {
+            assert!(scoped_url(admin, "disparo_org_ab", "pw", None, Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn role_names_come_from_the_namespace_uid() {
         assert_eq!(
             role_name("6B1F7C1E-9a4e-4c2b-8f55-0c8b5d8f2a11").unwrap(),
@@ -126,6 +176,7 @@ mod tests {
             "disparo_org_ab",
             "pw123",
             Some("disable"),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -136,10 +187,11 @@ mod tests {
 
     #[test]
     fn the_admin_tls_mode_reaches_the_scoped_url() {
-        let url = scoped_url("postgres://admin:secret@db.example/disparo", "disparo_org_ab", "pw", Some("verify-full"))
-            .unwrap();
+        let url =
+            scoped_url("postgres://admin:secret@db.example/disparo", "disparo_org_ab", "pw", Some("verify-full"), None)
+                .unwrap();
         assert_eq!(url, "postgres://disparo_org_ab:pw@db.example/disparo?sslmode=verify-full");
-        let url = scoped_url("postgres://admin:secret@127.0.0.1/disparo", "disparo_org_ab", "pw", None).unwrap();
+        let url = scoped_url("postgres://admin:secret@127.0.0.1/disparo", "disparo_org_ab", "pw", None, None).unwrap();
         assert_eq!(url, "postgres://disparo_org_ab:pw@127.0.0.1/disparo");
     }
 

@@ -77,6 +77,9 @@ pub struct WebhookArgs {
     /// at PgBouncer in transaction pooling mode.
     #[arg(long, env = "DISPARO_DB_POOLER", value_enum, default_value_t = crate::store::Pooler::Direct)]
     pub db_pooler: crate::store::Pooler,
+    /// `host:port` to connect to instead of the URL's (a pooler in front of Postgres).
+    #[arg(long, env = "DISPARO_DB_ADDRESS")]
+    pub db_address: Option<String>,
     /// Largest request body accepted (413 above). Meta payloads reach about 3 MB.
     #[arg(long, env = "DISPARO_WEBHOOK_MAX_BODY_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -210,6 +213,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         listen,
         database_url,
         db_pooler,
+        db_address,
         max_body_bytes,
         max_concurrent_requests,
         header_read_timeout_ms,
@@ -220,6 +224,13 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         db_max_connections,
         sweep_interval_ms,
     } = args;
+    let database_url = match &db_address {
+        Some(address) => String::from(crate::store::tenancy::at_address(
+            url::Url::parse(&database_url).context("the database URL cannot be parsed")?,
+            address,
+        )?),
+        None => database_url,
+    };
     let pool = crate::store::connect_lazy_via(&database_url, db_max_connections, db_pooler)
         .context("configuring the Postgres pool")?;
     let client = kube::Client::try_default().await.context("creating the Kubernetes client")?;
