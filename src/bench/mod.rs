@@ -133,7 +133,7 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
                 .iter()
                 .map(|m| (m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) }))
                 .collect();
-            messages::record_outcomes(pool, &outcomes, "bench").await?;
+            messages::record_campaign_outcomes(pool, uid, &outcomes, "bench").await?;
             done += outcomes.len();
             if done >= n / 2 {
                 break;
@@ -152,8 +152,9 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
         loop {
             let claimed = messages::claim_due(pool, uid, batch, 1).await?;
             let Some(m) = claimed.first() else { break };
-            messages::record_outcomes(
+            messages::record_campaign_outcomes(
                 pool,
+                uid,
                 &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })],
                 "bench",
             )

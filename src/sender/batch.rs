@@ -518,7 +518,7 @@ async fn send_blocks(
         if !over_budget.is_empty() {
             let unused = over_budget.len() as u32;
             retrying("putting back messages over the messaging limit", || {
-                messages::record_outcomes(pool, &over_budget, run_id)
+                messages::record_campaign_outcomes(pool, job.campaign, &over_budget, run_id)
             })
             .await?;
             retrying("giving back tokens", || {
@@ -539,7 +539,8 @@ async fn send_blocks(
         }
         let results = send_block(job, &client, metrics, shutdown, claimed, &reservation).await;
         let outcomes: Vec<(i64, messages::Outcome)> = results.iter().map(|(id, o, _)| (*id, o.clone())).collect();
-        retrying("recording outcomes", || messages::record_outcomes(pool, &outcomes, run_id)).await?;
+        retrying("recording outcomes", || messages::record_campaign_outcomes(pool, job.campaign, &outcomes, run_id))
+            .await?;
         if let Some(end) = apply_effects(pool, job, metrics, shutdown, &results).await? {
             return Ok(end);
         }
