@@ -1,10 +1,11 @@
-//! `disparo bench store|sender|webhook`: measurements printed as figures, each beside a
+//! `disparo bench store|sender|webhook|claim`: measurements printed as figures, each beside a
 //! raw baseline measured in the same run on the same Postgres (and sandbox), so the
 //! numbers mean something on whatever machine runs them.
 //!
 //! The benchmarks depend on what they measure, never the reverse: no product module
 //! imports this one.
 
+pub mod claim;
 pub mod sender;
 pub mod webhook;
 
@@ -35,6 +36,10 @@ pub struct BenchArgs {
     /// comma-separated (default: 64,256,1024).
     #[arg(long, value_delimiter = ',')]
     pub clients: Option<Vec<usize>>,
+    /// Claim benchmark: the claim is measured with `--messages` rows of other campaigns
+    /// and with this many times as many.
+    #[arg(long, default_value_t = 100)]
+    pub scale: usize,
 }
 
 /// Benchmarks.
@@ -46,6 +51,8 @@ pub enum BenchTarget {
     Sender,
     /// Webhook status events applied per second.
     Webhook,
+    /// One claim's cost with few and with many rows of other campaigns.
+    Claim,
 }
 
 fn per_second(n: usize, d: Duration) -> f64 {
@@ -239,5 +246,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
         BenchTarget::Sender => sender::run(&pool, &args.database_url, args.messages, args.lanes).await,
         BenchTarget::Webhook => webhook::run(&pool, args.messages, args.clients).await,
+        BenchTarget::Claim => claim::run(&pool, args.messages, args.scale).await,
     }
 }
