@@ -945,3 +945,28 @@ async fn export_pages_every_message_once_with_its_filters_and_history() {
     assert!(!export::is_frozen(&pool, "globex", uid).await.unwrap(), "another organization's campaign");
     assert!(!export::is_frozen(&pool, "acme", Uuid::new_v4()).await.unwrap(), "never frozen");
 }
+
+#[tokio::test]
+async fn deleting_a_campaign_drops_its_partition_and_leaves_the_others() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 5, |_| (vec![], json!({}))).await;
+    let (kept, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let (gone, frozen) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let partition = format!("campaign_messages_{}", gone.simple());
+    let exists = |name: String| {
+        let pool = pool.clone();
+        async move {
+            let (found,): (bool,) =
+                sqlx::query_as("SELECT to_regclass($1) IS NOT NULL").bind(name).fetch_one(&pool).await.unwrap();
+            found
+        }
+    };
+    assert!(exists(partition.clone()).await, "the freeze created the campaign's partition");
+    assert_eq!(campaigns::delete(&pool, gone).await.unwrap(), frozen.messages as u64);
+    assert!(!exists(partition).await, "the partition is dropped, not emptied row by row");
+    assert!(phones_of(&pool, gone).await.is_empty());
+    assert_eq!(phones_of(&pool, kept).await.len(), 5, "another campaign's messages stay");
+    assert!(campaigns::counters(&pool, gone).await.unwrap().is_none());
+    // deleting again finds nothing and fails nothing
+    assert_eq!(campaigns::delete(&pool, gone).await.unwrap(), 0);
+}
