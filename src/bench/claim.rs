@@ -25,7 +25,7 @@ const BLOCK: i64 = 100;
 /// Claims timed per measurement (after as many untimed ones).
 const ROUNDS: usize = 300;
 
-/// The unpartitioned table, as campaign_messages was before migration 0010.
+/// The unpartitioned table, as campaign_messages was before migration 0011.
 const FLAT: &str = "bench_flat_messages";
 
 /// The claim statement as it was before partitioning, on the unpartitioned table.
@@ -61,7 +61,7 @@ fn flat_claim_sql() -> String {
 enum Layout {
     /// campaign_messages, one partition per campaign.
     Partitioned,
-    /// One table for every campaign (before 0010).
+    /// One table for every campaign (before 0011).
     Flat,
 }
 
@@ -82,7 +82,7 @@ impl Layout {
 }
 
 /// Creates the unpartitioned table with the indexes and triggers campaign_messages had
-/// before 0010.
+/// before 0011.
 async fn create_flat(pool: &PgPool) -> anyhow::Result<()> {
     let statements = [
         format!("DROP TABLE IF EXISTS {FLAT}"),
