@@ -160,3 +160,12 @@ GRANT SELECT, UPDATE ON campaign_messages TO disparo_tenant;
 ALTER TABLE campaign_messages ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON campaign_messages TO disparo_tenant
     USING (organization = (SELECT current_organization())) WITH CHECK (organization = (SELECT current_organization()));
+
+-- Receipts name their campaigns (docs/architecture.md, "Partitions"). A receipt whose
+-- campaign is not echoed is looked up in the campaigns of its channel that may still
+-- receive receipts; this index finds a channel's campaigns without reading every
+-- campaign of the organization.
+CREATE INDEX campaigns_channel_idx ON campaigns (organization, channel);
+-- The campaign a kept receipt named (Meta's `biz_opaque_callback_data`), so the sweep
+-- looks it up in that campaign alone.
+ALTER TABLE unmatched_receipts ADD COLUMN campaign_uid UUID;

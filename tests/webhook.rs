@@ -1202,6 +1202,7 @@ async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
                 channel: "wa".into(),
                 provider_message_id: format!("wamid.d.{id}"),
                 message_id: Some(*id),
+                campaign: Some(uid),
                 status: disparo::store::receipts::ReceiptStatus::Delivered,
                 at: Utc::now(),
                 error: None,
