@@ -1,4 +1,4 @@
-//! `disparo bench store|sender|webhook|claim`: measurements printed as figures, each beside a
+//! `disparo bench store|sender|webhook|claim|receipts`: measurements printed as figures, each beside a
 //! raw baseline measured in the same run on the same Postgres (and sandbox), so the
 //! numbers mean something on whatever machine runs them.
 //!
@@ -6,6 +6,7 @@
 //! imports this one.
 
 pub mod claim;
+pub mod receipts;
 pub mod sender;
 pub mod webhook;
 
@@ -40,6 +41,9 @@ pub struct BenchArgs {
     /// and with this many times as many.
     #[arg(long, default_value_t = 100)]
     pub scale: usize,
+    /// Receipts benchmark: campaigns (each with its partition of campaign_messages).
+    #[arg(long, default_value_t = 2_000)]
+    pub campaigns: usize,
 }
 
 /// Benchmarks.
@@ -53,6 +57,8 @@ pub enum BenchTarget {
     Webhook,
     /// One claim's cost with few and with many rows of other campaigns.
     Claim,
+    /// One receipt's lookup with many campaigns' partitions, naming no campaign and naming them.
+    Receipts,
 }
 
 fn per_second(n: usize, d: Duration) -> f64 {
@@ -247,5 +253,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Sender => sender::run(&pool, &args.database_url, args.messages, args.lanes).await,
         BenchTarget::Webhook => webhook::run(&pool, args.messages, args.clients).await,
         BenchTarget::Claim => claim::run(&pool, args.messages, args.scale).await,
+        BenchTarget::Receipts => receipts::run(&pool, &args.database_url, args.campaigns).await,
     }
 }
