@@ -58,6 +58,8 @@ async fn seed_messages(pool: &PgPool, org: &str, campaign: uuid::Uuid, name: &st
     .execute(pool)
     .await
     .unwrap();
+    // its partition of campaign_messages, as a freeze creates it
+    sqlx::query("SELECT campaign_messages_partition($1)").bind(campaign).execute(pool).await.unwrap();
     sqlx::query(
         r#"
         INSERT INTO campaign_messages (campaign_uid, organization, contact_id, batch_index, status, attempts,

@@ -1150,3 +1150,148 @@ async fn parallel_blocks_never_overlap() {
     assert_eq!((all.len(), unique.len()), (300, 300));
     assert_eq!(assert_counters_equal_recount(&pool, uid).await.sent, 300);
 }
+
+#[tokio::test]
+async fn deleting_a_campaign_drops_its_partition_and_leaves_the_others() {
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 5, |_| (vec![], json!({}))).await;
+    let (kept, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let (gone, frozen) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let partition = format!("campaign_messages_{}", gone.simple());
+    let exists = |name: String| {
+        let pool = pool.clone();
+        async move {
+            let (found,): (bool,) =
+                sqlx::query_as("SELECT to_regclass($1) IS NOT NULL").bind(name).fetch_one(&pool).await.unwrap();
+            found
+        }
+    };
+    assert!(exists(partition.clone()).await, "the freeze created the campaign's partition");
+    assert_eq!(campaigns::delete(&pool, gone).await.unwrap(), frozen.messages as u64);
+    assert!(!exists(partition).await, "the partition is dropped, not emptied row by row");
+    assert!(phones_of(&pool, gone).await.is_empty());
+    assert_eq!(phones_of(&pool, kept).await.len(), 5, "another campaign's messages stay");
+    assert!(campaigns::counters(&pool, gone).await.unwrap().is_none());
+    // deleting again finds nothing and fails nothing
+    assert_eq!(campaigns::delete(&pool, gone).await.unwrap(), 0);
+}
+
+/// A status event for `tests/store.rs`: `delivered`/`read` of `pid` on channel `ch`.
+fn receipt(
+    provider: disparo::store::receipts::Provider,
+    pid: &str,
+    message_id: Option<i64>,
+    campaign: Option<Uuid>,
+    status: disparo::store::receipts::ReceiptStatus,
+) -> disparo::store::receipts::StatusEvent {
+    disparo::store::receipts::StatusEvent {
+        provider,
+        organization: "acme".into(),
+        channel: "ch".into(),
+        provider_message_id: pid.into(),
+        message_id,
+        campaign,
+        status,
+        at: Utc::now(),
+        error: None,
+        recipient: None,
+        opts_out: false,
+        recipient_bsuid: None,
+        pricing: None,
+    }
+}
+
+/// Receipts are looked up in named partitions (docs/architecture.md, "Partitions"): one
+/// that names its campaign (Meta's current callback data) finds its message there, at
+/// any age, and nowhere else; one that names none (Evolution, Meta's older format)
+/// finds it among the channel's campaigns that may still take receipts; both whatever
+/// other campaigns' partitions hold, including messages of the same provider ids.
+#[tokio::test]
+async fn a_receipt_finds_its_message_in_its_campaigns_partition_among_others() {
+    use disparo::store::receipts::{self, ApplyOutcome, Provider, ReceiptStatus};
+    let (pool, _) = common::fresh_db().await;
+    common::seed_contacts(&pool, "acme", 6, |_| (vec![], json!({}))).await;
+    // other campaigns, of this channel and of another, each with sent messages
+    let mut others = Vec::new();
+    for channel in ["ch", "ch", "other", "ch"] {
+        let uid = Uuid::new_v4();
+        let key = CampaignKey { uid, organization: "acme", name: &format!("o-{uid}"), channel, batch_size: 10 };
+        audience::materialize(&pool, &key, &AudienceQuery::AllContacts).await.unwrap();
+        let claimed = messages::claim_due(&pool, uid, 0, 10).await.unwrap();
+        let sent: Vec<(i64, Outcome)> = claimed
+            .iter()
+            .map(|m| (m.id, Outcome::Sent { provider_message_id: format!("wamid.other.{}", m.id) }))
+            .collect();
+        messages::record_campaign_outcomes(&pool, uid, &sent, "test-run").await.unwrap();
+        others.push(uid);
+    }
+    let (uid, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let ids: Vec<i64> = messages::claim_due(&pool, uid, 0, 10).await.unwrap().iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 6);
+    let pid = |id: i64| format!("wamid.{id}");
+    // 0, 1, 4: sent with their provider ids; 2, 3: unknown, no id; 5: still sending
+    let outcomes: Vec<(i64, Outcome)> = ids[..5]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| match i {
+            2 | 3 => (*id, Outcome::Unknown { reason: "timed out".into() }),
+            _ => (*id, Outcome::Sent { provider_message_id: pid(*id) }),
+        })
+        .collect();
+    messages::record_campaign_outcomes(&pool, uid, &outcomes, "test-run").await.unwrap();
+    // a campaign of this channel that another partition holds a message of the same provider id
+    let (copycat, _) = freeze(&pool, "acme", &AudienceQuery::AllContacts, 10).await;
+    let copied = messages::claim_due(&pool, copycat, 0, 1).await.unwrap()[0].id;
+    let sent = [(copied, Outcome::Sent { provider_message_id: pid(ids[4]) })];
+    messages::record_campaign_outcomes(&pool, copycat, &sent, "test-run").await.unwrap();
+
+    let delivered = ReceiptStatus::Delivered;
+    let events = vec![
+        // named (Meta): by provider id, and by our id for an unknown message
+        receipt(Provider::Meta, &pid(ids[0]), Some(ids[0]), Some(uid), delivered),
+        receipt(Provider::Meta, "wamid.late.3", Some(ids[3]), Some(uid), delivered),
+        // not named (Evolution by provider id; Meta's older format by our id)
+        receipt(Provider::Evolution, &pid(ids[1]), None, None, delivered),
+        receipt(Provider::Meta, "wamid.late.2", Some(ids[2]), None, delivered),
+        // named, but another campaign: not looked up in this one
+        receipt(Provider::Meta, &pid(ids[4]), Some(ids[4]), Some(others[0]), delivered),
+    ];
+    let report = receipts::apply(&pool, &events, &[]).await.unwrap();
+    use ApplyOutcome::{Applied, UnknownId};
+    assert_eq!(report.outcomes, vec![Applied, Applied, Applied, Applied, UnknownId]);
+    for (i, id) in ids[..4].iter().enumerate() {
+        assert_eq!(status_of(&pool, *id).await, "delivered", "message {i}");
+    }
+    assert_eq!(status_of(&pool, ids[4]).await, "sent", "named another campaign: kept, not applied");
+    // named in its campaign, it is found there (not in the copycat's partition)
+    let named = receipt(Provider::Meta, &pid(ids[4]), Some(ids[4]), Some(uid), delivered);
+    assert_eq!(receipts::apply(&pool, &[named], &[]).await.unwrap().outcomes, vec![Applied]);
+    assert_eq!(status_of(&pool, ids[4]).await, "delivered");
+
+    // a receipt naming its campaign, ahead of the sender's record, is kept with its
+    // campaign and swept once the message has its provider id
+    let early = receipt(Provider::Meta, &pid(ids[5]), None, Some(uid), delivered);
+    assert_eq!(receipts::apply(&pool, &[early], &[]).await.unwrap().outcomes, vec![UnknownId]);
+    let sent = [(ids[5], Outcome::Sent { provider_message_id: pid(ids[5]) })];
+    messages::record_campaign_outcomes(&pool, uid, &sent, "test-run").await.unwrap();
+    let swept = receipts::sweep_unmatched(&pool, receipts::UNMATCHED_RECEIPT_TTL).await.unwrap();
+    assert_eq!(swept.applied, 1);
+    assert_eq!(status_of(&pool, ids[5]).await, "delivered");
+
+    // a day after its last change, with nothing left to send or resolve, the campaign
+    // takes receipts only when they name it
+    sqlx::query("UPDATE campaign_counters SET updated_at = now() - interval '25 hours' WHERE campaign_uid = $1")
+        .bind(uid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let read = ReceiptStatus::Read;
+    let events = vec![
+        receipt(Provider::Evolution, &pid(ids[0]), None, None, read),
+        receipt(Provider::Meta, &pid(ids[1]), Some(ids[1]), Some(uid), read),
+    ];
+    assert_eq!(receipts::apply(&pool, &events, &[]).await.unwrap().outcomes, vec![UnknownId, Applied]);
+    assert_eq!(status_of(&pool, ids[0]).await, "delivered", "kept: the campaign is past the horizon");
+    assert_eq!(status_of(&pool, ids[1]).await, "read");
+    assert_counters_equal_recount(&pool, uid).await;
+}

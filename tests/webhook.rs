@@ -1202,6 +1202,7 @@ async fn the_webhook_and_the_sender_never_deadlock_over_the_same_messages() {
                 channel: "wa".into(),
                 provider_message_id: format!("wamid.d.{id}"),
                 message_id: Some(*id),
+                campaign: Some(uid),
                 status: disparo::store::receipts::ReceiptStatus::Delivered,
                 at: Utc::now(),
                 error: None,
@@ -2049,4 +2050,41 @@ async fn the_schema_allows_only_the_marketing_requeue_back_to_pending() {
         .unwrap();
     assert_eq!(row(&pool, ids[0]).await.status, "pending");
     assert_counters_match(&pool, uid).await;
+}
+
+/// Meta echoes the campaign with our id (`disparo:<id>:<campaign uid>`, docs/providers.md
+/// A1): the receipt is looked up in that campaign's partition, however long ago the
+/// campaign last changed. One naming no campaign (the older `disparo:<id>`) is looked up
+/// in the channel's campaigns still taking receipts only (docs/architecture.md,
+/// "Partitions"): past that, it is kept, not applied.
+#[tokio::test]
+async fn a_meta_receipt_naming_its_campaign_finds_it_after_a_day() {
+    let (pool, _) = common::fresh_db().await;
+    let (uid, ids) = campaign(&pool, "acme", &["+15550199999"]).await;
+    mark_sent(&pool, &[(ids[0], RTCA)]).await;
+    let service = Service::start(pool.clone(), ServiceConfig::default()).await;
+    // a `read` echoing `callback` for message 0
+    let read = |callback: &str| {
+        fixture("meta_delivered")
+            .replace(r#""status": "delivered""#, r#""status": "read""#)
+            .replace("disparo:campaign=spring-sale:msg=42", callback)
+    };
+    // within the day, the older format finds it
+    assert_eq!(service.meta("acme", &status_of("meta_delivered", RTCA, ids[0])).await["applied"], 1);
+    // the campaign's last change a day ago: nothing left to send or resolve
+    sqlx::query("UPDATE campaign_counters SET updated_at = now() - interval '25 hours' WHERE campaign_uid = $1")
+        .bind(uid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(service.meta("acme", &read(&format!("disparo:{}", ids[0]))).await["unknown_id"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "delivered");
+    assert_eq!(service.meta("acme", &read(&format!("disparo:{}:{uid}", ids[0]))).await["applied"], 1);
+    assert_eq!(row(&pool, ids[0]).await.status, "read");
+    assert_eq!(service.meta("acme", &read(&format!("disparo:{}:{uid}", ids[0]))).await["duplicate"], 1);
+    // naming another campaign, it is looked up there only
+    let elsewhere = read(&format!("disparo:{}:{}", ids[0], Uuid::new_v4()));
+    assert_eq!(service.meta("acme", &elsewhere).await["unknown_id"], 1);
+    assert_counters_match(&pool, uid).await;
+    service.stop().await;
 }

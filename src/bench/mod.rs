@@ -1,10 +1,12 @@
-//! `disparo bench store|sender|webhook`: measurements printed as figures, each beside a
+//! `disparo bench store|sender|webhook|claim|receipts`: measurements printed as figures, each beside a
 //! raw baseline measured in the same run on the same Postgres (and sandbox), so the
 //! numbers mean something on whatever machine runs them.
 //!
 //! The benchmarks depend on what they measure, never the reverse: no product module
 //! imports this one.
 
+pub mod claim;
+pub mod receipts;
 pub mod sender;
 pub mod webhook;
 
@@ -35,6 +37,13 @@ pub struct BenchArgs {
     /// comma-separated (default: 64,256,1024).
     #[arg(long, value_delimiter = ',')]
     pub clients: Option<Vec<usize>>,
+    /// Claim benchmark: the claim is measured with `--messages` rows of other campaigns
+    /// and with this many times as many.
+    #[arg(long, default_value_t = 100)]
+    pub scale: usize,
+    /// Receipts benchmark: campaigns (each with its partition of campaign_messages).
+    #[arg(long, default_value_t = 2_000)]
+    pub campaigns: usize,
 }
 
 /// Benchmarks.
@@ -46,6 +55,10 @@ pub enum BenchTarget {
     Sender,
     /// Webhook status events applied per second.
     Webhook,
+    /// One claim's cost with few and with many rows of other campaigns.
+    Claim,
+    /// One receipt's lookup with many campaigns' partitions, naming no campaign and naming them.
+    Receipts,
 }
 
 fn per_second(n: usize, d: Duration) -> f64 {
@@ -139,7 +152,7 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
             } else {
                 let claimed = messages::claim_due(pool, uid, batch, 500).await?;
                 let outcomes = all_sent(&claimed);
-                messages::record_outcomes(pool, &outcomes, "bench").await?;
+                messages::record_campaign_outcomes(pool, uid, &outcomes, "bench").await?;
                 two_writes += started.elapsed();
                 done_two += outcomes.len();
                 outcomes.len()
@@ -162,8 +175,9 @@ async fn bench_store(pool: &PgPool, n: usize) -> anyhow::Result<()> {
         loop {
             let claimed = messages::claim_due(pool, uid, batch, 1).await?;
             let Some(m) = claimed.first() else { break };
-            messages::record_outcomes(
+            messages::record_campaign_outcomes(
                 pool,
+                uid,
                 &[(m.id, messages::Outcome::Sent { provider_message_id: format!("wamid.{}", m.id) })],
                 "bench",
             )
@@ -255,5 +269,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchTarget::Store => bench_store(&pool, args.messages).await,
         BenchTarget::Sender => sender::run(&pool, &args.database_url, args.messages, args.lanes).await,
         BenchTarget::Webhook => webhook::run(&pool, args.messages, args.clients).await,
+        BenchTarget::Claim => claim::run(&pool, args.messages, args.scale).await,
+        BenchTarget::Receipts => receipts::run(&pool, &args.database_url, args.campaigns).await,
     }
 }

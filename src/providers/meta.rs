@@ -11,6 +11,44 @@ use super::{Content, ErrorClass, OutboundMessage, Provider, ProviderClient, Prov
 /// Meta echoes at most this many bytes of `biz_opaque_callback_data`.
 const MAX_CALLBACK_DATA: usize = 512;
 
+/// Prefix of our `biz_opaque_callback_data` (docs/providers.md A1).
+const CALLBACK_PREFIX: &str = "disparo:";
+
+/// What the sender puts in `biz_opaque_callback_data` and Meta echoes in every status
+/// webhook of the message (docs/providers.md A1): `disparo:<message id>:<campaign uid>`,
+/// or `disparo:<message id>` as senders before the campaign was added wrote it. The
+/// campaign lets the webhook look the message up in its campaign's partition alone
+/// (docs/architecture.md, "Partitions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallbackData {
+    /// Our message id.
+    pub message_id: i64,
+    /// The message's campaign (absent in the older format).
+    pub campaign: Option<uuid::Uuid>,
+}
+
+impl CallbackData {
+    /// The text sent to Meta (at most 64 bytes: well under Meta's 512).
+    pub fn encode(&self) -> String {
+        match self.campaign {
+            Some(campaign) => format!("{CALLBACK_PREFIX}{}:{}", self.message_id, campaign.hyphenated()),
+            None => format!("{CALLBACK_PREFIX}{}", self.message_id),
+        }
+    }
+
+    /// Reads either format; None for anything else (someone else's data, a
+    /// non-positive id, a campaign that is not a UUID).
+    pub fn parse(data: &str) -> Option<CallbackData> {
+        let rest = data.strip_prefix(CALLBACK_PREFIX)?;
+        let (id, campaign) = match rest.split_once(':') {
+            Some((id, campaign)) => (id, Some(uuid::Uuid::try_parse(campaign).ok()?)),
+            None => (rest, None),
+        };
+        let message_id = id.parse::<i64>().ok().filter(|id| *id > 0)?;
+        Some(CallbackData { message_id, campaign })
+    }
+}
+
 /// Sends through one business phone number of the Cloud API.
 ///
 /// `Debug` is safe to log: the access token is a [`Secret`].
@@ -273,6 +311,28 @@ impl Wire for MetaWire {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn callback_data_carries_the_campaign_and_reads_both_formats() {
+        let campaign = uuid::Uuid::parse_str("6f1c2a3e-0d4b-4c5a-9e8f-1a2b3c4d5e6f").unwrap();
+        let data = CallbackData { message_id: 42, campaign: Some(campaign) };
+        assert_eq!(data.encode(), "disparo:42:6f1c2a3e-0d4b-4c5a-9e8f-1a2b3c4d5e6f");
+        assert_eq!(CallbackData::parse(&data.encode()), Some(data));
+        assert!(data.encode().len() <= MAX_CALLBACK_DATA);
+        // the format of senders before the campaign was carried
+        assert_eq!(CallbackData::parse("disparo:42"), Some(CallbackData { message_id: 42, campaign: None }));
+        assert_eq!(CallbackData { message_id: 42, campaign: None }.encode(), "disparo:42");
+        for other in [
+            "disparo:campaign=spring-sale:msg=42",
+            "disparo:-1",
+            "disparo:0",
+            "42",
+            "disparo:42:spring-sale",
+            "disparo:",
+        ] {
+            assert_eq!(CallbackData::parse(other), None, "{other}");
+        }
+    }
 
     fn message(content: Content) -> OutboundMessage {
         OutboundMessage { to: "+15551234567".into(), content, callback_data: String::new() }

@@ -22,6 +22,7 @@ use super::render::{ContactView, render};
 use super::{Error, Result};
 use crate::account;
 use crate::api::{QualityPolicy, RateLimitMode, TemplateCategory};
+use crate::providers::meta::CallbackData;
 use crate::providers::{Content, OutboundMessage, ProviderClient, SendOutcome};
 use crate::store::{self, blocks, messages, pauses, rate};
 
@@ -723,8 +724,11 @@ async fn send_one(
             );
         }
     };
-    let outbound =
-        OutboundMessage { to: message.phone.clone(), content, callback_data: format!("disparo:{}", message.id) };
+    let outbound = OutboundMessage {
+        to: message.phone.clone(),
+        content,
+        callback_data: CallbackData { message_id: message.id, campaign: Some(job.campaign) }.encode(),
+    };
     let started = std::time::Instant::now();
     let answer = client.send(&outbound).await;
     metrics.provider_latency.observe(started.elapsed().as_secs_f64());

@@ -276,6 +276,12 @@ pub async fn materialize_capped(
         return Err(Error::Invalid("batch size must be positive".into()));
     }
     let source = resolve_source(pool, key.organization, audience).await?;
+    // The campaign's partition of campaign_messages, in a transaction of its own before
+    // the freeze (docs/architecture.md, "Partitions"): attaching it briefly locks
+    // campaigns and contacts against writes, which must not last as long as the freeze.
+    let mut part = super::begin(pool).await?;
+    sqlx::query("SELECT campaign_messages_partition($1)").bind(key.uid).execute(&mut *part).await?;
+    part.commit().await?;
     let mut tx = super::begin(pool).await?;
     sqlx::query(
         "INSERT INTO campaigns (uid, organization, name, channel, batch_size) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (uid) DO NOTHING",

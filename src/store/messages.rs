@@ -72,7 +72,7 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) ->
                     THEN m.status_history || jsonb_build_array(jsonb_build_object('status', 'skipped', 'at', now(), 'reason', 'opted out'))
                     ELSE m.status_history END
             FROM due, contacts c
-            WHERE m.id = due.id AND c.id = m.contact_id
+            WHERE m.campaign_uid = $1 AND m.id = due.id AND c.id = m.contact_id
             RETURNING m.id, m.attempts, NOT c.opted_out AS sendable, c.phone, c.name, c.attributes, m.marketing_requeues
         )
         SELECT id, attempts, phone, name, attributes, marketing_requeues
@@ -215,7 +215,16 @@ impl OutcomeColumns {
 /// cancel that starts meanwhile waits for this statement and then finds these rows
 /// `pending`, so neither order leaves a pending message in a cancelled campaign. A
 /// block of sends and failures takes no such lock.
-pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
+///
+/// Every message must be of `campaign`: the statement names it, so Postgres reads and
+/// locks that campaign's partition alone (docs/architecture.md, "Partitions"); an id of
+/// another campaign is not found and does not change.
+pub async fn record_campaign_outcomes(
+    pool: &PgPool,
+    campaign: Uuid,
+    outcomes: &[(i64, Outcome)],
+    run_id: &str,
+) -> Result<u64> {
     if outcomes.is_empty() {
         return Ok(0);
     }
@@ -226,7 +235,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
         r#"
         WITH locked AS (
             SELECT id, campaign_uid FROM campaign_messages
-            WHERE id = ANY($1) AND status = 'sending'
+            WHERE campaign_uid = $11 AND id = ANY($1) AND status = 'sending'
             ORDER BY id
             FOR UPDATE
         ), campaign AS (
@@ -256,7 +265,7 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
                 'status', v.status, 'at', now(), 'attempt', m.attempts, 'startedAt', m.updated_at, 'run', $8::text,
                 'providerId', v.provider_id, 'code', v.code, 'message', v.message, 'retryAt', v.next_at)))
         FROM v
-        WHERE m.id = v.id AND m.status = 'sending'
+        WHERE m.campaign_uid = $11 AND m.id = v.id AND m.status = 'sending'
         "#,
     )
     .bind(&columns.ids)
@@ -269,10 +278,34 @@ pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id:
     .bind(run_id)
     .bind(may_go_back)
     .bind(&columns.marketing)
+    .bind(campaign)
     .execute(db.conn())
     .await?;
     db.commit().await?;
     Ok(result.rows_affected())
+}
+
+/// [`record_campaign_outcomes`] for messages whose campaign the caller does not have at
+/// hand (tests and tools): their campaigns are looked up first, by id alone, which reads
+/// every partition's primary key, so its cost grows with the number of campaigns kept.
+/// The send path knows its campaign and never calls this.
+pub async fn record_outcomes(pool: &PgPool, outcomes: &[(i64, Outcome)], run_id: &str) -> Result<u64> {
+    if outcomes.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = outcomes.iter().map(|(id, _)| *id).collect();
+    let campaigns: Vec<(Uuid, Vec<i64>)> = sqlx::query_as(
+        "SELECT campaign_uid, array_agg(id) FROM campaign_messages WHERE id = ANY($1) GROUP BY campaign_uid ORDER BY campaign_uid",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut changed = 0;
+    for (campaign, of_campaign) in campaigns {
+        let theirs: Vec<(i64, Outcome)> = outcomes.iter().filter(|(id, _)| of_campaign.contains(id)).cloned().collect();
+        changed += record_campaign_outcomes(pool, campaign, &theirs, run_id).await?;
+    }
+    Ok(changed)
 }
 
 /// Turns messages of a batch left `sending` by a previous run into `unknown`. Called when

@@ -97,11 +97,32 @@ pub enum Pooler {
 /// administrator tells them apart in `pg_stat_activity`.
 pub const POOLED_APPLICATION_NAME: &str = "disparo-pgbouncer-transaction";
 
+/// Set on every connection that keeps prepared statements: Postgres plans each
+/// execution with its parameters. With `campaign_messages` partitioned by campaign
+/// (docs/architecture.md, "Partitions"), a plan made with the parameters prunes to the
+/// named campaigns' partitions, while the generic plan Postgres otherwise builds once
+/// per statement and connection, at the sixth execution, to compare costs, covers every
+/// partition: with 2,000 partitions that one execution took seconds (27 s for the
+/// webhook's receipt statement) and kept tens of MB per statement in the connection.
+/// Through a transaction-mode pooler nothing is cached, so every plan is made with the
+/// parameters already.
+const CUSTOM_PLANS: &str = "SET plan_cache_mode = force_custom_plan";
+
+/// `pool` with [`CUSTOM_PLANS`] run on each new connection.
+fn with_custom_plans(pool: PgPoolOptions) -> PgPoolOptions {
+    pool.after_connect(|conn, _| {
+        Box::pin(async move {
+            sqlx::raw_sql(CUSTOM_PLANS).execute(conn).await?;
+            Ok(())
+        })
+    })
+}
+
 fn pool_options(url: &str, max_connections: u32, pooler: Pooler) -> Result<(PgPoolOptions, PgConnectOptions)> {
     let options: PgConnectOptions = url.parse()?;
     let pool = PgPoolOptions::new().max_connections(max_connections);
     Ok(match pooler {
-        Pooler::Direct => (pool, options),
+        Pooler::Direct => (with_custom_plans(pool), options),
         Pooler::PgbouncerTransaction => (
             // A test query checks the link to PgBouncer, not a server connection
             // (PgBouncer checks those itself): not worth a round trip per acquire.
@@ -128,7 +149,7 @@ pub async fn connect_via(url: &str, max_connections: u32, pooler: Pooler) -> Res
 pub(crate) async fn connect_with_ca(url: &str, max_connections: u32, ca_pem: &str) -> Result<PgPool> {
     let options: sqlx::postgres::PgConnectOptions = url.parse()?;
     let options = options.ssl_root_cert_from_pem(ca_pem.as_bytes().to_vec());
-    let pool = PgPoolOptions::new()
+    let pool = with_custom_plans(PgPoolOptions::new())
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
         .connect_with(options)

@@ -37,6 +37,11 @@
 //! exception by design: a person who asks one number of an organization to stop is
 //! opted out of the organization (a contact is the organization's, not a channel's).
 //!
+//! Every statement on `campaign_messages` names the campaigns it may touch, so Postgres
+//! reads and locks their partitions alone (docs/architecture.md, "Partitions"): the
+//! campaign a receipt echoes, or else the campaigns of its channel that may still
+//! receive receipts (unfinished, or changed within [`RECEIPT_HORIZON`]).
+//!
 //! Lock order: campaign messages are locked in ascending id order before any is
 //! updated, as the sender does, so the webhook and the sender never deadlock; contacts
 //! likewise; kept receipts are deleted only after the messages are locked.
@@ -50,6 +55,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::Result;
 use crate::account::{MARKETING_LIMIT_CODE, marketing_requeue_at};
@@ -228,6 +234,12 @@ pub struct StatusEvent {
     /// between the provider call and recording the id, leaving the message `sending` or
     /// `unknown` without one.
     pub message_id: Option<i64>,
+    /// The message's campaign, when the provider echoed it (Meta
+    /// `biz_opaque_callback_data` in the current format, docs/providers.md A1): the
+    /// message is then looked up in that campaign's partition alone, by any means.
+    /// Without it, in the campaigns of the channel that may still receive receipts
+    /// ([`RECEIPT_HORIZON`]).
+    pub campaign: Option<Uuid>,
     /// The reported status.
     pub status: ReceiptStatus,
     /// When the provider says it happened (recorded in the history; orders receipts of
@@ -453,12 +465,83 @@ fn history_entry(event: &StatusEvent, note: Option<&str>) -> Value {
 /// message that is not ours.
 pub const UNMATCHED_RECEIPT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// How long after its last status change a campaign with nothing left to send or
+/// resolve still takes receipts that do not name it: a day, as long as the controller
+/// follows a completed campaign's receipts. A campaign with messages `pending`,
+/// `sending` or `unknown` takes them whenever they come. A receipt that names its
+/// campaign (Meta's current `biz_opaque_callback_data`) finds it at any age.
+pub const RECEIPT_HORIZON: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The SQL condition, on `campaign_counters n`, of a campaign that may still take
+/// receipts not naming it; `$3` is the horizon in seconds ([`RECEIPT_HORIZON`]).
+const TAKES_RECEIPTS: &str =
+    "(n.pending + n.sending + n.unknown > 0 OR n.updated_at >= now() - make_interval(secs => $3))";
+
+/// The campaigns a batch of receipts is looked up in.
+#[derive(Debug, Default)]
+struct Candidates {
+    /// Every campaign any receipt of the batch may belong to: the statements name
+    /// these, so Postgres plans, locks and reads their partitions alone. Sorted.
+    all: Vec<Uuid>,
+    /// The campaigns a receipt that names none may belong to: of its organization and
+    /// channel, and still taking receipts ([`RECEIPT_HORIZON`]). A receipt that names
+    /// its campaign is looked up in that one only.
+    unnamed: Vec<Uuid>,
+}
+
+impl Candidates {
+    fn new(named: impl IntoIterator<Item = Uuid>, mut unnamed: Vec<Uuid>) -> Candidates {
+        unnamed.sort_unstable();
+        unnamed.dedup();
+        let mut all: Vec<Uuid> = named.into_iter().chain(unnamed.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        Candidates { all, unnamed }
+    }
+}
+
+/// The campaigns a batch of events may belong to ([`Candidates`]): those the events
+/// name, and for the events that name none, the campaigns of their organization and
+/// channel that may still take receipts within `horizon`.
+async fn receipt_campaigns(
+    tx: &mut sqlx::PgConnection,
+    events: &[StatusEvent],
+    horizon: Duration,
+) -> Result<Candidates> {
+    let named: Vec<Uuid> = events.iter().filter_map(|e| e.campaign).collect();
+    let mut unnamed = Vec::new();
+    let mut channels: Vec<(&str, &str)> =
+        events.iter().filter(|e| e.campaign.is_none()).map(|e| (e.organization.as_str(), e.channel.as_str())).collect();
+    channels.sort_unstable();
+    channels.dedup();
+    if !channels.is_empty() {
+        let (orgs, names): (Vec<&str>, Vec<&str>) = channels.into_iter().unzip();
+        let live: Vec<(Uuid,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            r#"SELECT k.uid FROM campaigns k JOIN campaign_counters n ON n.campaign_uid = k.uid
+               WHERE (k.organization, k.channel) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                 AND {TAKES_RECEIPTS}"#
+        )))
+        .bind(&orgs)
+        .bind(&names)
+        .bind(horizon.as_secs_f64())
+        .fetch_all(&mut *tx)
+        .await?;
+        unnamed.extend(live.into_iter().map(|(uid,)| uid));
+    }
+    Ok(Candidates::new(named, unnamed))
+}
+
 /// Applies status events and opt-outs in one transaction: when it returns `Ok`, every
 /// change is committed (so a webhook may be acknowledged), including the receipts kept
 /// because no message has their id yet; on `Err` nothing is.
 pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -> Result<ReceiptsReport> {
     let mut tx = super::begin(pool).await?;
-    let applied = apply_events(&mut tx, events).await?;
+    let campaigns = if events.is_empty() {
+        Candidates::default()
+    } else {
+        receipt_campaigns(&mut tx, events, RECEIPT_HORIZON).await?
+    };
+    let applied = apply_events(&mut tx, events, &campaigns).await?;
     keep_unmatched(&mut tx, events, &applied.outcomes).await?;
     let opted_out = apply_opt_outs(&mut tx, opt_outs, &applied.opting_out).await?;
     tx.commit().await?;
@@ -469,8 +552,8 @@ pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -
 struct Applied {
     /// One per event.
     outcomes: Vec<ApplyOutcome>,
-    /// Messages whose contact is to be opted out ([`StatusEvent::opts_out`]).
-    opting_out: Vec<i64>,
+    /// Messages (campaign, id) whose contact is to be opted out ([`StatusEvent::opts_out`]).
+    opting_out: Vec<(Uuid, i64)>,
 }
 
 /// A message an event resolved to, as read under its row lock.
@@ -478,6 +561,7 @@ struct Applied {
 struct Resolved {
     /// The event's position in the input, from 1.
     idx: i64,
+    campaign_uid: Uuid,
     id: i64,
     status: String,
     provider_message_id: Option<String>,
@@ -488,6 +572,7 @@ struct Resolved {
 
 /// The events that resolved to one message.
 struct Found {
+    campaign: Uuid,
     status: MessageStatus,
     provider_message_id: Option<String>,
     marketing_requeues: i16,
@@ -497,7 +582,9 @@ struct Found {
     superseded: Vec<usize>,
 }
 
-async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Result<Applied> {
+/// Applies `events` to their messages, looked up in `campaigns` alone (from
+/// [`receipt_campaigns`] or, for kept receipts, [`sweep_campaigns`]).
+async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent], campaigns: &Candidates) -> Result<Applied> {
     let mut outcomes = vec![ApplyOutcome::UnknownId; events.len()];
     if events.is_empty() {
         return Ok(Applied { outcomes, opting_out: Vec::new() });
@@ -508,6 +595,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     let channels: Vec<&str> = events.iter().map(|e| e.channel.as_str()).collect();
     let ats: Vec<DateTime<Utc>> = events.iter().map(|e| e.at).collect();
     let bsuids: Vec<Option<&str>> = events.iter().map(|e| e.recipient_bsuid.as_deref()).collect();
+    let named: Vec<Option<Uuid>> = events.iter().map(|e| e.campaign).collect();
     // Evolution never echoes our id: an unknown message is found through its contact.
     let (phones, alt_phones): (Vec<Option<String>>, Vec<Option<String>>) = events
         .iter()
@@ -534,47 +622,80 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     // expression itself, the planner hashes the whole table for a large batch (a full
     // scan of campaign_messages per transaction), where a lookup by primary key per
     // event is what it takes.
+    //
+    // Every lookup is within `campaigns` ($11, known when the statement is planned, so
+    // only their partitions are planned, locked and read), and within the event's own
+    // campaign when it names one. Each way of finding the message is a lateral join
+    // run only when the ways before it found nothing (its condition on the earlier
+    // results is checked before it reads anything), and returns the campaign with the
+    // id, so the locking join reads one partition per event.
     let rows: Vec<Resolved> = sqlx::query_as(
         r#"
         WITH r AS MATERIALIZED (
-        SELECT v.idx, v.pid, r.id
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $9::text[])
-             WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, bsuid, idx)
-        CROSS JOIN LATERAL (
-            SELECT coalesce(
-                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                 WHERE x.organization = v.org AND x.provider_message_id = v.pid AND k.channel = v.channel
-                 ORDER BY x.id LIMIT 1),
-                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                 WHERE x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
-                   AND x.marketing_requeues > 0
-                   AND x.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))),
-                (SELECT x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                 WHERE x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
-                   AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown')),
-                (SELECT min(x.id) FROM contacts c
-                 JOIN campaign_messages x ON x.contact_id = c.id
-                 JOIN campaigns k ON k.uid = x.campaign_uid
-                 WHERE v.bsuid IS NOT NULL AND c.organization = v.org AND c.bsuid = v.bsuid
-                   AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
-                   AND k.channel = v.channel
-                   AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
-                 HAVING count(*) = 1),
-                (SELECT min(x.id) FROM contacts c
-                 JOIN campaign_messages x ON x.contact_id = c.id
-                 JOIN campaigns k ON k.uid = x.campaign_uid
-                 WHERE v.phone IS NOT NULL AND c.organization = v.org AND c.phone IN (v.phone, v.alt_phone)
-                   AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
-                   AND k.channel = v.channel
-                   AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
-                 HAVING count(*) = 1)
-            ) AS id
-        ) r
+        SELECT v.idx, v.pid,
+               coalesce(a.campaign_uid, b.campaign_uid, c.campaign_uid, d.campaign_uid, e.campaign_uid) AS campaign_uid,
+               coalesce(a.id, b.id, c.id, d.id, e.id) AS id
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::timestamptz[], $9::text[],
+                    $12::uuid[])
+             WITH ORDINALITY AS v(org, pid, our_id, channel, phone, alt_phone, at, bsuid, campaign, idx)
+        LEFT JOIN LATERAL (
+            SELECT x.campaign_uid, x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+            WHERE x.campaign_uid = ANY($11)
+              AND (x.campaign_uid = v.campaign OR v.campaign IS NULL AND x.campaign_uid = ANY($13))
+              AND x.organization = v.org AND x.provider_message_id = v.pid AND k.channel = v.channel
+            ORDER BY x.id LIMIT 1
+        ) a ON TRUE
+        LEFT JOIN LATERAL (
+            SELECT x.campaign_uid, x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+            WHERE a.id IS NULL AND v.our_id IS NOT NULL
+              AND x.campaign_uid = ANY($11)
+              AND (x.campaign_uid = v.campaign OR v.campaign IS NULL AND x.campaign_uid = ANY($13))
+              AND x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
+              AND x.marketing_requeues > 0
+              AND x.status_history @> jsonb_build_array(jsonb_build_object($10::text, v.pid))
+            LIMIT 1
+        ) b ON TRUE
+        LEFT JOIN LATERAL (
+            SELECT x.campaign_uid, x.id FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
+            WHERE a.id IS NULL AND b.id IS NULL AND v.our_id IS NOT NULL
+              AND x.campaign_uid = ANY($11)
+              AND (x.campaign_uid = v.campaign OR v.campaign IS NULL AND x.campaign_uid = ANY($13))
+              AND x.id = v.our_id AND x.organization = v.org AND k.channel = v.channel
+              AND x.provider_message_id IS NULL AND x.status IN ('sending', 'unknown')
+            LIMIT 1
+        ) c ON TRUE
+        LEFT JOIN LATERAL (
+            SELECT (array_agg(x.campaign_uid))[1] AS campaign_uid, min(x.id) AS id FROM contacts t
+            JOIN campaign_messages x ON x.contact_id = t.id
+            JOIN campaigns k ON k.uid = x.campaign_uid
+            WHERE a.id IS NULL AND b.id IS NULL AND c.id IS NULL AND v.bsuid IS NOT NULL
+              AND t.organization = v.org AND t.bsuid = v.bsuid
+              AND x.campaign_uid = ANY($11)
+              AND (x.campaign_uid = v.campaign OR v.campaign IS NULL AND x.campaign_uid = ANY($13))
+              AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
+              AND k.channel = v.channel
+              AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
+            HAVING count(*) = 1
+        ) d ON TRUE
+        LEFT JOIN LATERAL (
+            SELECT (array_agg(x.campaign_uid))[1] AS campaign_uid, min(x.id) AS id FROM contacts t
+            JOIN campaign_messages x ON x.contact_id = t.id
+            JOIN campaigns k ON k.uid = x.campaign_uid
+            WHERE a.id IS NULL AND b.id IS NULL AND c.id IS NULL AND d.id IS NULL AND v.phone IS NOT NULL
+              AND t.organization = v.org AND t.phone IN (v.phone, v.alt_phone)
+              AND x.campaign_uid = ANY($11)
+              AND (x.campaign_uid = v.campaign OR v.campaign IS NULL AND x.campaign_uid = ANY($13))
+              AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = v.org
+              AND k.channel = v.channel
+              AND x.updated_at BETWEEN v.at - make_interval(secs => $8) AND v.at + make_interval(secs => $8)
+            HAVING count(*) = 1
+        ) e ON TRUE
         )
-        SELECT r.idx, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
+        SELECT r.idx, m.campaign_uid, m.id, m.status::text AS status, m.provider_message_id, m.marketing_requeues,
                (m.marketing_requeues > 0 AND m.provider_message_id IS DISTINCT FROM r.pid
                 AND m.status_history @> jsonb_build_array(jsonb_build_object($10::text, r.pid))) AS superseded
-        FROM r JOIN campaign_messages m ON m.id = r.id
+        FROM r JOIN campaign_messages m
+          ON m.campaign_uid = ANY($11) AND m.campaign_uid = r.campaign_uid AND m.id = r.id
         ORDER BY m.id
         FOR UPDATE OF m
         "#,
@@ -589,6 +710,9 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     .bind(UNMATCHED_RECEIPT_TTL.as_secs_f64())
     .bind(&bsuids)
     .bind(REQUEUED_PROVIDER_ID_KEY)
+    .bind(&campaigns.all)
+    .bind(&named)
+    .bind(&campaigns.unnamed)
     .fetch_all(&mut *tx)
     .await?;
 
@@ -598,6 +722,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
         let Some(status) = MessageStatus::parse(&row.status) else { continue };
         let Some(i) = usize::try_from(row.idx - 1).ok().filter(|i| *i < events.len()) else { continue };
         let found = by_message.entry(row.id).or_insert_with(|| Found {
+            campaign: row.campaign_uid,
             status,
             provider_message_id: row.provider_message_id,
             marketing_requeues: row.marketing_requeues,
@@ -610,7 +735,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
     let now = Utc::now();
     let mut update = MessageUpdates::default();
     let mut opting_out = Vec::new();
-    let mut bsuid_of: Vec<(i64, &str)> = Vec::new();
+    let mut bsuid_of: Vec<(Uuid, i64, &str)> = Vec::new();
     let mut message_ids: Vec<i64> = by_message.keys().copied().collect();
     message_ids.sort_unstable();
     for id in message_ids {
@@ -629,13 +754,13 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
             .max_by_key(|e| e.at)
             .and_then(|e| e.recipient_bsuid.as_deref());
         if let Some(bsuid) = latest_bsuid {
-            bsuid_of.push((id, bsuid));
+            bsuid_of.push((found.campaign, id, bsuid));
         }
         if group.is_empty() {
             continue;
         }
         if group.iter().any(|e| e.opts_out) {
-            opting_out.push(id);
+            opting_out.push((found.campaign, id));
         }
         let (change, group_outcomes) = plan(found.status, found.marketing_requeues, &group, now);
         for (&i, outcome) in current.iter().zip(group_outcomes) {
@@ -646,7 +771,14 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
         let pricing =
             group.iter().filter(|e| e.pricing.is_some()).max_by_key(|e| e.at).and_then(|e| e.pricing.as_ref());
         if change.is_some() || pricing.is_some() {
-            update.push(id, found.marketing_requeues, group[0].provider_message_id.as_str(), change, pricing);
+            update.push(
+                found.campaign,
+                id,
+                found.marketing_requeues,
+                group[0].provider_message_id.as_str(),
+                change,
+                pricing,
+            );
         }
     }
     update.apply(tx).await?;
@@ -657,6 +789,7 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent]) -> Re
 /// The changes of a batch of messages, as columns for one `UPDATE ... FROM unnest`.
 #[derive(Default)]
 struct MessageUpdates<'a> {
+    campaigns: Vec<Uuid>,
     ids: Vec<i64>,
     statuses: Vec<Option<&'static str>>,
     pids: Vec<&'a str>,
@@ -672,6 +805,7 @@ struct MessageUpdates<'a> {
 impl<'a> MessageUpdates<'a> {
     fn push(
         &mut self,
+        campaign: Uuid,
         id: i64,
         requeues: i16,
         pid: &'a str,
@@ -679,6 +813,7 @@ impl<'a> MessageUpdates<'a> {
         pricing: Option<&'a Pricing>,
     ) {
         let change = change.unwrap_or(PlannedChange { status: None, entries: vec![], error: None, requeue_at: None });
+        self.campaigns.push(campaign);
         self.ids.push(id);
         self.statuses.push(change.status.map(MessageStatus::as_str));
         self.pids.push(pid);
@@ -696,11 +831,15 @@ impl<'a> MessageUpdates<'a> {
     /// a row that only gains a note (a late failure) gets only the entries it does not
     /// have yet, so a retried late failure is not noted twice. Pricing is the latest
     /// given: a receipt without it leaves it alone. A requeue drops the provider id
-    /// and the pricing, which were the ended attempt's.
+    /// and the pricing, which were the ended attempt's. The statement names the
+    /// messages' campaigns (`$11`), so only their partitions are planned and locked.
     async fn apply(&self, tx: &mut sqlx::PgConnection) -> Result<()> {
         if self.ids.is_empty() {
             return Ok(());
         }
+        let mut partitions = self.campaigns.clone();
+        partitions.sort_unstable();
+        partitions.dedup();
         sqlx::query(
             r#"
             UPDATE campaign_messages m SET
@@ -723,9 +862,9 @@ impl<'a> MessageUpdates<'a> {
                      WHERE NOT m.status_history @> jsonb_build_array(x.entry)),
                     '[]'::jsonb) END
             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::smallint[],
-                        $8::timestamptz[], $9::text[], $10::text[])
-                 AS v(id, status, pid, code, title, entries, requeues, requeue_at, category, pricing_type)
-            WHERE m.id = v.id
+                        $8::timestamptz[], $9::text[], $10::text[], $12::uuid[])
+                 AS v(id, status, pid, code, title, entries, requeues, requeue_at, category, pricing_type, campaign)
+            WHERE m.campaign_uid = ANY($11) AND m.campaign_uid = v.campaign AND m.id = v.id
               AND CASE WHEN v.requeue_at IS NOT NULL THEN m.marketing_requeues = v.requeues
                             AND m.status IN ('sending', 'unknown', 'sent')
                        WHEN v.status IS NOT NULL THEN message_transition_allowed(m.status, v.status::message_status)
@@ -744,6 +883,8 @@ impl<'a> MessageUpdates<'a> {
         .bind(&self.requeue_at)
         .bind(&self.categories)
         .bind(&self.pricing_types)
+        .bind(&partitions)
+        .bind(&self.campaigns)
         .execute(&mut *tx)
         .await?;
         Ok(())
@@ -754,18 +895,23 @@ impl<'a> MessageUpdates<'a> {
 /// they matched (`(message id, bsuid)`), so that a later receipt or opt-out naming only
 /// the BSUID finds the contact. A user who changes number gets a new BSUID: the
 /// latest wins. Contacts are locked in id order, as the opt-outs lock them.
-async fn record_bsuids(tx: &mut sqlx::PgConnection, bsuid_of: &[(i64, &str)]) -> Result<()> {
+async fn record_bsuids(tx: &mut sqlx::PgConnection, bsuid_of: &[(Uuid, i64, &str)]) -> Result<()> {
     if bsuid_of.is_empty() {
         return Ok(());
     }
-    let ids: Vec<i64> = bsuid_of.iter().map(|(id, _)| *id).collect();
-    let bsuids: Vec<&str> = bsuid_of.iter().map(|(_, bsuid)| *bsuid).collect();
+    let campaigns: Vec<Uuid> = bsuid_of.iter().map(|(campaign, _, _)| *campaign).collect();
+    let ids: Vec<i64> = bsuid_of.iter().map(|(_, id, _)| *id).collect();
+    let bsuids: Vec<&str> = bsuid_of.iter().map(|(_, _, bsuid)| *bsuid).collect();
+    let mut partitions = campaigns.clone();
+    partitions.sort_unstable();
+    partitions.dedup();
     sqlx::query(
         r#"
         WITH v AS (
             SELECT DISTINCT ON (m.contact_id) m.contact_id, v.bsuid
-            FROM unnest($1::bigint[], $2::text[]) AS v(message_id, bsuid)
-            JOIN campaign_messages m ON m.id = v.message_id
+            FROM unnest($1::bigint[], $2::text[], $3::uuid[]) AS v(message_id, bsuid, campaign)
+            JOIN campaign_messages m
+              ON m.campaign_uid = ANY($4) AND m.campaign_uid = v.campaign AND m.id = v.message_id
             ORDER BY m.contact_id, v.message_id DESC
         ), locked AS (
             SELECT c.id FROM contacts c JOIN v ON v.contact_id = c.id
@@ -780,6 +926,8 @@ async fn record_bsuids(tx: &mut sqlx::PgConnection, bsuid_of: &[(i64, &str)]) ->
     )
     .bind(&ids)
     .bind(&bsuids)
+    .bind(&campaigns)
+    .bind(&partitions)
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -819,9 +967,10 @@ async fn keep_unmatched(tx: &mut sqlx::PgConnection, events: &[StatusEvent], out
         r#"
         INSERT INTO unmatched_receipts
             (organization, provider_message_id, provider, channel, status, at, error_code, error_title, message_id, recipient, opts_out,
-             bsuid, pricing_category, pricing_type)
+             bsuid, pricing_category, pricing_type, campaign_uid)
         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[],
-                             $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bool[], $12::text[], $13::text[], $14::text[])
+                             $7::text[], $8::text[], $9::bigint[], $10::text[], $11::bool[], $12::text[], $13::text[], $14::text[],
+                             $15::uuid[])
         ON CONFLICT DO NOTHING
         "#,
     )
@@ -839,6 +988,7 @@ async fn keep_unmatched(tx: &mut sqlx::PgConnection, events: &[StatusEvent], out
     .bind(column(|e| e.recipient_bsuid.clone()))
     .bind(column(|e| e.pricing.as_ref().and_then(|p| p.category.clone())))
     .bind(column(|e| e.pricing.as_ref().and_then(|p| p.pricing_type.clone())))
+    .bind(unmatched.iter().map(|e| e.campaign).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await?;
     Ok(())
@@ -883,22 +1033,27 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
         if !locked {
             return Ok(report);
         }
+        let campaigns = sweep_campaigns(&mut tx, max_age).await?;
         let rows: Vec<KeptRow> = sqlx::query_as(
             r#"
             SELECT u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status,
                    u.at, u.error_code, u.error_title, u.message_id, u.recipient, u.opts_out,
-                   u.bsuid, u.pricing_category, u.pricing_type
+                   u.bsuid, u.pricing_category, u.pricing_type, u.campaign_uid
             FROM unmatched_receipts u
             WHERE u.received_at >= now() - make_interval(secs => $1)
               AND ($2::timestamptz IS NULL
                    OR (u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status)
                       > ($2, $3, $4, $5, $6, $7))
               AND (EXISTS (SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                           WHERE x.organization = u.organization AND x.provider_message_id = u.provider_message_id
+                           WHERE x.campaign_uid = ANY($10)
+                             AND (x.campaign_uid = u.campaign_uid OR u.campaign_uid IS NULL AND x.campaign_uid = ANY($11))
+                             AND x.organization = u.organization AND x.provider_message_id = u.provider_message_id
                              AND k.channel = u.channel)
                    OR u.message_id IS NOT NULL AND EXISTS (
                            SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                           WHERE x.id = u.message_id AND x.organization = u.organization AND k.channel = u.channel
+                           WHERE x.campaign_uid = ANY($10)
+                             AND (x.campaign_uid = u.campaign_uid OR u.campaign_uid IS NULL AND x.campaign_uid = ANY($11))
+                             AND x.id = u.message_id AND x.organization = u.organization AND k.channel = u.channel
                              AND (x.provider_message_id IS NULL
                                   OR x.marketing_requeues > 0
                                      AND x.status_history @> jsonb_build_array(jsonb_build_object($9::text, u.provider_message_id))))
@@ -906,13 +1061,17 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
                            SELECT 1 FROM contacts c
                            JOIN campaign_messages x ON x.contact_id = c.id
                            JOIN campaigns k ON k.uid = x.campaign_uid
-                           WHERE c.organization = u.organization AND c.bsuid = u.bsuid
+                           WHERE x.campaign_uid = ANY($10)
+                             AND (x.campaign_uid = u.campaign_uid OR u.campaign_uid IS NULL AND x.campaign_uid = ANY($11))
+                             AND c.organization = u.organization AND c.bsuid = u.bsuid
                              AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
                              AND k.channel = u.channel
                              AND x.updated_at BETWEEN u.at - make_interval(secs => $1) AND u.at + make_interval(secs => $1))
                    OR u.provider = 'evolution' AND u.recipient IS NOT NULL AND EXISTS (
                            SELECT 1 FROM campaign_messages x JOIN campaigns k ON k.uid = x.campaign_uid
-                           WHERE x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
+                           WHERE x.campaign_uid = ANY($10)
+                             AND (x.campaign_uid = u.campaign_uid OR u.campaign_uid IS NULL AND x.campaign_uid = ANY($11))
+                             AND x.status = 'unknown' AND x.provider_message_id IS NULL AND x.organization = u.organization
                              AND k.channel = u.channel
                              AND x.updated_at BETWEEN u.at - make_interval(secs => $1) AND u.at + make_interval(secs => $1)))
             ORDER BY u.received_at, u.organization, u.provider_message_id, u.provider, u.channel, u.status
@@ -928,6 +1087,8 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
         .bind(after.as_ref().map(|a| a.5.as_str()))
         .bind(SWEEP_PAGE)
         .bind(REQUEUED_PROVIDER_ID_KEY)
+        .bind(&campaigns.all)
+        .bind(&campaigns.unnamed)
         .fetch_all(&mut *tx)
         .await?;
         let full_page = rows.len() as i64 >= SWEEP_PAGE;
@@ -944,7 +1105,7 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
         let kept: Vec<(&KeptRow, StatusEvent)> =
             rows.iter().filter_map(|row| row.event().map(|event| (row, event))).collect();
         let events: Vec<StatusEvent> = kept.iter().map(|(_, event)| event.clone()).collect();
-        let applied = apply_events(&mut tx, &events).await?;
+        let applied = apply_events(&mut tx, &events, &campaigns).await?;
         let done: Vec<&KeptRow> = kept
             .iter()
             .zip(&applied.outcomes)
@@ -977,6 +1138,31 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
     }
 }
 
+/// The campaigns kept receipts may belong to: those they name, and for those that
+/// name none, the campaigns of their organization and channel that may still take
+/// receipts, with the horizon widened by `max_age` (a kept receipt was posted up to
+/// `max_age` ago, when its campaign was within [`RECEIPT_HORIZON`]).
+async fn sweep_campaigns(tx: &mut sqlx::PgConnection, max_age: Duration) -> Result<Candidates> {
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        r#"SELECT k.uid, FALSE FROM campaigns k JOIN campaign_counters n ON n.campaign_uid = k.uid
+           WHERE (k.organization, k.channel) IN (
+                     SELECT organization, channel FROM unmatched_receipts
+                     WHERE campaign_uid IS NULL AND received_at >= now() - make_interval(secs => $1))
+             AND {TAKES_RECEIPTS}
+           UNION
+           SELECT campaign_uid, TRUE FROM unmatched_receipts
+           WHERE campaign_uid IS NOT NULL AND received_at >= now() - make_interval(secs => $2)"#
+    )))
+    .bind(max_age.as_secs_f64())
+    .bind(max_age.as_secs_f64())
+    .bind((RECEIPT_HORIZON + max_age).as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let named = rows.iter().filter(|(_, named)| *named).map(|(uid, _)| *uid);
+    let unnamed = rows.iter().filter(|(_, named)| !*named).map(|(uid, _)| *uid).collect();
+    Ok(Candidates::new(named, unnamed))
+}
+
 /// A row of `unmatched_receipts`.
 #[derive(Debug, sqlx::FromRow)]
 struct KeptRow {
@@ -995,6 +1181,7 @@ struct KeptRow {
     bsuid: Option<String>,
     pricing_category: Option<String>,
     pricing_type: Option<String>,
+    campaign_uid: Option<Uuid>,
 }
 
 impl KeptRow {
@@ -1006,6 +1193,7 @@ impl KeptRow {
             channel: self.channel.clone(),
             provider_message_id: self.provider_message_id.clone(),
             message_id: self.message_id,
+            campaign: self.campaign_uid,
             status: ReceiptStatus::parse(&self.status)?,
             at: self.at,
             error: self
@@ -1038,12 +1226,21 @@ pub(crate) fn phone_candidates(wa_id: &str) -> (String, Option<String>) {
 
 /// Marks opted out the contacts the opt-outs name (by phone, WhatsApp id or
 /// business-scoped user id) and the
-/// contacts of the messages in `message_ids`, locking them in id order first.
-async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], message_ids: &[i64]) -> Result<Vec<bool>> {
+/// contacts of the messages (campaign, id) in `messages`, locking them in id order
+/// first. The messages are read in their campaigns' partitions alone.
+async fn apply_opt_outs(
+    tx: &mut sqlx::PgConnection,
+    opt_outs: &[OptOut],
+    messages: &[(Uuid, i64)],
+) -> Result<Vec<bool>> {
     let mut matched = vec![false; opt_outs.len()];
-    if opt_outs.is_empty() && message_ids.is_empty() {
+    if opt_outs.is_empty() && messages.is_empty() {
         return Ok(matched);
     }
+    let message_ids: Vec<i64> = messages.iter().map(|(_, id)| *id).collect();
+    let mut partitions: Vec<Uuid> = messages.iter().map(|(campaign, _)| *campaign).collect();
+    partitions.sort_unstable();
+    partitions.dedup();
     let orgs: Vec<&str> = opt_outs.iter().map(|o| o.organization.as_str()).collect();
     let mut phones = Vec::with_capacity(opt_outs.len());
     let mut alternatives = Vec::with_capacity(opt_outs.len());
@@ -1070,7 +1267,7 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
         ), locked AS (
             SELECT c.id FROM contacts c
             WHERE (c.id IN (SELECT id FROM matched)
-                   OR c.id IN (SELECT m.contact_id FROM campaign_messages m WHERE m.id = ANY($5)))
+                   OR c.id IN (SELECT m.contact_id FROM campaign_messages m WHERE m.campaign_uid = ANY($7) AND m.id = ANY($5)))
               AND NOT c.opted_out
             ORDER BY c.id
             FOR UPDATE
@@ -1085,8 +1282,9 @@ async fn apply_opt_outs(tx: &mut sqlx::PgConnection, opt_outs: &[OptOut], messag
     .bind(&phones)
     .bind(&alternatives)
     .bind(&wa_ids)
-    .bind(message_ids)
+    .bind(&message_ids)
     .bind(&bsuids)
+    .bind(&partitions)
     .fetch_all(&mut *tx)
     .await?;
     for (idx,) in rows {
@@ -1136,6 +1334,7 @@ mod tests {
             channel: "wa".into(),
             provider_message_id: "wamid.1".into(),
             message_id: None,
+            campaign: None,
             status,
             at: Utc.timestamp_opt(at, 0).single().unwrap_or_default(),
             error: (status == ReceiptStatus::Failed)

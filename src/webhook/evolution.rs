@@ -96,6 +96,7 @@ fn parse_update(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
     Ok(ReportedStatus {
         provider_message_id: id,
         message_id: None,
+        campaign: None,
         status,
         at: received_at,
         error,

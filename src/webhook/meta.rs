@@ -18,10 +18,8 @@ use super::notification::{
     unix_seconds, wa_digits,
 };
 use super::signals::{SignalField, parse_change};
+use crate::providers::meta::CallbackData;
 use crate::store::receipts::{Pricing, ProviderError, ReceiptStatus};
-
-/// Prefix of `biz_opaque_callback_data` set by the sender: `disparo:<message id>`.
-pub(crate) const CALLBACK_PREFIX: &str = "disparo:";
 
 /// Failure codes that mean the recipient opted out: 131050, "user has stopped marketing
 /// messages" (they blocked this business's marketing, e.g. with the "Stop promotions"
@@ -86,16 +84,11 @@ pub(crate) fn map_status(status: &str) -> Option<ReceiptStatus> {
     })
 }
 
-/// Our message id from `biz_opaque_callback_data`, when it is in the sender's format.
-pub(crate) fn callback_message_id(data: &str) -> Option<i64> {
-    data.strip_prefix(CALLBACK_PREFIX)?.parse::<i64>().ok().filter(|id| *id > 0)
-}
-
 fn parse_status(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStatus, Ignored> {
     let status = item.get("status").and_then(Value::as_str).map(map_status).ok_or(Ignored::InvalidItem)?;
     let status = status.ok_or(Ignored::NonDeliveryStatus)?;
     let id = item.get("id").and_then(Value::as_str).and_then(clean_id).ok_or(Ignored::InvalidItem)?;
-    let message_id = item.get("biz_opaque_callback_data").and_then(Value::as_str).and_then(callback_message_id);
+    let callback = item.get("biz_opaque_callback_data").and_then(Value::as_str).and_then(CallbackData::parse);
     let error = (status == ReceiptStatus::Failed).then(|| first_error(item)).flatten();
     let opts_out = error.as_ref().is_some_and(|e| OPT_OUT_ERROR_CODES.contains(&e.code.as_str()));
     // Meta may name the recipient by BSUID only (no `recipient_id`): the WAMID still finds the message.
@@ -105,7 +98,8 @@ fn parse_status(item: &Value, received_at: DateTime<Utc>) -> Result<ReportedStat
     let pricing = item.get("pricing").and_then(parse_pricing);
     Ok(ReportedStatus {
         provider_message_id: id,
-        message_id,
+        message_id: callback.map(|c| c.message_id),
+        campaign: callback.and_then(|c| c.campaign),
         status,
         at,
         error,
@@ -219,6 +213,7 @@ mod tests {
                 vec![ReportedStatus {
                     provider_message_id: RTCA.into(),
                     message_id: None,
+                    campaign: None,
                     status,
                     at: at(ts),
                     error: None,
@@ -340,14 +335,19 @@ mod tests {
 
     #[test]
     fn callback_data_only_in_the_senders_format() {
-        assert_eq!(callback_message_id("disparo:42"), Some(42));
-        assert_eq!(
-            callback_message_id("disparo:campaign=spring-sale:msg=42"),
-            None,
-            "docs/providers.md A5.1 is not ours"
-        );
-        assert_eq!(callback_message_id("disparo:-1"), None);
-        assert_eq!(callback_message_id("42"), None);
+        let campaign = uuid::Uuid::new_v4();
+        let status = |data: &str| {
+            let body = serde_json::json!({"entry": [{"changes": [{"field": "messages", "value": {"statuses": [
+                {"id": "wamid.B", "status": "read", "timestamp": "1750263773", "biz_opaque_callback_data": data}
+            ]}}]}]});
+            let n = parse(body.to_string().as_bytes(), Utc::now()).unwrap();
+            (n.statuses[0].message_id, n.statuses[0].campaign)
+        };
+        assert_eq!(status(&format!("disparo:42:{campaign}")), (Some(42), Some(campaign)));
+        assert_eq!(status("disparo:42"), (Some(42), None), "the format of older senders");
+        assert_eq!(status("disparo:campaign=spring-sale:msg=42"), (None, None), "docs/providers.md A5.1 is not ours");
+        assert_eq!(status("disparo:-1"), (None, None));
+        assert_eq!(status("42"), (None, None));
     }
 
     #[test]
@@ -382,6 +382,7 @@ mod tests {
             vec![ReportedStatus {
                 provider_message_id: "wamid.B".into(),
                 message_id: Some(7),
+                campaign: None,
                 status: ReceiptStatus::Read,
                 at: now,
                 error: None,

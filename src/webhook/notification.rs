@@ -14,6 +14,9 @@ pub struct ReportedStatus {
     pub provider_message_id: String,
     /// Our message id, when the provider echoed it (`biz_opaque_callback_data`).
     pub message_id: Option<i64>,
+    /// Its campaign, when the provider echoed it (`biz_opaque_callback_data` in the
+    /// current format, docs/providers.md A1).
+    pub campaign: Option<uuid::Uuid>,
     /// The mapped status.
     pub status: ReceiptStatus,
     /// The provider's timestamp, or the receive time when it sends none.
@@ -39,6 +42,7 @@ impl ReportedStatus {
             channel: channel.to_owned(),
             provider_message_id: self.provider_message_id,
             message_id: self.message_id,
+            campaign: self.campaign,
             status: self.status,
             at: self.at,
             error: self.error,
