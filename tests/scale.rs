@@ -157,9 +157,9 @@ async fn wait_for_phase(stack: &Stack, name: &str, want: &str, timeout: Duration
 /// [`WEBHOOK_BACKLOG`] messages' webhooks wait at once; past that a message gets none
 /// (the sandbox counts it dropped) and stays `sent`.
 ///
-/// It runs on a runtime of its own: on the test's, a worker blocked by a `kubectl` call
-/// held the sandbox's tasks queued behind it, and sends timed out (their outcome then
-/// `unknown`, correctly never re-sent), which measured the harness, not Disparo.
+/// It runs on a runtime of its own: on the test's, 73 sends of one run timed out (their
+/// outcome `unknown`, rightly never re-sent), most likely queued behind a worker blocked
+/// by a `kubectl` call: that measured the harness, not Disparo.
 fn sandbox_posting_to(webhook_url: String) -> SandboxHandle {
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
