@@ -8,6 +8,8 @@
 //! - [`cluster`]: kubectl, the CRDs and namespaces on the shared control plane;
 //! - [`bin`]: the executables tests spawn (`disparo`, `disparo-nodeagent`);
 //! - [`process`]: processes with their logs, free ports, node agents;
+//! - [`figures`]: the scale run's figures and their table;
+//! - [`procstat`]: CPU time and peak memory of processes, read from `/proc`;
 //! - [`stack`]: the real stack for one test (controller, node agent, database).
 
 // A harness fails the test it serves by panicking, with the reason.
@@ -15,9 +17,11 @@
 
 pub mod bin;
 pub mod cluster;
+pub mod figures;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod process;
+pub mod procstat;
 pub mod prometheus;
 pub mod stack;
 

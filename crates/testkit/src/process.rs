@@ -70,6 +70,11 @@ impl NodeAgent {
         Ok(NodeAgent { child, node, log, work_dir })
     }
 
+    /// The agent's process id: its pod processes are its children.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, so the agent stops every pod process it started before it exits (a
     /// SIGKILL would orphan them); SIGKILL only if it does not stop in time.
     pub fn stop(&mut self) {
