@@ -544,16 +544,22 @@ pub async fn apply(pool: &PgPool, events: &[StatusEvent], opt_outs: &[OptOut]) -
     let applied = apply_events(&mut tx, events, &campaigns).await?;
     keep_unmatched(&mut tx, events, &applied.outcomes).await?;
     let opted_out = apply_opt_outs(&mut tx, opt_outs, &applied.opting_out).await?;
+    // Last: the messages' update locks the campaigns' counters rows (their statement
+    // trigger), which every sender's record needs too; held from here to the commit.
+    applied.updates.apply(&mut tx).await?;
     tx.commit().await?;
     Ok(ReceiptsReport { outcomes: applied.outcomes, opted_out })
 }
 
-/// What [`apply_events`] did.
-struct Applied {
+/// What [`apply_events`] did, and the messages' update it leaves to its caller.
+struct Applied<'a> {
     /// One per event.
     outcomes: Vec<ApplyOutcome>,
     /// Messages (campaign, id) whose contact is to be opted out ([`StatusEvent::opts_out`]).
     opting_out: Vec<(Uuid, i64)>,
+    /// The messages' changes, to apply as the transaction's last statement: applying
+    /// them takes the counters rows' locks, which senders' records wait for.
+    updates: MessageUpdates<'a>,
 }
 
 /// A message an event resolved to, as read under its row lock.
@@ -584,10 +590,14 @@ struct Found {
 
 /// Applies `events` to their messages, looked up in `campaigns` alone (from
 /// [`receipt_campaigns`] or, for kept receipts, [`sweep_campaigns`]).
-async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent], campaigns: &Candidates) -> Result<Applied> {
+async fn apply_events<'a>(
+    tx: &mut sqlx::PgConnection,
+    events: &'a [StatusEvent],
+    campaigns: &Candidates,
+) -> Result<Applied<'a>> {
     let mut outcomes = vec![ApplyOutcome::UnknownId; events.len()];
     if events.is_empty() {
-        return Ok(Applied { outcomes, opting_out: Vec::new() });
+        return Ok(Applied { outcomes, opting_out: Vec::new(), updates: MessageUpdates::default() });
     }
     let orgs: Vec<&str> = events.iter().map(|e| e.organization.as_str()).collect();
     let pids: Vec<&str> = events.iter().map(|e| e.provider_message_id.as_str()).collect();
@@ -781,9 +791,8 @@ async fn apply_events(tx: &mut sqlx::PgConnection, events: &[StatusEvent], campa
             );
         }
     }
-    update.apply(tx).await?;
     record_bsuids(tx, &bsuid_of).await?;
-    Ok(Applied { outcomes, opting_out })
+    Ok(Applied { outcomes, opting_out, updates: update })
 }
 
 /// The changes of a batch of messages, as columns for one `UPDATE ... FROM unnest`.
@@ -1113,6 +1122,7 @@ pub async fn sweep_unmatched(pool: &PgPool, max_age: Duration) -> Result<SweepRe
             .map(|((row, _), _)| *row)
             .collect();
         apply_opt_outs(&mut tx, &[], &applied.opting_out).await?;
+        applied.updates.apply(&mut tx).await?;
         if !done.is_empty() {
             let key = |f: fn(&KeptRow) -> &str| done.iter().map(|row| f(row)).collect::<Vec<&str>>();
             sqlx::query(

@@ -94,6 +94,12 @@ pub struct WebhookArgs {
     /// connection is closed past it; an idle kept-alive connection too).
     #[arg(long, env = "DISPARO_WEBHOOK_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+    /// Client connections served at once; more wait to be accepted (in the kernel's
+    /// backlog). Each open connection costs memory (buffers, its task) whether it
+    /// carries a request or idles between them, so this bounds the service's memory
+    /// when a provider opens thousands.
+    #[arg(long, env = "DISPARO_WEBHOOK_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
     /// How long a webhook request's body may take to arrive once it has a place, in
     /// milliseconds (408 past it).
     #[arg(long, env = "DISPARO_WEBHOOK_BODY_READ_TIMEOUT_MS", default_value_t = 20_000)]
@@ -142,6 +148,8 @@ pub struct ServiceConfig {
     pub request_wait: Duration,
     /// How long a request's headers may take to arrive.
     pub header_read_timeout: Duration,
+    /// Client connections served at once (see [`WebhookArgs`]).
+    pub max_connections: usize,
     /// How long a webhook request's body may take to arrive once it has a place.
     pub body_read_timeout: Duration,
 }
@@ -158,6 +166,7 @@ impl Default for ServiceConfig {
             max_concurrent_requests: 32,
             request_wait: Duration::from_secs(5),
             header_read_timeout: Duration::from_secs(10),
+            max_connections: 512,
             body_read_timeout: Duration::from_secs(20),
         }
     }
@@ -197,7 +206,7 @@ pub async fn serve(
         config.body_read_timeout,
     ));
     let app = server::router(state, limits);
-    server::serve_http1(listener, app, config.header_read_timeout, shutdown).await;
+    server::serve_http1(listener, app, config.header_read_timeout, config.max_connections, shutdown).await;
     // The router (and with it the last writer handle) is gone: the writer drains and ends.
     stop_sweeping.cancel();
     let swept = sweeper_task.await;
@@ -217,6 +226,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         max_body_bytes,
         max_concurrent_requests,
         header_read_timeout_ms,
+        max_connections,
         body_read_timeout_ms,
         opt_out_keywords,
         batch_max_events,
@@ -250,6 +260,7 @@ pub async fn run(args: WebhookArgs, shutdown: CancellationToken) -> anyhow::Resu
         sweep_interval: Duration::from_millis(sweep_interval_ms),
         max_concurrent_requests,
         header_read_timeout: Duration::from_millis(header_read_timeout_ms),
+        max_connections,
         body_read_timeout: Duration::from_millis(body_read_timeout_ms),
         ..ServiceConfig::default()
     };

@@ -516,16 +516,25 @@ const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 /// requests finish. Each connection must deliver a request's headers within
 /// `header_read_timeout` (an idle kept-alive connection is closed after it too), so a
 /// client that opens connections and trickles headers holds each for that long at
-/// most; bodies are bounded by the webhook routes' own limits ([`BodyLimits`]).
-/// Providers and ingress controllers speak HTTP/1.1 to this service.
+/// most; bodies are bounded by the webhook routes' own limits ([`BodyLimits`]). At
+/// most `max_connections` are served at once: the next is accepted when one closes
+/// (until then it waits in the kernel's backlog), which bounds the memory connections
+/// take. Providers and ingress controllers speak HTTP/1.1 to this service.
 pub(crate) async fn serve_http1(
     listener: tokio::net::TcpListener,
     app: Router,
     header_read_timeout: Duration,
+    max_connections: usize,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
+        if connections.len() >= max_connections.max(1) {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = connections.join_next() => continue,
+            }
+        }
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
@@ -570,6 +579,35 @@ pub(crate) async fn serve_http1(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Connections past the limit wait to be accepted, and are served once one closes.
+    #[tokio::test]
+    async fn connections_past_the_limit_wait_for_one_to_close() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn(serve_http1(listener, app, Duration::from_secs(30), 2, shutdown.clone()));
+        let ask = |mut stream: tokio::net::TcpStream| async move {
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            answer
+        };
+        // two idle connections take both places
+        let first = tokio::net::TcpStream::connect(address).await.unwrap();
+        let second = tokio::net::TcpStream::connect(address).await.unwrap();
+        let third = tokio::spawn(ask(tokio::net::TcpStream::connect(address).await.unwrap()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!third.is_finished(), "a third connection is not served while two are open");
+        drop(first);
+        let answer = tokio::time::timeout(Duration::from_secs(10), third).await.unwrap().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        drop(second);
+        shutdown.cancel();
+        server.await.unwrap();
+    }
 
     #[test]
     fn a_request_takes_room_for_its_declared_length_at_least_one_unit() {
