@@ -202,7 +202,11 @@ pub async fn record(pool: &PgPool, intent: Intent, outcomes: &[(i64, Outcome)], 
     Ok(written)
 }
 
-/// One statement for a block's outcomes, on its messages still `pending`.
+/// One statement for a block's outcomes, on its messages still `pending`. The rows are
+/// found by key, checked `pending` and locked in id order first (as every writer of
+/// several messages does), and the update reaches them by key alone: with a `status =
+/// 'pending'` condition of its own, the planner scanned the partition's pending rows (a
+/// million-row campaign's, for a block of 16).
 async fn write_outcomes(
     conn: &mut sqlx::PgConnection,
     campaign: Uuid,
@@ -217,11 +221,17 @@ async fn write_outcomes(
     let columns = OutcomeColumns::of(outcomes);
     let result = sqlx::query(
         r#"
-        WITH v AS (
+        WITH locked AS (
+            SELECT id FROM campaign_messages
+            WHERE campaign_uid = $11 AND id = ANY($1) AND status = 'pending'
+            ORDER BY id
+            FOR UPDATE
+        ), v AS (
             SELECT v.id, CASE WHEN v.status = 'pending' AND $9 THEN 'cancelled' ELSE v.status END AS status,
                    v.provider_id, v.code, v.message, v.next_at, v.refund, v.marketing
             FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $10::bool[])
                  AS v(id, status, provider_id, code, message, next_at, refund, marketing)
+            JOIN locked l ON l.id = v.id
         )
         UPDATE campaign_messages m SET
             status = v.status::message_status,
@@ -237,7 +247,7 @@ async fn write_outcomes(
                 'run', $8::text, 'providerId', v.provider_id, 'code', v.code, 'message', v.message,
                 'retryAt', v.next_at)))
         FROM v
-        WHERE m.campaign_uid = $11 AND m.id = v.id AND m.status = 'pending'
+        WHERE m.campaign_uid = $11 AND m.id = v.id
         "#,
     )
     .bind(&columns.ids)
