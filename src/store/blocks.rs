@@ -222,8 +222,11 @@ async fn write_outcomes(
     let result = sqlx::query(
         r#"
         WITH locked AS (
+            -- `status::text`: a plain `status = 'pending'` lets the planner read the
+            -- partial index of due messages (every pending row of the campaign) rather
+            -- than the primary key (the block's rows)
             SELECT id FROM campaign_messages
-            WHERE campaign_uid = $11 AND id = ANY($1) AND status = 'pending'
+            WHERE campaign_uid = $11 AND id = ANY($1) AND status::text = 'pending'
             ORDER BY id
             FOR UPDATE
         ), v AS (
