@@ -280,7 +280,8 @@ pub async fn materialize_capped(
     // the freeze (docs/architecture.md, "Partitions"): attaching it briefly locks
     // campaigns and contacts against writes, which must not last as long as the freeze.
     let mut part = super::begin(pool).await?;
-    sqlx::query("SELECT campaign_messages_partition($1)").bind(key.uid).execute(&mut *part).await?;
+    let (partition,): (String,) =
+        sqlx::query_as("SELECT campaign_messages_partition($1)::text").bind(key.uid).fetch_one(&mut *part).await?;
     part.commit().await?;
     let mut tx = super::begin(pool).await?;
     sqlx::query(
@@ -348,6 +349,13 @@ pub async fn materialize_capped(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
+    // Statistics of the new partition at once: without them the planner takes a block's
+    // `id = ANY(...)` for most of the partition and scans all of it for every record
+    // (50 ms instead of 11 for 500 messages of 100,000), until autovacuum analyzes it.
+    // The name is the partition function's own (`campaign_messages_<hex>`).
+    let mut db = super::Autocommit::open(pool).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("ANALYZE {partition}"))).execute(db.conn()).await?;
+    db.commit().await?;
     Ok(Frozen { messages, batches, newly_frozen: true })
 }
 

@@ -75,7 +75,7 @@ pub async fn claim(
         WITH named AS (
             SELECT unnest(message_ids) AS id FROM send_intents WHERE campaign_uid = $1 AND batch_index = $2
         ), due AS (
-            SELECT id FROM campaign_messages
+            SELECT id, attempts, contact_id, marketing_requeues FROM campaign_messages
             WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'pending' AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM campaigns WHERE uid = $1 AND cancelled_at IS NOT NULL)
               AND id NOT IN (SELECT id FROM named)
@@ -83,10 +83,9 @@ pub async fn claim(
             LIMIT $3
             FOR UPDATE SKIP LOCKED
         )
-        SELECT m.id, m.attempts + 1 AS attempts, c.phone, c.name, c.attributes, m.marketing_requeues, c.opted_out
-        FROM due JOIN campaign_messages m ON m.id = due.id AND m.campaign_uid = $1
-        JOIN contacts c ON c.id = m.contact_id
-        ORDER BY m.id
+        SELECT due.id, due.attempts + 1 AS attempts, c.phone, c.name, c.attributes, due.marketing_requeues, c.opted_out
+        FROM due JOIN contacts c ON c.id = due.contact_id
+        ORDER BY due.id
         "#,
     )
     .bind(campaign)
@@ -205,8 +204,8 @@ pub async fn record(pool: &PgPool, intent: Intent, outcomes: &[(i64, Outcome)], 
 /// One statement for a block's outcomes, on its messages still `pending`. The rows are
 /// found by key, checked `pending` and locked in id order first (as every writer of
 /// several messages does), and the update reaches them by key alone: with a `status =
-/// 'pending'` condition of its own, the planner scanned the partition's pending rows (a
-/// million-row campaign's, for a block of 16).
+/// 'pending'` condition of its own, the planner scanned the partition's pending rows.
+/// Both rely on the partition's statistics (taken when the audience is frozen).
 async fn write_outcomes(
     conn: &mut sqlx::PgConnection,
     campaign: Uuid,
@@ -222,11 +221,8 @@ async fn write_outcomes(
     let result = sqlx::query(
         r#"
         WITH locked AS (
-            -- `status::text`: a plain `status = 'pending'` lets the planner read the
-            -- partial index of due messages (every pending row of the campaign) rather
-            -- than the primary key (the block's rows)
             SELECT id FROM campaign_messages
-            WHERE campaign_uid = $11 AND id = ANY($1) AND status::text = 'pending'
+            WHERE campaign_uid = $11 AND id = ANY($1) AND status = 'pending'
             ORDER BY id
             FOR UPDATE
         ), v AS (

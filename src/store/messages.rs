@@ -57,7 +57,7 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) ->
     let rows = sqlx::query_as::<_, ClaimedMessage>(
         r#"
         WITH due AS (
-            SELECT id FROM campaign_messages
+            SELECT id, contact_id FROM campaign_messages
             WHERE campaign_uid = $1 AND batch_index = $2 AND status = 'pending' AND next_attempt_at <= now()
               AND NOT EXISTS (SELECT 1 FROM campaigns WHERE uid = $1 AND cancelled_at IS NOT NULL)
             ORDER BY next_attempt_at, id
@@ -71,8 +71,8 @@ pub async fn claim_due(pool: &PgPool, campaign: Uuid, batch: i32, limit: i64) ->
                 status_history = CASE WHEN c.opted_out
                     THEN m.status_history || jsonb_build_array(jsonb_build_object('status', 'skipped', 'at', now(), 'reason', 'opted out'))
                     ELSE m.status_history END
-            FROM due, contacts c
-            WHERE m.campaign_uid = $1 AND m.id = due.id AND c.id = m.contact_id
+            FROM due JOIN contacts c ON c.id = due.contact_id
+            WHERE m.campaign_uid = $1 AND m.id = due.id
             RETURNING m.id, m.attempts, NOT c.opted_out AS sendable, c.phone, c.name, c.attributes, m.marketing_requeues
         )
         SELECT id, attempts, phone, name, attributes, marketing_requeues
